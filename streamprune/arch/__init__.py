@@ -1,0 +1,61 @@
+"""Architecture registry: dispatch on config.json's model_type / architectures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamprune.arch import bloom, llama, opt
+from streamprune.arch.config import ModelConfig
+from streamprune.arch.roles import PRUNABLE, SEQUENTIAL, Role, Site
+from streamprune.arch.spec import ArchSpec, Param, expected_params
+from streamprune.errors import UnsupportedModelError
+
+REGISTRY: dict[str, ArchSpec] = {
+    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC) for model_type in spec.model_types
+}
+
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "OPTForCausalLM": "opt",
+    "BloomForCausalLM": "bloom",
+}
+
+
+def supported() -> str:
+    return ", ".join(sorted(REGISTRY))
+
+
+def resolve(raw: dict[str, Any]) -> tuple[ArchSpec, ModelConfig]:
+    """Find the family of a parsed config.json and parse it; anything unknown is refused."""
+    model_type = raw.get("model_type")
+    if model_type is None:
+        archs = raw.get("architectures") or []
+        known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        if not known:
+            raise UnsupportedModelError(
+                f"config.json has no model_type and architectures={archs!r} names none of the supported "
+                f"ones ({', '.join(ARCHITECTURES)})"
+            )
+        model_type = known[0]
+        raw = {**raw, "model_type": model_type}
+    if model_type not in REGISTRY:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported()}")
+    spec = REGISTRY[model_type]
+    return spec, spec.parse_config(raw)
+
+
+__all__ = [
+    "ArchSpec",
+    "ModelConfig",
+    "PRUNABLE",
+    "Param",
+    "REGISTRY",
+    "Role",
+    "SEQUENTIAL",
+    "Site",
+    "expected_params",
+    "resolve",
+    "supported",
+]

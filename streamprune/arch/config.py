@@ -1,0 +1,125 @@
+"""The parsed model configuration: sizes plus the flags that tell families apart."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamprune.errors import CheckpointError, UnsupportedModelError
+
+# Bounds that no real checkpoint reaches; past them config.json is refused before anything is allocated.
+MAX_HIDDEN = 1 << 17
+MAX_LAYERS = 4096
+MAX_VOCAB = 1 << 22
+MAX_POSITIONS = 1 << 24
+
+
+@dataclass
+class ModelConfig:
+    """Everything the block forward and the role table need, parsed from config.json.
+
+    Family differences are flags here, not separate code paths: the norm kind, the activation,
+    gating, the position scheme, biases and the residual layout.
+    """
+
+    family: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    n_kv_heads: int = 0  # 0: same as n_heads
+    head_dim: int = 0  # 0: hidden_size // n_heads
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    norm_affine: bool = True
+    act: str = "silu"  # "silu" | "relu" | "gelu" | "gelu_tanh"
+    gated: bool = True  # act(gate(x)) * up(x)
+    pos: str = "rope"  # "rope" | "learned" | "alibi"
+    pos_offset: int = 0  # OPT's learned positions start at index 2
+    rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
+    residual_from_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    embed_norm: bool = False
+    final_norm: bool = True
+    embed_dim: int = 0  # OPT word_embed_proj_dim; 0: hidden_size
+    tie_word_embeddings: bool = False
+    max_positions: int | None = None
+    sliding_window: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, bound in (
+            ("hidden_size", MAX_HIDDEN),
+            ("n_layers", MAX_LAYERS),
+            ("n_heads", MAX_HIDDEN),
+            ("ffn_dim", 64 * MAX_HIDDEN),
+            ("vocab_size", MAX_VOCAB),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
+                raise CheckpointError(f"config.json: {name}={value!r} is not an integer in 1..{bound}")
+        if self.max_positions is not None and not 0 < self.max_positions <= MAX_POSITIONS:
+            raise CheckpointError(
+                f"config.json: max_position_embeddings={self.max_positions!r} is not in 1..{MAX_POSITIONS}"
+            )
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == 0:
+            if self.hidden_size % self.n_heads:
+                raise CheckpointError(
+                    f"config.json: hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}"
+                )
+            self.head_dim = self.hidden_size // self.n_heads
+        if not 0 < self.n_kv_heads <= self.n_heads or self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"config.json: num_key_value_heads={self.n_kv_heads!r} must divide num_attention_heads={self.n_heads}"
+            )
+        if self.embed_dim == 0:
+            self.embed_dim = self.hidden_size
+        if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
+            raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
+
+    @property
+    def kv_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def default_seqlen(self) -> int:
+        """Evaluation window length when none is given: the model's maximum, capped at 2048."""
+        return min(self.max_positions or 2048, 2048)
+
+    def check_seqlen(self, seqlen: int) -> None:
+        """Refuse a window length the model cannot attend over as trained."""
+        from streamprune.errors import ArgumentError
+
+        if seqlen < 2:
+            raise ArgumentError(f"seqlen {seqlen!r} is too small; expected at least 2")
+        if self.max_positions is not None and seqlen > self.max_positions:
+            raise ArgumentError(
+                f"seqlen {seqlen} exceeds the model's maximum positions ({self.max_positions})"
+            )
+        if self.sliding_window is not None and seqlen > self.sliding_window:
+            raise ArgumentError(
+                f"seqlen {seqlen} exceeds the sliding window ({self.sliding_window}); streamprune runs full "
+                "attention, which equals sliding-window attention only up to the window length"
+            )
+
+
+def get_int(raw: dict[str, Any], *keys: str, default: int | None = None) -> int:
+    """First present key among `keys` in config.json, or `default`; absent and no default is an error."""
+    for key in keys:
+        if key in raw and raw[key] is not None:
+            return raw[key]
+    if default is None:
+        raise CheckpointError(f"config.json has none of {', '.join(map(repr, keys))}")
+    return default

@@ -1,0 +1,88 @@
+"""Pure building blocks: norms, activations, rotary embeddings, ALiBi."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm computed in float32, scaled after casting back (as LLaMA does)."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> Tensor:
+    """Inverse frequencies of RoPE, with linear or Llama 3 frequency scaling applied."""
+    theta = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    rope_type = params["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"])
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq  # "default"; "dynamic" equals it within the trained length
+
+
+def rope_cos_sin(inv_freq: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape (T, head_dim) in the rotate-half layout."""
+    freqs = torch.outer(torch.arange(seqlen, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, hd) queries or keys by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """Per-head ALiBi slopes; head counts that are not powers of two interleave a second series."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, closest + 1, dtype=torch.float32)
+    if closest != n_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, n_heads - closest)
+        slopes = torch.cat([slopes, extra_base ** torch.arange(1, 1 + 2 * n_extra, 2, dtype=torch.float32)])
+    return slopes
+
+
+def alibi_causal_bias(n_heads: int, seqlen: int) -> Tensor:
+    """Additive attention bias (H, T, T): slope times key position, -inf above the diagonal."""
+    keys = torch.arange(seqlen, dtype=torch.float32)
+    bias = alibi_slopes(n_heads)[:, None, None] * keys[None, None, :]  # (H, 1, T)
+    causal = torch.full((seqlen, seqlen), float("-inf")).triu(1)  # (T, T)
+    return bias + causal

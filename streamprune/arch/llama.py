@@ -1,0 +1,80 @@
+"""The LLaMA family: Llama 1-3, Mistral, Qwen2 (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamprune.arch.config import ModelConfig, get_int
+from streamprune.arch.roles import Role
+from streamprune.arch.spec import ArchSpec
+from streamprune.errors import UnsupportedModelError
+
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either config style: `rope_parameters`, or `rope_theta` plus `rope_scaling`."""
+    params = dict(raw.get("rope_parameters") or {})
+    if not params:
+        params = dict(raw.get("rope_scaling") or {})
+        params["rope_theta"] = raw.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+    params["rope_type"] = rope_type
+    params.setdefault("rope_theta", 10000.0)
+    return params
+
+
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw.get("model_type", "llama")
+    sliding = raw.get("sliding_window")
+    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+        sliding = None
+    return ModelConfig(
+        family="llama",
+        model_type=model_type,
+        vocab_size=get_int(raw, "vocab_size"),
+        hidden_size=get_int(raw, "hidden_size"),
+        n_layers=get_int(raw, "num_hidden_layers"),
+        n_heads=get_int(raw, "num_attention_heads"),
+        n_kv_heads=get_int(raw, "num_key_value_heads", default=0),
+        head_dim=get_int(raw, "head_dim", default=0),
+        ffn_dim=get_int(raw, "intermediate_size"),
+        norm="rms",
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        act=raw.get("hidden_act", "silu"),
+        gated=True,
+        pos="rope",
+        rope=rope_parameters(raw),
+        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+        out_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        max_positions=get_int(raw, "max_position_embeddings", default=2048),
+        sliding_window=sliding,
+        raw=raw,
+    )
+
+
+SPEC = ArchSpec(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    base_prefix="model.",
+    parse_config=parse_config,
+    tensors={
+        Role.TOKEN_EMBD: "embed_tokens",
+        Role.OUTPUT_NORM: "norm",
+        Role.OUTPUT: "lm_head",
+        Role.ATTN_NORM: "layers.{bid}.input_layernorm",
+        Role.ATTN_Q: "layers.{bid}.self_attn.q_proj",
+        Role.ATTN_K: "layers.{bid}.self_attn.k_proj",
+        Role.ATTN_V: "layers.{bid}.self_attn.v_proj",
+        Role.ATTN_OUT: "layers.{bid}.self_attn.o_proj",
+        Role.FFN_NORM: "layers.{bid}.post_attention_layernorm",
+        Role.FFN_GATE: "layers.{bid}.mlp.gate_proj",
+        Role.FFN_UP: "layers.{bid}.mlp.up_proj",
+        Role.FFN_DOWN: "layers.{bid}.mlp.down_proj",
+        Role.ROPE_FREQS: "layers.{bid}.self_attn.rotary_emb",
+    },
+)

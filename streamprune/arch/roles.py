@@ -1,0 +1,52 @@
+"""Tensor roles shared by every architecture, and the pruning order written once in roles."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Role(Enum):
+    """What a tensor does in the network, independent of what a checkpoint calls it."""
+
+    TOKEN_EMBD = "token_embd"
+    POS_EMBD = "pos_embd"  # learned position table (OPT)
+    EMBD_NORM = "embd_norm"  # norm right after the embedding (BLOOM)
+    PROJ_IN = "proj_in"  # embedding dim -> hidden (OPT-350m)
+    PROJ_OUT = "proj_out"  # hidden -> embedding dim (OPT-350m)
+    OUTPUT_NORM = "output_norm"
+    OUTPUT = "output"  # lm_head
+    ATTN_NORM = "attn_norm"
+    ATTN_Q = "attn_q"
+    ATTN_K = "attn_k"
+    ATTN_V = "attn_v"
+    ATTN_QKV = "attn_qkv"  # fused query_key_value (BLOOM)
+    ATTN_OUT = "attn_out"
+    FFN_NORM = "ffn_norm"
+    FFN_GATE = "ffn_gate"
+    FFN_UP = "ffn_up"
+    FFN_DOWN = "ffn_down"
+    ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
+
+
+class Site(Enum):
+    """A point inside a block where one activation feeds one or more linear layers."""
+
+    ATTN_IN = "attn_in"
+    ATTN_OUT_IN = "attn_out_in"
+    FFN_IN = "ffn_in"
+    FFN_DOWN_IN = "ffn_down_in"
+
+
+# The pruning order, as data: each entry is one input site and the linears that read it.
+# Linears of one site share one Hessian; later sites see the outputs of already pruned ones.
+SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
+    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV)),
+    (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
+    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP)),
+    (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
+)
+
+PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL for role in roles)
+
+# Roles that live inside a decoder block (their names carry `{bid}`).
+BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS}

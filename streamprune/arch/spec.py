@@ -1,0 +1,80 @@
+"""An architecture is a table: tensor roles -> checkpoint names, plus a config parser."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from streamprune.arch.config import ModelConfig
+from streamprune.arch.roles import BLOCK_ROLES, Role
+
+Param = tuple[Role, str]  # (role, "weight" | "bias")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Names of every tensor role of one family.
+
+    `tensors` maps a role to its module path; block roles carry `{bid}`. Paths are relative to
+    `base_prefix` (the prefix a *ForCausalLM checkpoint puts in front of the base model), except
+    the roles in `unprefixed` (lm_head). Checkpoints saved from the base model omit the prefix;
+    the reader accepts both.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    tensors: dict[Role, str]
+    parse_config: Callable[[dict[str, Any]], ModelConfig]
+    base_prefix: str = ""
+    unprefixed: frozenset[Role] = frozenset({Role.OUTPUT})
+    optional: frozenset[Role] = frozenset({Role.ROPE_FREQS})
+
+
+def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
+    """Every parameter the config implies, with its shape. Roles absent here must not be in the file."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    params: dict[Param, tuple[int, ...]] = {(Role.TOKEN_EMBD, "weight"): (cfg.vocab_size, cfg.embed_dim)}
+
+    def linear(role: Role, out: int, inp: int, bias: bool) -> None:
+        params[(role, "weight")] = (out, inp)
+        if bias:
+            params[(role, "bias")] = (out,)
+
+    def norm(role: Role, dim: int) -> None:
+        if cfg.norm_affine:
+            params[(role, "weight")] = (dim,)
+            if cfg.norm == "layer":
+                params[(role, "bias")] = (dim,)
+
+    if cfg.pos == "learned":
+        assert cfg.max_positions is not None
+        params[(Role.POS_EMBD, "weight")] = (cfg.max_positions + cfg.pos_offset, d)
+    if cfg.embed_norm:
+        norm(Role.EMBD_NORM, d)
+    if cfg.embed_dim != d:
+        linear(Role.PROJ_IN, d, cfg.embed_dim, False)
+        linear(Role.PROJ_OUT, cfg.embed_dim, d, False)
+    if cfg.final_norm:
+        norm(Role.OUTPUT_NORM, d)
+    if not cfg.tie_word_embeddings:
+        params[(Role.OUTPUT, "weight")] = (cfg.vocab_size, cfg.embed_dim)
+    norm(Role.ATTN_NORM, d)
+    norm(Role.FFN_NORM, d)
+    if cfg.family == "bloom":
+        linear(Role.ATTN_QKV, 3 * q_out, d, cfg.qkv_bias)
+    else:
+        linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)
+        linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
+        linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
+    linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
+    if cfg.gated:
+        linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
+    linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
+    linear(Role.FFN_DOWN, d, cfg.ffn_dim, cfg.mlp_bias)
+    return params
+
+
+def is_block_role(role: Role) -> bool:
+    return role in BLOCK_ROLES

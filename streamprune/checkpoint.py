@@ -1,0 +1,354 @@
+"""Reading Hugging Face safetensors checkpoints one tensor at a time, and writing them back.
+
+Nothing here builds a state dict: the reader validates every header up front, then reads each
+tensor with a positioned read into a fresh buffer when its block is processed (no memory map,
+so no file-backed pages stay resident once a block is done). The writer emits one shard per
+decoder block, each under a temporary name renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, resolve
+from streamprune.arch.roles import BLOCK_ROLES
+from streamprune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: file, dtype, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header without reading any tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path}: header length {n} is impossible for a file of {size} bytes "
+                    f"(limit {MAX_HEADER_BYTES})"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(path, name, meta, data_start, size)
+    spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
+    return infos
+
+
+def _tensor_info(path: Path, name: str, meta: Any, data_start: int, size: int) -> TensorInfo:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: header entry {name!r} is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    expected = math.prod(shape) * itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} "
+            f"needs {expected}"
+        )
+    start, end = data_start + offsets[0], data_start + offsets[1]
+    if end > size:
+        raise CheckpointError(
+            f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes"
+        )
+    return TensorInfo(name, path, dtype, tuple(shape), start, end)
+
+
+def read_tensor(info: TensorInfo) -> Tensor:
+    """Read one tensor with a positioned read into a fresh CPU buffer."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.path, "rb") as f:
+        f.seek(info.start)
+        got = f.readinto(memoryview(buf.numpy()))
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.path}: truncated while reading {info.name!r}")
+    return buf.view(info.torch_dtype).reshape(info.shape)
+
+
+def _resolve_inside(model_dir: Path, name: str, follow_symlinks: bool) -> Path:
+    path = model_dir / name
+    if path.is_symlink() and not follow_symlinks:
+        target = path.resolve()
+        if not target.is_relative_to(model_dir.resolve()):
+            raise CheckpointError(
+                f"{path}: is a symlink to {target}, outside the model directory; pass --follow-symlinks to allow it"
+            )
+    return path
+
+
+def load_config(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.exists():
+        raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{str(model_dir)!r} is not a directory")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a Hugging Face model directory needs config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def scan_tensors(model_dir: Path, follow_symlinks: bool = False) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, located, with every shard's header checked."""
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map: dict[str, str] = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+            raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from e
+        shard_names = sorted(set(weight_map.values()))
+    else:
+        weight_map = {}
+        shard_names = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        if not shard_names:
+            raise CheckpointError(f"{model_dir}: no {SINGLE_NAME}, no {INDEX_NAME} and no *.safetensors file")
+    missing = [s for s in shard_names if not (model_dir / s).exists()]
+    if missing:
+        raise CheckpointError(f"{index_path}: names shard files that do not exist: {', '.join(missing)}")
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shard_names:
+        for name, info in read_header(_resolve_inside(model_dir, shard, follow_symlinks)).items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor {name!r} is stored twice: in {tensors[name].path.name} and in {shard}"
+                )
+            tensors[name] = info
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard} but that shard lacks it")
+        if tensors[name].path.name != shard:
+            raise CheckpointError(
+                f"{index_path}: tensor {name!r} is mapped to {shard} but is stored in {tensors[name].path.name}"
+            )
+    return tensors
+
+
+class Checkpoint:
+    """A validated model directory: config, architecture, and the location of every tensor.
+
+    Construction reads config.json and the shard headers only. Tensors are read on demand.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], follow_symlinks: bool = False) -> None:
+        self.dir = Path(model_dir)
+        self.raw_config = load_config(self.dir)
+        self.spec: ArchSpec
+        self.config: ModelConfig
+        self.spec, self.config = resolve(self.raw_config)
+        self.tensors = scan_tensors(self.dir, follow_symlinks)
+        self.prefix = self._detect_prefix()
+        self.names: dict[tuple[Param, int | None], str] = {}
+        self._bind_roles()
+
+    def _detect_prefix(self) -> str:
+        embed = self.spec.tensors[Role.TOKEN_EMBD] + ".weight"
+        for prefix in (self.spec.base_prefix, ""):
+            if prefix + embed in self.tensors:
+                return prefix
+        raise CheckpointError(
+            f"{self.dir}: missing tensor {self.spec.base_prefix + embed!r} (the token embedding)"
+        )
+
+    def name_of(self, role: Role, kind: str, bid: int | None = None) -> str:
+        template = self.spec.tensors[role]
+        prefix = "" if role in self.spec.unprefixed else self.prefix
+        return prefix + template.format(bid=bid) + "." + kind
+
+    def _bind_roles(self) -> None:
+        """Map every expected parameter to a tensor; name the missing, the misshapen and the unknown."""
+        cfg = self.config
+        expected = expected_params(cfg)
+        missing, bad_shape = [], []
+        for (role, kind), shape in expected.items():
+            bids: list[int | None] = list(range(cfg.n_layers)) if role in BLOCK_ROLES else [None]
+            for bid in bids:
+                name = self.name_of(role, kind, bid)
+                info = self.tensors.get(name)
+                if info is None:
+                    missing.append(name)
+                    continue
+                if info.shape != shape:
+                    bad_shape.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+                if info.dtype not in FLOAT_DTYPES:
+                    bad_shape.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+                self.names[((role, kind), bid)] = name
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise CheckpointError(f"{self.dir}: missing {len(missing)} tensor(s): {shown}")
+        if bad_shape:
+            raise CheckpointError(f"{self.dir}: {bad_shape[0]}" + (f" (and {len(bad_shape) - 1} more)" if len(bad_shape) > 1 else ""))
+        # Where each stored tensor belongs: its block index, or None for the globals.
+        self.location: dict[str, int | None] = {name: bid for (_, bid), name in self.names.items()}
+        for role in self.spec.optional & set(self.spec.tensors):
+            for bid in range(cfg.n_layers):
+                name = self.name_of(role, "inv_freq", bid)
+                if name in self.tensors:
+                    self.location[name] = bid
+        tied_head = self.name_of(Role.OUTPUT, "weight")
+        if cfg.tie_word_embeddings and tied_head in self.tensors:
+            self.location[tied_head] = None
+        unknown = sorted(set(self.tensors) - set(self.location))
+        if unknown:
+            raise CheckpointError(
+                f"{self.dir}: {len(unknown)} tensor(s) match no role of {self.spec.name}: {', '.join(unknown[:5])}"
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's floating-point dtype (that of the token embedding)."""
+        return self.tensors[self.names[((Role.TOKEN_EMBD, "weight"), None)]].torch_dtype
+
+    def stored_names(self, bid: int | None) -> list[str]:
+        """Every stored tensor of block `bid` (None: outside the blocks), pass-through buffers included."""
+        return sorted(name for name, b in self.location.items() if b == bid)
+
+    def read(self, name: str) -> Tensor:
+        return read_tensor(self.tensors[name])
+
+    def load_block(self, bid: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[Param, Tensor]:
+        """The parameters of one decoder block, by role, on `device` in `dtype`."""
+        return self._load(bid, device, dtype)
+
+    def load_globals(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, roles: set[Role] | None = None) -> dict[Param, Tensor]:
+        """Embedding, position, norm and head parameters (or only those of `roles`)."""
+        return self._load(None, device, dtype, roles)
+
+    def _load(self, bid: int | None, device: torch.device | str, dtype: torch.dtype, roles: set[Role] | None = None) -> dict[Param, Tensor]:
+        out: dict[Param, Tensor] = {}
+        for (param, b), name in self.names.items():
+            if b == bid and (roles is None or param[0] in roles):
+                out[param] = self.read(name).to(device=device, dtype=dtype)
+        return out
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files unchanged; return their names."""
+    weight_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+    copied = []
+    for path in sorted(src.iterdir()):
+        if not path.is_file() or path.name.endswith(weight_suffixes) or path.name.endswith(".index.json"):
+            continue
+        shutil.copyfile(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+class ShardWriter:
+    """Writes an output checkpoint shard by shard; the index is written last by `finish`."""
+
+    def __init__(self, out_dir: Path, n_shards: int) -> None:
+        self.dir = out_dir
+        self.n_shards = n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def shard_name(self, idx: int) -> str:
+        return f"model-{idx + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def write(self, idx: int, tensors: dict[str, Tensor]) -> Path:
+        """Write shard `idx` under a temporary name, then rename it into place."""
+        name = self.shard_name(idx)
+        final = self.dir / name
+        tmp = self.dir / (name + ".tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for k, v in tensors.items():
+            self.weight_map[k] = name
+            self.total_size += v.numel() * v.element_size()
+        return final
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        tmp = self.dir / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, self.dir / INDEX_NAME)

@@ -1,0 +1,70 @@
+"""Command-line interface: each command is a thin wrapper over one library function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from streamprune.errors import StreamPruneError
+
+logger = logging.getLogger("streamprune")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune language models one block at a time.")
+console = Console(stderr=True)
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.callback()
+def _root() -> None:
+    """Prune language models one block at a time."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(err: StreamPruneError) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")],
+    data: Annotated[Path, typer.Option("--data", help="Evaluation data: .txt, .jsonl with a 'text' field, or .npy token ids.")],
+    seqlen: Annotated[Optional[int], typer.Option(help="Window length (default: the model's maximum, at most 2048).")] = None,
+    nsamples: Annotated[Optional[int], typer.Option(help="Use at most this many windows.")] = None,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
+    from streamprune.evaluate import evaluate
+
+    _setup_logging(verbose)
+    try:
+        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True)
+    except StreamPruneError as e:
+        _fail(e)
+    print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
+          f"{result.seconds:.1f}s)")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,88 @@
+"""Tiny random Hugging Face models for parity tests, built with transformers and saved as safetensors."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+VOCAB = 256
+
+# name -> (config class name, config kwargs)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=128)),
+    "llama-gqa": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0)),
+    "llama3-rope": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        rope_theta=500000.0,
+                                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                          high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama-bias-tied": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=128, attention_bias=True,
+                                            mlp_bias=True, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      sliding_window=64)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=128, word_embed_proj_dim=64)),
+    "opt-proj": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=128, word_embed_proj_dim=32)),
+    "opt-postln": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=128, word_embed_proj_dim=32,
+                                     do_layer_norm_before=False)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=3, n_head=4)),
+    "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
+                                         apply_residual_connection_post_layernorm=True)),
+}
+
+
+@functools.cache
+def tokenizer_json() -> str:
+    """A byte-level BPE tokenizer of VOCAB ids trained on Python's bundled help text."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], trainer)
+    return tok.to_str()
+
+
+def sample_text(chars: int = 20000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[-chars:]
+
+
+def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: str | None = None,
+          seed: int = 0) -> Path:
+    """Save a random model of `variant` with its tokenizer into `path`; `shard` e.g. "20KB" splits it."""
+    import transformers
+
+    cls_name, kwargs = VARIANTS[variant]
+    config = getattr(transformers, cls_name)(vocab_size=VOCAB, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # give norms and biases non-trivial values so they are exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    (path / "tokenizer.json").write_text(tokenizer_json())
+    return path
+
+
+def hf_model(path: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
