@@ -1,0 +1,97 @@
+"""streamprune's streaming forward against transformers on tiny random models of every family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamprune.calib import eval_windows, load_tokens
+from streamprune.evaluate import evaluate, logits
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(tiny.sample_text(12000))
+    return path
+
+
+def hf_perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            out = model(w[None]).logits[0]
+            nll += F.cross_entropy(out[:-1], w[1:], reduction="sum").item()
+            count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("variant", sorted(tiny.VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    path = tiny.build(tmp_path / variant, variant)
+    ids = torch.randint(0, tiny.VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = tiny.hf_model(path)(ids).logits
+    torch.testing.assert_close(logits(path, ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2"])
+def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
+    path = tiny.build(tmp_path / variant, variant, dtype=dtype, shard="30KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("*.safetensors"))) > 1
+    ids = torch.randint(0, tiny.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # transformers upcasts the stored half-precision weights, as streamprune does
+        ref = tiny.hf_model(path)(ids).logits
+    torch.testing.assert_close(logits(path, ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "opt-proj", "bloom"])
+def test_eval_perplexity_matches_transformers(tmp_path, data_file, variant):
+    path = tiny.build(tmp_path / variant, variant)
+    result = evaluate(path, data_file, seqlen=64, nsamples=6, device="cpu")
+    tokens = load_tokens(data_file, path, tiny.VOCAB)
+    windows = eval_windows(tokens, 64, 6)
+    ref = hf_perplexity(tiny.hf_model(path), windows)
+    assert result.windows == 6 and result.tokens == 6 * 63
+    assert f"{result.perplexity:.4g}" == f"{ref:.4g}"
+
+
+def test_tokenization_matches_transformers_tokenizer(tmp_path, data_file):
+    from transformers import PreTrainedTokenizerFast
+
+    path = tiny.build(tmp_path / "m", "llama")
+    ours = load_tokens(data_file, path, tiny.VOCAB)
+    theirs = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))(data_file.read_text())["input_ids"]
+    assert ours.tolist() == theirs
+
+
+def test_llama3_rope_scaling_changes_frequencies():
+    from streamprune.arch.layers import rope_inv_freq
+
+    base = {"rope_type": "default", "rope_theta": 500000.0}
+    scaled = {**base, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    a, b = rope_inv_freq(16, base), rope_inv_freq(16, scaled)
+    assert torch.isclose(b[-1], a[-1] / 8) and not torch.equal(a, b)  # long wavelengths slow down 8x
+
+
+def test_npy_and_jsonl_data(tmp_path, data_file):
+    import json
+
+    import numpy as np
+
+    path = tiny.build(tmp_path / "m", "llama")
+    text = evaluate(path, data_file, seqlen=64, nsamples=4, device="cpu")
+    ids = load_tokens(data_file, path, tiny.VOCAB).numpy()
+    np.save(tmp_path / "ids.npy", ids.astype(np.int32))
+    npy = evaluate(path, tmp_path / "ids.npy", seqlen=64, nsamples=4, device="cpu")
+    assert npy.perplexity == text.perplexity
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": p}) for p in data_file.read_text().split("\n\n")))
+    assert evaluate(path, jsonl, seqlen=64, nsamples=4, device="cpu").tokens == 4 * 63
