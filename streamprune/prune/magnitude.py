@@ -1,0 +1,23 @@
+"""Magnitude pruning: remove the smallest |W| of each matrix (or of each N:M group)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from streamprune.prune.base import Pruner, PruneResult
+from streamprune.prune.masks import matrix_mask, nm_mask
+
+
+class Magnitude(Pruner):
+    needs_data = False  # statistics are gathered only when a report of reconstruction error is wanted
+
+    @torch.no_grad()
+    def prune(self, weight: Tensor) -> PruneResult:
+        w = weight.to(self.device, torch.float32)
+        score = w.abs()
+        if self.pattern.structured:
+            mask = nm_mask(score, self.pattern.n, self.pattern.m)
+        else:
+            mask = matrix_mask(score, self.sparsity)
+        return PruneResult(w.masked_fill(mask, 0.0), mask)

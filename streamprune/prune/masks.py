@@ -1,0 +1,84 @@
+"""Sparsity patterns and the masks that realise them. A mask is True where a weight is removed."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from streamprune.errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured (n == m == 0) or N:M: at least n zeros in every m consecutive inputs of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern:
+        if text == "unstructured":
+            return cls()
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match:
+            raise ArgumentError(f"pattern {text!r} is not 'unstructured' or N:M such as 2:4")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ArgumentError(f"pattern {text!r}: N:M needs 0 < N < M")
+        return cls(n, m)
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+
+def resolve_sparsity(sparsity: float | None, pattern: Pattern) -> float:
+    """The fraction of weights to remove: given, or implied by N:M (which must then agree)."""
+    if pattern.structured:
+        implied = pattern.n / pattern.m
+        if sparsity is not None and not math.isclose(sparsity, implied):
+            raise ArgumentError(f"sparsity {sparsity!r} contradicts pattern {pattern} (which removes {implied:g})")
+        return implied
+    if sparsity is None:
+        return 0.5
+    if not 0.0 <= sparsity < 1.0:
+        raise ArgumentError(f"sparsity {sparsity!r} is outside [0, 1)")
+    return sparsity
+
+
+def check_columns(columns: int, pattern: Pattern, what: str) -> None:
+    if pattern.structured and columns % pattern.m:
+        raise ArgumentError(f"{what}: {columns} input columns are not divisible by M={pattern.m} of pattern {pattern}")
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """The n lowest-scoring weights of every group of m consecutive columns of each row."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)  # (rows, groups, m)
+    idx = groups.topk(n, dim=-1, largest=False).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
+
+
+def row_mask(score: Tensor, sparsity: float) -> Tensor:
+    """The ceil(sparsity * cols) lowest-scoring weights of each row (so the matrix reaches `sparsity`)."""
+    k = math.ceil(sparsity * score.shape[1] - 1e-9)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def matrix_mask(score: Tensor, sparsity: float) -> Tensor:
+    """The floor(sparsity * numel) lowest-scoring weights of the whole matrix."""
+    k = int(sparsity * score.numel())
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        mask[score.flatten().topk(k, largest=False).indices] = True
+    return mask.view_as(score)
