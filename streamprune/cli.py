@@ -63,6 +63,46 @@ def eval_cmd(
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
+class MethodChoice(str, Enum):
+    sparsegpt = "sparsegpt"
+    wanda = "wanda"
+    magnitude = "magnitude"
+
+
+@app.command("run")
+def run_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory to prune (only read).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the pruned checkpoint is written.")],
+    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights removed per matrix, in [0, 1) (default 0.5; N:M implies it).")] = None,
+    method: Annotated[MethodChoice, typer.Option(help="Pruning method.")] = MethodChoice.sparsegpt,
+    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M such as 2:4 or 4:8.")] = "unstructured",
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.")] = None,
+    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")] = True,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
+    damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
+    batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Prune MODEL_DIR into OUT_DIR, one decoder block at a time."""
+    from streamprune.pipeline import prune
+    from streamprune.report import REPORT_NAME, summary_table
+
+    _setup_logging(verbose)
+    try:
+        report = prune(model_dir, out_dir, progress=True, method=method.value, sparsity=sparsity, pattern=pattern,
+                       calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
+                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, overwrite=overwrite)
+    except StreamPruneError as e:
+        _fail(e)
+    Console().print(summary_table(report))
+    print(f"wrote {out_dir} (report: {out_dir / REPORT_NAME})")
+
+
 def main() -> None:
     try:
         app()

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from streamprune.errors import StreamPruneError
-from streamprune.prune.base import Pruner, PruneResult
-from streamprune.prune.masks import Pattern
+from streamprune.pruners.base import Pruner, PruneResult
+from streamprune.pruners.masks import Pattern
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from streamprune.errors import ArgumentError
-from streamprune.prune.base import Pruner, PruneResult
-from streamprune.prune.magnitude import Magnitude
-from streamprune.prune.masks import Pattern, resolve_sparsity
-from streamprune.prune.sparsegpt import SparseGPT
-from streamprune.prune.wanda import Wanda
+from streamprune.pruners.base import Pruner, PruneResult
+from streamprune.pruners.magnitude import Magnitude
+from streamprune.pruners.masks import Pattern, resolve_sparsity
+from streamprune.pruners.sparsegpt import SparseGPT
+from streamprune.pruners.wanda import Wanda
 
 METHODS: dict[str, type[Pruner]] = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude}
 

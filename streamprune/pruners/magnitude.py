@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from streamprune.prune.base import Pruner, PruneResult
-from streamprune.prune.masks import matrix_mask, nm_mask
+from streamprune.pruners.base import Pruner, PruneResult
+from streamprune.pruners.masks import matrix_mask, nm_mask
 
 
 class Magnitude(Pruner):

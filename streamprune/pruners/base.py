@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from streamprune.prune.masks import Pattern
+from streamprune.pruners.masks import Pattern
 
 
 @dataclass

@@ -1,0 +1,70 @@
+"""The run report: per-layer figures and totals, saved as JSON and shown as a table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "streamprune_report.json"
+PHASES = ("read", "calibrate", "solve", "forward", "write")
+
+
+@dataclass
+class LayerReport:
+    block: int
+    role: str
+    name: str
+    shape: list[int]
+    sparsity: float  # achieved fraction of zeros in the saved weight
+    rel_error: float | None  # ||WX - W'X||^2 / ||WX||^2 on the calibration inputs
+    seconds: float
+    damp: float | None = None  # SparseGPT: damping that made the Cholesky succeed
+    damp_retries: int = 0
+
+
+@dataclass
+class Report:
+    args: dict[str, Any]
+    model: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    wall_seconds: float = 0.0
+    peak_rss_bytes: int = 0  # sampled during the run (psutil RSS, file-backed pages included)
+    process_peak_rss_bytes: int = 0  # the process's lifetime peak as the OS records it (VmHWM)
+    peak_gpu_bytes: int = 0
+    total_sparsity: float = 0.0  # zeros over all pruned weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, out_dir: Path) -> Path:
+        path = out_dir / REPORT_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def summary_table(report: Report):  # -> rich.table.Table
+    from rich.table import Table
+
+    table = Table(title=f"streamprune: {report.args['method']} {report.args['pattern']} "
+                        f"sparsity {report.args['sparsity']:g}")
+    table.add_column("block", justify="right")
+    for col in ("layers", "sparsity", "mean rel. error", "max rel. error", "seconds"):
+        table.add_column(col, justify="right")
+    blocks = sorted({lr.block for lr in report.layers})
+    for b in blocks:
+        rows = [lr for lr in report.layers if lr.block == b]
+        errs = [lr.rel_error for lr in rows if lr.rel_error is not None]
+        numel = sum(lr.shape[0] * lr.shape[1] for lr in rows)
+        sparsity = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in rows) / numel
+        table.add_row(str(b), str(len(rows)), f"{sparsity:.4f}",
+                      f"{sum(errs) / len(errs):.4g}" if errs else "-", f"{max(errs):.4g}" if errs else "-",
+                      f"{sum(lr.seconds for lr in rows):.2f}")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())
+    table.caption = (f"total sparsity {report.total_sparsity:.4f}; wall {report.wall_seconds:.1f}s ({phases}); "
+                     f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; peak GPU {report.peak_gpu_bytes / 2**20:.0f} MiB")
+    return table
