@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamprune.prune import Pattern, make_pruner
-from streamprune.prune.masks import matrix_mask, nm_mask, resolve_sparsity, row_mask
+from streamprune.pruners import Pattern, make_pruner
+from streamprune.pruners.masks import matrix_mask, nm_mask, resolve_sparsity, row_mask
 from streamprune.errors import ArgumentError
 
 
