@@ -1,0 +1,176 @@
+"""End to end on tiny random models: `streamprune run` output is an ordinary checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import streamprune
+from streamprune.checkpoint import Checkpoint
+from streamprune.cli import app
+from streamprune.evaluate import evaluate, logits
+from streamprune.pruners import Pattern
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(tiny.sample_text(15000))
+    return path
+
+
+def stored(model_dir) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(model_dir)
+    return {name: ckpt.read(name) for name in ckpt.tensors}
+
+
+def pruned_names(model_dir) -> set[str]:
+    ckpt = Checkpoint(model_dir)
+    return {name for ((role, kind), bid), name in ckpt.names.items()
+            if bid is not None and kind == "weight" and role.value in {
+                "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "ffn_gate", "ffn_up", "ffn_down"}}
+
+
+@pytest.mark.parametrize("variant,dtype", [("llama-gqa", torch.float32), ("qwen2", torch.bfloat16),
+                                           ("opt-proj", torch.float16), ("bloom", torch.float32)])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_output_is_an_ordinary_checkpoint(tmp_path, calib, variant, dtype, method):
+    src = tiny.build(tmp_path / "in", variant, dtype=dtype, shard="40KB")
+    out = tmp_path / "out"
+    report = streamprune.prune(src, out, method=method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64)
+    before, after = stored(src), stored(out)
+    assert before.keys() == after.keys()
+    prunable = pruned_names(src)
+    assert len(report.layers) == len(prunable)
+    for name, t in after.items():
+        assert t.dtype == before[name].dtype, name
+        if name in prunable:
+            assert int((t == 0).sum()) >= int(0.5 * t.numel()), name
+        else:  # embeddings, norms, biases, positions, lm_head: bit for bit
+            assert torch.equal(t.view(torch.uint8), before[name].view(torch.uint8)), name
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(after)
+
+    ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = tiny.hf_model(out)(ids).logits
+    torch.testing.assert_close(logits(out, ids), hf, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_nm_output(tmp_path, calib, method, pattern):
+    src = tiny.build(tmp_path / "in", "llama")
+    out = tmp_path / "out"
+    report = streamprune.prune(src, out, method=method, pattern=pattern, calib=calib, nsamples=4, seqlen=64)
+    pat = Pattern.parse(pattern)
+    after = stored(out)
+    for name in pruned_names(src):
+        w = after[name]
+        groups = (w == 0).view(w.shape[0], -1, pat.m).sum(-1)
+        assert torch.all(groups >= pat.n), name
+    assert report.args["sparsity"] == pat.n / pat.m
+
+
+def test_report_contents(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "llama")
+    out = tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, nsamples=4, seqlen=64)
+    saved = json.loads((out / "streamprune_report.json").read_text())
+    assert saved["args"]["method"] == "sparsegpt" and saved["args"]["nsamples"] == 4
+    assert len(saved["layers"]) == 3 * 7
+    for layer in saved["layers"]:
+        assert layer["sparsity"] >= 0.5 and 0 < layer["rel_error"] < 1 and layer["seconds"] >= 0
+        assert layer["damp"] == 0.01
+    assert set(saved["phases"]) == {"read", "calibrate", "solve", "forward", "write"}
+    assert saved["peak_rss_bytes"] > 0 and saved["wall_seconds"] > 0
+    assert report.total_sparsity >= 0.5
+
+
+def test_sequential_uses_pruned_predecessors(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "llama")
+    seq = streamprune.prune(src, tmp_path / "a", calib=calib, nsamples=4, seqlen=64)
+    one = streamprune.prune(src, tmp_path / "b", calib=calib, nsamples=4, seqlen=64, sequential=False)
+    first = [(lr.rel_error, lr2.rel_error) for lr, lr2 in zip(seq.layers, one.layers)]
+    assert first[0][0] == first[0][1]  # q_proj of block 0 sees the same dense input either way
+    assert any(a != b for a, b in first[3:7])  # o_proj onwards see pruned q/k/v only when sequential
+
+
+def test_magnitude_needs_no_calibration(tmp_path):
+    src = tiny.build(tmp_path / "in", "opt")
+    report = streamprune.prune(src, tmp_path / "out", method="magnitude")
+    assert all(lr.rel_error is None for lr in report.layers)
+    assert report.total_sparsity >= 0.5
+
+
+def test_eval_of_output_matches_transformers_perplexity(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "llama")
+    out = tmp_path / "out"
+    streamprune.prune(src, out, method="wanda", calib=calib, nsamples=4, seqlen=64)
+    ours = evaluate(out, calib, seqlen=64, nsamples=4, device="cpu")
+    from tests.test_parity import hf_perplexity
+    from streamprune.calib import eval_windows, load_tokens
+
+    windows = eval_windows(load_tokens(calib, out, tiny.VOCAB), 64, 4)
+    assert f"{ours.perplexity:.5g}" == f"{hf_perplexity(tiny.hf_model(out), windows):.5g}"
+
+
+def test_cli_run_prints_summary(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "bloom")
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), "--calib", str(calib),
+                                      "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "total sparsity" in result.output and "streamprune_report.json" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.2"], "outside [0, 1)"),
+    (["--pattern", "4:4"], "0 < N < M"),
+    (["--pattern", "half"], "not 'unstructured' or N:M"),
+    (["--method", "obs"], "obs"),
+    (["--sparsity", "0.6", "--pattern", "2:4"], "contradicts"),
+    (["--calib", "MISSING"], "does not exist"),
+    (["--calib", "SHORT", "--seqlen", "64"], "shorter than one calibration window"),
+    (["--method", "wanda"], "needs calibration data"),
+    (["--seqlen", "4096", "--calib", "CALIB"], "exceeds the model's maximum"),
+])
+def test_bad_run_arguments(tmp_path, calib, args, message):
+    src = tiny.build(tmp_path / "in", "llama")
+    (tmp_path / "short.txt").write_text("only a few words here")
+    subst = {"MISSING": str(tmp_path / "nope.txt"), "SHORT": str(tmp_path / "short.txt"), "CALIB": str(calib)}
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(src), str(out), *[subst.get(a, a) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_out_dir_inside_model_dir_is_refused(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "llama")
+    for out in (src, src / "pruned"):
+        result = CliRunner().invoke(app, ["run", str(src), str(out), "--calib", str(calib), "--seqlen", "64"])
+        assert result.exit_code == 2 and "inside MODEL_DIR" in result.output
+    assert not (src / "pruned").exists()
+
+
+def test_out_dir_not_writable_or_not_empty(tmp_path, calib):
+    src = tiny.build(tmp_path / "in", "llama")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["run", str(src), str(busy), "--method", "magnitude"])
+    assert result.exit_code == 2 and "not empty" in result.output
+    result = CliRunner().invoke(app, ["run", str(src), str(busy), "--method", "magnitude", "--overwrite"])
+    assert result.exit_code == 0 and (busy / "notes.txt").read_text() == "keep me"
+    # /proc refuses new files even to root
+    result = CliRunner().invoke(app, ["run", str(src), "/proc/streamprune-out", "--method", "magnitude"])
+    assert result.exit_code == 2 and "not writable" in result.output, result.output
