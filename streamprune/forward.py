@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from streamprune.arch import Role
+from streamprune.arch import Role, Site
 from streamprune.arch.block import Positions, Tap, Weights, block_forward, embed, head
 from streamprune.checkpoint import Checkpoint
 
@@ -32,12 +32,18 @@ def forward_block(
     batch: int,
     tap: Tap | None = None,
     device: torch.device | None = None,
+    until: Site | None = None,
 ) -> None:
-    """Run one block over all windows of `x` in batches, writing into `out` (may be `x` itself)."""
+    """Run one block over all windows of `x` in batches, writing into `out` (may be `x` itself).
+
+    With `until`, each batch stops once that site's input is tapped and nothing is written.
+    """
     device = device or x.device
     for i in range(0, x.shape[0], batch):
         xb = x[i : i + batch].to(device, torch.float32)
-        out[i : i + batch] = block_forward(ckpt.config, w, xb, pos, tap).to(out.device, out.dtype)
+        y = block_forward(ckpt.config, w, xb, pos, tap, until)
+        if y is not None:
+            out[i : i + batch] = y.to(out.device, out.dtype)
 
 
 @torch.no_grad()

@@ -121,7 +121,8 @@ class BlockPruner:
             if site in pruners:
                 pruners[site].add_batch(a)
 
-        forward_block(self.ckpt, w, x, pos, scratch, self.opts.batch, tap=tap, device=self.device)
+        last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # stop the pass there
+        forward_block(self.ckpt, w, x, pos, scratch, self.opts.batch, tap=tap, device=self.device, until=last)
         self.report.phases["calibrate"] += time.perf_counter() - start
 
     def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role],

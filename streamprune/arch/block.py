@@ -63,13 +63,12 @@ def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
     return layer_norm(x, weight, w.get((role, "bias")), cfg.norm_eps)
 
 
-def attention(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None) -> Tensor:
+def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
+    """Multi-head attention up to (not including) the output projection."""
     B, T, _ = x.shape
     nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if tap:
-        tap(Site.ATTN_IN, x)
     if (Role.ATTN_QKV, "weight") in w:
-        qkv = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd)  # BLOOM interleaves per head
+        qkv = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd)  # BLOOM interleaves q, k, v per head
         q, k, v = qkv.unbind(dim=3)  # (B, T, nh, hd) each
     else:
         q = linear(w, Role.ATTN_Q, x).view(B, T, nh, hd)
@@ -78,37 +77,48 @@ def attention(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
-    if pos.bias is None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.attn_scale, enable_gqa=nkv != nh)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.bias, scale=cfg.attn_scale, enable_gqa=nkv != nh)
-    o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
-    if tap:
-        tap(Site.ATTN_OUT_IN, o)
-    return linear(w, Role.ATTN_OUT, o)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.bias, is_causal=pos.bias is None,
+                                       scale=cfg.attn_scale, enable_gqa=nkv != nh)
+    return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
 
 
-def mlp(cfg: ModelConfig, w: Weights, x: Tensor, tap: Tap | None) -> Tensor:
-    if tap:
-        tap(Site.FFN_IN, x)
+def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
+    """The MLP's hidden activations, input of the down projection."""
     if cfg.gated:
-        h = activation(cfg.act, linear(w, Role.FFN_GATE, x)) * linear(w, Role.FFN_UP, x)
-    else:
-        h = activation(cfg.act, linear(w, Role.FFN_UP, x))
-    if tap:
-        tap(Site.FFN_DOWN_IN, h)
-    return linear(w, Role.FFN_DOWN, h)
+        return activation(cfg.act, linear(w, Role.FFN_GATE, x)) * linear(w, Role.FFN_UP, x)
+    return activation(cfg.act, linear(w, Role.FFN_UP, x))
 
 
-def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None) -> Tensor:
-    """One decoder block on (B, T, D) hidden states."""
-    if not cfg.norm_before:  # OPT-350m: norm after each residual add
-        h = norm(cfg, w, Role.ATTN_NORM, x + attention(cfg, w, x, pos, tap))
-        return norm(cfg, w, Role.FFN_NORM, h + mlp(cfg, w, h, tap))
-    a = norm(cfg, w, Role.ATTN_NORM, x)
-    h = (a if cfg.residual_from_norm else x) + attention(cfg, w, a, pos, tap)
-    m = norm(cfg, w, Role.FFN_NORM, h)
-    return (m if cfg.residual_from_norm else h) + mlp(cfg, w, m, tap)
+def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
+                  until: Site | None = None) -> Tensor | None:
+    """One decoder block on (B, T, D) hidden states.
+
+    `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
+    that site's input is tapped and returns None (what calibration of that site needs, no more).
+    """
+
+    def stop_at(site: Site, a: Tensor) -> bool:
+        if tap:
+            tap(site, a)
+        return site is until
+
+    pre = cfg.norm_before  # False: OPT-350m, which normalizes after each residual add
+    a = norm(cfg, w, Role.ATTN_NORM, x) if pre else x
+    if stop_at(Site.ATTN_IN, a):
+        return None
+    o = attend(cfg, w, a, pos)
+    if stop_at(Site.ATTN_OUT_IN, o):
+        return None
+    h = (a if cfg.residual_from_norm else x) + linear(w, Role.ATTN_OUT, o)
+    h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
+    m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
+    if stop_at(Site.FFN_IN, m):
+        return None
+    g = ffn_hidden(cfg, w, m)
+    if stop_at(Site.FFN_DOWN_IN, g):
+        return None
+    out = (m if cfg.residual_from_norm else h) + linear(w, Role.FFN_DOWN, g)
+    return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 
 def embed(cfg: ModelConfig, w: Weights, ids: Tensor) -> Tensor:
