@@ -322,33 +322,49 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 
 
 class ShardWriter:
-    """Writes an output checkpoint shard by shard; the index is written last by `finish`."""
+    """Writes an output checkpoint shard by shard; `finish` writes the index from the shards' headers."""
 
     def __init__(self, out_dir: Path, n_shards: int) -> None:
         self.dir = out_dir
         self.n_shards = n_shards
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
 
     def shard_name(self, idx: int) -> str:
         return f"model-{idx + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def write(self, idx: int, tensors: dict[str, Tensor]) -> Path:
-        """Write shard `idx` under a temporary name, then rename it into place."""
+        """Write shard `idx` under a temporary name, flush it, rename it into place and check its header."""
         name = self.shard_name(idx)
         final = self.dir / name
         tmp = self.dir / (name + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        for k, v in tensors.items():
-            self.weight_map[k] = name
-            self.total_size += v.numel() * v.element_size()
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}, str(tmp),
+                      metadata={"format": "pt"})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"{final}: write failed ({e.strerror or e}); OUT_DIR stays resumable: fix the cause and rerun "
+                "the same command"
+            ) from e
+        written = read_header(final)
+        if set(written) != set(tensors):
+            raise CheckpointError(f"{final}: written shard does not hold the expected tensors")
         return final
 
     def finish(self) -> None:
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        """Write model.safetensors.index.json; until then OUT_DIR does not load as a checkpoint."""
+        weight_map: dict[str, str] = {}
+        total = 0
+        for idx in range(self.n_shards):
+            for name, info in read_header(self.dir / self.shard_name(idx)).items():
+                weight_map[name] = info.path.name
+                total += info.nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         tmp = self.dir / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.dir / INDEX_NAME)

@@ -15,7 +15,9 @@ from torch import Tensor
 from streamprune.arch.block import positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
-from streamprune.forward import embed_windows, forward_block, head_logits, head_nll
+from streamprune.activations import Activations
+from streamprune.arch.block import head
+from streamprune.forward import embed_windows, forward_block, head_nll, head_weights
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -42,18 +44,18 @@ class EvalResult:
 
 
 @torch.no_grad()
-def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, progress: bool = False) -> Tensor:
+def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, progress: bool = False) -> Activations:
     """Hidden states after the last block for (K, T) token windows, streaming the blocks."""
     cfg = ckpt.config
     K, T = windows.shape
-    x = torch.empty(K, T, cfg.hidden_size, device=device)
+    x = Activations((K, T, cfg.hidden_size), device)
     embed_windows(ckpt, windows, device, x, EVAL_BATCH)
     pos = positions(cfg, T).to(device, torch.float32)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("blocks", total=cfg.n_layers)
         for bid in range(cfg.n_layers):
             w = ckpt.load_block(bid, device)
-            forward_block(ckpt, w, x, pos, x, EVAL_BATCH)  # in place: windows are independent
+            forward_block(ckpt, w, x, pos, x, EVAL_BATCH, device)  # in place: windows are independent
             del w
             bar.advance(task)
     return x
@@ -63,7 +65,8 @@ def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu") -> Tensor:
     """Logits (B, T, vocab) of token ids (B, T), computed block by block."""
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
-    return head_logits(ckpt, final_hidden(ckpt, ids, dev), dev)
+    with torch.no_grad():
+        return head(ckpt.config, head_weights(ckpt, dev), final_hidden(ckpt, ids, dev).data)
 
 
 def evaluate(

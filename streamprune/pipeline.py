@@ -1,32 +1,43 @@
 """The streaming loop: embed -> for each block: read, calibrate, prune, forward, write.
 
-Only one decoder block's weights are held at a time. The calibration hidden states live in two
-buffers (block input and block output) that swap roles after each block.
+Only one decoder block's weights are held at a time (plus the next one, read ahead in a
+background thread). The calibration hidden states live in two buffers (block input and block
+output) that swap roles after each block. Progress is journaled per shard, so a rerun of the
+same command resumes at the first unfinished block.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from streamprune.activations import Activations, choose_placement, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows, load_tokens
-from streamprune.checkpoint import INDEX_NAME, Checkpoint, ShardWriter, copy_side_files
+from streamprune.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, ShardWriter, copy_side_files, read_header, read_tensor
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
+from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 from streamprune.pruners import METHODS, Pattern, Pruner, make_pruner, resolve_sparsity
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
 
 logger = logging.getLogger(__name__)
+
+Raw = dict[str, Tensor]  # stored tensors of one shard, by checkpoint name, in their stored dtype
 
 
 @dataclass
@@ -45,18 +56,43 @@ class PruneOptions:
     blocksize: int = 128
     damp: float = 0.01
     batch: int = 8
+    offload_activations: str = "auto"
+    max_gpu_memory: int | None = None  # bytes
     overwrite: bool = False
+    restart: bool = False
+    follow_symlinks: bool = False
 
 
-def check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """Refuse an output inside the input, a non-empty one (unless `overwrite`), or an unwritable one."""
+# Options that change what is written; a resumed run must agree on all of them.
+RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
+                  "blocksize", "damp", "batch")
+
+
+@dataclass
+class Job:
+    """A validated run: everything checked before the first byte is written."""
+
+    ckpt: Checkpoint
+    opts: PruneOptions
+    out_dir: Path
+    pattern: Pattern
+    sparsity: float
+    seqlen: int
+    device: torch.device
+    windows: Tensor | None
+    placement: str
+    args: dict[str, Any]
+    fingerprint: dict[str, Any]
+    journal: Journal | None  # a verified journal of the same job to resume, else None
+
+
+def check_out_dir(model_dir: Path, out_dir: Path) -> None:
+    """Refuse an output inside the input, or an unwritable one."""
     src, dst = model_dir.resolve(), out_dir.resolve()
     if dst == src or dst.is_relative_to(src):
         raise ArgumentError(f"OUT_DIR {str(out_dir)!r} is inside MODEL_DIR {str(model_dir)!r}; choose another folder")
     if dst.exists() and not dst.is_dir():
         raise ArgumentError(f"OUT_DIR {str(out_dir)!r} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ArgumentError(f"OUT_DIR {str(out_dir)!r} is not empty; pass --overwrite to replace its checkpoint")
     parent = dst if dst.exists() else next(p for p in dst.parents if p.exists())
     probe = parent / ".streamprune-write-probe"
     try:
@@ -66,54 +102,150 @@ def check_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
         raise ArgumentError(f"OUT_DIR {str(out_dir)!r} is not writable ({e.strerror or e})") from e
 
 
+def check_disk_space(ckpt: Checkpoint, out_dir: Path, journal: Journal | None, activation_bytes: int) -> None:
+    dst = out_dir.resolve()
+    existing = dst if dst.exists() else next(p for p in dst.parents if p.exists())
+    output = sum(info.nbytes for info in ckpt.tensors.values())
+    if journal:
+        output -= sum(e["bytes"] for e in journal.done.values())
+    needed = output + activation_bytes
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ArgumentError(
+            f"not enough disk space in {str(existing)!r}: the run needs {needed / 2**30:.2f} GiB "
+            f"({output / 2**30:.2f} GiB of output, {activation_bytes / 2**30:.2f} GiB of temporary activations) "
+            f"but {free / 2**30:.2f} GiB are free"
+        )
+
+
 def clear_previous_output(out_dir: Path) -> None:
-    """Remove a previous run's checkpoint files (only those), so no stale shard survives."""
+    """Remove a previous run's checkpoint and work files (only those), so nothing stale survives."""
     for path in out_dir.iterdir():
         if path.is_file() and (path.suffix in (".safetensors", ".tmp") or path.name in (INDEX_NAME, REPORT_NAME)):
             path.unlink()
+    shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
+
+
+def previous_job(out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
+    """The fingerprint of the job that wrote OUT_DIR, and whether that job finished."""
+    journal = Journal.load(out_dir)
+    if journal is not None:
+        return journal.fingerprint, False
+    report = out_dir / REPORT_NAME
+    if report.is_file() and (out_dir / INDEX_NAME).is_file():
+        try:
+            return json.loads(report.read_text())["fingerprint"], True
+        except (ValueError, KeyError, TypeError):
+            return None, False
+    return None, False
+
+
+def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
+    """Validate the whole job; returns the saved report instead when OUT_DIR already holds it, finished."""
+    if opts.method not in METHODS:
+        raise ArgumentError(f"method {opts.method!r} is not one of {', '.join(METHODS)}")
+    pattern = Pattern.parse(opts.pattern)
+    sparsity = resolve_sparsity(opts.sparsity, pattern)
+    if opts.blocksize < 1 or (pattern.structured and opts.blocksize % pattern.m):
+        raise ArgumentError(f"blocksize {opts.blocksize!r} must be a positive multiple of M={pattern.m or 1}")
+    if not opts.damp > 0:
+        raise ArgumentError(f"damp {opts.damp!r} must be positive")
+    if opts.batch < 1:
+        raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
+    ckpt = Checkpoint(model_dir, follow_symlinks=opts.follow_symlinks)
+    cfg = ckpt.config
+    for (param, bid), name in ckpt.names.items():
+        if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
+            check_columns(ckpt.tensors[name].shape[1], pattern, name)
+    device = resolve_device(opts.device)
+    seqlen = opts.seqlen or cfg.default_seqlen
+    windows = None
+    calib = None if opts.calib is None else Path(opts.calib)
+    if calib is not None:
+        cfg.check_seqlen(seqlen)
+        tokens = load_tokens(calib, model_dir, cfg.vocab_size)
+        windows = calib_windows(tokens, seqlen, opts.nsamples, opts.seed, source=str(calib))
+    elif METHODS[opts.method].needs_data:
+        raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
+    check_out_dir(model_dir, out_dir)
+
+    args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
+            "calib": None if calib is None else str(calib), "device": str(device)}
+    fp = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
+    journal = None
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (opts.overwrite or opts.restart):
+        old, finished = previous_job(out_dir)
+        if old is None:
+            raise ArgumentError(
+                f"OUT_DIR {str(out_dir)!r} is not empty and holds no run of streamprune; pass --overwrite to replace "
+                "its checkpoint files")
+        if old != fp:
+            raise ArgumentError(
+                f"OUT_DIR {str(out_dir)!r} holds a different run ({describe_difference(old, fp)}); pass --restart "
+                "to start over")
+        if finished:
+            logger.warning("%s already holds the finished result of this run", out_dir)
+            return load_report(out_dir)
+        journal = Journal.load(out_dir)
+        assert journal is not None
+        journal = journal.verified(out_dir)
+
+    pair = 0 if windows is None else 2 * windows.numel() * cfg.hidden_size * 4
+    budget = None
+    if device.type == "cuda":
+        total = opts.max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
+        budget = int(total * 0.9) - 2 * block_bytes(ckpt) * 2  # fp32 block weights and their workspace
+    placement = choose_placement(opts.offload_activations, pair, device, budget,
+                                 psutil.virtual_memory().available // 2)
+    args["offload_activations"] = placement
+    check_disk_space(ckpt, out_dir, journal, pair if placement == "disk" else 0)
+    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, args, fp, journal)
+
+
+def block_bytes(ckpt: Checkpoint) -> int:
+    """Bytes of one decoder block's weights in float32."""
+    return sum(ckpt.tensors[name].nbytes // ckpt.tensors[name].torch_dtype.itemsize * 4
+               for name in ckpt.stored_names(0))
+
+
+def load_report(out_dir: Path) -> Report:
+    raw = json.loads((out_dir / REPORT_NAME).read_text())
+    raw["layers"] = [LayerReport(**lr) for lr in raw["layers"]]
+    return Report(**raw)
 
 
 class BlockPruner:
     """Prunes the linears of one block, site by site in the order of SEQUENTIAL."""
 
-    def __init__(self, ckpt: Checkpoint, opts: PruneOptions, sparsity: float, pattern: Pattern,
-                 device: torch.device, report: Report) -> None:
-        self.ckpt, self.opts, self.sparsity, self.pattern = ckpt, opts, sparsity, pattern
-        self.device, self.report = device, report
-
-    def groups(self, w: dict[Param, Tensor]) -> list[tuple[Site, list[Role]]]:
-        return [(site, [r for r in roles if (r, "weight") in w]) for site, roles in SEQUENTIAL
-                if any((r, "weight") in w for r in roles)]
+    def __init__(self, job: Job, report: Report) -> None:
+        self.job, self.report = job, report
+        self.ckpt, self.opts, self.device = job.ckpt, job.opts, job.device
 
     def new_pruner(self, w: dict[Param, Tensor], roles: list[Role]) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
-        return make_pruner(self.opts.method, columns, self.device, self.sparsity, self.pattern,
+        return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
                            blocksize=self.opts.blocksize, damp=self.opts.damp)
 
-    def run(self, bid: int, w: dict[Param, Tensor], x: Tensor | None, scratch: Tensor | None,
-            pos: Positions | None) -> dict[str, Tensor]:
-        """Prune every linear of block `bid` in place in `w`; return the saved tensors by name."""
-        groups = self.groups(w)
-        saved: dict[str, Tensor] = {}
+    def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None) -> Raw:
+        """Prune every linear of block `bid` in place in `w`; return the pruned tensors by name."""
+        groups = [(site, [r for r in roles if (r, "weight") in w]) for site, roles in SEQUENTIAL]
+        groups = [(site, roles) for site, roles in groups if roles]
+        saved: Raw = {}
         if x is None:  # magnitude without calibration data: no statistics needed
-            for site, roles in groups:
+            for _, roles in groups:
                 self.prune_roles(bid, w, self.new_pruner(w, roles), roles, saved)
             return saved
-        assert scratch is not None and pos is not None
-        if self.opts.sequential:
-            for site, roles in groups:
-                pruner = self.new_pruner(w, roles)
-                self.calibrate(w, x, scratch, pos, {site: pruner})
-                self.prune_roles(bid, w, pruner, roles, saved)
-        else:
-            pruners = {site: self.new_pruner(w, roles) for site, roles in groups}
-            self.calibrate(w, x, scratch, pos, pruners)
-            for site, roles in groups:
+        assert pos is not None
+        stages = [groups] if not self.opts.sequential else [[g] for g in groups]
+        for stage in stages:  # sequential: one stage per site, each seeing the pruned sites before it
+            pruners = {site: self.new_pruner(w, roles) for site, roles in stage}
+            self.calibrate(bid, w, x, pos, pruners, dict(stage))
+            for site, roles in stage:
                 self.prune_roles(bid, w, pruners[site], roles, saved)
         return saved
 
-    def calibrate(self, w: dict[Param, Tensor], x: Tensor, scratch: Tensor, pos: Positions,
-                  pruners: dict[Site, Pruner]) -> None:
+    def calibrate(self, bid: int, w: dict[Param, Tensor], x: Activations, pos: Positions,
+                  pruners: dict[Site, Pruner], roles: dict[Site, list[Role]]) -> None:
         """One forward over the calibration windows, feeding each watched site's input to its pruner."""
         start = time.perf_counter()
 
@@ -121,20 +253,22 @@ class BlockPruner:
             if site in pruners:
                 pruners[site].add_batch(a)
 
-        last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # stop the pass there
-        forward_block(self.ckpt, w, x, pos, scratch, self.opts.batch, tap=tap, device=self.device, until=last)
+        last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
+        forward_block(self.ckpt, w, x, pos, None, self.opts.batch, self.device, tap=tap, until=last)
+        for site, pruner in pruners.items():
+            if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx).all()):
+                names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
+                raise DataError(f"block {bid}: calibration activations entering {names} contain NaN or Inf")
         self.report.phases["calibrate"] += time.perf_counter() - start
 
-    def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role],
-                    saved: dict[str, Tensor]) -> None:
+    def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role], saved: Raw) -> None:
         for role in roles:
             start = time.perf_counter()
             name = self.ckpt.names[((role, "weight"), bid)]
-            dtype = self.ckpt.tensors[name].torch_dtype
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
-            stored = result.weight.to(dtype)  # exactly what is written, and what later layers see
-            pruned = stored.to(self.device, torch.float32)
+            stored = result.weight.to(self.ckpt.tensors[name].torch_dtype)  # exactly what is written
+            pruned = stored.to(self.device, torch.float32)  # and what later sites and blocks see
             err = pruner.reconstruction_error(dense, pruned)
             w[(role, "weight")] = pruned
             saved[name] = stored.cpu()
@@ -147,11 +281,142 @@ class BlockPruner:
         pruner.free()
 
 
-def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **options: object) -> Report:
+def read_block(ckpt: Checkpoint, bid: int) -> tuple[Raw, float]:
+    """Stored tensors of block `bid`, checked for NaN/Inf, and the seconds the read took."""
+    start = time.perf_counter()
+    raw = {name: ckpt.read(name) for name in ckpt.stored_names(bid)}
+    for name, t in raw.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt.tensors[name].path}: {name} (block {bid}) contains NaN or Inf")
+    return raw, time.perf_counter() - start
+
+
+def working_copy(ckpt: Checkpoint, bid: int, raw: Raw, device: torch.device) -> dict[Param, Tensor]:
+    """Float32 parameters of block `bid` by role, on the compute device."""
+    return {param: raw[name].to(device, torch.float32) for (param, b), name in ckpt.names.items() if b == bid}
+
+
+class Run:
+    """One execution of a prepared job, resuming from its journal when there is one."""
+
+    def __init__(self, job: Job, progress: bool) -> None:
+        self.job, self.progress = job, progress
+        self.ckpt, self.cfg = job.ckpt, job.ckpt.config
+        self.writer = ShardWriter(job.out_dir, self.cfg.n_layers + 1)
+        self.journal = job.journal or Journal(job.fingerprint)
+        self.report = Report(args=job.args, model={
+            "dir": str(job.ckpt.dir), "model_type": self.cfg.model_type, "n_layers": self.cfg.n_layers,
+            "dtype": str(job.ckpt.dtype).removeprefix("torch.")}, fingerprint=job.fingerprint)
+        for idx in sorted(self.journal.done):
+            self.report.layers += [LayerReport(**lr) for lr in self.journal.done[idx]["layers"]]
+
+    def commit(self, idx: int, tensors: Raw, layers: list[LayerReport]) -> None:
+        """Write one shard, then record it in the journal."""
+        start = time.perf_counter()
+        path = self.writer.write(idx, tensors)
+        self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(tensors),
+                                  "layers": [asdict(lr) for lr in layers]}
+        self.journal.save(self.job.out_dir)
+        self.report.phases["write"] += time.perf_counter() - start
+
+    def first_unfinished(self) -> int:
+        bid = 0
+        while bid + 1 in self.journal.done:
+            bid += 1
+        return bid
+
+    def execute(self) -> Report:
+        job, cfg, report = self.job, self.cfg, self.report
+        start = time.perf_counter()
+        out = job.out_dir
+        if job.journal is None:
+            out.mkdir(parents=True, exist_ok=True)
+            clear_previous_output(out)
+        self.journal.save(out)
+        if 0 not in self.journal.done:
+            self.commit(0, {n: self.ckpt.read(n) for n in self.ckpt.stored_names(None)}, [])  # bit for bit
+        first = self.first_unfinished()
+        for idx in [i for i in self.journal.done if i > first]:  # redo everything after the first gap
+            del self.journal.done[idx]
+        report.layers = [lr for lr in report.layers if lr.block < first]
+        report.resumed_at_block = first if job.journal else None
+
+        with PeakMemory(job.device) as mem, Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+            TimeElapsedColumn(), disable=not self.progress, transient=True,
+        ) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+            task = bar.add_task("calibration inputs", total=cfg.n_layers, completed=first)
+            x = scratch = pos = None
+            if job.windows is not None:
+                shape = (job.windows.shape[0], job.seqlen, cfg.hidden_size)
+                x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
+                embed_windows(self.ckpt, job.windows, job.device, x, job.opts.batch)
+                pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
+                x, scratch = self.rebuild_inputs(first, x, scratch, pos, bar, task)
+            block_pruner = BlockPruner(job, report)
+            ahead: Future | None = pool.submit(read_block, self.ckpt, first) if first < cfg.n_layers else None
+            for bid in range(first, cfg.n_layers):
+                bar.update(task, description=f"block {bid}: read")
+                t = time.perf_counter()
+                assert ahead is not None
+                raw, read_seconds = ahead.result()
+                report.phases["read"] += time.perf_counter() - t  # the part of reading not hidden
+                report.read_total_seconds += read_seconds
+                ahead = pool.submit(read_block, self.ckpt, bid + 1) if bid + 1 < cfg.n_layers else None
+                w = working_copy(self.ckpt, bid, raw, job.device)
+
+                bar.update(task, description=f"block {bid}: prune")
+                n_before = len(report.layers)
+                raw.update(block_pruner.run(bid, w, x, pos))
+                if x is not None:
+                    assert scratch is not None and pos is not None
+                    bar.update(task, description=f"block {bid}: forward")
+                    t = time.perf_counter()
+                    forward_block(self.ckpt, w, x, pos, scratch, job.opts.batch, job.device)
+                    x, scratch = scratch, x  # this block's outputs are the next block's inputs
+                    report.phases["forward"] += time.perf_counter() - t
+                bar.update(task, description=f"block {bid}: write")
+                self.commit(bid + 1, raw, report.layers[n_before:])
+                del raw, w
+                bar.advance(task)
+            for store in (x, scratch):
+                if store is not None:
+                    store.close()
+            copy_side_files(self.ckpt.dir, out)
+            self.writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
+
+        report.read_hidden_seconds = max(0.0, report.read_total_seconds - report.phases["read"])
+        pruned = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
+        zeros = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
+        report.total_sparsity = zeros / pruned if pruned else 0.0
+        report.wall_seconds = time.perf_counter() - start
+        report.peak_rss_bytes = mem.peak_rss
+        report.process_peak_rss_bytes = os_peak_rss()
+        report.peak_gpu_bytes = mem.peak_gpu
+        report.save(out)
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        return report
+
+    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: Positions,
+                       bar: Progress, task: Any) -> tuple[Activations, Activations]:
+        """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
+        start = time.perf_counter()
+        for bid in range(first):
+            bar.update(task, description=f"block {bid}: replay")
+            infos = read_header(self.job.out_dir / self.journal.done[bid + 1]["shard"])
+            raw = {name: read_tensor(infos[name]) for name in self.ckpt.stored_names(bid)}
+            forward_block(self.ckpt, working_copy(self.ckpt, bid, raw, self.job.device), x, pos, scratch,
+                          self.job.opts.batch, self.job.device)
+            x, scratch = scratch, x
+        self.report.phases["replay"] += time.perf_counter() - start
+        return x, scratch
+
+
+def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **options: Any) -> Report:
     """Prune a checkpoint block by block and write the result as an ordinary checkpoint.
 
     Args:
-        model_dir: Hugging Face model directory (config.json, safetensors shards, tokenizer.json).
+        model_dir: Hugging Face model directory (config.json, safetensors shards, tokenizer.json); only read.
         out_dir: where the pruned checkpoint goes; must not be inside `model_dir`.
         progress: show a progress bar per block.
         **options: fields of `PruneOptions`:
@@ -164,7 +429,11 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             sequential: compute later sub-layers' statistics from already pruned earlier ones.
             blocksize, damp: SparseGPT's column block size and relative Hessian damping.
             batch: calibration windows per forward call.
-            overwrite: replace the checkpoint files of a non-empty OUT_DIR.
+            offload_activations: "auto", "device", "cpu" or "disk".
+            max_gpu_memory: bytes of GPU memory the run may plan for.
+            overwrite: replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.
+            restart: start over even if OUT_DIR holds an unfinished run with other arguments.
+            follow_symlinks: accept shards that are symlinks to outside the model directory.
 
     Returns:
         The run report, also saved as OUT_DIR/streamprune_report.json.
@@ -172,96 +441,7 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
     unknown = set(options) - set(PruneOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
-    opts = PruneOptions(**options)  # type: ignore[arg-type]
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    start = time.perf_counter()
-
-    # Everything is validated before the first byte is written.
-    if opts.method not in METHODS:
-        raise ArgumentError(f"method {opts.method!r} is not one of {', '.join(METHODS)}")
-    pattern = Pattern.parse(opts.pattern)
-    sparsity = resolve_sparsity(opts.sparsity, pattern)
-    if opts.blocksize < 1 or (pattern.structured and opts.blocksize % pattern.m):
-        raise ArgumentError(f"blocksize {opts.blocksize!r} must be a positive multiple of M={pattern.m or 1}")
-    if not opts.damp > 0:
-        raise ArgumentError(f"damp {opts.damp!r} must be positive")
-    if opts.batch < 1:
-        raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    for (param, bid), name in ckpt.names.items():
-        if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
-            check_columns(ckpt.tensors[name].shape[1], pattern, name)
-    device = resolve_device(opts.device)
-    windows = None
-    seqlen = opts.seqlen or cfg.default_seqlen
-    if opts.calib is not None:
-        cfg.check_seqlen(seqlen)
-        tokens = load_tokens(opts.calib, model_dir, cfg.vocab_size)
-        windows = calib_windows(tokens, seqlen, opts.nsamples, opts.seed, source=str(opts.calib))
-    elif METHODS[opts.method].needs_data:
-        raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
-    check_out_dir(model_dir, out_dir, opts.overwrite)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous_output(out_dir)
-    args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
-            "calib": None if opts.calib is None else str(opts.calib), "device": str(device)}
-    report = Report(args=args, model={"dir": str(model_dir), "model_type": cfg.model_type,
-                                      "n_layers": cfg.n_layers, "dtype": str(ckpt.dtype).removeprefix("torch.")})
-    writer = ShardWriter(out_dir, cfg.n_layers + 1)
-    block_pruner = BlockPruner(ckpt, opts, sparsity, pattern, device, report)
-
-    with PeakMemory(device) as mem, Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
-        TimeElapsedColumn(), disable=not progress, transient=True,
-    ) as bar:
-        task = bar.add_task("globals", total=cfg.n_layers)
-        t = time.perf_counter()
-        writer.write(0, {name: ckpt.read(name) for name in ckpt.stored_names(None)})  # copied bit for bit
-        report.phases["write"] += time.perf_counter() - t
-
-        x = scratch = pos = None
-        if windows is not None:
-            x = torch.empty(windows.shape[0], seqlen, cfg.hidden_size, device=device)
-            scratch = torch.empty_like(x)
-            embed_windows(ckpt, windows, device, x, opts.batch)
-            pos = positions(cfg, seqlen).to(device, torch.float32)
-
-        for bid in range(cfg.n_layers):
-            bar.update(task, description=f"block {bid}: read")
-            t = time.perf_counter()
-            raw = {name: ckpt.read(name) for name in ckpt.stored_names(bid)}
-            w = {param: raw[name].to(device, torch.float32) for (param, b), name in ckpt.names.items() if b == bid}
-            report.phases["read"] += time.perf_counter() - t
-
-            bar.update(task, description=f"block {bid}: prune")
-            raw.update(block_pruner.run(bid, w, x, scratch, pos))
-
-            if x is not None:
-                assert scratch is not None and pos is not None
-                bar.update(task, description=f"block {bid}: forward")
-                t = time.perf_counter()
-                forward_block(ckpt, w, x, pos, scratch, opts.batch, device=device)
-                x, scratch = scratch, x  # this block's outputs are the next block's inputs
-                report.phases["forward"] += time.perf_counter() - t
-
-            bar.update(task, description=f"block {bid}: write")
-            t = time.perf_counter()
-            writer.write(bid + 1, raw)
-            del raw, w
-            report.phases["write"] += time.perf_counter() - t
-            bar.advance(task)
-
-        copy_side_files(model_dir, out_dir)
-        writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
-
-    pruned = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
-    zeros = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
-    report.total_sparsity = zeros / pruned if pruned else 0.0
-    report.wall_seconds = time.perf_counter() - start
-    report.peak_rss_bytes = max(mem.peak_rss, 0)
-    report.process_peak_rss_bytes = os_peak_rss()
-    report.peak_gpu_bytes = mem.peak_gpu
-    report.save(out_dir)
-    return report
+    job = prepare(Path(model_dir), Path(out_dir), PruneOptions(**options))
+    if isinstance(job, Report):
+        return job
+    return Run(job, progress).execute()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "streamprune_report.json"
-PHASES = ("read", "calibrate", "solve", "forward", "write")
+PHASES = ("read", "replay", "calibrate", "solve", "forward", "write")
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Report:
     process_peak_rss_bytes: int = 0  # the process's lifetime peak as the OS records it (VmHWM)
     peak_gpu_bytes: int = 0
     total_sparsity: float = 0.0  # zeros over all pruned weights
+    read_total_seconds: float = 0.0  # time spent reading blocks, in the read-ahead thread
+    read_hidden_seconds: float = 0.0  # the part of it that overlapped with compute
+    resumed_at_block: int | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,101 @@
+"""Where the calibration hidden states live: on the compute device, in host memory, or on disk.
+
+Each store holds (windows, seqlen, hidden) float32 activations and is read and written in
+batches of windows. The disk store uses positioned reads and writes (no memory map), so its
+contents never count toward the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from streamprune.errors import ArgumentError
+
+PLACEMENTS = ("auto", "device", "cpu", "disk")
+
+
+class Activations:
+    """A (N, T, D) float32 buffer in memory (device or host)."""
+
+    def __init__(self, shape: tuple[int, int, int], where: torch.device, pin: bool = False) -> None:
+        self.shape = shape
+        self.data = torch.empty(shape, device=where, pin_memory=pin and where.type == "cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * 4
+
+    def read(self, i: int, j: int, device: torch.device) -> Tensor:
+        return self.data[i:j].to(device, non_blocking=True)
+
+    def write(self, i: int, j: int, value: Tensor) -> None:
+        self.data[i:j] = value.to(self.data.device)
+
+    def isfinite(self) -> bool:
+        return bool(torch.isfinite(self.data).all())
+
+    def close(self) -> None:
+        self.data = torch.empty(0)
+
+
+class DiskActivations(Activations):
+    """A (N, T, D) float32 buffer in a file, read and written window by window."""
+
+    def __init__(self, shape: tuple[int, int, int], path: Path) -> None:
+        self.shape = shape
+        self.path = path
+        self.row_bytes = shape[1] * shape[2] * 4
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, shape[0] * self.row_bytes)
+
+    def read(self, i: int, j: int, device: torch.device) -> Tensor:
+        buf = np.empty((j - i, *self.shape[1:]), dtype=np.float32)
+        got = os.preadv(self.fd, [memoryview(buf).cast("B")], i * self.row_bytes)
+        assert got == buf.nbytes, f"short read from {self.path}"
+        return torch.from_numpy(buf).to(device)
+
+    def write(self, i: int, j: int, value: Tensor) -> None:
+        arr = value.detach().to("cpu", torch.float32).contiguous().numpy()
+        view = memoryview(arr).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], i * self.row_bytes + done)
+
+    def isfinite(self) -> bool:
+        step = max(1, (64 << 20) // self.row_bytes)
+        return all(bool(torch.isfinite(self.read(i, min(i + step, self.shape[0]), torch.device("cpu"))).all())
+                   for i in range(0, self.shape[0], step))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+def choose_placement(placement: str, nbytes_pair: int, device: torch.device, device_budget: int | None,
+                     host_budget: int) -> str:
+    """Resolve 'auto': the device if both buffers fit its budget, else host memory, else disk."""
+    if placement not in PLACEMENTS:
+        raise ArgumentError(f"offload-activations {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if placement != "auto":
+        return placement
+    if device.type == "cuda" and device_budget is not None and nbytes_pair <= device_budget:
+        return "device"
+    if nbytes_pair <= host_budget:
+        return "cpu" if device.type == "cuda" else "device"
+    return "disk"
+
+
+def make_store(shape: tuple[int, int, int], placement: str, device: torch.device, workdir: Path,
+               name: str) -> Activations:
+    if placement == "disk":
+        return DiskActivations(shape, workdir / f"{name}.f32")
+    if placement == "cpu":
+        return Activations(shape, torch.device("cpu"), pin=device.type == "cuda")
+    return Activations(shape, device)

@@ -1,0 +1,111 @@
+"""Resumable runs: a fingerprint of the job and a per-block journal kept inside OUT_DIR.
+
+The journal lists each shard once it has been written, flushed, renamed into place and checked.
+A rerun of the same job skips those shards; a rerun with a different model, calibration data or
+arguments is refused with what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamprune.checkpoint import Checkpoint, read_header
+
+WORK_DIR = ".streamprune"
+JOURNAL_NAME = "journal.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary name, flush it, rename it over `path`, flush the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(ckpt: Checkpoint) -> str:
+    """Digest of config.json and every shard's name, size and header (not the tensor data)."""
+    h = hashlib.sha256((ckpt.dir / "config.json").read_bytes())
+    for path in sorted({info.path for info in ckpt.tensors.values()}):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(path.name.encode() + path.stat().st_size.to_bytes(8, "little") + f.read(n))
+    return h.hexdigest()
+
+
+def fingerprint(ckpt: Checkpoint, calib: Path | None, args: dict[str, Any]) -> dict[str, Any]:
+    return {"model": model_digest(ckpt), "calib": None if calib is None else file_digest(calib), "args": args}
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    if old.get("model") != new["model"]:
+        diffs.append("the input checkpoint differs")
+    if old.get("calib") != new["calib"]:
+        diffs.append("the calibration data differs")
+    old_args = old.get("args", {})
+    for key in sorted(set(old_args) | set(new["args"])):
+        if old_args.get(key) != new["args"].get(key):
+            diffs.append(f"{key}: {old_args.get(key)!r} before, {new['args'].get(key)!r} now")
+    return "; ".join(diffs)
+
+
+@dataclass
+class Journal:
+    """What a run has finished: shard index -> its file name, size and the layers' report rows."""
+
+    fingerprint: dict[str, Any]
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> Journal | None:
+        path = out_dir / WORK_DIR / JOURNAL_NAME
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()})
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: treated as no journal
+
+    def save(self, out_dir: Path) -> None:
+        (out_dir / WORK_DIR).mkdir(exist_ok=True)
+        text = json.dumps({"fingerprint": self.fingerprint, "done": self.done}, indent=1)
+        write_atomic(out_dir / WORK_DIR / JOURNAL_NAME, text)
+
+    def verified(self, out_dir: Path) -> Journal:
+        """Keep only the entries whose shard is present with the recorded size and a sound header."""
+        kept = {}
+        for idx, entry in self.done.items():
+            path = out_dir / entry["shard"]
+            try:
+                ok = path.stat().st_size == entry["bytes"] and set(read_header(path)) == set(entry["tensors"])
+            except Exception:  # noqa: BLE001 - any damage means: redo this shard
+                ok = False
+            if ok:
+                kept[idx] = entry
+        return Journal(self.fingerprint, kept)
