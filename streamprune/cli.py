@@ -47,6 +47,7 @@ def eval_cmd(
     nsamples: Annotated[Optional[int], typer.Option(help="Use at most this many windows.")] = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    follow_symlinks: Annotated[bool, typer.Option(help="Accept shards that are symlinks to files outside MODEL_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
@@ -54,13 +55,28 @@ def eval_cmd(
 
     _setup_logging(verbose)
     try:
-        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True)
+        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True,
+                          follow_symlinks=follow_symlinks)
     except StreamPruneError as e:
         _fail(e)
     print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
           f"{result.seconds:.1f}s)")
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+class OffloadChoice(str, Enum):
+    auto = "auto"
+    device = "device"
+    cpu = "cpu"
+    disk = "disk"
+
+
+def parse_size(text: str | None) -> int | None:
+    """'24GiB', '20GB', '512MiB' or a plain byte count."""
+    from streamprune.memory import parse_size as parse
+
+    return None if text is None else parse(text)
 
 
 class MethodChoice(str, Enum):
@@ -85,10 +101,14 @@ def run_cmd(
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
     damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR.")] = False,
+    offload_activations: Annotated[OffloadChoice, typer.Option(help="Where calibration activations live: on the device when they fit, else host memory, else a temporary file in OUT_DIR.")] = OffloadChoice.auto,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB or 20GB.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
+    restart: Annotated[bool, typer.Option(help="Start over even if OUT_DIR holds an unfinished run with other arguments.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option(help="Accept shards that are symlinks to files outside MODEL_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Prune MODEL_DIR into OUT_DIR, one decoder block at a time."""
+    """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
     from streamprune.pipeline import prune
     from streamprune.report import REPORT_NAME, summary_table
 
@@ -96,7 +116,9 @@ def run_cmd(
     try:
         report = prune(model_dir, out_dir, progress=True, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
-                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, overwrite=overwrite)
+                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch,
+                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
+                       overwrite=overwrite, restart=restart, follow_symlinks=follow_symlinks)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))

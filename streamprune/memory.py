@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import threading
 
@@ -9,6 +10,21 @@ import psutil
 import torch
 
 from streamprune.errors import ArgumentError
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A memory size such as '24GiB', '20GB', '512MiB' or a plain byte count, in bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].upper() not in UNITS:
+        raise ArgumentError(f"memory size {text!r} is not a number with an optional unit (GB, GiB, MB, MiB, ...)")
+    value = float(match[1]) * UNITS[match[2].upper()]
+    if value <= 0:
+        raise ArgumentError(f"memory size {text!r} must be positive")
+    return int(value)
 
 
 def resolve_device(device: str) -> torch.device:

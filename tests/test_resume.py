@@ -1,0 +1,200 @@
+"""Crash safety: resumed runs give byte-identical output; interrupted output never looks complete."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import streamprune
+from streamprune import checkpoint
+from streamprune.cli import app
+from streamprune.errors import StreamPruneError
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = dict(calib=None, nsamples=8, seqlen=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    calib = base / "calib.txt"
+    calib.write_text(tiny.sample_text(15000))
+    src = tiny.build(base / "model", "llama")
+    ref = base / "ref"
+    streamprune.prune(src, ref, calib=calib, nsamples=8, seqlen=64)
+    return src, calib, ref
+
+
+def checkpoint_files(out: Path) -> dict[str, bytes]:
+    """Every file of the output checkpoint except the report (which holds timings)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.is_file() and p.name != "streamprune_report.json"}
+
+
+def fail_writes_after(monkeypatch, n: int) -> None:
+    real = checkpoint.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
+
+
+@pytest.mark.parametrize("fail_after", [0, 1, 3])
+def test_write_error_is_clear_and_resumable(tmp_path, monkeypatch, setup, fail_after):
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    fail_writes_after(monkeypatch, fail_after)
+    with pytest.raises(StreamPruneError, match="No space left on device.*resumable"):
+        streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    assert not (out / "model.safetensors.index.json").exists()  # nothing that loads as complete
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    report = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    assert report.resumed_at_block == max(0, fail_after - 1)
+    assert checkpoint_files(out) == checkpoint_files(ref)
+    assert not (out / ".streamprune").exists()
+
+
+def test_write_error_through_cli_exits_2(tmp_path, monkeypatch, setup):
+    src, calib, _ = setup
+    fail_writes_after(monkeypatch, 2)
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), "--calib", str(calib),
+                                      "--nsamples", "8", "--seqlen", "64"])
+    assert result.exit_code == 2 and "No space left on device" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_changed_arguments_are_refused_unless_restart(tmp_path, monkeypatch, setup):
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    fail_writes_after(monkeypatch, 2)
+    with pytest.raises(StreamPruneError):
+        streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    monkeypatch.undo()
+    with pytest.raises(StreamPruneError, match=r"different run \(sparsity: 0.5 before, 0.6 now\)"):
+        streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64, sparsity=0.6)
+    other = tmp_path / "other.txt"
+    other.write_text(tiny.sample_text(16000))
+    with pytest.raises(StreamPruneError, match="calibration data differs"):
+        streamprune.prune(src, out, calib=other, nsamples=8, seqlen=64)
+    report = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64, sparsity=0.6, restart=True)
+    assert report.resumed_at_block is None and report.args["sparsity"] == 0.6
+
+
+def test_finished_run_is_not_redone(tmp_path, setup):
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    first = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    assert again.wall_seconds == first.wall_seconds
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+
+
+def test_input_is_never_touched(tmp_path, setup):
+    src, calib, _ = setup
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()}
+    streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=8, seqlen=64, method="wanda")
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()} == before
+
+
+def test_symlinked_out_dir_inside_model_dir_is_refused(tmp_path, setup):
+    src, calib, _ = setup
+    link = tmp_path / "sneaky"
+    link.symlink_to(src)
+    with pytest.raises(StreamPruneError, match="inside MODEL_DIR"):
+        streamprune.prune(src, link / "out", calib=calib, nsamples=8, seqlen=64)
+
+
+def test_not_enough_disk_space(tmp_path, monkeypatch, setup):
+    import shutil
+    from collections import namedtuple
+
+    src, calib, _ = setup
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(StreamPruneError, match=r"needs .* GiB .* but 0.00 GiB are free"):
+        streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=8, seqlen=64, offload_activations="disk")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weight_is_named(tmp_path, setup):
+    src, calib, _ = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in src.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamPruneError, match=r"model.layers.1.mlp.up_proj.weight \(block 1\) contains NaN"):
+        streamprune.prune(bad, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
+
+
+def test_infinite_activations_are_named(tmp_path, setup):
+    src, calib, _ = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in src.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.post_attention_layernorm.weight"].fill_(3e38)  # finite, but overflows downstream
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamPruneError, match=r"block 0: calibration activations entering .*gate_proj"):
+        streamprune.prune(bad, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
+
+
+def test_disk_activations_give_the_same_output(tmp_path, setup):
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64, offload_activations="disk")
+    assert report.args["offload_activations"] == "disk"
+    assert checkpoint_files(out) == checkpoint_files(ref)
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path):
+    """Kill a run with SIGKILL at random moments, resume each time; the result equals an uninterrupted run."""
+    model = tiny.build(tmp_path / "model", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.sample_text(40000))
+    cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib),
+           "--nsamples", "48", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32"]
+    ref = tmp_path / "ref"
+    start = time.perf_counter()
+    subprocess.run([c if c != "OUT" else str(ref) for c in cmd], check=True, capture_output=True, cwd=ROOT)
+    duration = time.perf_counter() - start
+    out = tmp_path / "out"
+    run_cmd = [c if c != "OUT" else str(out) for c in cmd]
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(run_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        time.sleep(rng.uniform(0.3, duration))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if not (out / "streamprune_report.json").exists():  # killed before the end: must not look complete
+            assert not (out / "model.safetensors.index.json").exists()
+    subprocess.run(run_cmd, check=True, capture_output=True, cwd=ROOT)
+    assert kills >= 2
+    assert checkpoint_files(out) == checkpoint_files(ref)
+    torch.testing.assert_close(load_file(out / "model-00002-of-00004.safetensors"),
+                               load_file(ref / "model-00002-of-00004.safetensors"))
