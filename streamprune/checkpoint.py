@@ -14,12 +14,12 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, resolve
@@ -321,6 +321,37 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> None:
+    """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
+    so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape, _) in sorted(tensors.items()):
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, (dtype, shape, load) in sorted(tensors.items()):
+            t = load()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()))
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def eager(tensors: dict[str, Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]:
+    """Entries for `write_safetensors` from tensors already in memory."""
+    return {name: (t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in tensors.items()}
+
+
 class ShardWriter:
     """Writes an output checkpoint shard by shard; `finish` writes the index from the shards' headers."""
 
@@ -331,16 +362,14 @@ class ShardWriter:
     def shard_name(self, idx: int) -> str:
         return f"model-{idx + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
-    def write(self, idx: int, tensors: dict[str, Tensor]) -> Path:
-        """Write shard `idx` under a temporary name, flush it, rename it into place and check its header."""
+    def write(self, idx: int, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> Path:
+        """Write shard `idx` (entries as for `write_safetensors`) under a temporary name, flush it,
+        rename it into place and check its header."""
         name = self.shard_name(idx)
         final = self.dir / name
         tmp = self.dir / (name + ".tmp")
         try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}, str(tmp),
-                      metadata={"format": "pt"})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            write_safetensors(tmp, tensors)
             os.replace(tmp, final)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from streamprune.activations import Activations, choose_placement, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows, load_tokens
-from streamprune.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, ShardWriter, copy_side_files, read_header, read_tensor
+from streamprune.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, ShardWriter, copy_side_files, eager, read_header, read_tensor
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
 from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
@@ -310,10 +310,11 @@ class Run:
         for idx in sorted(self.journal.done):
             self.report.layers += [LayerReport(**lr) for lr in self.journal.done[idx]["layers"]]
 
-    def commit(self, idx: int, tensors: Raw, layers: list[LayerReport]) -> None:
-        """Write one shard, then record it in the journal."""
+    def commit(self, idx: int, tensors: Raw | dict[str, Any], layers: list[LayerReport]) -> None:
+        """Write one shard (tensors, or lazy entries for `write_safetensors`), then record it in the journal."""
         start = time.perf_counter()
-        path = self.writer.write(idx, tensors)
+        entries = eager(tensors) if all(isinstance(t, Tensor) for t in tensors.values()) else tensors
+        path = self.writer.write(idx, entries)
         self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(tensors),
                                   "layers": [asdict(lr) for lr in layers]}
         self.journal.save(self.job.out_dir)
@@ -334,7 +335,9 @@ class Run:
             clear_previous_output(out)
         self.journal.save(out)
         if 0 not in self.journal.done:
-            self.commit(0, {n: self.ckpt.read(n) for n in self.ckpt.stored_names(None)}, [])  # bit for bit
+            lazy = {n: (info.torch_dtype, info.shape, (lambda info=info: read_tensor(info)))
+                    for n in self.ckpt.stored_names(None) for info in [self.ckpt.tensors[n]]}
+            self.commit(0, lazy, [])  # copied bit for bit, one tensor in memory at a time
         first = self.first_unfinished()
         for idx in [i for i in self.journal.done if i > first]:  # redo everything after the first gap
             del self.journal.done[idx]

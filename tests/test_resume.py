@@ -44,16 +44,16 @@ def checkpoint_files(out: Path) -> dict[str, bytes]:
 
 
 def fail_writes_after(monkeypatch, n: int) -> None:
-    real = checkpoint.save_file
+    real = checkpoint.write_safetensors
     calls = {"n": 0}
 
-    def flaky(tensors, path, metadata=None):
+    def flaky(path, tensors):
         calls["n"] += 1
         if calls["n"] > n:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(tensors, path, metadata=metadata)
+        real(path, tensors)
 
-    monkeypatch.setattr(checkpoint, "save_file", flaky)
+    monkeypatch.setattr(checkpoint, "write_safetensors", flaky)
 
 
 @pytest.mark.parametrize("fail_after", [0, 1, 3])
