@@ -83,13 +83,13 @@ def choose_placement(placement: str, nbytes_pair: int, device: torch.device, dev
     """Resolve 'auto': the device if both buffers fit its budget, else host memory, else disk."""
     if placement not in PLACEMENTS:
         raise ArgumentError(f"offload-activations {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if placement == "device" and device.type == "cpu":
+        return "cpu"  # the compute device is host memory
     if placement != "auto":
         return placement
     if device.type == "cuda" and device_budget is not None and nbytes_pair <= device_budget:
         return "device"
-    if nbytes_pair <= host_budget:
-        return "cpu" if device.type == "cuda" else "device"
-    return "disk"
+    return "cpu" if nbytes_pair <= host_budget else "disk"
 
 
 def make_store(shape: tuple[int, int, int], placement: str, device: torch.device, workdir: Path,

@@ -125,6 +125,42 @@ def run_cmd(
     print(f"wrote {out_dir} (report: {out_dir / REPORT_NAME})")
 
 
+@app.command("plan")
+def plan_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory.")],
+    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
+    device: Annotated[DeviceChoice, typer.Option(help="Where the run would compute.")] = DeviceChoice.auto,
+    offload_activations: Annotated[OffloadChoice, typer.Option(help="Activation placement, as for run.")] = OffloadChoice.auto,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB.")] = None,
+    method: Annotated[MethodChoice, typer.Option(help="Pruning method.")] = MethodChoice.sparsegpt,
+    batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
+) -> None:
+    """Predict the peak host and GPU memory of `streamprune run` without running anything."""
+    from rich.table import Table
+
+    from streamprune.plan import plan
+
+    try:
+        result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
+                      offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
+                      method=method.value, batch=batch)
+    except StreamPruneError as e:
+        _fail(e)
+    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")
+    table.add_column("consumer")
+    table.add_column("MiB", justify="right")
+    table.add_column("where")
+    for what, nbytes, where in result.consumers:
+        table.add_row(what, f"{nbytes / 2**20:,.1f}", where)
+    table.caption = (f"predicted peak: host {result.host_peak / 2**20:,.0f} MiB, "
+                     f"GPU {result.device_peak / 2**20:,.0f} MiB")
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
 def main() -> None:
     try:
         app()

@@ -367,6 +367,9 @@ class Run:
                 report.read_total_seconds += read_seconds
                 ahead = pool.submit(read_block, self.ckpt, bid + 1) if bid + 1 < cfg.n_layers else None
                 w = working_copy(self.ckpt, bid, raw, job.device)
+                for (role, kind), b in list(self.ckpt.names):  # pruned weights get written anew: drop them
+                    if b == bid and kind == "weight" and role in PRUNABLE:
+                        del raw[self.ckpt.names[((role, kind), b)]]
 
                 bar.update(task, description=f"block {bid}: prune")
                 n_before = len(report.layers)
