@@ -184,6 +184,9 @@ def scan_tensors(model_dir: Path, follow_symlinks: bool = False) -> dict[str, Te
             assert isinstance(weight_map, dict)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
             raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from e
+        bad = [s for s in weight_map.values() if not isinstance(s, str) or Path(s).name != s or s == ".."]
+        if bad:
+            raise CheckpointError(f"{index_path}: shard {bad[0]!r} is not a file name inside the model directory")
         shard_names = sorted(set(weight_map.values()))
     else:
         weight_map = {}
@@ -192,7 +195,8 @@ def scan_tensors(model_dir: Path, follow_symlinks: bool = False) -> dict[str, Te
             raise CheckpointError(f"{model_dir}: no {SINGLE_NAME}, no {INDEX_NAME} and no *.safetensors file")
     missing = [s for s in shard_names if not (model_dir / s).exists()]
     if missing:
-        raise CheckpointError(f"{index_path}: names shard files that do not exist: {', '.join(missing)}")
+        where = f"{index_path}: names shard files" if weight_map else f"{model_dir}: holds broken symlinks to shard files"
+        raise CheckpointError(f"{where} that do not exist: {', '.join(missing)}")
     tensors: dict[str, TensorInfo] = {}
     for shard in shard_names:
         for name, info in read_header(_resolve_inside(model_dir, shard, follow_symlinks)).items():

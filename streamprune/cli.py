@@ -106,6 +106,7 @@ def run_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
     restart: Annotated[bool, typer.Option(help="Start over even if OUT_DIR holds an unfinished run with other arguments.")] = False,
     follow_symlinks: Annotated[bool, typer.Option(help="Accept shards that are symlinks to files outside MODEL_DIR.")] = False,
+    profile_memory: Annotated[bool, typer.Option(help="Sample RSS and GPU memory into OUT_DIR/streamprune_memory.csv.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -118,7 +119,8 @@ def run_cmd(
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                       overwrite=overwrite, restart=restart, follow_symlinks=follow_symlinks)
+                       overwrite=overwrite, restart=restart, follow_symlinks=follow_symlinks,
+                       profile_memory=profile_memory)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import ctypes
+import functools
 import re
 import resource
+import sys
 import threading
+import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -40,9 +46,53 @@ def resolve_device(device: str) -> torch.device:
     raise ArgumentError(f"device {device!r} is not one of auto, cpu, cuda")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def allocate_large_buffers_with_mmap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation above `threshold` with its own mapping, returned to the OS when freed.
+
+    glibc otherwise raises this threshold each time a large block is freed, after which blocks of
+    that size come from heaps that fragment and seldom shrink: RSS then creeps up block after block
+    and spikes unpredictably. Process-wide; called once at the start of a run.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up block by block)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def os_peak_rss() -> int:
-    """The process's lifetime peak resident set size in bytes (VmHWM, file-backed pages included)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size in bytes as the OS records it (file-backed pages included).
+
+    Linux's VmHWM belongs to the address space, which starts afresh at exec; getrusage's ru_maxrss
+    would also carry the parent's RSS at fork time, so it is only the fallback elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 class PeakMemory:
@@ -52,18 +102,34 @@ class PeakMemory:
     (`os_peak_rss`) predates it, as in a long-lived Python session.
     """
 
-    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+    def __init__(self, device: torch.device, interval: float = 0.05, record: bool = False) -> None:
         self.device = device
         self.interval = interval
+        self.record = record
+        self.phase = "start"  # set by the caller; recorded with each sample
+        self.samples: list[tuple[float, int, int, str]] = []  # (seconds, rss, gpu allocated, phase)
         self.peak_rss = 0
+        self.peak_phase = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._proc = psutil.Process()
 
     def _sample(self) -> None:
+        start = time.perf_counter()
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+            rss = self._proc.memory_info().rss
+            if rss > self.peak_rss:
+                self.peak_rss, self.peak_phase = rss, self.phase
+            if self.record:
+                gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+                self.samples.append((time.perf_counter() - start, rss, gpu, self.phase))
             self._stop.wait(self.interval)
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["seconds", "rss_bytes", "gpu_allocated_bytes", "phase"])
+            out.writerows((f"{t:.3f}", rss, gpu, phase) for t, rss, gpu, phase in self.samples)
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":

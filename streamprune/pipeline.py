@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,20 @@ from streamprune.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, Shar
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
 from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
-from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
+from streamprune.memory import (
+    PeakMemory,
+    allocate_large_buffers_with_mmap,
+    os_peak_rss,
+    release_freed_memory,
+    resolve_device,
+)
 from streamprune.pruners import METHODS, Pattern, Pruner, make_pruner, resolve_sparsity
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
 
 logger = logging.getLogger(__name__)
 
+MEMORY_CSV = "streamprune_memory.csv"
 Raw = dict[str, Tensor]  # stored tensors of one shard, by checkpoint name, in their stored dtype
 
 
@@ -61,6 +69,7 @@ class PruneOptions:
     overwrite: bool = False
     restart: bool = False
     follow_symlinks: bool = False
+    profile_memory: bool = False
 
 
 # Options that change what is written; a resumed run must agree on all of them.
@@ -121,7 +130,7 @@ def check_disk_space(ckpt: Checkpoint, out_dir: Path, journal: Journal | None, a
 def clear_previous_output(out_dir: Path) -> None:
     """Remove a previous run's checkpoint and work files (only those), so nothing stale survives."""
     for path in out_dir.iterdir():
-        if path.is_file() and (path.suffix in (".safetensors", ".tmp") or path.name in (INDEX_NAME, REPORT_NAME)):
+        if path.is_file() and (path.suffix in (".safetensors", ".tmp") or path.name in (INDEX_NAME, REPORT_NAME, MEMORY_CSV)):
             path.unlink()
     shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
 
@@ -329,6 +338,7 @@ class Run:
     def execute(self) -> Report:
         job, cfg, report = self.job, self.cfg, self.report
         start = time.perf_counter()
+        allocate_large_buffers_with_mmap()
         out = job.out_dir
         if job.journal is None:
             out.mkdir(parents=True, exist_ok=True)
@@ -344,22 +354,28 @@ class Run:
         report.layers = [lr for lr in report.layers if lr.block < first]
         report.resumed_at_block = first if job.journal else None
 
-        with PeakMemory(job.device) as mem, Progress(
+        with PeakMemory(job.device, record=job.opts.profile_memory) as mem, Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
             TimeElapsedColumn(), disable=not self.progress, transient=True,
         ) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
             task = bar.add_task("calibration inputs", total=cfg.n_layers, completed=first)
+
+            def phase(text: str) -> None:
+                mem.phase = text
+                bar.update(task, description=text)
+
+            phase("embed")
             x = scratch = pos = None
             if job.windows is not None:
                 shape = (job.windows.shape[0], job.seqlen, cfg.hidden_size)
                 x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
                 embed_windows(self.ckpt, job.windows, job.device, x, job.opts.batch)
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
-                x, scratch = self.rebuild_inputs(first, x, scratch, pos, bar, task)
+                x, scratch = self.rebuild_inputs(first, x, scratch, pos, phase)
             block_pruner = BlockPruner(job, report)
             ahead: Future | None = pool.submit(read_block, self.ckpt, first) if first < cfg.n_layers else None
             for bid in range(first, cfg.n_layers):
-                bar.update(task, description=f"block {bid}: read")
+                phase(f"block {bid}: read")
                 t = time.perf_counter()
                 assert ahead is not None
                 raw, read_seconds = ahead.result()
@@ -371,23 +387,25 @@ class Run:
                     if b == bid and kind == "weight" and role in PRUNABLE:
                         del raw[self.ckpt.names[((role, kind), b)]]
 
-                bar.update(task, description=f"block {bid}: prune")
+                phase(f"block {bid}: prune")
                 n_before = len(report.layers)
                 raw.update(block_pruner.run(bid, w, x, pos))
                 if x is not None:
                     assert scratch is not None and pos is not None
-                    bar.update(task, description=f"block {bid}: forward")
+                    phase(f"block {bid}: forward")
                     t = time.perf_counter()
                     forward_block(self.ckpt, w, x, pos, scratch, job.opts.batch, job.device)
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
                     report.phases["forward"] += time.perf_counter() - t
-                bar.update(task, description=f"block {bid}: write")
+                phase(f"block {bid}: write")
                 self.commit(bid + 1, raw, report.layers[n_before:])
                 del raw, w
+                release_freed_memory()
                 bar.advance(task)
             for store in (x, scratch):
                 if store is not None:
                     store.close()
+            phase("finish")
             copy_side_files(self.ckpt.dir, out)
             self.writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
 
@@ -399,16 +417,22 @@ class Run:
         report.peak_rss_bytes = mem.peak_rss
         report.process_peak_rss_bytes = os_peak_rss()
         report.peak_gpu_bytes = mem.peak_gpu
+        report.peak_rss_phase = mem.peak_phase
+        if job.opts.profile_memory:
+            mem.write_csv(out / MEMORY_CSV)
+            report.memory_profile = {"csv": MEMORY_CSV, "samples": len(mem.samples), "interval_seconds": mem.interval,
+                                     "peak_rss_bytes": mem.peak_rss, "peak_rss_phase": mem.peak_phase,
+                                     "peak_gpu_bytes": mem.peak_gpu}
         report.save(out)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return report
 
     def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: Positions,
-                       bar: Progress, task: Any) -> tuple[Activations, Activations]:
+                       phase: Callable[[str], None]) -> tuple[Activations, Activations]:
         """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
         start = time.perf_counter()
         for bid in range(first):
-            bar.update(task, description=f"block {bid}: replay")
+            phase(f"block {bid}: replay")
             infos = read_header(self.job.out_dir / self.journal.done[bid + 1]["shard"])
             raw = {name: read_tensor(infos[name]) for name in self.ckpt.stored_names(bid)}
             forward_block(self.ckpt, working_copy(self.ckpt, bid, raw, self.job.device), x, pos, scratch,
@@ -440,6 +464,7 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             overwrite: replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.
             restart: start over even if OUT_DIR holds an unfinished run with other arguments.
             follow_symlinks: accept shards that are symlinks to outside the model directory.
+            profile_memory: sample RSS and GPU memory during the run into OUT_DIR/streamprune_memory.csv.
 
     Returns:
         The run report, also saved as OUT_DIR/streamprune_report.json.

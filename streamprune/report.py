@@ -38,6 +38,8 @@ class Report:
     read_total_seconds: float = 0.0  # time spent reading blocks, in the read-ahead thread
     read_hidden_seconds: float = 0.0  # the part of it that overlapped with compute
     resumed_at_block: int | None = None
+    peak_rss_phase: str = ""  # what the run was doing when the sampled RSS peaked
+    memory_profile: dict[str, Any] | None = None  # with --profile-memory: the CSV timeline and its summary
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

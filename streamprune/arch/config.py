@@ -64,10 +64,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
                 raise CheckpointError(f"config.json: {name}={value!r} is not an integer in 1..{bound}")
-        if self.max_positions is not None and not 0 < self.max_positions <= MAX_POSITIONS:
-            raise CheckpointError(
-                f"config.json: max_position_embeddings={self.max_positions!r} is not in 1..{MAX_POSITIONS}"
-            )
+        for name, value in (("max_position_embeddings", self.max_positions), ("sliding_window", self.sliding_window)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 < value <= MAX_POSITIONS):
+                raise CheckpointError(f"config.json: {name}={value!r} is not an integer in 1..{MAX_POSITIONS}")
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.head_dim == 0:
@@ -119,7 +119,10 @@ def get_int(raw: dict[str, Any], *keys: str, default: int | None = None) -> int:
     """First present key among `keys` in config.json, or `default`; absent and no default is an error."""
     for key in keys:
         if key in raw and raw[key] is not None:
-            return raw[key]
+            value = raw[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CheckpointError(f"config.json: {key}={value!r} is not an integer")
+            return value
     if default is None:
         raise CheckpointError(f"config.json has none of {', '.join(map(repr, keys))}")
     return default

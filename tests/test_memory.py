@@ -1,0 +1,128 @@
+"""Activation placement, the memory planner and the memory profile."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import streamprune
+from streamprune.activations import choose_placement
+from streamprune.errors import ArgumentError
+from streamprune.memory import parse_size
+from streamprune.plan import HOST_OVERHEAD, plan
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+GiB = 2**30
+
+
+@pytest.mark.parametrize("want,pair,device,dev_budget,host_budget,expected", [
+    ("auto", 1 * GiB, GPU, 10 * GiB, 50 * GiB, "device"),
+    ("auto", 20 * GiB, GPU, 10 * GiB, 50 * GiB, "cpu"),
+    ("auto", 80 * GiB, GPU, 10 * GiB, 50 * GiB, "disk"),
+    ("auto", 1 * GiB, CPU, None, 50 * GiB, "cpu"),
+    ("auto", 80 * GiB, CPU, None, 50 * GiB, "disk"),
+    ("device", 1 * GiB, CPU, None, 50 * GiB, "cpu"),
+    ("disk", 1, GPU, 10 * GiB, 50 * GiB, "disk"),
+    ("cpu", 80 * GiB, GPU, 10 * GiB, 50 * GiB, "cpu"),
+])
+def test_placement_decisions(want, pair, device, dev_budget, host_budget, expected):
+    assert choose_placement(want, pair, device, dev_budget, host_budget) == expected
+
+
+def test_unknown_placement_is_refused():
+    with pytest.raises(ArgumentError, match="'ram'"):
+        choose_placement("ram", 1, CPU, None, 1)
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * GiB), ("20GB", 20 * 10**9), ("512 MiB", 512 * 2**20),
+                                        ("1000", 1000), ("1.5GiB", int(1.5 * GiB))])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "12XB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ArgumentError):
+        parse_size(text)
+
+
+def test_plan_accounts_activations_where_they_are_placed(tmp_path):
+    src = tiny.build(tmp_path / "m", "llama")
+    host = plan(src, nsamples=64, seqlen=128, device="cpu", offload_activations="cpu")
+    disk = plan(src, nsamples=64, seqlen=128, device="cpu", offload_activations="disk")
+    pair = 2 * 64 * 128 * 64 * 4
+    assert host.placement == "cpu" and disk.placement == "disk"
+    assert host.host_peak - disk.host_peak == pair
+    assert dict((w, (b, p)) for w, b, p in disk.consumers)[
+        "calibration activations (input and output buffers)"] == (pair, "disk")
+    assert host.host_peak >= HOST_OVERHEAD and host.device_peak == 0
+    sgpt, wanda = plan(src, method="sparsegpt", seqlen=128), plan(src, method="wanda", seqlen=128)
+    assert sgpt.host_peak > wanda.host_peak  # SparseGPT's inverse Hessian factors
+
+
+def wide_model(tmp_path: Path) -> Path:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=8, max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path / "wide"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def run_peak(model: Path, out: Path, calib: Path, placement: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), str(out), "--method", "magnitude",
+           "--calib", str(calib), "--nsamples", "384", "--seqlen", "128", "--device", "cpu",
+           "--offload-activations", placement, "--profile-memory"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    return json.loads((out / "streamprune_report.json").read_text())
+
+
+def test_disk_activations_stay_out_of_rss_and_profile_is_written(tmp_path):
+    model = wide_model(tmp_path)
+    calib = tmp_path / "ids.npy"
+    np.save(calib, np.random.default_rng(0).integers(0, tiny.VOCAB, 384 * 128 + 1))
+    pair = 2 * 384 * 128 * 512 * 4  # 200 MB of activations
+    host = run_peak(model, tmp_path / "host", calib, "cpu")
+    disk = run_peak(model, tmp_path / "disk", calib, "disk")
+    saved = host["process_peak_rss_bytes"] - disk["process_peak_rss_bytes"]
+    assert saved > 0.75 * pair, (host["process_peak_rss_bytes"], disk["process_peak_rss_bytes"])
+    assert not (tmp_path / "disk" / ".streamprune").exists()  # temporary activation files removed
+    with open(tmp_path / "disk" / "streamprune_memory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"seconds", "rss_bytes", "gpu_allocated_bytes", "phase"} <= set(rows[0])
+    assert disk["memory_profile"]["samples"] == len(rows)
+    for report in (host, disk):  # the plan's prediction is within 25% of the measured peak
+        predicted = plan(model, nsamples=384, seqlen=128, device="cpu", method="magnitude",
+                         offload_activations=report["args"]["offload_activations"]).host_peak
+        assert abs(predicted / report["process_peak_rss_bytes"] - 1) < 0.25, (predicted, report["process_peak_rss_bytes"])
+
+
+def test_peak_rss_does_not_grow_with_depth(tmp_path):
+    """Same block shape at 2 and 8 blocks: the deeper model's peak stays within a few MB."""
+    import transformers
+
+    calib = tmp_path / "ids.npy"
+    np.save(calib, np.random.default_rng(0).integers(0, tiny.VOCAB, 16 * 128 + 1))
+    peaks = []
+    for depth in (2, 8):
+        cfg = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=512, intermediate_size=2048,
+                                       num_hidden_layers=depth, num_attention_heads=8, max_position_embeddings=128)
+        path = tmp_path / f"d{depth}"
+        transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+        cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(path), str(tmp_path / f"o{depth}"), "--method", "wanda",
+               "--calib", str(calib), "--nsamples", "16", "--seqlen", "128", "--device", "cpu", "--profile-memory"]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        peaks.append(json.loads((tmp_path / f"o{depth}" / "streamprune_report.json").read_text())["process_peak_rss_bytes"])
+    block_bytes = (4 * 512 * 512 + 3 * 512 * 2048) * 4
+    assert peaks[1] - peaks[0] < block_bytes, peaks  # 6 more blocks add less than one block's weights
