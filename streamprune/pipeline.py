@@ -94,6 +94,12 @@ class Job:
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
 
+    def clock(self) -> float:
+        """Seconds, after waiting for queued device work, so phase timings hold on CUDA too."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
 
 def check_out_dir(model_dir: Path, out_dir: Path) -> None:
     """Refuse an output inside the input, or an unwritable one."""
@@ -256,11 +262,15 @@ class BlockPruner:
     def calibrate(self, bid: int, w: dict[Param, Tensor], x: Activations, pos: Positions,
                   pruners: dict[Site, Pruner], roles: dict[Site, list[Role]]) -> None:
         """One forward over the calibration windows, feeding each watched site's input to its pruner."""
-        start = time.perf_counter()
+        clock = self.job.clock
+        start, hessian = clock(), 0.0
 
         def tap(site: Site, a: Tensor) -> None:
+            nonlocal hessian
             if site in pruners:
+                t = clock()
                 pruners[site].add_batch(a)
+                hessian += clock() - t
 
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
         forward_block(self.ckpt, w, x, pos, None, self.opts.batch, self.device, tap=tap, until=last)
@@ -268,24 +278,27 @@ class BlockPruner:
             if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx).all()):
                 names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
                 raise DataError(f"block {bid}: calibration activations entering {names} contain NaN or Inf")
-        self.report.phases["calibrate"] += time.perf_counter() - start
+        self.report.add("hessian", hessian, bid)
+        self.report.add("calibrate", clock() - start - hessian, bid)
 
     def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role], saved: Raw) -> None:
+        clock = self.job.clock
         for role in roles:
-            start = time.perf_counter()
+            start = clock()
             name = self.ckpt.names[((role, "weight"), bid)]
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
             stored = result.weight.to(self.ckpt.tensors[name].torch_dtype)  # exactly what is written
             pruned = stored.to(self.device, torch.float32)  # and what later sites and blocks see
+            solved = clock()
             err = pruner.reconstruction_error(dense, pruned)
             w[(role, "weight")] = pruned
             saved[name] = stored.cpu()
-            seconds = time.perf_counter() - start
-            self.report.phases["solve"] += seconds
+            self.report.add("solve", solved - start, bid)
+            self.report.add("error", clock() - solved, bid)
             self.report.layers.append(LayerReport(
                 block=bid, role=role.value, name=name, shape=list(stored.shape),
-                sparsity=float((stored == 0).sum()) / stored.numel(), rel_error=err, seconds=seconds,
+                sparsity=float((stored == 0).sum()) / stored.numel(), rel_error=err, seconds=clock() - start,
                 damp=result.info.get("damp"), damp_retries=int(result.info.get("damp_retries", 0))))
         pruner.free()
 
@@ -327,7 +340,7 @@ class Run:
         self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(tensors),
                                   "layers": [asdict(lr) for lr in layers]}
         self.journal.save(self.job.out_dir)
-        self.report.phases["write"] += time.perf_counter() - start
+        self.report.add("write", time.perf_counter() - start, None if idx == 0 else idx - 1)
 
     def first_unfinished(self) -> int:
         bid = 0
@@ -379,7 +392,7 @@ class Run:
                 t = time.perf_counter()
                 assert ahead is not None
                 raw, read_seconds = ahead.result()
-                report.phases["read"] += time.perf_counter() - t  # the part of reading not hidden
+                report.add("read", time.perf_counter() - t, bid)  # the part of reading not hidden
                 report.read_total_seconds += read_seconds
                 ahead = pool.submit(read_block, self.ckpt, bid + 1) if bid + 1 < cfg.n_layers else None
                 w = working_copy(self.ckpt, bid, raw, job.device)
@@ -393,10 +406,10 @@ class Run:
                 if x is not None:
                     assert scratch is not None and pos is not None
                     phase(f"block {bid}: forward")
-                    t = time.perf_counter()
+                    t = job.clock()
                     forward_block(self.ckpt, w, x, pos, scratch, job.opts.batch, job.device)
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
-                    report.phases["forward"] += time.perf_counter() - t
+                    report.add("forward", job.clock() - t, bid)
                 phase(f"block {bid}: write")
                 self.commit(bid + 1, raw, report.layers[n_before:])
                 del raw, w
@@ -438,7 +451,7 @@ class Run:
             forward_block(self.ckpt, working_copy(self.ckpt, bid, raw, self.job.device), x, pos, scratch,
                           self.job.opts.batch, self.job.device)
             x, scratch = scratch, x
-        self.report.phases["replay"] += time.perf_counter() - start
+        self.report.add("replay", time.perf_counter() - start)
         return x, scratch
 
 

@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "streamprune_report.json"
-PHASES = ("read", "replay", "calibrate", "solve", "forward", "write")
+# read: waiting for a block's tensors (what the read-ahead did not hide); replay: rebuilding the inputs of
+# a resumed run; calibrate: forward passes up to the sites being pruned; hessian: accumulating X^T X;
+# solve: choosing masks and updating weights; error: the reconstruction error of the report;
+# forward: the pruned block's outputs for the next block; write: shards and journal.
+PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "write")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Report:
     model: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    block_phases: dict[str, dict[str, float]] = field(default_factory=dict)  # per block index
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0  # sampled during the run (psutil RSS, file-backed pages included)
     process_peak_rss_bytes: int = 0  # the process's lifetime peak as the OS records it (VmHWM)
@@ -41,6 +46,12 @@ class Report:
     peak_rss_phase: str = ""  # what the run was doing when the sampled RSS peaked
     memory_profile: dict[str, Any] | None = None  # with --profile-memory: the CSV timeline and its summary
     fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float, block: int | None = None) -> None:
+        self.phases[phase] += seconds
+        if block is not None:
+            per = self.block_phases.setdefault(str(block), dict.fromkeys(PHASES, 0.0))
+            per[phase] += seconds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +70,7 @@ def summary_table(report: Report):  # -> rich.table.Table
     table = Table(title=f"streamprune: {report.args['method']} {report.args['pattern']} "
                         f"sparsity {report.args['sparsity']:g}")
     table.add_column("block", justify="right")
-    for col in ("layers", "sparsity", "mean rel. error", "max rel. error", "seconds"):
+    for col in ("layers", "sparsity", "mean rel. error", "max rel. error", "seconds", "slowest phase"):
         table.add_column(col, justify="right")
     blocks = sorted({lr.block for lr in report.layers})
     for b in blocks:
@@ -67,10 +78,14 @@ def summary_table(report: Report):  # -> rich.table.Table
         errs = [lr.rel_error for lr in rows if lr.rel_error is not None]
         numel = sum(lr.shape[0] * lr.shape[1] for lr in rows)
         sparsity = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in rows) / numel
+        per = report.block_phases.get(str(b), {})
+        total = sum(per.values())
+        slowest = max(per, key=per.__getitem__) if per else "-"
         table.add_row(str(b), str(len(rows)), f"{sparsity:.4f}",
                       f"{sum(errs) / len(errs):.4g}" if errs else "-", f"{max(errs):.4g}" if errs else "-",
-                      f"{sum(lr.seconds for lr in rows):.2f}")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())
+                      f"{total:.2f}", f"{slowest} {per[slowest] / total:.0%}" if per and total else "-")
+    wall = report.wall_seconds or 1.0
+    phases = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in report.phases.items() if v)
     table.caption = (f"total sparsity {report.total_sparsity:.4f}; wall {report.wall_seconds:.1f}s ({phases}); "
                      f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; peak GPU {report.peak_gpu_bytes / 2**20:.0f} MiB")
     return table
