@@ -23,9 +23,9 @@ from streamprune.memory import resolve_device
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
 HOST_OVERHEAD = 250 * 2**20
-# d x d float32 matrices held at the peak of one input's solve: SparseGPT holds X^T X, the scaled
-# Hessian, its Cholesky factor, the inverse and the inverse's factor; the others only X^T X.
-HESSIAN_MATRICES = {"sparsegpt": 5, "wanda": 1, "magnitude": 1}
+# d x d float32 matrices held at the peak of one input's solve: SparseGPT holds the Hessian and two of
+# its Cholesky factor, the inverse and the inverse's factor at a time; the others only X^T X.
+HESSIAN_MATRICES = {"sparsegpt": 3, "wanda": 1, "magnitude": 1}
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3

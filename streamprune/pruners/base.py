@@ -44,18 +44,14 @@ class Pruner(ABC):
         self.xtx.addmm_(x.T, x)
         self.ntokens += x.shape[0]
 
-    @property
-    def hessian(self) -> Tensor:
-        assert self.xtx is not None and self.ntokens, "no calibration batch was added"
-        return self.xtx * (2.0 / self.ntokens)
-
     @abstractmethod
     def prune(self, weight: Tensor) -> PruneResult:
         """Prune one weight (out, columns); returns the new float32 weight and its mask."""
 
     def reconstruction_error(self, dense: Tensor, pruned: Tensor) -> float | None:
-        """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from the accumulated X^T X."""
-        if self.xtx is None or not self.ntokens:
+        """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from the accumulated X^T X
+        (any positive scaling of it gives the same ratio)."""
+        if self.xtx is None:
             return None
         dense = dense.to(self.device, torch.float32)
         delta = dense - pruned.to(self.device, torch.float32)

@@ -31,23 +31,31 @@ class SparseGPT(Pruner):
         self.damp_used = damp
         self.retries = 0
 
+    @torch.no_grad()
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:
-        """Upper Cholesky factor of the damped H^-1 and the dead-input mask; computed once per input."""
+        """Upper Cholesky factor of the damped H^-1 and the dead-input mask; computed once per input.
+
+        Works in place on the accumulated X^T X (restored afterwards, scaled to H = 2 X^T X / n, which
+        the relative reconstruction error does not notice), so at most three d x d matrices exist at once.
+        """
         if self._hinv is not None:
             assert self._dead is not None
             return self._hinv, self._dead
-        H = self.hessian
-        dead = H.diagonal() == 0
-        H[dead, dead] = 1.0
-        mean_diag = H.diagonal().mean()
-        eye = torch.eye(self.columns, device=self.device)
-        damp = self.damp
+        assert self.xtx is not None and self.ntokens, "no calibration batch was added"
+        H = self.xtx.mul_(2.0 / self.ntokens)
+        self.ntokens = 0  # the statistics are now scaled; no more batches may be added
+        diag = H.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        base = diag.mean()
+        damp, added = self.damp, 0.0
         for attempt in range(MAX_DAMP_RETRIES + 1):
-            L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+            diag.add_(damp * base - added)
+            added = damp * base
+            L, info = torch.linalg.cholesky_ex(H)
             if info == 0:
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-                if info == 0:
-                    break
+                break
+            del L
             logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
             damp *= 10
         else:
@@ -55,6 +63,14 @@ class SparseGPT(Pruner):
                 f"the Hessian is not positive definite even with damping {damp / 10:g}; "
                 "the calibration activations may contain NaN or Inf"
             )
+        diag.sub_(added)
+        diag[dead] = 0.0
+        hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
+        if info != 0:
+            raise StreamPruneError(f"the inverse Hessian lost positive definiteness (damping {damp:g}); raise --damp")
         self.damp_used, self.retries = damp, attempt
         self._hinv, self._dead = U, dead
         return U, dead
