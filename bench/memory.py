@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -27,51 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamprune.checkpoint import write_safetensors  # noqa: E402
+from bench.synth import Shape, make_checkpoint  # noqa: E402
 from streamprune.plan import plan  # noqa: E402
 
 VOCAB = 32000
-
-
-def make_checkpoint(path: Path, depth: int, hidden: int, ffn: int, heads: int, shard_blocks: int = 8) -> int:
-    """A random bf16 LLaMA checkpoint written tensor by tensor; returns its size in bytes."""
-    path.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": ffn, "num_hidden_layers": depth, "num_attention_heads": heads,
-              "num_key_value_heads": heads, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(shape: tuple[int, ...], scale: float):
-        return lambda: (torch.randn(shape, generator=gen) * scale).to(torch.bfloat16)
-
-    def ones(shape: tuple[int, ...]):
-        return lambda: torch.ones(shape, dtype=torch.bfloat16)
-
-    shards: list[dict] = [{
-        "model.embed_tokens.weight": (torch.bfloat16, (VOCAB, hidden), rand((VOCAB, hidden), 0.02)),
-        "model.norm.weight": (torch.bfloat16, (hidden,), ones((hidden,))),
-        "lm_head.weight": (torch.bfloat16, (VOCAB, hidden), rand((VOCAB, hidden), 0.02)),
-    }]
-    for b in range(depth):
-        if b % shard_blocks == 0:
-            shards.append({})
-        p = f"model.layers.{b}."
-        for name, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
-                            ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                            ("mlp.gate_proj", (ffn, hidden)), ("mlp.up_proj", (ffn, hidden)),
-                            ("mlp.down_proj", (hidden, ffn))):
-            shards[-1][p + name + ".weight"] = (torch.bfloat16, shape, rand(shape, 1 / math.sqrt(shape[1])))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            shards[-1][p + name + ".weight"] = (torch.bfloat16, (hidden,), ones((hidden,)))
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(path / name, shard)
-        weight_map.update(dict.fromkeys(shard, name))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def main() -> None:
@@ -95,7 +53,7 @@ def main() -> None:
     try:
         for depth in args.depths:
             model, out = work / f"model-{depth}", work / f"out-{depth}"
-            size = make_checkpoint(model, depth, args.hidden, args.ffn, args.heads)
+            size = make_checkpoint(model, Shape("llama", args.hidden, args.ffn, args.heads, args.heads, VOCAB), depth)
             predicted = plan(model, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                              offload_activations=args.offload_activations, method=args.method)
             cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), str(out), "--method", args.method,

@@ -1,0 +1,93 @@
+"""Random checkpoints of a given block shape, written tensor by tensor (no model is ever materialized)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamprune.checkpoint import write_safetensors
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str  # "llama" or "opt"
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def block_tensors(shape: Shape, b: int) -> dict[str, tuple[int, ...]]:
+    d, f, kv = shape.hidden, shape.ffn, shape.kv_heads * shape.head_dim
+    if shape.family == "opt":
+        p = f"model.decoder.layers.{b}."
+        linears = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+                   "self_attn.out_proj": (d, d), "fc1": (f, d), "fc2": (d, f)}
+        out = {p + k + ".weight": s for k, s in linears.items()}
+        out.update({p + k + ".bias": (s[0],) for k, s in linears.items()})
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            out[p + norm + ".weight"] = (d,)
+            out[p + norm + ".bias"] = (d,)
+        return out
+    p = f"model.layers.{b}."
+    linears = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+               "self_attn.o_proj": (d, d), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    out = {p + k + ".weight": s for k, s in linears.items()}
+    out.update({p + n + ".weight": (d,) for n in ("input_layernorm", "post_attention_layernorm")})
+    return out
+
+
+def config(shape: Shape, depth: int, dtype: str) -> dict:
+    if shape.family == "opt":
+        return {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": shape.hidden,
+                "ffn_dim": shape.ffn, "num_hidden_layers": depth, "num_attention_heads": shape.heads,
+                "vocab_size": shape.vocab, "max_position_embeddings": 2048, "word_embed_proj_dim": shape.hidden,
+                "do_layer_norm_before": True, "activation_function": "relu", "tie_word_embeddings": True,
+                "torch_dtype": dtype}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
+            "intermediate_size": shape.ffn, "num_hidden_layers": depth, "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": dtype}
+
+
+def make_checkpoint(path: Path, shape: Shape, depth: int, dtype: torch.dtype = torch.bfloat16,
+                    shard_blocks: int = 8, seed: int = 0) -> int:
+    """Write a random checkpoint of `depth` blocks; returns its size in bytes."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config(shape, depth, str(dtype).removeprefix("torch.")), indent=2))
+    gen = torch.Generator().manual_seed(seed)
+
+    def entry(name: str, s: tuple[int, ...]):
+        if len(s) == 1:  # norms and biases
+            fill = 0.0 if name.endswith(".bias") else 1.0
+            return (dtype, s, lambda: torch.full(s, fill, dtype=dtype))
+        scale = 0.02 if "embed" in name or "lm_head" in name else 1 / math.sqrt(s[1])
+        return (dtype, s, lambda: (torch.randn(s, generator=gen) * scale).to(dtype))
+
+    d, v = shape.hidden, shape.vocab
+    if shape.family == "opt":
+        globals_ = {"model.decoder.embed_tokens.weight": (v, d), "model.decoder.embed_positions.weight": (2050, d),
+                    "model.decoder.final_layer_norm.weight": (d,), "model.decoder.final_layer_norm.bias": (d,)}
+    else:
+        globals_ = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    shards = [{n: entry(n, s) for n, s in globals_.items()}]
+    for b in range(depth):
+        if b % shard_blocks == 0:
+            shards.append({})
+        shards[-1].update({n: entry(n, s) for n, s in block_tensors(shape, b).items()})
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(path / name, shard)
+        weight_map.update(dict.fromkeys(shard, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
