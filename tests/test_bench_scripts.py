@@ -1,0 +1,30 @@
+"""The bench scripts run (in their dry modes) so they stay ready for a GPU machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run():
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert out.count(" ok") == 6 and "FAIL" not in out  # logits, then sparsegpt and wanda, per family
+    for phase in ("calibrate", "hessian", "solve", "error", "forward", "block"):
+        assert f"\n{phase}" in out
+    assert "extrapolated" in out
+
+
+def test_memory_bench_small():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--depths", "2", "4", "--hidden", "256",
+                             "--ffn", "512", "--heads", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [2, 4]
