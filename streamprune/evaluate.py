@@ -92,7 +92,7 @@ def evaluate(
     start = time.perf_counter()
     ckpt = Checkpoint(model_dir, follow_symlinks=follow_symlinks)
     cfg = ckpt.config
-    seqlen = seqlen or cfg.default_seqlen
+    seqlen = cfg.default_seqlen if seqlen is None else seqlen
     cfg.check_seqlen(seqlen)
     dev = resolve_device(device)
     tokens = load_tokens(data, model_dir, cfg.vocab_size)

@@ -173,7 +173,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
             check_columns(ckpt.tensors[name].shape[1], pattern, name)
     device = resolve_device(opts.device)
-    seqlen = opts.seqlen or cfg.default_seqlen
+    seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     windows = None
     calib = None if opts.calib is None else Path(opts.calib)
     if calib is not None:

@@ -58,7 +58,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     dev = resolve_device(device)
-    seqlen = seqlen or cfg.default_seqlen
+    seqlen = cfg.default_seqlen if seqlen is None else seqlen
     block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
     raw_block = sum(i.nbytes for i in block0)
     batch = min(batch, nsamples)

@@ -138,8 +138,14 @@ def _garble_config(d: Path) -> None:
     (lambda d: edit_config(d, sliding_window="64"), ["config.json", "sliding_window='64'"]),
     (lambda d: edit_config(d, intermediate_size=128),
      ["model.layers.0.mlp", "[96, 64]", "config.json implies [128, 64]"]),
+    (lambda d: edit_config(d, rms_norm_eps="1e-6"), ["config.json", "rms_norm_eps='1e-6'", "not a finite number"]),
+    (lambda d: edit_config(d, tie_word_embeddings="no"), ["config.json", "tie_word_embeddings='no'", "true or false"]),
+    (lambda d: edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
+     ["config.json", "rope_theta='1e4'"]),
+    (lambda d: edit_config(d, rope_parameters=[1, 2]), ["config.json", "rope_parameters=[1, 2]", "not an object"]),
 ], ids=["missing", "invalid-json", "model-type", "hidden-size", "layers", "vocab", "positions", "positions-str",
-        "kv-heads-str", "head-dim-str", "sliding-window-str", "shape"])
+        "kv-heads-str", "head-dim-str", "sliding-window-str", "shape", "eps-str", "tie-str", "rope-theta-str",
+        "rope-list"])
 def test_bad_config(model, text, breaker, expected):
     breaker(model)
     assert_names(fail_eval(model, text), *expected)
@@ -317,8 +323,9 @@ def test_text_data_without_tokenizer(model, tmp_path, text):
 @pytest.mark.parametrize("extra,expected", [
     (["--seqlen", "256"], ["seqlen 256", "maximum positions (128)"]),
     (["--seqlen", "1"], ["seqlen 1", "too small"]),
+    (["--seqlen", "0"], ["seqlen 0", "too small"]),
     (["--nsamples", "0", "--seqlen", "16"], ["nsamples 0", "at least 1"]),
-], ids=["seqlen-too-long", "seqlen-too-short", "nsamples-zero"])
+], ids=["seqlen-too-long", "seqlen-too-short", "seqlen-zero", "nsamples-zero"])
 def test_bad_eval_arguments(base, text, extra, expected):
     assert_names(fail_eval(base, text, *extra), *expected)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 
@@ -23,16 +23,16 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         n_heads=get_int(raw, "n_head", "num_attention_heads"),
         ffn_dim=4 * hidden,
         norm="layer",
-        norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=get_float(raw, "layer_norm_epsilon", 1e-5),
         act="gelu_tanh",
         gated=False,
         pos="alibi",
         qkv_bias=True,
         out_bias=True,
         mlp_bias=True,
-        residual_from_norm=bool(raw.get("apply_residual_connection_post_layernorm", False)),
+        residual_from_norm=get_bool(raw, "apply_residual_connection_post_layernorm", False),
         embed_norm=True,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        tie_word_embeddings=get_bool(raw, "tie_word_embeddings", True),
         max_positions=raw.get("seq_length") or None,
         raw=raw,
     )

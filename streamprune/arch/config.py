@@ -126,3 +126,21 @@ def get_int(raw: dict[str, Any], *keys: str, default: int | None = None) -> int:
     if default is None:
         raise CheckpointError(f"config.json has none of {', '.join(map(repr, keys))}")
     return default
+
+
+def get_float(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"config.json: {key}={value!r} is not a finite number")
+    return float(value)
+
+
+def get_bool(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CheckpointError(f"config.json: {key}={value!r} is not true or false")
+    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import UnsupportedModelError
@@ -14,10 +14,18 @@ ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     """RoPE settings from either config style: `rope_parameters`, or `rope_theta` plus `rope_scaling`."""
-    params = dict(raw.get("rope_parameters") or {})
+    params = raw.get("rope_parameters") or {}
     if not params:
-        params = dict(raw.get("rope_scaling") or {})
-        params["rope_theta"] = raw.get("rope_theta", 10000.0)
+        params = raw.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise UnsupportedModelError(f"config.json: rope_scaling={params!r} is not an object")
+        params = {**params, "rope_theta": raw.get("rope_theta", 10000.0)}
+    if not isinstance(params, dict):
+        raise UnsupportedModelError(f"config.json: rope_parameters={params!r} is not an object")
+    params = dict(params)
+    for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key in params:
+            get_float(params, key, 0.0)  # refuses strings, booleans and non-finite values
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
@@ -42,15 +50,15 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         head_dim=get_int(raw, "head_dim", default=0),
         ffn_dim=get_int(raw, "intermediate_size"),
         norm="rms",
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        norm_eps=get_float(raw, "rms_norm_eps", 1e-6),
         act=raw.get("hidden_act", "silu"),
         gated=True,
         pos="rope",
         rope=rope_parameters(raw),
-        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-        out_bias=bool(raw.get("attention_bias", False)),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or get_bool(raw, "attention_bias", False),
+        out_bias=get_bool(raw, "attention_bias", False),
+        mlp_bias=get_bool(raw, "mlp_bias", False),
+        tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
         max_positions=get_int(raw, "max_position_embeddings", default=2048),
         sliding_window=sliding,
         raw=raw,

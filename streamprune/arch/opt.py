@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 
@@ -12,8 +12,8 @@ OPT_POSITION_OFFSET = 2
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
-    before = bool(raw.get("do_layer_norm_before", True))
-    bias = bool(raw.get("enable_bias", True))
+    before = get_bool(raw, "do_layer_norm_before", True)
+    bias = get_bool(raw, "enable_bias", True)
     hidden = get_int(raw, "hidden_size")
     return ModelConfig(
         family="opt",
@@ -25,7 +25,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         ffn_dim=get_int(raw, "ffn_dim"),
         norm="layer",
         norm_eps=1e-5,
-        norm_affine=bool(raw.get("layer_norm_elementwise_affine", True)),
+        norm_affine=get_bool(raw, "layer_norm_elementwise_affine", True),
         act=raw.get("activation_function", "relu"),
         gated=False,
         pos="learned",
@@ -36,7 +36,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         norm_before=before,
         final_norm=before and not raw.get("_remove_final_layer_norm", False),
         embed_dim=get_int(raw, "word_embed_proj_dim", default=hidden),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        tie_word_embeddings=get_bool(raw, "tie_word_embeddings", True),
         max_positions=get_int(raw, "max_position_embeddings", default=2048),
         raw=raw,
     )
