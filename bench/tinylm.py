@@ -1,0 +1,283 @@
+"""A small LLaMA-architecture language model trained offline on English text shipped with Python.
+
+Corpus: docstrings of a fixed list of pure-Python stdlib modules (parsed with ``ast``, never
+imported), then the ``pydoc_data.topics`` help texts in sorted key order, joined by blank lines and
+split at a paragraph boundary into train (~90%) and test (~10%). A byte-level BPE and a 4-layer GQA
+LLaMA are trained on the train text only; the float32 checkpoint (with ``tokenizer.json``,
+``train.txt``, ``test.txt``, ``build_info.json``) is cached as ``tinylm-<VERSION>`` in
+``$STREAMPRUNE_CACHE`` (default ``~/.cache/streamprune``); bump ``VERSION`` when the recipe changes.
+Deterministic for a given Python installation, torch build and CPU thread count.
+
+    python bench/tinylm.py [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VERSION = "v1"
+SEED = 0
+VOCAB_SIZE = 2048
+EOT = "<|endoftext|>"
+SEQ_LEN, BATCH, STEPS, WARMUP = 128, 16, 900, 50
+LR, MIN_LR_RATIO, WEIGHT_DECAY = 3e-3, 0.05, 0.1
+MODEL_CONFIG: dict[str, Any] = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+# Pure-Python stdlib modules whose docstrings precede the help topics (missing files are skipped).
+DOC_MODULES: tuple[str, ...] = tuple("""
+    argparse ast base64 bisect calendar cmd codecs collections configparser contextlib copy csv
+    dataclasses datetime difflib dis doctest email.message enum fnmatch fractions ftplib
+    functools getopt gettext glob gzip heapq hmac html.parser http.client http.server imaplib
+    inspect ipaddress json json.decoder json.encoder locale logging mailbox mimetypes numbers
+    optparse os pathlib pdb pickle platform poplib pprint profile pstats queue random re sched
+    secrets selectors shelve shlex shutil smtplib socket socketserver statistics string
+    subprocess tarfile tempfile textwrap threading timeit tokenize trace traceback types typing
+    unittest.case urllib.parse urllib.request uuid warnings weakref xml.dom.minidom
+    xml.etree.ElementTree zipfile
+""".split())
+
+
+def _module_docstrings(name: str) -> list[str]:
+    """Docstrings of at least 40 characters in a stdlib module's source, in source order."""
+    base = Path(sysconfig.get_paths()["stdlib"]) / name.replace(".", "/")
+    path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+    docs: list[str] = []
+
+    def visit(node: Any) -> None:
+        doc = ast.get_docstring(node, clean=True)
+        if doc and len(doc) >= 40:
+            docs.append(doc)
+        for child in node.body:
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child)
+
+    if path is not None:
+        visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return docs
+
+
+def corpus_text() -> str:
+    """Stdlib docstrings, then the pydoc help topics in sorted key order, joined by blank lines."""
+    from pydoc_data.topics import topics
+
+    parts = [d for name in DOC_MODULES for d in _module_docstrings(name)]
+    parts += [topics[key].strip("\n") for key in sorted(topics)]
+    return "\n\n".join(p for p in parts if p.strip())
+
+
+def split_text(text: str, train_frac: float = 0.9) -> tuple[str, str]:
+    """Split at the first paragraph boundary at or after ``train_frac`` of the characters."""
+    cut = text.find("\n\n", int(len(text) * train_frac))
+    if cut < 0:
+        raise ValueError("text has no paragraph boundary after the split point")
+    return text[:cut], text[cut + 2:]
+
+
+def _train_tokenizer(train: str, out_dir: Path) -> Any:
+    """Train a byte-level BPE on ``train``; save tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(train.split("\n\n"), trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
+              "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+              "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    return tok
+
+
+def perplexity(model: Any, ids: Any, seqlen: int = SEQ_LEN, batch: int = 32) -> float:
+    """exp(mean NLL) of a causal LM over non-overlapping ``seqlen`` windows (tail dropped)."""
+    import torch
+
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = len(ids) // seqlen
+    windows, total, was_training = ids[: n * seqlen].view(n, seqlen), 0.0, model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch):  # loss is a mean over equal-length windows
+            x = windows[i:i + batch]
+            total += model(input_ids=x, labels=x).loss.item() * len(x)
+    model.train(was_training)
+    return math.exp(total / n)
+
+
+def unigram_perplexity(train_ids: list[int], test_ids: list[int], vocab: int,
+                       seqlen: int = SEQ_LEN) -> float:
+    """Add-one-smoothed unigram perplexity on the tokens that :func:`perplexity` predicts."""
+    import torch
+
+    counts = torch.bincount(torch.tensor(train_ids), minlength=vocab).double() + 1.0
+    n = len(test_ids) // seqlen
+    targets = torch.tensor(test_ids[: n * seqlen]).view(n, seqlen)[:, 1:]
+    return math.exp(-(counts / counts.sum()).log()[targets].mean().item())
+
+
+def _train_model(train_ids: list[int], vocab: int, eot_id: int) -> tuple[Any, dict[str, Any]]:
+    """Train the LLaMA on random windows of ``train_ids``; returns the model and training stats."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, bos_token_id=eot_id, eos_token_id=eot_id, **MODEL_CONFIG)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config).float()
+    data, offsets = torch.tensor(train_ids, dtype=torch.long), torch.arange(SEQ_LEN)
+    gen = torch.Generator().manual_seed(SEED)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2]},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+
+    def lr_ratio(step: int) -> float:
+        if step < WARMUP:
+            return (step + 1) / WARMUP
+        cos = 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, STEPS - WARMUP)))
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * cos
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_ratio)
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step in range(1, STEPS + 1):
+        starts = torch.randint(0, len(data) - SEQ_LEN + 1, (BATCH,), generator=gen)
+        x = data[starts[:, None] + offsets]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == STEPS:
+            logger.info("step %d/%d  train loss %.3f  %.0fs", step, STEPS,
+                        sum(losses[-100:]) / len(losses[-100:]), time.perf_counter() - start)
+    train_time = round(time.perf_counter() - start, 1)
+    return model, {"train_time_s": train_time, "final_train_loss": round(losses[-1], 4)}
+
+
+def _build_into(out_dir: Path) -> None:
+    """Write the whole checkpoint, data and ``build_info.json`` (not ``DONE``) into ``out_dir``."""
+    import torch
+
+    train, test = split_text(corpus_text())
+    (out_dir / "train.txt").write_text(train, encoding="utf-8")
+    (out_dir / "test.txt").write_text(test, encoding="utf-8")
+    tok = _train_tokenizer(train, out_dir)
+    train_ids, test_ids, vocab = tok.encode(train).ids, tok.encode(test).ids, tok.get_vocab_size()
+    if tok.decode(test_ids) != test:
+        raise RuntimeError("tokenizer does not round-trip the test text")
+    saved_threads = torch.get_num_threads()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or 1)
+    try:
+        model, stats = _train_model(train_ids, vocab, tok.token_to_id(EOT))
+        test_ppl = perplexity(model, test_ids)
+    finally:
+        torch.set_num_threads(saved_threads)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    info = {"version": VERSION, "params": sum(p.numel() for p in model.parameters()), **stats,
+            "threads": threads, "steps": STEPS, "batch": BATCH, "seq_len": SEQ_LEN,
+            "train_tokens": len(train_ids), "test_tokens": len(test_ids),
+            "test_ppl": round(test_ppl, 3), "uniform_ppl": vocab,
+            "unigram_ppl": round(unigram_perplexity(train_ids, test_ids, vocab), 3),
+            "python": sys.version.split()[0], "torch": torch.__version__}
+    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tiny_lm(cache_dir: Path | None = None) -> Path:
+    """Return the directory of the cached tiny LM, building it first if it is not complete.
+
+    The build runs in a temporary sibling directory that is renamed into place only once it is
+    complete (``DONE`` marker included). Concurrent builders wait on a lock file where ``fcntl``
+    exists; elsewhere the first rename wins and the others use its result.
+    """
+    env = os.environ.get("STREAMPRUNE_CACHE")
+    root = Path(cache_dir or env or Path.home() / ".cache" / "streamprune").expanduser()
+    final = root / f"tinylm-{VERSION}"
+    if (final / "DONE").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: rely on the atomic rename alone
+        fcntl = None  # type: ignore[assignment]
+    with open(root / f"tinylm-{VERSION}.lock", "a+") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            for stale in root.glob(f".tinylm-{VERSION}.tmp*"):  # left by interrupted builds
+                shutil.rmtree(stale, ignore_errors=True)
+        if (final / "DONE").is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".tinylm-{VERSION}.tmp", dir=root))
+        try:
+            logger.info("building %s (a few minutes on CPU)", final)
+            _build_into(tmp)
+            for path in tmp.iterdir():  # mkdtemp and safetensors create owner-only modes
+                path.chmod(0o644)
+            tmp.chmod(0o755)
+            (tmp / "DONE").write_text(VERSION + "\n", encoding="utf-8")
+            if final.exists() and not (final / "DONE").is_file():
+                shutil.rmtree(final)  # not made by a completed build of this recipe
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                lost_race = exc.errno in (errno.EEXIST, errno.ENOTEMPTY)
+                if not (lost_race and (final / "DONE").is_file()):
+                    raise
+                logger.info("another process completed %s first; using it", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build (or find) the tiny LM; print its path, size, training time and test perplexity."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache root (default: $STREAMPRUNE_CACHE or ~/.cache/streamprune)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    model_dir = build_tiny_lm(args.cache_dir)
+    info = json.loads((model_dir / "build_info.json").read_text(encoding="utf-8"))
+
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    text = (model_dir / "test.txt").read_text(encoding="utf-8")
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
+    print(f"model dir:     {model_dir}")
+    print(f"parameters:    {sum(p.numel() for p in model.parameters()):,}")
+    print(f"training time: {info['train_time_s']:.1f} s "
+          f"({info['steps']} steps of {BATCH}x{SEQ_LEN} tokens, {info['threads']} threads)")
+    print(f"test ppl:      {perplexity(model, ids):.2f} on {len(ids) // SEQ_LEN} windows of "
+          f"{SEQ_LEN} tokens (unigram {info['unigram_ppl']:.1f}, uniform {info['uniform_ppl']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""End to end on a small language model trained on real text (bench/tinylm.py, cached between runs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.demo import SEQLEN, run_demo
+from bench.tinylm import build_tiny_lm
+from streamprune.calib import eval_windows, load_tokens
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return build_tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def results(lm, tmp_path_factory):
+    work = tmp_path_factory.mktemp("quality")
+    return run_demo(lm, work, patterns=("unstructured",), keep=True), work
+
+
+def test_sparsegpt_beats_wanda_beats_magnitude(results):
+    ppl, _ = results
+    dense = ppl[("dense", "")]
+    increase = {m: ppl[(m, "unstructured")] - dense for m in ("magnitude", "wanda", "sparsegpt")}
+    assert increase["sparsegpt"] < 0.5 * increase["magnitude"], ppl
+    assert increase["wanda"] < increase["magnitude"], ppl
+
+
+def test_pruned_output_reloads_in_transformers_with_the_same_perplexity(lm, results):
+    from transformers import AutoModelForCausalLM
+
+    ppl, work = results
+    out = work / "sparsegpt-unstructured"
+    windows = eval_windows(load_tokens(lm / "test.txt", out, 10**9), SEQLEN)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for batch in windows.split(16):
+            logits = model(batch).logits
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    hf = math.exp(nll / (windows.shape[0] * (SEQLEN - 1)))
+    assert f"{hf:.4g}" == f"{ppl[('sparsegpt', 'unstructured')]:.4g}"
+    assert (out / "streamprune_report.json").is_file()
