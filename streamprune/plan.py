@@ -107,7 +107,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("token embedding while embedding windows", embed, where_compute),
     ]
     block_phase = {"host": 0, "device": 0}
-    for what, nbytes, where in consumers[1:7]:
+    for _what, nbytes, where in consumers[1:7]:
         if where in block_phase:
             block_phase[where] += nbytes
     embed_phase = {"host": embed_info.nbytes, "device": 0}

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import streamprune
 from streamprune.activations import choose_placement
 from streamprune.errors import ArgumentError
 from streamprune.memory import parse_size

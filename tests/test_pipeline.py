@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 import streamprune

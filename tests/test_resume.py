@@ -135,28 +135,31 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, setup):
     assert not (tmp_path / "out").exists()
 
 
+def corrupted_copy(src: Path, dst: Path, name: str, value: float, where: tuple | None = None) -> Path:
+    """A copy of the model with tensor `name` set to `value` (at index `where`, or everywhere)."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(dst / "model.safetensors")
+    if where is None:
+        tensors[name].fill_(value)
+    else:
+        tensors[name][where] = value
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def test_nan_weight_is_named(tmp_path, setup):
     src, calib, _ = setup
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in src.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = corrupted_copy(src, tmp_path / "bad", "model.layers.1.mlp.up_proj.weight", float("nan"), (3, 4))
     with pytest.raises(StreamPruneError, match=r"model.layers.1.mlp.up_proj.weight \(block 1\) contains NaN"):
         streamprune.prune(bad, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
 
 
 def test_infinite_activations_are_named(tmp_path, setup):
     src, calib, _ = setup
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in src.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.0.post_attention_layernorm.weight"].fill_(3e38)  # finite, but overflows downstream
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    # finite in the checkpoint, but overflows to Inf in the activations after this norm
+    bad = corrupted_copy(src, tmp_path / "bad", "model.layers.0.post_attention_layernorm.weight", 3e38)
     with pytest.raises(StreamPruneError, match=r"block 0: calibration activations entering .*gate_proj"):
         streamprune.prune(bad, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
 

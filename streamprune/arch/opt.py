@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 

@@ -55,7 +55,7 @@ class SparseGPT(Pruner):
             L, info = torch.linalg.cholesky_ex(H)
             if info == 0:
                 break
-            del L
+            L = None  # free the failed factor before the next try
             logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
             damp *= 10
         else:
@@ -65,6 +65,7 @@ class SparseGPT(Pruner):
             )
         diag.sub_(added)
         diag[dead] = 0.0
+        assert L is not None
         hinv = torch.cholesky_inverse(L)
         del L
         U, info = torch.linalg.cholesky_ex(hinv, upper=True)
