@@ -52,7 +52,7 @@ class SparseGPT(Pruner):
         for attempt in range(MAX_DAMP_RETRIES + 1):
             diag.add_(damp * base - added)
             added = damp * base
-            L, info = torch.linalg.cholesky_ex(H)
+            L, info = torch.linalg.cholesky_ex(H.flip(0, 1))  # of the reversed H, see below
             if info == 0:
                 break
             L = None  # free the failed factor before the next try
@@ -66,12 +66,12 @@ class SparseGPT(Pruner):
         diag.sub_(added)
         diag[dead] = 0.0
         assert L is not None
-        hinv = torch.cholesky_inverse(L)
+        # H reversed = L L^T  =>  H = R R^T with R = J L J upper  =>  H^-1 = (R^-1)^T R^-1, and
+        # R^-1 = J L^-1 J is the upper Cholesky factor of H^-1 (one triangular solve, no second factorization).
+        U = torch.eye(self.columns, device=self.device)
+        torch.linalg.solve_triangular(L, U, upper=False, out=U)  # U = L^-1
         del L
-        U, info = torch.linalg.cholesky_ex(hinv, upper=True)
-        del hinv
-        if info != 0:
-            raise StreamPruneError(f"the inverse Hessian lost positive definiteness (damping {damp:g}); raise --damp")
+        U = U.flip(0, 1)
         self.damp_used, self.retries = damp, attempt
         self._hinv, self._dead = U, dead
         return U, dead
@@ -79,14 +79,16 @@ class SparseGPT(Pruner):
     @torch.no_grad()
     def prune(self, weight: Tensor) -> PruneResult:
         hinv, dead = self._inverse_factor()
-        W = weight.to(self.device, torch.float32).clone()
-        W[:, dead] = 0
-        rows, cols = W.shape
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
+        # Work on W^T (columns, rows): every column of W is then a contiguous row, and the per-column
+        # OBS updates touch contiguous memory.
+        Wt = weight.to(self.device, torch.float32).t().contiguous()
+        Wt[dead] = 0
+        cols, rows = Wt.shape
+        mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=self.device)
         n, m = self.pattern.n, self.pattern.m
         for i1 in range(0, cols, self.blocksize):
             i2 = min(i1 + self.blocksize, cols)
-            W1 = W[:, i1:i2].clone()
+            W1 = Wt[i1:i2].clone()  # (count, rows)
             Hinv1 = hinv[i1:i2, i1:i2]
             d = Hinv1.diagonal()
             Err1 = torch.zeros_like(W1)
@@ -96,25 +98,28 @@ class SparseGPT(Pruner):
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             for i in range(i2 - i1):
                 if self.pattern.structured and i % m == 0:
-                    score = W1[:, i : i + m] ** 2 / d[i : i + m] ** 2  # (rows, m)
-                    mask1.scatter_(1, i + score.topk(n, dim=1, largest=False).indices, True)
-                w = W1[:, i]
-                q = w.masked_fill(mask1[:, i], 0.0)
+                    score = W1[i : i + m] ** 2 / d[i : i + m, None] ** 2  # (m, rows)
+                    mask1.scatter_(0, i + score.topk(n, dim=0, largest=False).indices, True)
+                w = W1[i]
+                q = w.masked_fill(mask1[i], 0.0)
                 err = (w - q) / d[i]  # (rows,)
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
-                W1[:, i] = q
-                Err1[:, i] = err
-            W[:, i1:i2] = W1
-            mask[:, i1:i2] = mask1
-            W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later columns
-        W[:, dead] = 0
-        return PruneResult(W, mask | dead[None, :], {"damp": self.damp_used, "damp_retries": self.retries})
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)  # OBS update of the rest of the block
+                W1[i] = q
+                Err1[i] = err
+            Wt[i1:i2] = W1
+            mask_t[i1:i2] = mask1
+            Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy update of later columns
+        Wt[dead] = 0
+        mask_t[dead] = True
+        return PruneResult(Wt.t().contiguous(), mask_t.t().contiguous(),
+                           {"damp": self.damp_used, "damp_retries": self.retries})
 
     def _block_mask(self, W1: Tensor, d: Tensor) -> Tensor:
-        """Adaptive selection over one column block: the lowest w^2 / d^2 at the paper's threshold."""
+        """Adaptive selection over one column block (W1 is transposed: (count, rows)): the lowest
+        w^2 / d^2 at the paper's threshold."""
         if self.sparsity == 0:
             return torch.zeros_like(W1, dtype=torch.bool)
-        score = W1**2 / d[None, :] ** 2
+        score = W1**2 / d[:, None] ** 2
         k = int(score.numel() * self.sparsity)
         thresh = score.flatten().kthvalue(k + 1).values  # sort(score)[k], as the reference does
         return score <= thresh
