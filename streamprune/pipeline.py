@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from streamprune.activations import Activations, choose_placement, make_store
+from streamprune.activations import Activations, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows, load_tokens
@@ -39,6 +38,7 @@ from streamprune.memory import (
     resolve_device,
 )
 from streamprune.pruners import METHODS, Pattern, Pruner, make_pruner, resolve_sparsity
+from streamprune.plan import decide, footprint
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
 
@@ -74,7 +74,7 @@ class PruneOptions:
 
 # Options that change what is written; a resumed run must agree on all of them.
 RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
-                  "blocksize", "damp", "batch")
+                  "blocksize", "damp", "batch")  # batch: as fitted to the GPU budget
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Job:
     device: torch.device
     windows: Tensor | None
     placement: str
+    batch: int  # windows per forward call
     args: dict[str, Any]
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
@@ -184,9 +185,14 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
 
+    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, calibrate=windows is not None)
+    placement, batch = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
+    if batch != min(opts.batch, opts.nsamples):
+        logger.info("forward batch %d -> %d windows to fit the GPU budget", opts.batch, batch)
     args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
-            "calib": None if calib is None else str(calib), "device": str(device)}
-    fp = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
+            "calib": None if calib is None else str(calib), "device": str(device),
+            "offload_activations": placement, "batch": batch}
+    fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (opts.overwrite or opts.restart):
         old, finished = previous_job(out_dir)
@@ -194,9 +200,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             raise ArgumentError(
                 f"OUT_DIR {str(out_dir)!r} is not empty and holds no run of streamprune; pass --overwrite to replace "
                 "its checkpoint files")
-        if old != fp:
+        if old != fprint:
             raise ArgumentError(
-                f"OUT_DIR {str(out_dir)!r} holds a different run ({describe_difference(old, fp)}); pass --restart "
+                f"OUT_DIR {str(out_dir)!r} holds a different run ({describe_difference(old, fprint)}); pass --restart "
                 "to start over")
         if finished:
             logger.warning("%s already holds the finished result of this run", out_dir)
@@ -205,22 +211,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         assert journal is not None
         journal = journal.verified(out_dir)
 
-    pair = 0 if windows is None else 2 * windows.numel() * cfg.hidden_size * 4
-    budget = None
-    if device.type == "cuda":
-        total = opts.max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
-        budget = int(total * 0.9) - 2 * block_bytes(ckpt) * 2  # fp32 block weights and their workspace
-    placement = choose_placement(opts.offload_activations, pair, device, budget,
-                                 psutil.virtual_memory().available // 2)
-    args["offload_activations"] = placement
-    check_disk_space(ckpt, out_dir, journal, pair if placement == "disk" else 0)
-    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, args, fp, journal)
-
-
-def block_bytes(ckpt: Checkpoint) -> int:
-    """Bytes of one decoder block's weights in float32."""
-    return sum(ckpt.tensors[name].nbytes // ckpt.tensors[name].torch_dtype.itemsize * 4
-               for name in ckpt.stored_names(0))
+    check_disk_space(ckpt, out_dir, journal, fp.act_pair if placement == "disk" else 0)
+    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, batch, args, fprint, journal)
 
 
 def load_report(out_dir: Path) -> Report:
@@ -273,7 +265,7 @@ class BlockPruner:
                 hessian += clock() - t
 
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
-        forward_block(self.ckpt, w, x, pos, None, self.opts.batch, self.device, tap=tap, until=last)
+        forward_block(self.ckpt, w, x, pos, None, self.job.batch, self.device, tap=tap, until=last)
         for site, pruner in pruners.items():
             if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx).all()):
                 names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
@@ -382,7 +374,7 @@ class Run:
             if job.windows is not None:
                 shape = (job.windows.shape[0], job.seqlen, cfg.hidden_size)
                 x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
-                embed_windows(self.ckpt, job.windows, job.device, x, job.opts.batch)
+                embed_windows(self.ckpt, job.windows, job.device, x, job.batch)
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
                 x, scratch = self.rebuild_inputs(first, x, scratch, pos, phase)
             block_pruner = BlockPruner(job, report)
@@ -407,7 +399,7 @@ class Run:
                     assert scratch is not None and pos is not None
                     phase(f"block {bid}: forward")
                     t = job.clock()
-                    forward_block(self.ckpt, w, x, pos, scratch, job.opts.batch, job.device)
+                    forward_block(self.ckpt, w, x, pos, scratch, job.batch, job.device)
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
                     report.add("forward", job.clock() - t, bid)
                 phase(f"block {bid}: write")
@@ -449,7 +441,7 @@ class Run:
             infos = read_header(self.job.out_dir / self.journal.done[bid + 1]["shard"])
             raw = {name: read_tensor(infos[name]) for name in self.ckpt.stored_names(bid)}
             forward_block(self.ckpt, working_copy(self.ckpt, bid, raw, self.job.device), x, pos, scratch,
-                          self.job.opts.batch, self.job.device)
+                          self.job.batch, self.job.device)
             x, scratch = scratch, x
         self.report.add("replay", time.perf_counter() - start)
         return x, scratch

@@ -34,13 +34,82 @@ FORWARD_FFN_COPIES = 3
 @dataclass
 class MemoryPlan:
     placement: str
+    batch: int  # windows per forward call, after fitting the GPU budget
     host_peak: int
     device_peak: int
     consumers: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, where)
 
     def to_dict(self) -> dict[str, object]:
-        return {"placement": self.placement, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
+        return {"placement": self.placement, "batch": self.batch, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
                 "consumers": [{"what": w, "bytes": b, "where": p} for w, b, p in self.consumers]}
+
+
+@dataclass
+class Footprint:
+    """Sizes in bytes that a run's memory is made of (see the module docstring)."""
+
+    raw_block: int  # one block as stored
+    fp32_block: int  # its float32 working copy
+    pruned_stored: int  # the pruned weights as stored, awaiting the write
+    solve: int  # Hessian and solver workspace of the largest input
+    per_window: int  # forward workspace of one calibration window
+    act_pair: int  # the two activation buffers
+    embed_stored: int  # the token embedding as stored
+    embed_fp32: int  # and in float32
+
+
+def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
+              calibrate: bool = True) -> Footprint:
+    cfg = ckpt.config
+    block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
+    linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
+               if ((role, "weight"), 0) in ckpt.names}
+    widths = [max(linears[r].shape[1] for r in roles if r in linears) for _, roles in SEQUENTIAL
+              if any(r in linears for r in roles)]
+    largest = max(math.prod(i.shape) for i in linears.values())
+    matrices = HESSIAN_MATRICES[method]
+    if not calibrate:
+        solve, per_window, act_pair = 4 * largest * 4, 0, 0
+    else:
+        if sequential:
+            hessians = matrices * max(widths) ** 2 * 4
+        else:
+            hessians = sum(w * w * 4 for w in widths) + (matrices - 1) * max(widths) ** 2 * 4
+        solve = hessians + 6 * largest * 4  # the largest linear: new weight, scores, top-k indices, error terms
+        width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+        per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+        if cfg.pos == "alibi":
+            per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
+        act_pair = 2 * nsamples * seqlen * cfg.hidden_size * 4
+    embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
+    return Footprint(
+        raw_block=sum(i.nbytes for i in block0),
+        fp32_block=sum(math.prod(i.shape) * 4 for i in block0),
+        pruned_stored=sum(i.nbytes for i in linears.values()),
+        solve=solve, per_window=per_window, act_pair=act_pair,
+        embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
+
+
+def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gpu_memory: int | None,
+           batch: int, nsamples: int) -> tuple[str, int]:
+    """Activation placement and windows per forward call under the GPU budget.
+
+    The budget is 90% of `max_gpu_memory` (default: the card's memory). The block's float32 copy and
+    the solver workspace come first; the activations go to the device only if they fit beside the
+    forward workspace of one window; the batch then shrinks until its workspace fits what is left.
+    """
+    batch = max(1, min(batch, nsamples))
+    host_budget = psutil.virtual_memory().available // 2
+    if device.type != "cuda":
+        return choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch
+    total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
+    free = int(total * 0.9) - fp.fp32_block - fp.solve
+    placement = choose_placement(offload_activations, fp.act_pair, device, free - fp.per_window, host_budget)
+    if placement == "device":
+        free -= fp.act_pair
+    if fp.per_window:
+        batch = max(1, min(batch, free // fp.per_window))
+    return placement, batch
 
 
 def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
@@ -56,65 +125,30 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         calibrate: False for magnitude pruning without calibration data.
     """
     ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
     dev = resolve_device(device)
-    seqlen = cfg.default_seqlen if seqlen is None else seqlen
-    block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
-    raw_block = sum(i.nbytes for i in block0)
-    batch = min(batch, nsamples)
-    fp32_block = sum(math.prod(i.shape) * 4 for i in block0)
-    linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]].shape
-               for role in PRUNABLE if ((role, "weight"), 0) in ckpt.names}
-    widths = [max(linears[r][1] for r in roles if r in linears) for _, roles in SEQUENTIAL
-              if any(r in linears for r in roles)]
-    largest = max(rows * cols for rows, cols in linears.values())
-    matrices = HESSIAN_MATRICES[method]
-    if calibrate:
-        if sequential:
-            hessians = matrices * max(widths) ** 2 * 4
-        else:
-            hessians = sum(w * w * 4 for w in widths) + (matrices - 1) * max(widths) ** 2 * 4
-        solve = hessians + 6 * largest * 4  # the largest linear: new weight, scores, top-k indices, error terms
-        act_pair = 2 * nsamples * seqlen * cfg.hidden_size * 4
-        width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-        forward = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * batch * seqlen * 4
-        if cfg.pos == "alibi":
-            forward += 2 * batch * cfg.n_heads * seqlen * seqlen * 4
-    else:
-        solve = 4 * largest * 4
-        act_pair = forward = 0
-    embed_info = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
-    embed_itemsize = embed_info.torch_dtype.itemsize
-    embed = embed_info.nbytes + math.prod(embed_info.shape) * 4  # as read, and in float32
-
-    budget = None
-    if dev.type == "cuda":
-        total = max_gpu_memory or torch.cuda.get_device_properties(dev).total_memory
-        budget = int(total * 0.9) - 2 * fp32_block * 2
-    placement = choose_placement(offload_activations, act_pair, dev, budget, psutil.virtual_memory().available // 2)
+    seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
+    fp = footprint(ckpt, nsamples, seqlen, method, sequential, calibrate)
+    placement, batch = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
     where_compute = "device" if on_device else "host"
     where_act = {"device": where_compute, "cpu": "host", "disk": "disk"}[placement]
-
-    consumers = [
-        ("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"),
-        ("block as read, and the next one read ahead", 2 * raw_block, "host"),
-        ("pruned weights awaiting the write", sum(r * c for r, c in linears.values()) * embed_itemsize, "host"),
-        ("block weights in float32", fp32_block, where_compute),
-        ("Hessian and solver workspace", solve, where_compute),
-        ("forward workspace of one batch", forward, where_compute),
-        ("calibration activations (input and output buffers)", act_pair, where_act),
-        ("token embedding while embedding windows", embed, where_compute),
+    block_consumers = [
+        ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
+        ("pruned weights awaiting the write", fp.pruned_stored, "host"),
+        ("block weights in float32", fp.fp32_block, where_compute),
+        ("Hessian and solver workspace", fp.solve, where_compute),
+        (f"forward workspace of one batch ({batch} windows)", batch * fp.per_window, where_compute),
+        ("calibration activations (input and output buffers)", fp.act_pair, where_act),
     ]
-    block_phase = {"host": 0, "device": 0}
-    for _what, nbytes, where in consumers[1:7]:
-        if where in block_phase:
-            block_phase[where] += nbytes
-    embed_phase = {"host": embed_info.nbytes, "device": 0}
-    embed_phase[where_compute] += math.prod(embed_info.shape) * 4
-    if where_act in embed_phase:
-        embed_phase[where_act] += act_pair
+    block_phase = {"host": 0, "device": 0, "disk": 0}
+    for _what, nbytes, where in block_consumers:
+        block_phase[where] += nbytes
+    embed_phase = {"host": fp.embed_stored, "device": 0, "disk": 0}
+    embed_phase[where_compute] += fp.embed_fp32
+    embed_phase[where_act] += fp.act_pair
     host = HOST_OVERHEAD + max(block_phase["host"], embed_phase["host"])
     device_peak = max(block_phase["device"], embed_phase["device"]) if on_device else 0
+    consumers = [("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"), *block_consumers,
+                 ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, where_compute)]
     consumers.sort(key=lambda c: -c[1])
-    return MemoryPlan(placement, host, device_peak, consumers)
+    return MemoryPlan(placement, batch, host, device_peak, consumers)

@@ -125,3 +125,21 @@ def test_peak_rss_does_not_grow_with_depth(tmp_path):
         peaks.append(json.loads((tmp_path / f"o{depth}" / "streamprune_report.json").read_text())["process_peak_rss_bytes"])
     block_bytes = (4 * 512 * 512 + 3 * 512 * 2048) * 4
     assert peaks[1] - peaks[0] < block_bytes, peaks  # 6 more blocks add less than one block's weights
+
+
+def test_gpu_budget_chooses_placement_and_batch():
+    from streamprune.plan import Footprint, decide
+
+    MiB = 2**20
+    fp = Footprint(raw_block=100 * MiB, fp32_block=200 * MiB, pruned_stored=100 * MiB, solve=300 * MiB,
+                   per_window=50 * MiB, act_pair=400 * MiB, embed_stored=10 * MiB, embed_fp32=20 * MiB)
+    # roomy card: activations on the device, batch untouched
+    assert decide(fp, GPU, "auto", 4 * GiB, batch=8, nsamples=128) == ("device", 8)
+    # 0.9 * 1.2 GiB - 500 MiB leaves ~600 MiB: activations (400) fit beside one window, 4 windows of 50 remain
+    assert decide(fp, GPU, "auto", int(1.2 * GiB), batch=8, nsamples=128) == ("device", 4)
+    # a smaller budget sends the activations to host memory and shrinks the batch to what is left
+    placement, batch = decide(fp, GPU, "auto", 800 * MiB, batch=8, nsamples=128)
+    assert placement == "cpu" and batch == (int(0.9 * 800 * MiB) - 500 * MiB) // (50 * MiB)
+    # never below one window; never above nsamples
+    assert decide(fp, GPU, "cpu", 100 * MiB, batch=8, nsamples=128)[1] == 1
+    assert decide(fp, CPU, "auto", None, batch=8, nsamples=3)[1] == 3
