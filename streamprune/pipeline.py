@@ -321,8 +321,6 @@ class Run:
         self.report = Report(args=job.args, model={
             "dir": str(job.ckpt.dir), "model_type": self.cfg.model_type, "n_layers": self.cfg.n_layers,
             "dtype": str(job.ckpt.dtype).removeprefix("torch.")}, fingerprint=job.fingerprint)
-        for idx in sorted(self.journal.done):
-            self.report.layers += [LayerReport(**lr) for lr in self.journal.done[idx]["layers"]]
 
     def commit(self, idx: int, tensors: Raw | dict[str, Any], layers: list[LayerReport]) -> None:
         """Write one shard (tensors, or lazy entries for `write_safetensors`), then record it in the journal."""
@@ -356,7 +354,8 @@ class Run:
         first = self.first_unfinished()
         for idx in [i for i in self.journal.done if i > first]:  # redo everything after the first gap
             del self.journal.done[idx]
-        report.layers = [lr for lr in report.layers if lr.block < first]
+        for idx in sorted(self.journal.done):  # the finished blocks' report rows
+            report.layers += [LayerReport(**lr) for lr in self.journal.done[idx]["layers"]]
         report.resumed_at_block = first if job.journal else None
 
         with PeakMemory(job.device, record=job.opts.profile_memory) as mem, Progress(

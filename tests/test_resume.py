@@ -20,6 +20,7 @@ import streamprune
 from streamprune import checkpoint
 from streamprune.cli import app
 from streamprune.errors import StreamPruneError
+from streamprune.pipeline import load_report
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def test_write_error_is_clear_and_resumable(tmp_path, monkeypatch, setup, fail_a
     monkeypatch.undo()
     report = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
     assert report.resumed_at_block == max(0, fail_after - 1)
+    assert [(lr.block, lr.role) for lr in report.layers] == [(lr.block, lr.role) for lr in load_report(ref).layers]
     assert checkpoint_files(out) == checkpoint_files(ref)
     assert not (out / ".streamprune").exists()
 
