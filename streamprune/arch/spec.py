@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamprune.arch.config import ModelConfig
-from streamprune.arch.roles import BLOCK_ROLES, Role
+from streamprune.arch.roles import Role
 
 Param = tuple[Role, str]  # (role, "weight" | "bias")
 
@@ -75,6 +75,3 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
     linear(Role.FFN_DOWN, d, cfg.ffn_dim, cfg.mlp_bias)
     return params
 
-
-def is_block_role(role: Role) -> bool:
-    return role in BLOCK_ROLES
