@@ -191,9 +191,10 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(tiny.sample_text(40000))
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib),
-           "--nsamples", "32", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32"]
+           "--nsamples", "64", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run([str(ref) if c == "OUT" else c for c in cmd], check=True, capture_output=True, cwd=ROOT)
+    wall = load_report(ref).wall_seconds  # from the first write to the end
     run_cmd = [str(out) if c == "OUT" else c for c in cmd]
     rng = random.Random(1234)
     kills = 0
@@ -203,7 +204,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
         before = snapshot(out)
         while proc.poll() is None and snapshot(out) == before:  # until it starts writing (imports are slow)
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.8))
+        time.sleep(rng.uniform(0.05, 0.3) * wall)  # early enough that resumed runs, shorter each time, are hit too
         if proc.poll() is not None:
             break  # finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
