@@ -19,6 +19,7 @@ import torch
 from streamprune.activations import choose_placement
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Role
 from streamprune.checkpoint import Checkpoint
+from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
@@ -104,6 +105,13 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
         return choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
     free = int(total * 0.9) - fp.fp32_block - fp.solve
+    if free < fp.per_window:
+        raise ArgumentError(
+            f"{total / 2**30:.1f} GiB of GPU memory cannot hold one block: its float32 weights "
+            f"({fp.fp32_block / 2**30:.1f} GiB), the solver workspace ({fp.solve / 2**30:.1f} GiB) and the forward "
+            f"workspace of one window ({fp.per_window / 2**30:.2f} GiB) need "
+            f"{(fp.fp32_block + fp.solve + fp.per_window) / 0.9 / 2**30:.1f} GiB; use --device cpu or a larger card"
+        )
     placement = choose_placement(offload_activations, fp.act_pair, device, free - fp.per_window, host_budget)
     if placement == "device":
         free -= fp.act_pair

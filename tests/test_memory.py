@@ -141,5 +141,8 @@ def test_gpu_budget_chooses_placement_and_batch():
     placement, batch = decide(fp, GPU, "auto", 800 * MiB, batch=8, nsamples=128)
     assert placement == "cpu" and batch == (int(0.9 * 800 * MiB) - 500 * MiB) // (50 * MiB)
     # never below one window; never above nsamples
-    assert decide(fp, GPU, "cpu", 100 * MiB, batch=8, nsamples=128)[1] == 1
+    assert decide(fp, GPU, "cpu", 622 * MiB, batch=8, nsamples=128)[1] == 1
     assert decide(fp, CPU, "auto", None, batch=8, nsamples=3)[1] == 3
+    # a card too small for the block itself is refused up front, with the figures
+    with pytest.raises(ArgumentError, match=r"0.5 GiB of GPU memory cannot hold one block.*need 0.6 GiB"):
+        decide(fp, GPU, "cpu", 512 * MiB, batch=8, nsamples=128)
