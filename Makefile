@@ -26,7 +26,8 @@ demo: install
 	$(BIN)/python bench/demo.py
 
 bench: install
-	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/speed.py --device cpu
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
