@@ -95,3 +95,18 @@ def test_npy_and_jsonl_data(tmp_path, data_file):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": p}) for p in data_file.read_text().split("\n\n")))
     assert evaluate(path, jsonl, seqlen=64, nsamples=4, device="cpu").tokens == 4 * 63
+
+
+@pytest.mark.parametrize("variant,prefix", [("bloom", "transformer."), ("opt", "model.")])
+def test_checkpoint_saved_without_base_model_prefix(tmp_path, variant, prefix):
+    """Original BLOOM and OPT releases store names without `transformer.` / `model.`; they load the same."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny.build(tmp_path / variant, variant)
+    ids = torch.randint(0, tiny.VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    before = logits(path, ids)
+    tensors = load_file(path / "model.safetensors")
+    save_file({k.removeprefix(prefix): v for k, v in tensors.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    assert not any(k.startswith(prefix) for k in load_file(path / "model.safetensors"))
+    torch.testing.assert_close(logits(path, ids), before, atol=0, rtol=0)
