@@ -280,17 +280,16 @@ class BlockPruner:
             name = self.ckpt.names[((role, "weight"), bid)]
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
-            stored = result.weight.to(self.ckpt.tensors[name].torch_dtype)  # exactly what is written
-            pruned = stored.to(self.device, torch.float32)  # and what later sites and blocks see
-            solved = clock()
+            pruned = result.weight.to(self.ckpt.tensors[name].torch_dtype)  # what is written, and what
+            solved = clock()  # later sites and blocks see
             err = pruner.reconstruction_error(dense, pruned)
             w[(role, "weight")] = pruned
-            saved[name] = stored.cpu()
+            saved[name] = pruned.cpu()
             self.report.add("solve", solved - start, bid)
             self.report.add("error", clock() - solved, bid)
             self.report.layers.append(LayerReport(
-                block=bid, role=role.value, name=name, shape=list(stored.shape),
-                sparsity=float((stored == 0).sum()) / stored.numel(), rel_error=err, seconds=clock() - start,
+                block=bid, role=role.value, name=name, shape=list(pruned.shape),
+                sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=clock() - start,
                 damp=result.info.get("damp"), damp_retries=int(result.info.get("damp_retries", 0))))
         pruner.free()
 
@@ -306,8 +305,9 @@ def read_block(ckpt: Checkpoint, bid: int) -> tuple[Raw, float]:
 
 
 def working_copy(ckpt: Checkpoint, bid: int, raw: Raw, device: torch.device) -> dict[Param, Tensor]:
-    """Float32 parameters of block `bid` by role, on the compute device."""
-    return {param: raw[name].to(device, torch.float32) for (param, b), name in ckpt.names.items() if b == bid}
+    """Parameters of block `bid` by role, on the compute device in their stored dtype (on the CPU, the
+    tensors as read themselves); the forward upcasts each one exactly when it is used."""
+    return {param: raw[name].to(device) for (param, b), name in ckpt.names.items() if b == bid}
 
 
 class Run:

@@ -49,8 +49,7 @@ class MemoryPlan:
 class Footprint:
     """Sizes in bytes that a run's memory is made of (see the module docstring)."""
 
-    raw_block: int  # one block as stored
-    fp32_block: int  # its float32 working copy
+    raw_block: int  # one block as stored (also its copy on a GPU; on the CPU the same tensors)
     pruned_stored: int  # the pruned weights as stored, awaiting the write
     solve: int  # Hessian and solver workspace of the largest input
     per_window: int  # forward workspace of one calibration window
@@ -79,13 +78,13 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         solve = hessians + 6 * largest * 4  # the largest linear: new weight, scores, top-k indices, error terms
         width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
         per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+        solve = max(solve, hessians + largest * 4)  # the forward upcasts one linear at a time
         if cfg.pos == "alibi":
             per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
         act_pair = 2 * nsamples * seqlen * cfg.hidden_size * 4
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     return Footprint(
         raw_block=sum(i.nbytes for i in block0),
-        fp32_block=sum(math.prod(i.shape) * 4 for i in block0),
         pruned_stored=sum(i.nbytes for i in linears.values()),
         solve=solve, per_window=per_window, act_pair=act_pair,
         embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
@@ -104,13 +103,13 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
     if device.type != "cuda":
         return choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
-    free = int(total * 0.9) - fp.fp32_block - fp.solve
+    free = int(total * 0.9) - fp.raw_block - fp.solve
     if free < fp.per_window:
         raise ArgumentError(
-            f"{total / 2**30:.1f} GiB of GPU memory cannot hold one block: its float32 weights "
-            f"({fp.fp32_block / 2**30:.1f} GiB), the solver workspace ({fp.solve / 2**30:.1f} GiB) and the forward "
+            f"{total / 2**30:.1f} GiB of GPU memory cannot hold one block: its weights "
+            f"({fp.raw_block / 2**30:.1f} GiB), the solver workspace ({fp.solve / 2**30:.1f} GiB) and the forward "
             f"workspace of one window ({fp.per_window / 2**30:.2f} GiB) need "
-            f"{(fp.fp32_block + fp.solve + fp.per_window) / 0.9 / 2**30:.1f} GiB; use --device cpu or a larger card"
+            f"{(fp.raw_block + fp.solve + fp.per_window) / 0.9 / 2**30:.1f} GiB; use --device cpu or a larger card"
         )
     placement = choose_placement(offload_activations, fp.act_pair, device, free - fp.per_window, host_budget)
     if placement == "device":
@@ -143,7 +142,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     block_consumers = [
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
         ("pruned weights awaiting the write", fp.pruned_stored, "host"),
-        ("block weights in float32", fp.fp32_block, where_compute),
+        ("block weights on the GPU", fp.raw_block if on_device else 0, "device"),
         ("Hessian and solver workspace", fp.solve, where_compute),
         (f"forward workspace of one batch ({batch} windows)", batch * fp.per_window, where_compute),
         ("calibration activations (input and output buffers)", fp.act_pair, where_act),

@@ -131,7 +131,7 @@ def test_gpu_budget_chooses_placement_and_batch():
     from streamprune.plan import Footprint, decide
 
     MiB = 2**20
-    fp = Footprint(raw_block=100 * MiB, fp32_block=200 * MiB, pruned_stored=100 * MiB, solve=300 * MiB,
+    fp = Footprint(raw_block=200 * MiB, pruned_stored=100 * MiB, solve=300 * MiB,
                    per_window=50 * MiB, act_pair=400 * MiB, embed_stored=10 * MiB, embed_fp32=20 * MiB)
     # roomy card: activations on the device, batch untouched
     assert decide(fp, GPU, "auto", 4 * GiB, batch=8, nsamples=128) == ("device", 8)
@@ -144,5 +144,5 @@ def test_gpu_budget_chooses_placement_and_batch():
     assert decide(fp, GPU, "cpu", 622 * MiB, batch=8, nsamples=128)[1] == 1
     assert decide(fp, CPU, "auto", None, batch=8, nsamples=3)[1] == 3
     # a card too small for the block itself is refused up front, with the figures
-    with pytest.raises(ArgumentError, match=r"0.5 GiB of GPU memory cannot hold one block.*need 0.6 GiB"):
+    with pytest.raises(ArgumentError, match=r"cannot hold one block: its weights \(0.2 GiB\).*need 0.6 GiB"):
         decide(fp, GPU, "cpu", 512 * MiB, batch=8, nsamples=128)

@@ -52,15 +52,24 @@ def positions(cfg: ModelConfig, seqlen: int) -> Positions:
     return Positions()  # learned positions are added at the embedding
 
 
+def param(w: Weights, role: Role, kind: str, x: Tensor) -> Tensor | None:
+    """A parameter in the compute dtype of `x`: weights may be held as stored (bf16, fp16) and are
+    upcast exactly, one at a time, when used."""
+    t = w.get((role, kind))
+    return None if t is None else t.to(x.dtype)
+
+
 def linear(w: Weights, role: Role, x: Tensor) -> Tensor:
-    return F.linear(x, w[(role, "weight")], w.get((role, "bias")))
+    weight = param(w, role, "weight", x)
+    assert weight is not None, role
+    return F.linear(x, weight, param(w, role, "bias", x))
 
 
 def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
-    weight = w.get((role, "weight"))
+    weight = param(w, role, "weight", x)
     if cfg.norm == "rms":
         return rms_norm(x, weight, cfg.norm_eps)
-    return layer_norm(x, weight, w.get((role, "bias")), cfg.norm_eps)
+    return layer_norm(x, weight, param(w, role, "bias", x), cfg.norm_eps)
 
 
 def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
