@@ -4,7 +4,7 @@ Generates random LLaMA-shaped bf16 checkpoints of one block shape at increasing 
 in a fresh process, and prints: depth, checkpoint size, measured peak RSS (the OS's VmHWM, file-backed
 pages included), the planner's prediction, and time per block.
 
-    python bench/memory.py                       # depths 4 16 32, hidden 2048, ffn 8192 (4.5 GB at 32)
+    python bench/memory.py                       # depths 4 16 32 64, hidden 2048, ffn 8192 (8.9 GB at 64)
     python bench/memory.py --depths 2 4 --hidden 512 --ffn 1376      # a quick look
     python bench/memory.py --device cuda         # also reports peak GPU memory
 """
@@ -33,7 +33,7 @@ VOCAB = 32000
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depths", type=int, nargs="+", default=[4, 16, 32])
+    ap.add_argument("--depths", type=int, nargs="+", default=[4, 16, 32, 64])
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=16)
