@@ -2,7 +2,9 @@
 # GPU checks and benchmarks in one call, a few minutes on one H100:
 #   1. the CUDA path against the CPU path on small random checkpoints (bench/cuda_parity.py);
 #   2. bench/speed.py on an OPT-175B-shaped block and on a LLaMA-70B-shaped block, with the
-#      extrapolated whole-model time.
+#      extrapolated whole-model time;
+#   3. bench/solve_memory.py on OPT-175B's down projection (12288 x 49152, fp16) under a 24 GB cap:
+#      the measured GPU peak of its solve against the planner's, with and without X^T X in host memory.
 # `bench/gpu_check.sh --dry-run` runs the same steps on the CPU with tiny shapes (what CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,9 +12,11 @@ PY=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ]; then
   "$PY" bench/cuda_parity.py --device cpu
   "$PY" bench/speed.py --dry-run --device cpu
+  "$PY" bench/solve_memory.py --device cpu --rows 64 --cols 256
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/cuda_parity.py --device cuda
 "$PY" bench/speed.py --device cuda --shape opt-175b --blocks 1 --json "${OUT:-.}/speed_opt175b.json"
 "$PY" bench/speed.py --device cuda --shape llama-70b --blocks 1 --json "${OUT:-.}/speed_llama70b.json"
+"$PY" bench/solve_memory.py --device cuda --rows 12288 --cols 49152 --dtype fp16 --tokens 65536 --budget 24GB

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from streamprune.checkpoint import write_safetensors
+from streamprune.checkpoint import safetensors_header, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,11 @@ def config(shape: Shape, depth: int, dtype: str) -> dict:
 
 
 def make_checkpoint(path: Path, shape: Shape, depth: int, dtype: torch.dtype = torch.bfloat16,
-                    shard_blocks: int = 8, seed: int = 0) -> int:
-    """Write a random checkpoint of `depth` blocks; returns its size in bytes."""
+                    shard_blocks: int = 8, seed: int = 0, headers_only: bool = False) -> int:
+    """Write a random checkpoint of `depth` blocks; returns its size in bytes.
+
+    With `headers_only`, each shard is its header followed by a hole of the data's length (a sparse
+    file: no disk space, reads give zeros): enough for `streamprune plan` on any model size."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config(shape, depth, str(dtype).removeprefix("torch.")), indent=2))
     gen = torch.Generator().manual_seed(seed)
@@ -87,7 +90,13 @@ def make_checkpoint(path: Path, shape: Shape, depth: int, dtype: torch.dtype = t
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(path / name, shard)
+        if headers_only:
+            header, nbytes = safetensors_header({n: (dt, s) for n, (dt, s, _) in shard.items()})
+            with open(path / name, "wb") as f:
+                f.write(header)
+                f.truncate(len(header) + nbytes)
+        else:
+            write_safetensors(path / name, shard)
         weight_map.update(dict.fromkeys(shard, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))

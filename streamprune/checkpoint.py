@@ -328,19 +328,25 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> None:
-    """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
-    so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
+def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """The header block of a safetensors file holding these tensors in name order (length prefix
+    included), and the bytes of data that follow it."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, (dtype, shape, _) in sorted(tensors.items()):
+    for name, (dtype, shape) in sorted(tensors.items()):
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> None:
+    """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
+    so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(safetensors_header({name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()})[0])
         for name, (dtype, shape, load) in sorted(tensors.items()):
             t = load()
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):

@@ -157,7 +157,9 @@ def plan_cmd(
     for what, nbytes, where in result.consumers:
         table.add_row(what, f"{nbytes / 2**20:,.1f}", where)
     table.caption = (f"predicted peak: host {result.host_peak / 2**20:,.0f} MiB, "
-                     f"GPU {result.device_peak / 2**20:,.0f} MiB")
+                     f"GPU {result.device_peak / 2**20:,.0f} MiB; {result.batch} windows per forward call")
+    if result.offload_hessian:
+        table.caption += "\nX^T X waits in host memory while its inverse factor is on the GPU (to fit the budget)"
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -91,6 +91,7 @@ class Job:
     windows: Tensor | None
     placement: str
     batch: int  # windows per forward call
+    offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
     args: dict[str, Any]
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
@@ -185,13 +186,17 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
 
-    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, calibrate=windows is not None)
-    placement, batch = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
+    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, calibrate=windows is not None,
+                   blocksize=opts.blocksize)
+    decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
+    placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
         logger.info("forward batch %d -> %d windows to fit the GPU budget", opts.batch, batch)
+    if decision.offload_hessian:
+        logger.info("X^T X waits in host memory while its solver matrix is on the GPU, to fit the GPU budget")
     args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
             "calib": None if calib is None else str(calib), "device": str(device),
-            "offload_activations": placement, "batch": batch}
+            "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian}
     fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (opts.overwrite or opts.restart):
@@ -212,7 +217,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         journal = journal.verified(out_dir)
 
     check_disk_space(ckpt, out_dir, journal, fp.act_pair if placement == "disk" else 0)
-    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, batch, args, fprint, journal)
+    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, batch,
+               decision.offload_hessian, args, fprint, journal)
 
 
 def load_report(out_dir: Path) -> Report:
@@ -231,7 +237,8 @@ class BlockPruner:
     def new_pruner(self, w: dict[Param, Tensor], roles: list[Role]) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
         return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
-                           blocksize=self.opts.blocksize, damp=self.opts.damp)
+                           blocksize=self.opts.blocksize, damp=self.opts.damp,
+                           offload_hessian=self.job.offload_hessian)
 
     def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None) -> Raw:
         """Prune every linear of block `bid` in place in `w`; return the pruned tensors by name."""
@@ -274,23 +281,33 @@ class BlockPruner:
         self.report.add("calibrate", clock() - start - hessian, bid)
 
     def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role], saved: Raw) -> None:
+        """Prune the linears that share `pruner`'s input, then score each: the errors come after the
+        solver's state is released, so at most one d x d matrix beside X^T X is ever needed."""
         clock = self.job.clock
+        done = []
         for role in roles:
             start = clock()
             name = self.ckpt.names[((role, "weight"), bid)]
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
-            pruned = result.weight.to(self.ckpt.tensors[name].torch_dtype)  # what is written, and what
-            solved = clock()  # later sites and blocks see
-            err = pruner.reconstruction_error(dense, pruned)
+            # what is written, and what later sites and blocks see
+            pruned = result.weight.to(self.ckpt.tensors[name].torch_dtype, memory_format=torch.contiguous_format)
+            info, result = result.info, None
             w[(role, "weight")] = pruned
             saved[name] = pruned.cpu()
-            self.report.add("solve", solved - start, bid)
-            self.report.add("error", clock() - solved, bid)
+            solved = clock() - start
+            self.report.add("solve", solved, bid)
+            done.append((role, name, dense, pruned, info, solved))
+        pruner.release_solver()
+        for role, name, dense, pruned, info, solved in done:
+            start = clock()
+            err = pruner.reconstruction_error(dense, pruned)
+            seconds = clock() - start
+            self.report.add("error", seconds, bid)
             self.report.layers.append(LayerReport(
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
-                sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=clock() - start,
-                damp=result.info.get("damp"), damp_retries=int(result.info.get("damp_retries", 0))))
+                sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
+                damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0))))
         pruner.free()
 
 

@@ -2,9 +2,11 @@
 
 The model (see README, "Memory model"): at any moment the process holds a fixed overhead (the
 Python interpreter, torch and streamprune), the block being pruned as read plus the next block read
-ahead, the block's float32 working copy, the Hessian workspace of the input being pruned, the
-forward workspace of one batch of windows, and the two calibration activation buffers wherever
-they are placed. Embedding and head tensors are handled one at a time before and after the blocks.
+ahead (and a copy of the block on a GPU), the two calibration activation buffers wherever they are
+placed, and one of two workspaces: while calibrating, X^T X of the inputs being watched plus the
+forward workspace of one batch of windows; while pruning, X^T X, the solver's matrices and the
+largest linear's temporaries. Embedding and head tensors are handled one at a time before and after
+the blocks.
 """
 
 from __future__ import annotations
@@ -21,27 +23,38 @@ from streamprune.arch import PRUNABLE, SEQUENTIAL, Role
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
+from streamprune.pruners.factor import INVERSE_BLOCK, WORKSPACE_BYTES
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
 HOST_OVERHEAD = 250 * 2**20
-# d x d float32 matrices held at the peak of one input's solve: SparseGPT holds the Hessian and two of
-# its Cholesky factor, the inverse and the inverse's factor at a time; the others only X^T X.
-HESSIAN_MATRICES = {"sparsegpt": 3, "wanda": 1, "magnitude": 1}
+# d x d float32 matrices the solve adds to X^T X: SparseGPT's inverse factor (built in place, see
+# pruners/factor.py); Wanda and magnitude need none.
+SOLVER_MATRICES = {"sparsegpt": 1, "wanda": 0, "magnitude": 0}
+# Bytes per element of the largest linear held while it is pruned, beyond its stored copy and the
+# pruned result in the stored dtype: SparseGPT's float32 W^T and its mask; Wanda's float32 weight,
+# scores and mask; magnitude's the same plus the copy its k-th smallest score is selected from.
+SOLVE_BYTES_PER_ELEMENT = {"sparsegpt": 5, "wanda": 9, "magnitude": 13}
+# SparseGPT's per-column-block temporaries, in units of (rows * blocksize): errors, scales, scores and mask.
+SWEEP_BYTES_PER_ELEMENT = 20
+LIBRARY_WORKSPACE = 32 * 2**20  # what BLAS, LAPACK or cuSOLVER allocate for themselves during a solve
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
+GPU_HEADROOM = 0.9  # the share of the GPU budget that is planned for (the rest: CUDA context, fragmentation)
 
 
 @dataclass
 class MemoryPlan:
     placement: str
     batch: int  # windows per forward call, after fitting the GPU budget
+    offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
     host_peak: int
     device_peak: int
     consumers: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, where)
 
     def to_dict(self) -> dict[str, object]:
-        return {"placement": self.placement, "batch": self.batch, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
+        return {"placement": self.placement, "batch": self.batch, "offload_hessian": self.offload_hessian,
+                "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
                 "consumers": [{"what": w, "bytes": b, "where": p} for w, b, p in self.consumers]}
 
 
@@ -51,111 +64,160 @@ class Footprint:
 
     raw_block: int  # one block as stored (also its copy on a GPU; on the CPU the same tensors)
     pruned_stored: int  # the pruned weights as stored, awaiting the write
-    solve: int  # Hessian and solver workspace of the largest input
+    hessians: int  # X^T X of the inputs watched at once (one site, or all of them without --sequential)
+    solver_matrix: int  # the solver's d x d matrix for the widest input (0 for Wanda and magnitude)
+    widest_hessian: int  # X^T X of the widest input: what moves to host memory when it is offloaded
+    linear_solve: int  # the largest linear's temporaries while it is pruned
+    site_dense: int  # the dense weights of the largest site, as stored, kept until their errors are computed
+    linear_fp32: int  # one linear upcast to float32 by the forward
     per_window: int  # forward workspace of one calibration window
     act_pair: int  # the two activation buffers
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
 
+    def calibrate_peak(self, batch: int) -> int:
+        """Compute-device bytes while the block runs forward, beside its weights and the activations."""
+        return self.hessians + self.linear_fp32 + batch * self.per_window
+
+    def solve_peak(self, offload_hessian: bool) -> int:
+        """Compute-device bytes while one linear is pruned, beside the block's weights and the activations."""
+        matrices = self.hessians + self.solver_matrix - (self.widest_hessian if offload_hessian else 0)
+        return matrices + self.linear_solve + self.site_dense
+
+    def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
+        return (self.raw_block + (self.act_pair if activations_on_device else 0)
+                + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
+
+
+def linear_workspace(method: str, rows: int, cols: int, widest: int, blocksize: int = 128) -> int:
+    """Bytes the solve of one (rows x cols) linear holds beside X^T X, the solver's matrix and the weight
+    as stored; `widest` is the widest input's column count (whose factorization needs the most room)."""
+    chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)  # row chunks of the masks and of the reconstruction error
+    if method != "sparsegpt":
+        return SOLVE_BYTES_PER_ELEMENT[method] * rows * cols + chunks + LIBRARY_WORKSPACE
+    rotation = 2 * min(WORKSPACE_BYTES, widest * widest * 2)
+    factorization = max(rotation, 2 * widest * min(widest, INVERSE_BLOCK) * 4)  # or the blocked inversion's panels
+    sweep = SOLVE_BYTES_PER_ELEMENT[method] * rows * cols + SWEEP_BYTES_PER_ELEMENT * rows * blocksize
+    return max(factorization, sweep, chunks) + LIBRARY_WORKSPACE
+
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
-              calibrate: bool = True) -> Footprint:
+              calibrate: bool = True, blocksize: int = 128) -> Footprint:
     cfg = ckpt.config
     block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
     linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
                if ((role, "weight"), 0) in ckpt.names}
-    widths = [max(linears[r].shape[1] for r in roles if r in linears) for _, roles in SEQUENTIAL
-              if any(r in linears for r in roles)]
-    largest = max(math.prod(i.shape) for i in linears.values())
-    matrices = HESSIAN_MATRICES[method]
-    if not calibrate:
-        solve, per_window, act_pair = 4 * largest * 4, 0, 0
-    else:
-        if sequential:
-            hessians = matrices * max(widths) ** 2 * 4
-        else:
-            hessians = sum(w * w * 4 for w in widths) + (matrices - 1) * max(widths) ** 2 * 4
-        solve = hessians + 6 * largest * 4  # the largest linear: new weight, scores, top-k indices, error terms
-        width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-        per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
-        solve = max(solve, hessians + largest * 4)  # the forward upcasts one linear at a time
-        if cfg.pos == "alibi":
-            per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
-        act_pair = 2 * nsamples * seqlen * cfg.hidden_size * 4
+    sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL]
+    sites = [site for site in sites if site]
+    widths = [site[0].shape[1] for site in sites]
+    largest = max(linears.values(), key=lambda i: math.prod(i.shape))
+    widest = max(widths) ** 2 * 4
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
+    common = dict(raw_block=sum(i.nbytes for i in block0), pruned_stored=sum(i.nbytes for i in linears.values()),
+                  site_dense=max(sum(i.nbytes for i in site) for site in sites), linear_fp32=math.prod(largest.shape) * 4,
+                  embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
+    linear_solve = linear_workspace(method, *largest.shape, max(widths), blocksize)
+    if not calibrate:  # magnitude without data: no X^T X, no forward
+        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, linear_solve=linear_solve, per_window=0,
+                         act_pair=0, **common)
+    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+    per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+    if cfg.pos == "alibi":
+        per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
     return Footprint(
-        raw_block=sum(i.nbytes for i in block0),
-        pruned_stored=sum(i.nbytes for i in linears.values()),
-        solve=solve, per_window=per_window, act_pair=act_pair,
-        embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
+        hessians=widest if sequential else sum(w * w * 4 for w in widths),
+        solver_matrix=SOLVER_MATRICES[method] * widest, widest_hessian=widest, linear_solve=linear_solve,
+        per_window=per_window, act_pair=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
+
+
+@dataclass(frozen=True)
+class Decision:
+    placement: str  # of the calibration activations: "device", "cpu" or "disk"
+    batch: int  # windows per forward call
+    offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
 
 
 def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gpu_memory: int | None,
-           batch: int, nsamples: int) -> tuple[str, int]:
-    """Activation placement and windows per forward call under the GPU budget.
+           batch: int, nsamples: int) -> Decision:
+    """Activation placement, windows per forward call, and whether X^T X leaves the GPU during the solve.
 
-    The budget is 90% of `max_gpu_memory` (default: the card's memory). The block's float32 copy and
-    the solver workspace come first; the activations go to the device only if they fit beside the
-    forward workspace of one window; the batch then shrinks until its workspace fits what is left.
+    The budget is 90% of `max_gpu_memory` (default: the card's memory). The block's weights and the
+    solve come first; if the solve does not fit beside X^T X, X^T X waits in host memory meanwhile;
+    the activations go to the device only if they fit beside that and one window's forward workspace;
+    the batch then shrinks until the forward fits what is left.
     """
     batch = max(1, min(batch, nsamples))
     host_budget = psutil.virtual_memory().available // 2
     if device.type != "cuda":
-        return choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch
+        return Decision(choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch, False)
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
-    free = int(total * 0.9) - fp.raw_block - fp.solve
-    if free < fp.per_window:
+    budget = int(total * GPU_HEADROOM)
+    offload = fp.device_peak(1, False, False) > budget and fp.widest_hessian > 0
+    need = fp.device_peak(1, offload, False)
+    if need > budget:
         raise ArgumentError(
             f"{total / 2**30:.1f} GiB of GPU memory cannot hold one block: its weights "
-            f"({fp.raw_block / 2**30:.1f} GiB), the solver workspace ({fp.solve / 2**30:.1f} GiB) and the forward "
-            f"workspace of one window ({fp.per_window / 2**30:.2f} GiB) need "
-            f"{(fp.raw_block + fp.solve + fp.per_window) / 0.9 / 2**30:.1f} GiB; use --device cpu or a larger card"
+            f"({fp.raw_block / 2**30:.1f} GiB) and the larger of the solve "
+            f"({fp.solve_peak(offload) / 2**30:.1f} GiB, X^T X {'in host memory' if offload else 'included'}) and the "
+            f"forward of one window ({fp.calibrate_peak(1) / 2**30:.2f} GiB, X^T X included) need "
+            f"{need / GPU_HEADROOM / 2**30:.1f} GiB; use --device cpu or a larger card"
         )
-    placement = choose_placement(offload_activations, fp.act_pair, device, free - fp.per_window, host_budget)
-    if placement == "device":
-        free -= fp.act_pair
+    placement = choose_placement(offload_activations, fp.act_pair, device, budget - need, host_budget)
+    free = budget - fp.raw_block - (fp.act_pair if placement == "device" else 0) - fp.hessians - fp.linear_fp32
     if fp.per_window:
         batch = max(1, min(batch, free // fp.per_window))
-    return placement, batch
+    return Decision(placement, batch, offload)
 
 
 def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
          offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
-         batch: int = 8, sequential: bool = True, calibrate: bool = True) -> MemoryPlan:
+         batch: int = 8, sequential: bool = True, calibrate: bool = True, blocksize: int = 128) -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
         model_dir: the checkpoint to prune.
         nsamples, seqlen, batch: calibration windows, their length, windows per forward call.
-        device, offload_activations, max_gpu_memory: as for `streamprune run`.
-        method, sequential: as for `streamprune run`.
+        device, offload_activations, max_gpu_memory: as for `streamprune run`; a run on a GPU can be
+            planned on a machine without one when `max_gpu_memory` gives the card's size.
+        method, sequential, blocksize: as for `streamprune run`.
         calibrate: False for magnitude pruning without calibration data.
     """
     ckpt = Checkpoint(model_dir)
-    dev = resolve_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if not max_gpu_memory:
+            raise ArgumentError(f"device {device!r}: no CUDA device is available here; pass --max-gpu-memory "
+                                "(the card's size) to plan a GPU run on this machine")
+        dev = torch.device(device)  # planning only: nothing is allocated
+    else:
+        dev = resolve_device(device)
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
-    fp = footprint(ckpt, nsamples, seqlen, method, sequential, calibrate)
-    placement, batch = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
+    fp = footprint(ckpt, nsamples, seqlen, method, sequential, calibrate, blocksize)
+    d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
-    where_compute = "device" if on_device else "host"
-    where_act = {"device": where_compute, "cpu": "host", "disk": "disk"}[placement]
-    block_consumers = [
+    compute = "device" if on_device else "host"
+    where_act = {"device": compute, "cpu": "host", "disk": "disk"}[d.placement]
+    act_on = {where: fp.act_pair if where_act == where else 0 for where in ("host", "device")}
+    work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
+    offloaded = fp.widest_hessian if d.offload_hessian else 0
+    host_block = 2 * fp.raw_block + fp.pruned_stored + act_on["host"] + offloaded + (0 if on_device else work)
+    host_embed = fp.embed_stored + act_on["host"] + (0 if on_device else fp.embed_fp32)
+    device_peak = 0
+    if on_device:
+        device_peak = max(fp.device_peak(d.batch, d.offload_hessian, d.placement == "device"),
+                          fp.embed_fp32 + act_on["device"])
+    consumers = [
+        ("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"),
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
         ("pruned weights awaiting the write", fp.pruned_stored, "host"),
         ("block weights on the GPU", fp.raw_block if on_device else 0, "device"),
-        ("Hessian and solver workspace", fp.solve, where_compute),
-        (f"forward workspace of one batch ({batch} windows)", batch * fp.per_window, where_compute),
+        ("X^T X of the inputs being calibrated and pruned", fp.hessians, compute),
+        ("solver matrix (SparseGPT's inverse factor, built in place)", fp.solver_matrix, compute),
+        ("X^T X waiting in host memory during the solve", offloaded, "host"),
+        ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
+        (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         ("calibration activations (input and output buffers)", fp.act_pair, where_act),
+        ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
     ]
-    block_phase = {"host": 0, "device": 0, "disk": 0}
-    for _what, nbytes, where in block_consumers:
-        block_phase[where] += nbytes
-    embed_phase = {"host": fp.embed_stored, "device": 0, "disk": 0}
-    embed_phase[where_compute] += fp.embed_fp32
-    embed_phase[where_act] += fp.act_pair
-    host = HOST_OVERHEAD + max(block_phase["host"], embed_phase["host"])
-    device_peak = max(block_phase["device"], embed_phase["device"]) if on_device else 0
-    consumers = [("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"), *block_consumers,
-                 ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, where_compute)]
     consumers.sort(key=lambda c: -c[1])
-    return MemoryPlan(placement, batch, host, device_peak, consumers)
+    return MemoryPlan(d.placement, d.batch, d.offload_hessian, HOST_OVERHEAD + max(host_block, host_embed),
+                      device_peak, consumers)

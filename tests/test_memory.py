@@ -64,8 +64,9 @@ def test_plan_accounts_activations_where_they_are_placed(tmp_path):
     assert dict((w, (b, p)) for w, b, p in disk.consumers)[
         "calibration activations (input and output buffers)"] == (pair, "disk")
     assert host.host_peak >= HOST_OVERHEAD and host.device_peak == 0
-    sgpt, wanda = plan(src, method="sparsegpt", seqlen=128), plan(src, method="wanda", seqlen=128)
-    assert sgpt.host_peak > wanda.host_peak  # SparseGPT's inverse Hessian factors
+    sgpt, wanda = (dict((w, b) for w, b, _ in plan(src, method=m, seqlen=128).consumers) for m in ("sparsegpt", "wanda"))
+    solver = "solver matrix (SparseGPT's inverse factor, built in place)"
+    assert sgpt[solver] == 96 * 96 * 4 and wanda[solver] == 0  # the down projection reads 96 columns
 
 
 def wide_model(tmp_path: Path) -> Path:
@@ -127,22 +128,78 @@ def test_peak_rss_does_not_grow_with_depth(tmp_path):
     assert peaks[1] - peaks[0] < block_bytes, peaks  # 6 more blocks add less than one block's weights
 
 
-def test_gpu_budget_chooses_placement_and_batch():
-    from streamprune.plan import Footprint, decide
+def budget_footprint(**sizes):
+    from streamprune.plan import Footprint
 
     MiB = 2**20
-    fp = Footprint(raw_block=200 * MiB, pruned_stored=100 * MiB, solve=300 * MiB,
-                   per_window=50 * MiB, act_pair=400 * MiB, embed_stored=10 * MiB, embed_fp32=20 * MiB)
+    base = dict(raw_block=200, pruned_stored=100, hessians=64, solver_matrix=64, widest_hessian=64, linear_solve=100,
+                site_dense=36, linear_fp32=16, per_window=50, act_pair=400, embed_stored=10, embed_fp32=20)
+    base.update(sizes)
+    return Footprint(**{k: v * MiB for k, v in base.items()})
+
+
+def test_gpu_budget_chooses_placement_and_batch():
+    from streamprune.plan import Decision, decide
+
+    MiB = 2**20
+    fp = budget_footprint()  # solve: 64 + 64 + 100 + 36 = 264 MiB; forward of one window: 64 + 16 + 50 = 130 MiB
     # roomy card: activations on the device, batch untouched
-    assert decide(fp, GPU, "auto", 4 * GiB, batch=8, nsamples=128) == ("device", 8)
-    # 0.9 * 1.2 GiB - 500 MiB leaves ~600 MiB: activations (400) fit beside one window, 4 windows of 50 remain
-    assert decide(fp, GPU, "auto", int(1.2 * GiB), batch=8, nsamples=128) == ("device", 4)
+    assert decide(fp, GPU, "auto", 4 * GiB, batch=8, nsamples=128) == Decision("device", 8, False)
+    # 0.9 * 1.2 GiB = 1106 MiB: block 200 + solve 264 leave 642, room for the activations (400); the forward
+    # then has 1106 - 200 - 400 - 64 - 16 = 426 MiB, 8 windows of 50
+    assert decide(fp, GPU, "auto", int(1.2 * GiB), batch=8, nsamples=128) == Decision("device", 8, False)
+    assert decide(fp, GPU, "auto", int(1.0 * GiB), batch=8, nsamples=128) == Decision("device", 4, False)
     # a smaller budget sends the activations to host memory and shrinks the batch to what is left
-    placement, batch = decide(fp, GPU, "auto", 800 * MiB, batch=8, nsamples=128)
-    assert placement == "cpu" and batch == (int(0.9 * 800 * MiB) - 500 * MiB) // (50 * MiB)
+    d = decide(fp, GPU, "auto", 600 * MiB, batch=8, nsamples=128)
+    assert d.placement == "cpu" and d.batch == (int(0.9 * 600 * MiB) - 280 * MiB) // (50 * MiB) and not d.offload_hessian
     # never below one window; never above nsamples
-    assert decide(fp, GPU, "cpu", 622 * MiB, batch=8, nsamples=128)[1] == 1
-    assert decide(fp, CPU, "auto", None, batch=8, nsamples=3)[1] == 3
+    assert decide(budget_footprint(per_window=200), GPU, "cpu", 540 * MiB, batch=8, nsamples=128).batch == 1
+    assert decide(fp, CPU, "auto", None, batch=8, nsamples=3).batch == 3
     # a card too small for the block itself is refused up front, with the figures
-    with pytest.raises(ArgumentError, match=r"cannot hold one block: its weights \(0.2 GiB\).*need 0.6 GiB"):
-        decide(fp, GPU, "cpu", 512 * MiB, batch=8, nsamples=128)
+    with pytest.raises(ArgumentError, match=r"cannot hold one block: its weights \(0.2 GiB\).*need 0.4 GiB"):
+        decide(fp, GPU, "cpu", 300 * MiB, batch=8, nsamples=128)
+
+
+def test_gpu_budget_moves_xtx_to_host_when_the_solve_would_not_fit():
+    from streamprune.plan import decide
+
+    MiB = 2**20
+    fp = budget_footprint(hessians=1024, solver_matrix=1024, widest_hessian=1024)
+    # the solve needs 200 + 1024 + 1024 + 136 = 2384 MiB with X^T X on the card, 1360 without
+    assert not decide(fp, GPU, "cpu", 2700 * MiB, batch=8, nsamples=128).offload_hessian
+    d = decide(fp, GPU, "cpu", 2600 * MiB, batch=8, nsamples=128)
+    assert d.offload_hessian and fp.device_peak(d.batch, True, False) <= 0.9 * 2600 * MiB
+    assert fp.device_peak(1, False, False) > 0.9 * 2600 * MiB
+    # Wanda's solve needs no matrix beyond X^T X, so nothing moves
+    wanda = budget_footprint(hessians=1024, solver_matrix=0, widest_hessian=1024)
+    assert not decide(wanda, GPU, "cpu", 1800 * MiB, batch=8, nsamples=128).offload_hessian
+
+
+def test_plan_fits_an_opt_175b_down_projection_on_a_24gb_card(tmp_path):
+    """Planned from the headers of an OPT-175B-shaped checkpoint (a sparse file: no data is written).
+    fc2's X^T X is 49152^2 float32 (9 GiB); with SparseGPT's inverse factor beside it and the block on
+    the card the solve needs more than 90% of 24 GB, so X^T X waits in host memory during the solve."""
+    from bench.synth import Shape, make_checkpoint
+    from streamprune.checkpoint import Checkpoint
+    from streamprune.plan import GPU_HEADROOM, footprint
+
+    src = tmp_path / "opt175b"
+    make_checkpoint(src, Shape("opt", 12288, 49152, 96, 96, vocab=50272), 2, dtype=torch.float16, headers_only=True)
+    budget = 24 * 10**9
+    result = plan(src, nsamples=128, seqlen=2048, device="cuda", max_gpu_memory=budget, method="sparsegpt",
+                  offload_activations="cpu")
+    assert result.offload_hessian and result.device_peak <= GPU_HEADROOM * budget
+    consumers = {w: (b, where) for w, b, where in result.consumers}
+    assert consumers["X^T X waiting in host memory during the solve"] == (49152**2 * 4, "host")
+    fp = footprint(Checkpoint(src), 128, 2048, "sparsegpt")
+    assert fp.device_peak(1, False, False) > GPU_HEADROOM * budget  # it would not fit with X^T X on the card
+    with pytest.raises(ArgumentError, match="cannot hold one block"):  # nor on a 16 GB card even so
+        plan(src, nsamples=128, seqlen=2048, device="cuda", max_gpu_memory=16 * 10**9, offload_activations="cpu")
+
+
+def test_plan_for_a_gpu_without_one_needs_its_size(tmp_path, monkeypatch):
+    src = tiny.build(tmp_path / "m", "llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ArgumentError, match="no CUDA device is available here; pass --max-gpu-memory"):
+        plan(src, device="cuda")
+    assert plan(src, device="cuda", max_gpu_memory=8 * GiB, seqlen=128).device_peak > 0

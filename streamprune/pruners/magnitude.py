@@ -14,10 +14,11 @@ class Magnitude(Pruner):
 
     @torch.no_grad()
     def prune(self, weight: Tensor) -> PruneResult:
-        w = weight.to(self.device, torch.float32)
+        w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
         score = w.abs()
         if self.pattern.structured:
             mask = nm_mask(score, self.pattern.n, self.pattern.m)
         else:
             mask = matrix_mask(score, self.sparsity)
-        return PruneResult(w.masked_fill(mask, 0.0), mask)
+        del score
+        return PruneResult(w.masked_fill_(mask, 0.0), mask)

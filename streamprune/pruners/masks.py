@@ -6,10 +6,12 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from streamprune.errors import ArgumentError
+from streamprune.pruners.factor import rows_per_chunk
 
 
 @dataclass(frozen=True)
@@ -61,24 +63,41 @@ def check_columns(columns: int, pattern: Pattern, what: str) -> None:
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     """The n lowest-scoring weights of every group of m consecutive columns of each row."""
     rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)  # (rows, groups, m)
-    idx = groups.topk(n, dim=-1, largest=False).indices
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    step = rows_per_chunk(cols)
+    for r0 in range(0, rows, step):  # the top-k temporaries stay a few MiB
+        groups = score[r0 : r0 + step].reshape(-1, cols // m, m)  # (rows, groups, m)
+        idx = groups.topk(n, dim=-1, largest=False).indices
+        mask[r0 : r0 + step].view(-1, cols // m, m).scatter_(-1, idx, True)
+    return mask
 
 
 def row_mask(score: Tensor, sparsity: float) -> Tensor:
     """The ceil(sparsity * cols) lowest-scoring weights of each row (so the matrix reaches `sparsity`)."""
-    k = math.ceil(sparsity * score.shape[1] - 1e-9)
+    rows, cols = score.shape
+    k = math.ceil(sparsity * cols - 1e-9)
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k:
-        mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+        step = rows_per_chunk(cols)
+        for r0 in range(0, rows, step):
+            mask[r0 : r0 + step].scatter_(1, score[r0 : r0 + step].topk(k, dim=1, largest=False).indices, True)
     return mask
 
 
 def matrix_mask(score: Tensor, sparsity: float) -> Tensor:
-    """The floor(sparsity * numel) lowest-scoring weights of the whole matrix."""
+    """The floor(sparsity * numel) lowest-scoring weights of the whole matrix: everything below the
+    k-th smallest score, then as many of the scores equal to it as needed, first in row-major order."""
     k = int(sparsity * score.numel())
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        mask[score.flatten().topk(k, largest=False).indices] = True
-    return mask.view_as(score)
+    if not k:
+        return torch.zeros_like(score, dtype=torch.bool)
+    flat = score.flatten()
+    if flat.device.type == "cpu":
+        threshold = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])  # introselect on one copy
+    else:
+        threshold = flat.kthvalue(k).values
+    mask = score < threshold
+    ties = k - int(mask.sum())
+    if ties:
+        tied = (flat == threshold).nonzero().squeeze(1)[:ties]
+        mask.view(-1)[tied] = True
+    return mask

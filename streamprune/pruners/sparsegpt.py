@@ -10,6 +10,7 @@ from torch import Tensor
 
 from streamprune.errors import StreamPruneError
 from streamprune.pruners.base import Pruner, PruneResult
+from streamprune.pruners.factor import inverse_factor_
 from streamprune.pruners.masks import Pattern
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ class SparseGPT(Pruner):
     group of M), OBS updates inside the block and lazy batched updates of the remaining columns."""
 
     def __init__(self, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
-                 blocksize: int = 128, damp: float = 0.01) -> None:
-        super().__init__(columns, device, sparsity, pattern)
+                 blocksize: int = 128, damp: float = 0.01, offload_hessian: bool = False) -> None:
+        super().__init__(columns, device, sparsity, pattern, offload_hessian)
         self.blocksize = blocksize
         # Columns whose OBS updates are applied one by one before being batched onto the rest of the
         # block; a multiple of M so that every N:M group sees all earlier updates.
@@ -47,27 +48,33 @@ class SparseGPT(Pruner):
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:
         """Upper Cholesky factor of the damped H^-1 and the dead-input mask; computed once per input.
 
-        Works in place on the accumulated X^T X (restored afterwards, scaled to H = 2 X^T X / n, which
-        the relative reconstruction error does not notice), so at most three d x d matrices exist at once.
+        The factor is built in place in one d x d buffer (see `factor.py`). With `offload_hessian`,
+        X^T X moves to host memory first and its device buffer becomes that one, so the device holds a
+        single d x d matrix; otherwise the factor is a second matrix beside X^T X. X^T X itself is kept
+        unchanged for the reconstruction errors and for retries with more damping.
         """
         if self._hinv is not None:
             assert self._dead is not None
             return self._hinv, self._dead
         assert self.xtx is not None and self.ntokens, "no calibration batch was added"
-        H = self.xtx.mul_(2.0 / self.ntokens)
-        self.ntokens = 0  # the statistics are now scaled; no more batches may be added
-        diag = H.diagonal()
-        dead = diag == 0
-        diag[dead] = 1.0
-        base = diag.mean()
-        damp, added = self.damp, 0.0
+        source = self.xtx
+        if self.offload_hessian:
+            self.xtx = source.to("cpu", copy=True)
+            work = source  # the device buffer, reused
+        else:
+            work = torch.empty_like(source)
+        dead = self.xtx.diagonal() == 0
+        dead = dead.to(self.device)
+        damp = self.damp
         for attempt in range(MAX_DAMP_RETRIES + 1):
-            diag.add_(damp * base - added)
-            added = damp * base
-            L, info = torch.linalg.cholesky_ex(H.flip(0, 1))  # of the reversed H, see below
-            if info == 0:
+            if attempt or not self.offload_hessian:
+                work.copy_(self.xtx)
+            work.mul_(2.0 / self.ntokens)  # H = 2 X^T X / n
+            diag = work.diagonal()
+            diag[dead] = 1.0
+            diag.add_(damp * diag.mean())
+            if inverse_factor_(work) == 0:
                 break
-            L = None  # free the failed factor before the next try
             logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
             damp *= 10
         else:
@@ -75,25 +82,17 @@ class SparseGPT(Pruner):
                 f"the Hessian is not positive definite even with damping {damp / 10:g}; "
                 "the calibration activations may contain NaN or Inf"
             )
-        diag.sub_(added)
-        diag[dead] = 0.0
-        assert L is not None
-        # H reversed = L L^T  =>  H = R R^T with R = J L J upper  =>  H^-1 = (R^-1)^T R^-1, and
-        # R^-1 = J L^-1 J is the upper Cholesky factor of H^-1 (one triangular solve, no second factorization).
-        U = torch.eye(self.columns, device=self.device)
-        torch.linalg.solve_triangular(L, U, upper=False, out=U)  # U = L^-1
-        del L
-        U = U.flip(0, 1)
         self.damp_used, self.retries = damp, attempt
-        self._hinv, self._dead = U, dead
-        return U, dead
+        self._hinv, self._dead = work, dead
+        return work, dead
 
     @torch.no_grad()
     def prune(self, weight: Tensor) -> PruneResult:
         hinv, dead = self._inverse_factor()
         # Work on W^T (columns, rows): every column of W is then a contiguous row, and the per-column
         # OBS updates touch contiguous memory.
-        Wt = weight.to(self.device, torch.float32).t().contiguous()
+        Wt = torch.empty(weight.shape[1], weight.shape[0], device=self.device)
+        Wt.copy_(weight.t())  # one float32 copy, transposed as it is made
         Wt[dead] = 0
         cols, rows = Wt.shape
         mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=self.device)
@@ -123,8 +122,7 @@ class SparseGPT(Pruner):
             Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy update of later columns
         Wt[dead] = 0
         mask_t[dead] = True
-        return PruneResult(Wt.t().contiguous(), mask_t.t().contiguous(),
-                           {"damp": self.damp_used, "damp_retries": self.retries})
+        return PruneResult(Wt.t(), mask_t.t(), {"damp": self.damp_used, "damp_retries": self.retries})
 
     def _block_mask(self, W1: Tensor, d: Tensor) -> Tensor:
         """Adaptive selection over one column block (W1 is transposed: (count, rows)): the lowest
@@ -134,6 +132,9 @@ class SparseGPT(Pruner):
         score = W1**2 / d[:, None] ** 2
         k = int(score.numel() * self.sparsity)
         return score <= kth_smallest(score.flatten(), k)  # sort(score)[k], as the reference does
+
+    def release_solver(self) -> None:
+        self._hinv = None
 
     def free(self) -> None:
         super().free()

@@ -13,10 +13,11 @@ class Wanda(Pruner):
     @torch.no_grad()
     def prune(self, weight: Tensor) -> PruneResult:
         assert self.xtx is not None
-        w = weight.to(self.device, torch.float32)
+        w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
         score = w.abs() * self.xtx.diagonal().sqrt()[None, :]  # diag(X^T X)_j = ||X_j||^2
         if self.pattern.structured:
             mask = nm_mask(score, self.pattern.n, self.pattern.m)
         else:
             mask = row_mask(score, self.sparsity)
-        return PruneResult(w.masked_fill(mask, 0.0), mask)
+        del score
+        return PruneResult(w.masked_fill_(mask, 0.0), mask)
