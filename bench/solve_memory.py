@@ -34,7 +34,7 @@ from streamprune.memory import (
 from streamprune.plan import SOLVER_MATRICES, linear_workspace
 from streamprune.pruners import Pattern, make_pruner
 
-CASES = [("sparsegpt", False), ("sparsegpt", True), ("wanda", False), ("magnitude", False)]
+CASES = [("sparsegpt", False), ("sparsegpt", True), ("wanda", False), ("wanda", True), ("magnitude", False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -357,6 +357,13 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[in
         os.fsync(f.fileno())
 
 
+def all_finite(t: Tensor, chunk_bytes: int = 16 * 2**20) -> bool:
+    """No NaN or Inf in `t`, checked in slices so the temporaries stay small beside a large tensor."""
+    flat = t.reshape(-1)
+    step = max(1, chunk_bytes // t.element_size())
+    return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
+
+
 def eager(tensors: dict[str, Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]:
     """Entries for `write_safetensors` from tensors already in memory."""
     return {name: (t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in tensors.items()}

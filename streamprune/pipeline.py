@@ -26,7 +26,17 @@ from streamprune.activations import Activations, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows, load_tokens
-from streamprune.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, ShardWriter, copy_side_files, eager, read_header, read_tensor
+from streamprune.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    CheckpointError,
+    ShardWriter,
+    all_finite,
+    copy_side_files,
+    eager,
+    read_header,
+    read_tensor,
+)
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
 from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
@@ -274,7 +284,9 @@ class BlockPruner:
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
         forward_block(self.ckpt, w, x, pos, None, self.job.batch, self.device, tap=tap, until=last)
         for site, pruner in pruners.items():
-            if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx).all()):
+            # a NaN or Inf in any input column shows on its diagonal entry (|x_i x_j| <= (x_i^2 + x_j^2) / 2),
+            # so the d entries are checked instead of the d^2 (whose check would allocate d^2 temporaries)
+            if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx.diagonal()).all()):
                 names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
                 raise DataError(f"block {bid}: calibration activations entering {names} contain NaN or Inf")
         self.report.add("hessian", hessian, bid)
@@ -316,7 +328,7 @@ def read_block(ckpt: Checkpoint, bid: int) -> tuple[Raw, float]:
     start = time.perf_counter()
     raw = {name: ckpt.read(name) for name in ckpt.stored_names(bid)}
     for name, t in raw.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{ckpt.tensors[name].path}: {name} (block {bid}) contains NaN or Inf")
     return raw, time.perf_counter() - start
 

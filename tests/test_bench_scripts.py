@@ -21,7 +21,7 @@ def test_gpu_check_dry_run():
         assert f"\n{phase}" in out
     assert "extrapolated" in out
     solve_rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["sparsegpt"], ["wanda"], ["magnitude"])]
-    assert len(solve_rows) == 4 and all(len(r) == 7 for r in solve_rows), out  # no case failed
+    assert len(solve_rows) == 5 and all(len(r) == 7 for r in solve_rows), out  # no case failed
 
 
 def test_memory_bench_small():

@@ -170,7 +170,7 @@ def test_gpu_budget_moves_xtx_to_host_when_the_solve_would_not_fit():
     d = decide(fp, GPU, "cpu", 2600 * MiB, batch=8, nsamples=128)
     assert d.offload_hessian and fp.device_peak(d.batch, True, False) <= 0.9 * 2600 * MiB
     assert fp.device_peak(1, False, False) > 0.9 * 2600 * MiB
-    # Wanda's solve needs no matrix beyond X^T X, so nothing moves
+    # Wanda's solve needs no matrix beyond X^T X, so it fits where SparseGPT's did not
     wanda = budget_footprint(hessians=1024, solver_matrix=0, widest_hessian=1024)
     assert not decide(wanda, GPU, "cpu", 1800 * MiB, batch=8, nsamples=128).offload_hessian
 

@@ -229,3 +229,16 @@ def test_matrix_mask_breaks_ties_to_the_exact_count():
     score = torch.tensor([[1.0, 2.0, 2.0, 2.0], [2.0, 2.0, 3.0, 0.5]])
     mask = matrix_mask(score, 0.5)  # 4 of 8: both scores below 2, then the first two 2s in row-major order
     assert mask.tolist() == [[True, True, True, False], [False, False, False, True]]
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_offloaded_hessian_leaves_other_methods_unchanged(method):
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    X = correlated_inputs(600, 128)
+    out = []
+    for offload in (False, True):
+        p = make_pruner(method, 128, torch.device("cpu"), 0.5, Pattern(), offload_hessian=offload)
+        p.add_batch(X)
+        res = p.prune(W)
+        out.append((res.weight, p.reconstruction_error(W, res.weight)))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]

@@ -26,8 +26,9 @@ class Pruner(ABC):
     input Hessian is H = 2 X^T X / n); `prune(w)` may be called once per linear that reads the same
     input (q/k/v, gate/up), which all share it; `release_solver()` drops what the solve needed beyond
     X^T X; `reconstruction_error(...)` then scores each pruned linear; `free()` releases the rest.
-    With `offload_hessian`, a method whose solve needs a second d x d matrix moves X^T X to host
-    memory for the solve, so that the device holds one such matrix at a time.
+    With `offload_hessian`, X^T X waits in host memory from the start of the solve until the errors
+    need it, so the solve's device memory holds at most one d x d matrix (SparseGPT's inverse factor,
+    built in X^T X's own buffer) and none for Wanda and magnitude.
     """
 
     needs_data = True
@@ -54,6 +55,11 @@ class Pruner(ABC):
     @abstractmethod
     def prune(self, weight: Tensor) -> PruneResult:
         """Prune one weight (out, columns); returns the new float32 weight and its mask."""
+
+    def _park_hessian(self) -> None:
+        """With `offload_hessian`, move X^T X to host memory (freeing its device buffer) until the errors."""
+        if self.offload_hessian and self.xtx is not None:
+            self.xtx = self.xtx.to("cpu")
 
     def release_solver(self) -> None:
         """Drop the solver's state once every linear of this input is pruned (before the errors)."""

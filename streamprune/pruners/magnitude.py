@@ -14,6 +14,7 @@ class Magnitude(Pruner):
 
     @torch.no_grad()
     def prune(self, weight: Tensor) -> PruneResult:
+        self._park_hessian()  # only the reconstruction error reads X^T X
         w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
         score = w.abs()
         if self.pattern.structured:

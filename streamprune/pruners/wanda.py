@@ -14,7 +14,9 @@ class Wanda(Pruner):
     def prune(self, weight: Tensor) -> PruneResult:
         assert self.xtx is not None
         w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
-        score = w.abs() * self.xtx.diagonal().sqrt()[None, :]  # diag(X^T X)_j = ||X_j||^2
+        norms = self.xtx.diagonal().sqrt().to(self.device)  # diag(X^T X)_j = ||X_j||^2
+        self._park_hessian()
+        score = w.abs() * norms[None, :]
         if self.pattern.structured:
             mask = nm_mask(score, self.pattern.n, self.pattern.m)
         else:
