@@ -60,6 +60,13 @@ def check_columns(columns: int, pattern: Pattern, what: str) -> None:
         raise ArgumentError(f"{what}: {columns} input columns are not divisible by M={pattern.m} of pattern {pattern}")
 
 
+def kth_smallest(x: Tensor, k: int) -> Tensor:
+    """The k-th smallest element (0-based) of a 1-D tensor; numpy's introselect is far faster on the CPU."""
+    if x.device.type == "cpu":
+        return torch.as_tensor(np.partition(x.numpy(), k)[k])
+    return x.kthvalue(k + 1).values
+
+
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     """The n lowest-scoring weights of every group of m consecutive columns of each row."""
     rows, cols = score.shape
@@ -91,10 +98,7 @@ def matrix_mask(score: Tensor, sparsity: float) -> Tensor:
     if not k:
         return torch.zeros_like(score, dtype=torch.bool)
     flat = score.flatten()
-    if flat.device.type == "cpu":
-        threshold = torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])  # introselect on one copy
-    else:
-        threshold = flat.kthvalue(k).values
+    threshold = kth_smallest(flat, k - 1)
     mask = score < threshold
     ties = k - int(mask.sum())
     if ties:

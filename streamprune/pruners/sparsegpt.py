@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from streamprune.errors import StreamPruneError
 from streamprune.pruners.base import Pruner, PruneResult
 from streamprune.pruners.factor import inverse_factor_
-from streamprune.pruners.masks import Pattern
+from streamprune.pruners.masks import Pattern, kth_smallest
 
 logger = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 INNER_COLUMNS = 16
-
-
-def kth_smallest(x: Tensor, k: int) -> Tensor:
-    """The k-th smallest element (0-based) of a 1-D tensor; numpy's introselect is far faster on the CPU."""
-    if x.device.type == "cpu":
-        return torch.as_tensor(np.partition(x.numpy(), k)[k])
-    return x.kthvalue(k + 1).values
 
 
 class SparseGPT(Pruner):
