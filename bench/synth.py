@@ -1,4 +1,9 @@
-"""Random checkpoints of a given block shape, written tensor by tensor (no model is ever materialized)."""
+"""Random checkpoints of a given block shape, written tensor by tensor (no model is ever materialized).
+
+    python bench/synth.py /tmp/opt175b --family opt --hidden 12288 --ffn 49152 --heads 96 --vocab 50272 \
+        --depth 96 --dtype float16 --headers-only      # 349 GB apparent size, no disk used: for `plan`
+    python bench/synth.py /tmp/llama70b --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --depth 80 --headers-only
+"""
 
 from __future__ import annotations
 
@@ -100,3 +105,27 @@ def make_checkpoint(path: Path, shape: Shape, depth: int, dtype: torch.dtype = t
         weight_map.update(dict.fromkeys(shard, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--family", choices=["llama", "opt"], default="llama")
+    ap.add_argument("--hidden", type=int, required=True)
+    ap.add_argument("--ffn", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--depth", type=int, required=True)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--headers-only", action="store_true", help="sparse shards: headers and holes, for `streamprune plan`")
+    args = ap.parse_args()
+    shape = Shape(args.family, args.hidden, args.ffn, args.heads, args.kv_heads or args.heads, args.vocab)
+    size = make_checkpoint(args.out, shape, args.depth, getattr(torch, args.dtype), headers_only=args.headers_only)
+    print(f"wrote {args.out}: {size / 1e9:.2f} GB of shards{' (sparse)' if args.headers_only else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,3 +30,15 @@ def test_memory_bench_small():
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [2, 4]
+
+
+def test_synth_headers_only_checkpoint_plans(tmp_path):
+    out = tmp_path / "m"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "synth.py"), str(out), "--hidden", "256", "--ffn", "1024",
+                             "--heads", "4", "--depth", "3", "--headers-only"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(sparse)" in result.stdout
+    from streamprune.plan import plan
+
+    assert plan(out, nsamples=4, seqlen=64, device="cpu").host_peak > 0
