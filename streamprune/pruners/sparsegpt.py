@@ -55,8 +55,7 @@ class SparseGPT(Pruner):
             work = source  # the device buffer, reused
         else:
             work = torch.empty_like(source)
-        dead = self.xtx.diagonal() == 0
-        dead = dead.to(self.device)
+        dead = (self.xtx.diagonal() == 0).to(self.device)
         damp = self.damp
         for attempt in range(MAX_DAMP_RETRIES + 1):
             if attempt or not self.offload_hessian:
