@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -145,10 +146,17 @@ def check_disk_space(ckpt: Checkpoint, out_dir: Path, journal: Journal | None, a
         )
 
 
-def clear_previous_output(out_dir: Path) -> None:
-    """Remove a previous run's checkpoint and work files (only those), so nothing stale survives."""
+OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.tmp)?")
+OWN_FILES = {INDEX_NAME, INDEX_NAME + ".tmp", REPORT_NAME, REPORT_NAME + ".tmp", MEMORY_CSV}
+
+
+def clear_previous_output(out_dir: Path, every_checkpoint_file: bool) -> None:
+    """Remove what a previous run of streamprune wrote (its shards, index, report, memory profile and work
+    folder), so nothing stale survives; with `every_checkpoint_file` (--overwrite) also every other
+    *.safetensors file. Nothing else in OUT_DIR is touched."""
     for path in out_dir.iterdir():
-        if path.is_file() and (path.suffix in (".safetensors", ".tmp") or path.name in (INDEX_NAME, REPORT_NAME, MEMORY_CSV)):
+        ours = OWN_SHARD.fullmatch(path.name) or path.name in OWN_FILES
+        if path.is_file() and (ours or (every_checkpoint_file and path.suffix == ".safetensors")):
             path.unlink()
     shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
 
@@ -209,22 +217,23 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian}
     fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
     journal = None
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (opts.overwrite or opts.restart):
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
-        if old is None:
+        if old is None and not opts.overwrite:  # --restart starts over a run of streamprune, nothing else
             raise ArgumentError(
                 f"OUT_DIR {str(out_dir)!r} is not empty and holds no run of streamprune; pass --overwrite to replace "
                 "its checkpoint files")
-        if old != fprint:
-            raise ArgumentError(
-                f"OUT_DIR {str(out_dir)!r} holds a different run ({describe_difference(old, fprint)}); pass --restart "
-                "to start over")
-        if finished:
-            logger.warning("%s already holds the finished result of this run", out_dir)
-            return load_report(out_dir)
-        journal = Journal.load(out_dir)
-        assert journal is not None
-        journal = journal.verified(out_dir)
+        if old is not None and not (opts.overwrite or opts.restart):  # the same job resumes, another is refused
+            if old != fprint:
+                raise ArgumentError(
+                    f"OUT_DIR {str(out_dir)!r} holds a different run ({describe_difference(old, fprint)}); pass "
+                    "--restart to start over")
+            if finished:
+                logger.warning("%s already holds the finished result of this run", out_dir)
+                return load_report(out_dir)
+            journal = Journal.load(out_dir)
+            assert journal is not None  # previous_job found it
+            journal = journal.verified(out_dir)
 
     check_disk_space(ckpt, out_dir, journal, fp.act_pair if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, batch,
@@ -374,7 +383,7 @@ class Run:
         out = job.out_dir
         if job.journal is None:
             out.mkdir(parents=True, exist_ok=True)
-            clear_previous_output(out)
+            clear_previous_output(out, every_checkpoint_file=job.opts.overwrite)
         self.journal.save(out)
         if 0 not in self.journal.done:
             lazy = {n: (info.torch_dtype, info.shape, (lambda info=info: read_tensor(info)))

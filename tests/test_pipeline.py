@@ -195,3 +195,29 @@ def test_out_dir_not_writable_or_not_empty(tmp_path, calib):
     # /proc refuses new files even to root
     result = CliRunner().invoke(app, ["run", str(src), "/proc/streamprune-out", "--method", "magnitude"])
     assert result.exit_code == 2 and "not writable" in result.output, result.output
+
+
+def test_restart_never_deletes_files_it_does_not_own(tmp_path, calib):
+    """--restart starts a run of streamprune over; only --overwrite may replace other checkpoint files."""
+    src = tiny.build(tmp_path / "in", "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.safetensors").write_bytes(b"precious")
+    (out / "notes.tmp").write_text("keep me")
+    result = CliRunner().invoke(app, ["run", str(src), str(out), "--method", "magnitude", "--restart"])
+    assert result.exit_code == 2 and "holds no run of streamprune" in result.output, result.output
+    assert (out / "mine.safetensors").read_bytes() == b"precious"
+    # an unfinished run of another job in the same folder: --restart replaces what that run wrote, nothing else
+    streamprune.prune(src, out, method="magnitude", overwrite=True)
+    assert not (out / "mine.safetensors").exists() and (out / "notes.tmp").read_text() == "keep me"
+    (out / "mine.safetensors").write_bytes(b"precious")
+    (out / "model.safetensors.index.json").unlink()  # an unfinished run
+    (out / ".streamprune").mkdir()
+    (out / ".streamprune" / "journal.json").write_text(
+        json.dumps({"fingerprint": {"model": "x", "calib": None, "args": {}}, "done": {}}))
+    result = CliRunner().invoke(app, ["run", str(src), str(out), "--method", "magnitude"])
+    assert result.exit_code == 2 and "holds a different run" in result.output, result.output
+    result = CliRunner().invoke(app, ["run", str(src), str(out), "--method", "magnitude", "--restart"])
+    assert result.exit_code == 0, result.output
+    assert (out / "mine.safetensors").read_bytes() == b"precious" and (out / "notes.tmp").read_text() == "keep me"
+    assert Checkpoint(out).config.n_layers == 3
