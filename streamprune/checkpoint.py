@@ -146,17 +146,6 @@ def read_tensor(info: TensorInfo) -> Tensor:
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
-def _resolve_inside(model_dir: Path, name: str, follow_symlinks: bool) -> Path:
-    path = model_dir / name
-    if path.is_symlink() and not follow_symlinks:
-        target = path.resolve()
-        if not target.is_relative_to(model_dir.resolve()):
-            raise CheckpointError(
-                f"{path}: is a symlink to {target}, outside the model directory; pass --follow-symlinks to allow it"
-            )
-    return path
-
-
 def load_config(model_dir: Path) -> dict[str, Any]:
     if not model_dir.exists():
         raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
@@ -174,8 +163,11 @@ def load_config(model_dir: Path) -> dict[str, Any]:
     return raw
 
 
-def scan_tensors(model_dir: Path, follow_symlinks: bool = False) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, located, with every shard's header checked."""
+def scan_tensors(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, located, with every shard's header checked.
+
+    Shards may be symlinks (the Hugging Face cache links `snapshots/<rev>/*.safetensors` to `../../blobs/`):
+    the input is only read, so any link to a regular file is followed."""
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
         try:
@@ -197,9 +189,12 @@ def scan_tensors(model_dir: Path, follow_symlinks: bool = False) -> dict[str, Te
     if missing:
         where = f"{index_path}: names shard files" if weight_map else f"{model_dir}: holds broken symlinks to shard files"
         raise CheckpointError(f"{where} that do not exist: {', '.join(missing)}")
+    odd = [s for s in shard_names if not (model_dir / s).is_file()]
+    if odd:
+        raise CheckpointError(f"{model_dir / odd[0]}: is not a regular file (or a link to one)")
     tensors: dict[str, TensorInfo] = {}
     for shard in shard_names:
-        for name, info in read_header(_resolve_inside(model_dir, shard, follow_symlinks)).items():
+        for name, info in read_header(model_dir / shard).items():
             if name in tensors:
                 raise CheckpointError(
                     f"tensor {name!r} is stored twice: in {tensors[name].path.name} and in {shard}"
@@ -221,13 +216,13 @@ class Checkpoint:
     Construction reads config.json and the shard headers only. Tensors are read on demand.
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str], follow_symlinks: bool = False) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(model_dir)
         self.raw_config = load_config(self.dir)
         self.spec: ArchSpec
         self.config: ModelConfig
         self.spec, self.config = resolve(self.raw_config)
-        self.tensors = scan_tensors(self.dir, follow_symlinks)
+        self.tensors = scan_tensors(self.dir)
         self.prefix = self._detect_prefix()
         self.names: dict[tuple[Param, int | None], str] = {}
         self._bind_roles()

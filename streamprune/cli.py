@@ -47,7 +47,6 @@ def eval_cmd(
     nsamples: Annotated[Optional[int], typer.Option(help="Use at most this many windows.")] = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-    follow_symlinks: Annotated[bool, typer.Option(help="Accept shards that are symlinks to files outside MODEL_DIR.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
@@ -55,8 +54,7 @@ def eval_cmd(
 
     _setup_logging(verbose)
     try:
-        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True,
-                          follow_symlinks=follow_symlinks)
+        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True)
     except StreamPruneError as e:
         _fail(e)
     print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
@@ -105,7 +103,6 @@ def run_cmd(
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB or 20GB.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
     restart: Annotated[bool, typer.Option(help="Start over even if OUT_DIR holds an unfinished run with other arguments.")] = False,
-    follow_symlinks: Annotated[bool, typer.Option(help="Accept shards that are symlinks to files outside MODEL_DIR.")] = False,
     profile_memory: Annotated[bool, typer.Option(help="Sample RSS and GPU memory into OUT_DIR/streamprune_memory.csv.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -119,7 +116,7 @@ def run_cmd(
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                       overwrite=overwrite, restart=restart, follow_symlinks=follow_symlinks,
+                       overwrite=overwrite, restart=restart,
                        profile_memory=profile_memory)
     except StreamPruneError as e:
         _fail(e)

@@ -76,7 +76,6 @@ def evaluate(
     nsamples: int | None = None,
     device: str = "auto",
     progress: bool = False,
-    follow_symlinks: bool = False,
 ) -> EvalResult:
     """Perplexity of a checkpoint on a local data file, holding one block's weights at a time.
 
@@ -87,10 +86,9 @@ def evaluate(
         nsamples: use at most this many windows (from the start of the data).
         device: "auto", "cpu" or "cuda".
         progress: show a progress bar over blocks.
-        follow_symlinks: accept shards that are symlinks to files outside `model_dir`.
     """
     start = time.perf_counter()
-    ckpt = Checkpoint(model_dir, follow_symlinks=follow_symlinks)
+    ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     seqlen = cfg.default_seqlen if seqlen is None else seqlen
     cfg.check_seqlen(seqlen)

@@ -79,7 +79,6 @@ class PruneOptions:
     max_gpu_memory: int | None = None  # bytes
     overwrite: bool = False
     restart: bool = False
-    follow_symlinks: bool = False
     profile_memory: bool = False
 
 
@@ -187,7 +186,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise ArgumentError(f"damp {opts.damp!r} must be positive")
     if opts.batch < 1:
         raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
-    ckpt = Checkpoint(model_dir, follow_symlinks=opts.follow_symlinks)
+    ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     for (param, bid), name in ckpt.names.items():
         if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
@@ -505,7 +504,6 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             max_gpu_memory: bytes of GPU memory the run may plan for.
             overwrite: replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.
             restart: start over even if OUT_DIR holds an unfinished run with other arguments.
-            follow_symlinks: accept shards that are symlinks to outside the model directory.
             profile_memory: sample RSS and GPU memory during the run into OUT_DIR/streamprune_memory.csv.
 
     Returns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,45 @@ def test_restart_never_deletes_files_it_does_not_own(tmp_path, calib):
     assert result.exit_code == 0, result.output
     assert (out / "mine.safetensors").read_bytes() == b"precious" and (out / "notes.tmp").read_text() == "keep me"
     assert Checkpoint(out).config.n_layers == 3
+
+
+def hub_cache_layout(model: Path, cache: Path, rev: str = "0123abcd") -> Path:
+    """Move `model` into the layout of the Hugging Face cache: every file a blob named by its hash, linked
+    from snapshots/<rev>/ by a relative symlink; returns the snapshot folder (what users pass)."""
+    import hashlib
+
+    repo = cache / "models--streamprune--tiny"
+    snapshot = repo / "snapshots" / rev
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for path in sorted(model.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        path.rename(blob)
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    model.rmdir()
+    return snapshot
+
+
+def test_models_in_the_hugging_face_cache_load_without_flags(tmp_path, calib):
+    from streamprune.plan import plan
+
+    plain = tiny.build(tmp_path / "plain", "llama-gqa", shard="30KB")
+    snapshot = hub_cache_layout(tiny.build(tmp_path / "cached", "llama-gqa", shard="30KB"), tmp_path / "hub")
+    assert all(p.is_symlink() for p in snapshot.iterdir()) and (snapshot / "model.safetensors.index.json").exists()
+    args = ["--calib", str(calib), "--nsamples", "4", "--seqlen", "64", "--device", "cpu"]
+    for model, out in ((plain, tmp_path / "out-plain"), (snapshot, tmp_path / "out-cached")):
+        result = CliRunner().invoke(app, ["run", str(model), str(out), *args])
+        assert result.exit_code == 0, result.output
+    assert stored(tmp_path / "out-plain").keys() == stored(tmp_path / "out-cached").keys()
+    assert all(torch.equal(a, b) for a, b in zip(stored(tmp_path / "out-plain").values(),
+                                                 stored(tmp_path / "out-cached").values()))
+    assert not any(p.is_symlink() for p in (tmp_path / "out-cached").iterdir())  # config and tokenizer copied
+    result = CliRunner().invoke(app, ["eval", str(snapshot), "--data", str(calib), "--seqlen", "64", "--nsamples", "2"])
+    assert result.exit_code == 0 and "perplexity" in result.output, result.output
+    assert evaluate(snapshot, calib, seqlen=64, nsamples=2).perplexity == \
+        evaluate(plain, calib, seqlen=64, nsamples=2).perplexity
+    assert plan(snapshot, nsamples=4, seqlen=64, device="cpu").host_peak > 0
+    result = CliRunner().invoke(app, ["run", str(snapshot), str(snapshot / "pruned"), *args])
+    assert result.exit_code == 2 and "inside MODEL_DIR" in result.output, result.output
