@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamprune.errors import ArgumentError
+from streamprune.checkpoint import read_fully
+from streamprune.errors import ArgumentError, StreamPruneError
 
 PLACEMENTS = ("auto", "device", "cpu", "disk")
 
@@ -54,8 +55,9 @@ class DiskActivations(Activations):
 
     def read(self, i: int, j: int, device: torch.device) -> Tensor:
         buf = np.empty((j - i, *self.shape[1:]), dtype=np.float32)
-        got = os.preadv(self.fd, [memoryview(buf).cast("B")], i * self.row_bytes)
-        assert got == buf.nbytes, f"short read from {self.path}"
+        got = read_fully(self.fd, memoryview(buf).cast("B"), i * self.row_bytes)
+        if got != buf.nbytes:  # the file was cut short behind the run's back
+            raise StreamPruneError(f"{self.path}: activation file ends after {got} of {buf.nbytes} bytes of windows {i}..{j - 1}")
         return torch.from_numpy(buf).to(device)
 
     def write(self, i: int, j: int, value: Tensor) -> None:

@@ -135,14 +135,31 @@ def _tensor_info(path: Path, name: str, meta: Any, data_start: int, size: int) -
     return TensorInfo(name, path, dtype, tuple(shape), start, end)
 
 
+def read_fully(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from byte `offset` of the open file `fd`, looping on short reads (one read returns at most
+    about 2 GiB on Linux); returns the bytes read, fewer than asked only at the end of the file."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    done = 0
+    while done < len(buf):
+        got = os.readv(fd, [buf[done:]])
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 def read_tensor(info: TensorInfo) -> Tensor:
-    """Read one tensor with a positioned read into a fresh CPU buffer."""
+    """Read one tensor into a fresh CPU buffer (no memory map: nothing stays resident once it is freed)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    with open(info.path, "rb") as f:
-        f.seek(info.start)
-        got = f.readinto(memoryview(buf.numpy()))
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        got = read_fully(fd, memoryview(buf.numpy()), info.start)
+    except OSError as e:
+        raise CheckpointError(f"{info.path}: cannot read {info.name!r}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     if got != info.nbytes:
-        raise CheckpointError(f"{info.path}: truncated while reading {info.name!r}")
+        raise CheckpointError(f"{info.path}: truncated while reading {info.name!r} ({got} of {info.nbytes} bytes)")
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
@@ -172,10 +189,11 @@ def scan_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map: dict[str, str] = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-            raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid index: {e}") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: not a valid index: needs a 'weight_map' object, got {weight_map!r:.80}")
         bad = [s for s in weight_map.values() if not isinstance(s, str) or Path(s).name != s or s == ".."]
         if bad:
             raise CheckpointError(f"{index_path}: shard {bad[0]!r} is not a file name inside the model directory")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from streamprune.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from streamprune.cli import app
-from streamprune.errors import CheckpointError
+from streamprune.errors import CheckpointError, StreamPruneError
 from tests import tiny
 
 runner = CliRunner()
@@ -327,3 +327,50 @@ def test_bad_eval_arguments(base, text, extra, expected):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_requested_without_gpu(base, text):
     assert_names(fail_eval(base, text, "--device", "cuda"), "'cuda'", "no CUDA device")
+
+
+# ---------------------------------------------------------------- I/O without asserts
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"metadata": {}}', "[1, 2]", '{"weight_map": "a"}'])
+def test_malformed_index_under_python_O(sharded, tmp_path, text, index):
+    """Validation never rests on `assert` (which `python -O` removes)."""
+    model = Path(shutil.copytree(sharded, tmp_path / "model"))
+    (model / INDEX_NAME).write_text(index)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-O", str(root / "cli.py"), "eval", str(model), "--data", str(text)],
+                            capture_output=True, text=True, cwd=root)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert_names(lines[0], "error: ", INDEX_NAME, "weight_map")
+
+
+def test_short_reads_are_completed(base, tmp_path, monkeypatch):
+    """One read(2) may return less than asked (Linux caps it near 2 GiB): shards and activation files are read
+    in a loop until complete."""
+    import os
+
+    from streamprune.activations import DiskActivations
+
+    reference = {name: Checkpoint(base).read(name) for name in ("model.norm.weight", "model.embed_tokens.weight")}
+    store = DiskActivations((3, 16, 64), tmp_path / "act.f32")
+    data = torch.randn(3, 16, 64)
+    store.write(0, 3, data)
+    real_readv, real_preadv = os.readv, os.preadv
+    monkeypatch.setattr(os, "readv", lambda fd, bufs: real_readv(fd, [memoryview(bufs[0])[:1000]]))
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: real_preadv(fd, [memoryview(bufs[0])[:1000]], at))
+    assert torch.equal(store.read(0, 3, torch.device("cpu")), data)
+    ckpt = Checkpoint(base)
+    assert all(torch.equal(ckpt.read(name), t) for name, t in reference.items())
+    os.truncate(store.path, 1000)  # cut short behind the store's back: an error, never uninitialised memory
+    with pytest.raises(StreamPruneError, match="act.f32: activation file ends after 1000 of"):
+        store.read(0, 3, torch.device("cpu"))
+    store.close()
+
+
+def test_shard_cut_short_after_it_was_checked(model):
+    ckpt = Checkpoint(model)
+    with open(model / SINGLE_NAME, "r+b") as f:
+        f.truncate(ckpt.tensors["model.norm.weight"].start + 8)
+    with pytest.raises(CheckpointError, match=r"truncated while reading 'model.norm.weight' \(8 of 256 bytes\)"):
+        ckpt.read("model.norm.weight")
