@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from streamprune.checkpoint import Checkpoint, read_header
+from streamprune.memory import device_name
 
 WORK_DIR = ".streamprune"
 JOURNAL_NAME = "journal.json"
@@ -61,6 +64,13 @@ def fingerprint(ckpt: Checkpoint, calib: Path | None, args: dict[str, Any]) -> d
     return {"model": model_digest(ckpt), "calib": None if calib is None else file_digest(calib), "args": args}
 
 
+def environment(device: torch.device) -> dict[str, Any]:
+    """What besides the inputs and the arguments can change the last bits of a result: the torch build, the
+    processor, the thread count (BLAS splits its sums by thread) and the float32 matmul precision (TF32)."""
+    return {"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     diffs = []
     if old.get("model") != new["model"]:
@@ -76,10 +86,12 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 @dataclass
 class Journal:
-    """What a run has finished: shard index -> its file name, size and the layers' report rows."""
+    """What a run has finished: shard index -> its file name, size and the layers' report rows; and the
+    environment the run started in (see `environment`)."""
 
     fingerprint: dict[str, Any]
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, out_dir: Path) -> Journal | None:
@@ -88,13 +100,14 @@ class Journal:
             return None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()})
+            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()}, raw.get("environment", {}))
         except (ValueError, KeyError, TypeError):
             return None  # unreadable: treated as no journal
 
     def save(self, out_dir: Path) -> None:
         (out_dir / WORK_DIR).mkdir(exist_ok=True)
-        text = json.dumps({"fingerprint": self.fingerprint, "done": self.done}, indent=1)
+        text = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "environment": self.environment},
+                          indent=1)
         write_atomic(out_dir / WORK_DIR / JOURNAL_NAME, text)
 
     def verified(self, out_dir: Path) -> Journal:
@@ -108,4 +121,4 @@ class Journal:
                 ok = False
             if ok:
                 kept[idx] = entry
-        return Journal(self.fingerprint, kept)
+        return Journal(self.fingerprint, kept, self.environment)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import functools
+import platform
 import re
 import resource
 import sys
@@ -44,6 +45,20 @@ def resolve_device(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     raise ArgumentError(f"device {device!r} is not one of auto, cpu, cuda")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model as the OS reports it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

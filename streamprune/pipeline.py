@@ -40,7 +40,7 @@ from streamprune.checkpoint import (
 )
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
-from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
+from streamprune.journal import WORK_DIR, Journal, describe_difference, environment, fingerprint
 from streamprune.memory import (
     PeakMemory,
     allocate_large_buffers_with_mmap,
@@ -311,7 +311,9 @@ class BlockPruner:
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
             # what is written, and what later sites and blocks see
-            pruned = result.weight.to(self.ckpt.tensors[name].torch_dtype, memory_format=torch.contiguous_format)
+            # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
+            pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
+            pruned.copy_(result.weight)
             info, result = result.info, None
             w[(role, "weight")] = pruned
             saved[name] = pruned.cpu()
@@ -354,10 +356,17 @@ class Run:
         self.job, self.progress = job, progress
         self.ckpt, self.cfg = job.ckpt, job.ckpt.config
         self.writer = ShardWriter(job.out_dir, self.cfg.n_layers + 1)
-        self.journal = job.journal or Journal(job.fingerprint)
+        env = environment(job.device)
+        self.journal = job.journal or Journal(job.fingerprint, environment=env)
         self.report = Report(args=job.args, model={
             "dir": str(job.ckpt.dir), "model_type": self.cfg.model_type, "n_layers": self.cfg.n_layers,
-            "dtype": str(job.ckpt.dtype).removeprefix("torch.")}, fingerprint=job.fingerprint)
+            "dtype": str(job.ckpt.dtype).removeprefix("torch.")}, fingerprint=job.fingerprint, environment=env)
+        before = self.journal.environment
+        self.report.environment_changes = [f"{k}: {before.get(k)!r} before, {v!r} now" for k, v in env.items()
+                                           if before.get(k) != v]
+        if self.report.environment_changes:
+            logger.warning("resuming in another environment (%s): the result is valid but its last bits may differ "
+                           "from an uninterrupted run's", "; ".join(self.report.environment_changes))
 
     def commit(self, idx: int, tensors: Raw | dict[str, Any], layers: list[LayerReport]) -> None:
         """Write one shard (tensors, or lazy entries for `write_safetensors`), then record it in the journal."""

@@ -46,6 +46,8 @@ class Report:
     peak_rss_phase: str = ""  # what the run was doing when the sampled RSS peaked
     memory_profile: dict[str, Any] | None = None  # with --profile-memory: the CSV timeline and its summary
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)  # torch, device, threads, float32 matmul precision
+    environment_changes: list[str] = field(default_factory=list)  # a resumed run's differences from the first one
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds

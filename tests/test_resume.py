@@ -216,3 +216,39 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     subprocess.run(run_cmd, check=True, capture_output=True, cwd=ROOT)
     assert kills >= 2, kills
     assert checkpoint_files(out) == checkpoint_files(ref)
+
+
+def test_pruned_weights_reach_later_sites_contiguous(tmp_path, monkeypatch, setup):
+    """The uninterrupted run must multiply the same layouts as a resumed run's replay, which reads contiguous
+    tensors from the shards: a transposed view (SparseGPT sweeps W^T) would take another GEMM path."""
+    import torch.nn.functional as F
+
+    src, calib, _ = setup
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(w.is_contiguous()) or real(x, w, b))
+    streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} linears saw a non-contiguous weight"
+
+
+def test_resume_in_another_environment_warns_and_reports_it(tmp_path, monkeypatch, setup, caplog):
+    import json
+
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    fail_writes_after(monkeypatch, 2)
+    with pytest.raises(StreamPruneError):
+        streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    monkeypatch.undo()
+    path = out / ".streamprune" / "journal.json"
+    journal = json.loads(path.read_text())
+    assert journal["environment"]["torch"] == torch.__version__ and journal["environment"]["threads"] >= 1
+    threads = journal["environment"]["threads"]
+    journal["environment"]["threads"] = threads + 7
+    path.write_text(json.dumps(journal))
+    with caplog.at_level("WARNING"):
+        report = streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64)
+    assert report.environment_changes == [f"threads: {threads + 7} before, {threads} now"]
+    assert "resuming in another environment" in caplog.text
+    assert report.environment["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert checkpoint_files(out) == checkpoint_files(ref)  # here only the recorded figure changed
