@@ -38,7 +38,7 @@ from streamprune.checkpoint import (
     read_header,
     read_tensor,
 )
-from streamprune.errors import ArgumentError, DataError
+from streamprune.errors import ArgumentError, DataError, StreamPruneError
 from streamprune.forward import embed_windows, forward_block
 from streamprune.journal import WORK_DIR, Journal, describe_difference, environment, fingerprint
 from streamprune.memory import (
@@ -314,6 +314,11 @@ class BlockPruner:
             # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
             pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
             pruned.copy_(result.weight)
+            if not all_finite(pruned):  # checked as stored: a float16 cast can overflow what float32 held
+                raise StreamPruneError(
+                    f"block {bid}: the pruned {name} does not fit {pruned.dtype} (largest |w| "
+                    f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
+                    "nothing of this block was written: retry with a larger --damp, or prune a bfloat16 or float32 copy")
             info, result = result.info, None
             w[(role, "weight")] = pruned
             saved[name] = pruned.cpu()

@@ -252,3 +252,21 @@ def test_resume_in_another_environment_warns_and_reports_it(tmp_path, monkeypatc
     assert "resuming in another environment" in caplog.text
     assert report.environment["float32_matmul_precision"] == torch.get_float32_matmul_precision()
     assert checkpoint_files(out) == checkpoint_files(ref)  # here only the recorded figure changed
+
+
+def test_pruned_weight_that_overflows_its_dtype_is_named(tmp_path, setup):
+    """Four q_proj inputs carry the same signal and their weights are 40000: 2:4 pruning moves two of them onto
+    the other two (over 70000, past float16's 65504). The error names the weight and the damping, before
+    anything of the block is written, instead of the next block blaming its calibration activations."""
+    _, calib, _ = setup
+    src = tiny.build(tmp_path / "in", "llama", dtype=torch.float16)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.embed_tokens.weight"][:, 1:4] = tensors["model.embed_tokens.weight"][:, :1]
+    tensors["model.layers.0.input_layernorm.weight"][:4] = 1.0
+    tensors["model.layers.0.self_attn.q_proj.weight"][:, :4] = 40000.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(StreamPruneError, match=r"block 0: the pruned model.layers.0.self_attn.q_proj.weight does not "
+                                               r"fit torch.float16 \(largest \|w\| 7\.\d+e\+04, damping 0.01\)"):
+        streamprune.prune(src, out, calib=calib, nsamples=8, seqlen=64, pattern="2:4")
+    assert not (out / "model-00002-of-00004.safetensors").exists()
