@@ -31,8 +31,7 @@ from streamprune.memory import (
     parse_size,
     release_freed_memory,
 )
-from streamprune.plan import SOLVER_MATRICES, linear_workspace
-from streamprune.pruners import Pattern, make_pruner
+from streamprune.pruners import METHODS, Pattern, make_pruner
 
 CASES = [("sparsegpt", False), ("sparsegpt", True), ("wanda", False), ("wanda", True), ("magnitude", False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +48,8 @@ def status_kib(key: str) -> int:
 def predicted(method: str, offload: bool, rows: int, cols: int, itemsize: int) -> tuple[int, int]:
     """(compute-device bytes, host bytes) the planner adds for this linear's solve (see Footprint.solve_peak)."""
     hessian = cols * cols * 4
-    device = hessian * (1 + SOLVER_MATRICES[method]) + linear_workspace(method, rows, cols, cols) + rows * cols * itemsize
+    cls = METHODS[method]
+    device = hessian * (1 + cls.solver_matrices) + cls.workspace(rows, cols, cols, {}) + rows * cols * itemsize
     return device - (hessian if offload else 0), hessian if offload else 0
 
 
@@ -69,7 +69,7 @@ def one_case(args: argparse.Namespace) -> dict:
         f.write("5")  # restart VmHWM from the current RSS
     base_rss = status_kib("VmRSS")
     start = time.perf_counter()
-    p = make_pruner(args.method, args.cols, device, 0.5, Pattern(), offload_hessian=args.offload)
+    p = make_pruner(args.method, args.cols, device, 0.5, Pattern(), offload_hessian=args.offload, errors=True)
     for _ in range(0, args.tokens, args.batch_tokens):
         x = torch.randn(args.batch_tokens, args.cols, generator=g, device=device)
         p.add_batch(x)

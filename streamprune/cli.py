@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from streamprune.errors import StreamPruneError
+from streamprune.pruners import METHODS
 
 logger = logging.getLogger("streamprune")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune language models one block at a time.")
@@ -77,10 +78,9 @@ def parse_size(text: str | None) -> int | None:
     return None if text is None else parse(text)
 
 
-class MethodChoice(str, Enum):
-    sparsegpt = "sparsegpt"
-    wanda = "wanda"
-    magnitude = "magnitude"
+MethodChoice = Enum("MethodChoice", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
+                     "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
 
 
 @app.command("run")
@@ -99,6 +99,7 @@ def run_cmd(
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
     damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
+    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Where calibration activations live: on the device when they fit, else host memory, else a temporary file in OUT_DIR.")] = OffloadChoice.auto,
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB or 20GB.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
@@ -114,7 +115,7 @@ def run_cmd(
     try:
         report = prune(model_dir, out_dir, progress=True, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
-                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch,
+                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        overwrite=overwrite, restart=restart,
                        profile_memory=profile_memory)
@@ -134,6 +135,8 @@ def plan_cmd(
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB.")] = None,
     method: Annotated[MethodChoice, typer.Option(help="Pruning method.")] = MethodChoice.sparsegpt,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="As for run: --no-sequential holds every site's X^T X at once.")] = True,
+    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -144,7 +147,7 @@ def plan_cmd(
     try:
         result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                      method=method.value, batch=batch)
+                      method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors)
     except StreamPruneError as e:
         _fail(e)
     table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")

@@ -48,7 +48,7 @@ from streamprune.memory import (
     release_freed_memory,
     resolve_device,
 )
-from streamprune.pruners import METHODS, Pattern, Pruner, make_pruner, resolve_sparsity
+from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, method, resolve_sparsity
 from streamprune.plan import decide, footprint
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
@@ -75,6 +75,7 @@ class PruneOptions:
     blocksize: int = 128
     damp: float = 0.01
     batch: int = 8
+    layer_errors: bool | None = None  # None: where the method holds X^T X anyway (SparseGPT)
     offload_activations: str = "auto"
     max_gpu_memory: int | None = None  # bytes
     overwrite: bool = False
@@ -82,9 +83,10 @@ class PruneOptions:
     profile_memory: bool = False
 
 
-# Options that change what is written; a resumed run must agree on all of them.
+# Options that change what is written (the report included); a resumed run must agree on all of them and on
+# the method's own knobs.
 RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
-                  "blocksize", "damp", "batch")  # batch: as fitted to the GPU budget
+                  "batch", "layer_errors")  # batch: as fitted to the GPU budget
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Job:
     out_dir: Path
     pattern: Pattern
     sparsity: float
+    errors: bool  # each pruned linear's reconstruction error is computed (X^T X is kept)
+    knobs: dict[str, Any]  # the method's own options
     seqlen: int
     device: torch.device
     windows: Tensor | None
@@ -176,14 +180,12 @@ def previous_job(out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
 
 def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     """Validate the whole job; returns the saved report instead when OUT_DIR already holds it, finished."""
-    if opts.method not in METHODS:
-        raise ArgumentError(f"method {opts.method!r} is not one of {', '.join(METHODS)}")
+    cls = method(opts.method)
     pattern = Pattern.parse(opts.pattern)
     sparsity = resolve_sparsity(opts.sparsity, pattern)
-    if opts.blocksize < 1 or (pattern.structured and opts.blocksize % pattern.m):
-        raise ArgumentError(f"blocksize {opts.blocksize!r} must be a positive multiple of M={pattern.m or 1}")
-    if not opts.damp > 0:
-        raise ArgumentError(f"damp {opts.damp!r} must be positive")
+    knobs = {k: getattr(opts, k) for k in cls.knobs}
+    cls.check(knobs, pattern)
+    errors = default_errors(cls, opts.layer_errors)
     if opts.batch < 1:
         raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
@@ -195,16 +197,20 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     windows = None
     calib = None if opts.calib is None else Path(opts.calib)
+    if calib is not None and not cls.accumulates(errors):
+        logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
+                       opts.method, calib)
+        calib = None
     if calib is not None:
         cfg.check_seqlen(seqlen)
         tokens = load_tokens(calib, model_dir, cfg.vocab_size)
         windows = calib_windows(tokens, seqlen, opts.nsamples, opts.seed, source=str(calib))
-    elif METHODS[opts.method].needs_data:
-        raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
+    elif cls.needs_data or errors:
+        what = f"method {opts.method!r}" if cls.needs_data else "--layer-errors"
+        raise DataError(f"{what} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
 
-    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, calibrate=windows is not None,
-                   blocksize=opts.blocksize)
+    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
@@ -213,8 +219,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         logger.info("X^T X waits in host memory while its solver matrix is on the GPU, to fit the GPU budget")
     args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
             "calib": None if calib is None else str(calib), "device": str(device),
-            "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian}
-    fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
+            "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian,
+            "layer_errors": errors}
+    fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS + cls.knobs})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -235,7 +242,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             journal = journal.verified(out_dir)
 
     check_disk_space(ckpt, out_dir, journal, fp.act_pair if placement == "disk" else 0)
-    return Job(ckpt, opts, out_dir, pattern, sparsity, seqlen, device, windows, placement, batch,
+    return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
                decision.offload_hessian, args, fprint, journal)
 
 
@@ -255,8 +262,7 @@ class BlockPruner:
     def new_pruner(self, w: dict[Param, Tensor], roles: list[Role]) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
         return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
-                           blocksize=self.opts.blocksize, damp=self.opts.damp,
-                           offload_hessian=self.job.offload_hessian)
+                           self.job.offload_hessian, self.job.errors, **self.job.knobs)
 
     def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None) -> Raw:
         """Prune every linear of block `bid` in place in `w`; return the pruned tensors by name."""
@@ -294,7 +300,8 @@ class BlockPruner:
         for site, pruner in pruners.items():
             # a NaN or Inf in any input column shows on its diagonal entry (|x_i x_j| <= (x_i^2 + x_j^2) / 2),
             # so the d entries are checked instead of the d^2 (whose check would allocate d^2 temporaries)
-            if pruner.xtx is not None and not bool(torch.isfinite(pruner.xtx.diagonal()).all()):
+            sqnorms = pruner.column_sqnorms()
+            if sqnorms is not None and not bool(torch.isfinite(sqnorms).all()):
                 names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
                 raise DataError(f"block {bid}: calibration activations entering {names} contain NaN or Inf")
         self.report.add("hessian", hessian, bid)
@@ -514,6 +521,8 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             sequential: compute later sub-layers' statistics from already pruned earlier ones.
             blocksize, damp: SparseGPT's column block size and relative Hessian damping.
             batch: calibration windows per forward call.
+            layer_errors: compute each pruned linear's reconstruction error for the report (None: where the
+                method holds X^T X anyway, i.e. SparseGPT; Wanda and magnitude would keep it for this alone).
             offload_activations: "auto", "device", "cpu" or "disk".
             max_gpu_memory: bytes of GPU memory the run may plan for.
             overwrite: replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.

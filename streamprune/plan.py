@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -23,20 +24,11 @@ from streamprune.arch import PRUNABLE, SEQUENTIAL, Role
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
-from streamprune.pruners.factor import INVERSE_BLOCK, WORKSPACE_BYTES
+from streamprune.pruners import default_errors
+from streamprune.pruners import method as pruner_method
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
 HOST_OVERHEAD = 250 * 2**20
-# d x d float32 matrices the solve adds to X^T X: SparseGPT's inverse factor (built in place, see
-# pruners/factor.py); Wanda and magnitude need none.
-SOLVER_MATRICES = {"sparsegpt": 1, "wanda": 0, "magnitude": 0}
-# Bytes per element of the largest linear held while it is pruned, beyond its stored copy and the
-# pruned result in the stored dtype: SparseGPT's float32 W^T and its mask; Wanda's float32 weight,
-# scores and mask; magnitude's the same plus the copy its k-th smallest score is selected from.
-SOLVE_BYTES_PER_ELEMENT = {"sparsegpt": 5, "wanda": 9, "magnitude": 13}
-# SparseGPT's per-column-block temporaries, in units of (rows * blocksize): errors, scales, scores and mask.
-SWEEP_BYTES_PER_ELEMENT = 20
-LIBRARY_WORKSPACE = 32 * 2**20  # what BLAS, LAPACK or cuSOLVER allocate for themselves during a solve
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
@@ -89,20 +81,13 @@ class Footprint:
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
 
 
-def linear_workspace(method: str, rows: int, cols: int, widest: int, blocksize: int = 128) -> int:
-    """Bytes the solve of one (rows x cols) linear holds beside X^T X, the solver's matrix and the weight
-    as stored; `widest` is the widest input's column count (whose factorization needs the most room)."""
-    chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)  # row chunks of the masks and of the reconstruction error
-    if method != "sparsegpt":
-        return SOLVE_BYTES_PER_ELEMENT[method] * rows * cols + chunks + LIBRARY_WORKSPACE
-    rotation = 2 * min(WORKSPACE_BYTES, widest * widest * 2)
-    factorization = max(rotation, 2 * widest * min(widest, INVERSE_BLOCK) * 4)  # or the blocked inversion's panels
-    sweep = SOLVE_BYTES_PER_ELEMENT[method] * rows * cols + SWEEP_BYTES_PER_ELEMENT * rows * blocksize
-    return max(factorization, sweep, chunks) + LIBRARY_WORKSPACE
-
-
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
-              calibrate: bool = True, blocksize: int = 128) -> Footprint:
+              errors: bool | None = None, knobs: dict[str, Any] | None = None) -> Footprint:
+    """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
+    the method's own options (their defaults where absent)."""
+    cls = pruner_method(method)
+    keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
+    knobs = knobs or {}
     cfg = ckpt.config
     block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
     linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
@@ -115,19 +100,20 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     common = dict(raw_block=sum(i.nbytes for i in block0), pruned_stored=sum(i.nbytes for i in linears.values()),
                   site_dense=max(sum(i.nbytes for i in site) for site in sites), linear_fp32=math.prod(largest.shape) * 4,
-                  embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
-    linear_solve = linear_workspace(method, *largest.shape, max(widths), blocksize)
-    if not calibrate:  # magnitude without data: no X^T X, no forward
-        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, linear_solve=linear_solve, per_window=0,
-                         act_pair=0, **common)
+                  embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
+                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs))
+    if not keep:  # magnitude without reconstruction errors: no statistics, no forward
+        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, act_pair=0, **common)
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
     per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
     if cfg.pos == "alibi":
         per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
+    watched = [max(widths)] if sequential else widths  # the inputs whose statistics are held at once
+    per_input = (lambda w: w * w * 4) if keep == "xtx" else (lambda w: w * 4)
     return Footprint(
-        hessians=widest if sequential else sum(w * w * 4 for w in widths),
-        solver_matrix=SOLVER_MATRICES[method] * widest, widest_hessian=widest, linear_solve=linear_solve,
-        per_window=per_window, act_pair=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
+        hessians=sum(per_input(w) for w in watched), solver_matrix=cls.solver_matrices * widest,
+        widest_hessian=widest if keep == "xtx" else 0, per_window=per_window,
+        act_pair=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
 
 
 @dataclass(frozen=True)
@@ -171,7 +157,7 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
 
 def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
          offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
-         batch: int = 8, sequential: bool = True, calibrate: bool = True, blocksize: int = 128) -> MemoryPlan:
+         batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128) -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
@@ -179,8 +165,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         nsamples, seqlen, batch: calibration windows, their length, windows per forward call.
         device, offload_activations, max_gpu_memory: as for `streamprune run`; a run on a GPU can be
             planned on a machine without one when `max_gpu_memory` gives the card's size.
-        method, sequential, blocksize: as for `streamprune run`.
-        calibrate: False for magnitude pruning without calibration data.
+        method, sequential, layer_errors, blocksize: as for `streamprune run`.
     """
     ckpt = Checkpoint(model_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -191,7 +176,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     else:
         dev = resolve_device(device)
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
-    fp = footprint(ckpt, nsamples, seqlen, method, sequential, calibrate, blocksize)
+    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize})
     d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"

@@ -83,7 +83,7 @@ def wide_model(tmp_path: Path) -> Path:
 def run_peak(model: Path, out: Path, calib: Path, placement: str) -> dict:
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), str(out), "--method", "magnitude",
            "--calib", str(calib), "--nsamples", "384", "--seqlen", "128", "--device", "cpu",
-           "--offload-activations", placement, "--profile-memory"]
+           "--offload-activations", placement, "--profile-memory", "--layer-errors"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     return json.loads((out / "streamprune_report.json").read_text())
 
@@ -103,7 +103,7 @@ def test_disk_activations_stay_out_of_rss_and_profile_is_written(tmp_path):
     assert rows and {"seconds", "rss_bytes", "gpu_allocated_bytes", "phase"} <= set(rows[0])
     assert disk["memory_profile"]["samples"] == len(rows)
     for report in (host, disk):  # the plan's prediction is within 25% of the measured peak
-        predicted = plan(model, nsamples=384, seqlen=128, device="cpu", method="magnitude",
+        predicted = plan(model, nsamples=384, seqlen=128, device="cpu", method="magnitude", layer_errors=True,
                          offload_activations=report["args"]["offload_activations"]).host_peak
         assert abs(predicted / report["process_peak_rss_bytes"] - 1) < 0.25, (predicted, report["process_peak_rss_bytes"])
 

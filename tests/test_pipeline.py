@@ -114,10 +114,12 @@ def test_hessian_offload_changes_no_byte(tmp_path, calib, monkeypatch, method):
     from streamprune import pipeline
 
     src = tiny.build(tmp_path / "in", "llama-gqa", dtype=torch.bfloat16)
-    plain = streamprune.prune(src, tmp_path / "plain", method=method, calib=calib, nsamples=4, seqlen=64)
+    plain = streamprune.prune(src, tmp_path / "plain", method=method, calib=calib, nsamples=4, seqlen=64,
+                              layer_errors=True)
     decide = pipeline.decide
     monkeypatch.setattr(pipeline, "decide", lambda *a, **k: dataclasses.replace(decide(*a, **k), offload_hessian=True))
-    offloaded = streamprune.prune(src, tmp_path / "offloaded", method=method, calib=calib, nsamples=4, seqlen=64)
+    offloaded = streamprune.prune(src, tmp_path / "offloaded", method=method, calib=calib, nsamples=4, seqlen=64,
+                                  layer_errors=True)
     assert offloaded.args["offload_hessian"] and not plain.args["offload_hessian"]
     a, b = stored(tmp_path / "plain"), stored(tmp_path / "offloaded")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
@@ -264,3 +266,31 @@ def test_models_in_the_hugging_face_cache_load_without_flags(tmp_path, calib):
     assert plan(snapshot, nsamples=4, seqlen=64, device="cpu").host_peak > 0
     result = CliRunner().invoke(app, ["run", str(snapshot), str(snapshot / "pruned"), *args])
     assert result.exit_code == 2 and "inside MODEL_DIR" in result.output, result.output
+
+
+def test_method_knobs_belong_to_the_method(tmp_path, calib):
+    """SparseGPT's --blocksize and --damp are neither checked nor fingerprinted for Wanda; Wanda keeps only the
+    column norms it reads unless the reconstruction errors are asked for."""
+    from streamprune.plan import plan
+    from streamprune.pruners import make_pruner
+
+    src = tiny.build(tmp_path / "in", "bloom-6heads")  # widths 96 and 384, divisible by 3
+    args = ["--calib", str(calib), "--nsamples", "4", "--seqlen", "96", "--method", "wanda", "--pattern", "1:3"]
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), *args])  # 1:3 with --blocksize 128
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "streamprune_report.json").read_text())
+    assert "blocksize" not in report["fingerprint"]["args"] and "damp" not in report["fingerprint"]["args"]
+    assert all(layer["rel_error"] is None for layer in report["layers"])
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), *args, "--blocksize", "7"])
+    assert result.exit_code == 0 and "different run" not in result.output, result.output  # nothing to redo
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "sgpt"), *args[:-4], "--pattern", "1:3"])
+    assert result.exit_code == 2 and "blocksize 128 must be a positive multiple of M=3" in result.output
+    wanda = make_pruner("wanda", 96, torch.device("cpu"), 0.5, Pattern())
+    assert wanda.xtx is None and wanda.sqnorms is not None and wanda.sqnorms.shape == (96,)
+    plans = {e: dict((w, b) for w, b, _ in plan(src, method="wanda", seqlen=64, layer_errors=e).consumers)
+             for e in (False, True)}
+    key = "X^T X of the inputs being calibrated and pruned"
+    assert plans[False][key] == 384 * 4 and plans[True][key] == 384 * 384 * 4  # the down projection's input
+    with_errors = streamprune.prune(src, tmp_path / "errors", method="wanda", calib=calib, nsamples=4, seqlen=64,
+                                    layer_errors=True)
+    assert all(0 < lr.rel_error < 1 for lr in with_errors.layers)

@@ -22,7 +22,7 @@ def run(method: str, W: torch.Tensor, X: torch.Tensor, pattern: str = "unstructu
         blocksize: int = 32):
     pat = Pattern.parse(pattern)
     p = make_pruner(method, W.shape[1], torch.device("cpu"), resolve_sparsity(sparsity if not pat.structured else None, pat), pat,
-                    blocksize=blocksize)
+                    errors=True, blocksize=blocksize)
     for chunk in X.split(100):
         p.add_batch(chunk)
     res = p.prune(W)
@@ -237,7 +237,7 @@ def test_offloaded_hessian_leaves_other_methods_unchanged(method):
     X = correlated_inputs(600, 128)
     out = []
     for offload in (False, True):
-        p = make_pruner(method, 128, torch.device("cpu"), 0.5, Pattern(), offload_hessian=offload)
+        p = make_pruner(method, 128, torch.device("cpu"), 0.5, Pattern(), offload_hessian=offload, errors=True)
         p.add_batch(X)
         res = p.prune(W)
         out.append((res.weight, p.reconstruction_error(W, res.weight)))

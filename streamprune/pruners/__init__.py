@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from streamprune.errors import ArgumentError
@@ -14,14 +16,25 @@ from streamprune.pruners.wanda import Wanda
 METHODS: dict[str, type[Pruner]] = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude}
 
 
-def make_pruner(method: str, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
-                blocksize: int = 128, damp: float = 0.01, offload_hessian: bool = False) -> Pruner:
-    if method not in METHODS:
-        raise ArgumentError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if method == "sparsegpt":
-        return SparseGPT(columns, device, sparsity, pattern, blocksize=blocksize, damp=damp,
-                         offload_hessian=offload_hessian)
-    return METHODS[method](columns, device, sparsity, pattern, offload_hessian)
+def method(name: str) -> type[Pruner]:
+    if name not in METHODS:
+        raise ArgumentError(f"method {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
-__all__ = ["METHODS", "Pattern", "PruneResult", "Pruner", "make_pruner", "resolve_sparsity"]
+def make_pruner(name: str, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
+                offload_hessian: bool = False, errors: bool | None = None, **knobs: Any) -> Pruner:
+    """A pruner of method `name`; `knobs` may hold any options, each method takes its own; `errors` (None: the
+    method's default) keeps X^T X for the reconstruction errors."""
+    cls = method(name)
+    own = {k: knobs[k] for k in cls.knobs if k in knobs}
+    return cls(columns, device, sparsity, pattern, offload_hessian, default_errors(cls, errors), **own)
+
+
+def default_errors(cls: type[Pruner], errors: bool | None) -> bool:
+    """Reconstruction errors are computed where X^T X is at hand anyway, unless asked otherwise."""
+    return cls.statistics == "xtx" if errors is None else errors
+
+
+__all__ = ["METHODS", "Pattern", "PruneResult", "Pruner", "default_errors", "make_pruner", "method",
+           "resolve_sparsity"]

@@ -1,15 +1,19 @@
-"""The pruner lifecycle shared by every method: accumulate, prune, free."""
+"""The pruner lifecycle shared by every method: accumulate, prune, free. Each method is one class that
+declares what it needs (calibration data, which statistics), its own knobs and its memory terms."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from streamprune.pruners.factor import rows_per_chunk
-from streamprune.pruners.masks import Pattern
+from streamprune.pruners.factor import WORKSPACE_BYTES, rows_per_chunk
+from streamprune.pruners.masks import Pattern, nm_mask
+
+LIBRARY_WORKSPACE = 32 * 2**20  # what BLAS, LAPACK or cuSOLVER allocate for themselves during a solve
 
 
 @dataclass
@@ -22,35 +26,66 @@ class PruneResult:
 class Pruner(ABC):
     """Prunes the linears that read one input.
 
-    `add_batch(x)` accumulates X^T X over the calibration tokens in float32, as chunked GEMMs (the
-    input Hessian is H = 2 X^T X / n); `prune(w)` may be called once per linear that reads the same
-    input (q/k/v, gate/up), which all share it; `release_solver()` drops what the solve needed beyond
-    X^T X; `reconstruction_error(...)` then scores each pruned linear; `free()` releases the rest.
+    `add_batch(x)` accumulates the statistics the method reads, in float32: X^T X as chunked GEMMs (the
+    input Hessian is H = 2 X^T X / n), or only its diagonal, the squared norm of each input column;
+    `prune(w)` may be called once per linear that reads the same input (q/k/v, gate/up), which all share
+    them; `release_solver()` drops what the solve needed beyond X^T X; `reconstruction_error(...)` then scores
+    each pruned linear (only when X^T X is kept: always for SparseGPT, on request for the others, for which
+    it would be the only reason for a d x d matrix); `free()` releases the rest.
     With `offload_hessian`, X^T X waits in host memory from the start of the solve until the errors
     need it, so the solve's device memory holds at most one d x d matrix (SparseGPT's inverse factor,
     built in X^T X's own buffer) and none for Wanda and magnitude.
     """
 
-    needs_data = True
+    needs_data: ClassVar[bool] = True  # calibration data is required
+    statistics: ClassVar[str] = "xtx"  # what the solve reads: "xtx" (X^T X), "norms" (its diagonal) or "" (none)
+    knobs: ClassVar[tuple[str, ...]] = ()  # this method's own options (fields of PruneOptions)
+    solver_matrices: ClassVar[int] = 0  # d x d float32 matrices the solve adds to X^T X
+    # Bytes per element of the largest linear held while it is pruned, beyond its stored copy and the pruned
+    # result in the stored dtype.
+    solve_bytes_per_element: ClassVar[int] = 0
 
     def __init__(self, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
-                 offload_hessian: bool = False) -> None:
+                 offload_hessian: bool = False, errors: bool = False) -> None:
         self.columns = columns
         self.device = device
         self.sparsity = sparsity
         self.pattern = pattern
         self.offload_hessian = offload_hessian
-        self.xtx: Tensor | None = torch.zeros(columns, columns, device=device) if self.needs_data else None
+        keep = self.accumulates(errors)
+        self.xtx: Tensor | None = torch.zeros(columns, columns, device=device) if keep == "xtx" else None
+        self.sqnorms: Tensor | None = torch.zeros(columns, device=device) if keep == "norms" else None
         self.ntokens = 0
+
+    @classmethod
+    def accumulates(cls, errors: bool) -> str:
+        """What `add_batch` keeps: X^T X when the method or the reconstruction errors need it."""
+        return "xtx" if errors else cls.statistics
+
+    @classmethod
+    def check(cls, knobs: dict[str, Any], pattern: Pattern) -> None:
+        """Refuse knob values this method cannot use (one-line ArgumentError)."""
+
+    @classmethod
+    def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any]) -> int:
+        """Bytes the solve of one (rows x cols) linear holds beside X^T X, the solver's matrix and the weight as
+        stored; `widest` is the widest input's column count."""
+        chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)  # row chunks of the masks and of the reconstruction error
+        return cls.solve_bytes_per_element * rows * cols + chunks + LIBRARY_WORKSPACE
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:
-        if self.xtx is None:
-            self.xtx = torch.zeros(self.columns, self.columns, device=self.device)
-        assert self.xtx.device == self.device, "no batch may be added once the solve has started"
         x = x.reshape(-1, self.columns).to(self.device, torch.float32)  # (tokens, columns)
-        self.xtx.addmm_(x.T, x)
+        if self.xtx is not None:
+            assert self.xtx.device == self.device, "no batch may be added once the solve has started"
+            self.xtx.addmm_(x.T, x)
+        elif self.sqnorms is not None:
+            self.sqnorms.add_(torch.linalg.vector_norm(x, dim=0).square_())
         self.ntokens += x.shape[0]
+
+    def column_sqnorms(self) -> Tensor | None:
+        """||X_j||^2 of every input column (the diagonal of X^T X), on the compute device."""
+        return self.sqnorms if self.xtx is None else self.xtx.diagonal().to(self.device)
 
     @abstractmethod
     def prune(self, weight: Tensor) -> PruneResult:
@@ -67,7 +102,7 @@ class Pruner(ABC):
     @torch.no_grad()
     def reconstruction_error(self, dense: Tensor, pruned: Tensor) -> float | None:
         """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from the accumulated X^T X, in
-        chunks of rows (so the workspace stays small beside a wide X^T X)."""
+        chunks of rows (so the workspace stays small beside a wide X^T X); None without X^T X."""
         if self.xtx is None:
             return None
         self.release_solver()
@@ -83,4 +118,29 @@ class Pruner(ABC):
         return num / den if den > 0 else 0.0
 
     def free(self) -> None:
-        self.xtx = None
+        self.xtx = self.sqnorms = None
+
+
+class ScorePruner(Pruner):
+    """Removes the lowest-scoring weights and leaves the kept ones unchanged (Wanda, magnitude): N:M within each
+    group, otherwise by the method's own unstructured rule."""
+
+    @abstractmethod
+    def score(self, w: Tensor) -> Tensor:
+        """The score of each weight of the float32 matrix `w` (lower: removed first)."""
+
+    @abstractmethod
+    def unstructured_mask(self, score: Tensor) -> Tensor:
+        """The weights to remove at `self.sparsity` when no N:M pattern is asked."""
+
+    @torch.no_grad()
+    def prune(self, weight: Tensor) -> PruneResult:
+        w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
+        score = self.score(w)
+        self._park_hessian()  # only the reconstruction error reads X^T X
+        if self.pattern.structured:
+            mask = nm_mask(score, self.pattern.n, self.pattern.m)
+        else:
+            mask = self.unstructured_mask(score)
+        del score
+        return PruneResult(w.masked_fill_(mask, 0.0), mask)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from streamprune.pruners.base import Pruner, PruneResult
-from streamprune.pruners.masks import matrix_mask, nm_mask
+from streamprune.pruners.base import ScorePruner
+from streamprune.pruners.masks import matrix_mask
 
 
-class Magnitude(Pruner):
-    needs_data = False  # statistics are gathered only when a report of reconstruction error is wanted
+class Magnitude(ScorePruner):
+    needs_data = False
+    statistics = ""  # calibration data serves only the reconstruction errors, when they are asked for
+    solve_bytes_per_element = 13  # float32 weight, scores, mask, and the copy its k-th smallest score is drawn from
 
-    @torch.no_grad()
-    def prune(self, weight: Tensor) -> PruneResult:
-        self._park_hessian()  # only the reconstruction error reads X^T X
-        w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
-        score = w.abs()
-        if self.pattern.structured:
-            mask = nm_mask(score, self.pattern.n, self.pattern.m)
-        else:
-            mask = matrix_mask(score, self.sparsity)
-        del score
-        return PruneResult(w.masked_fill_(mask, 0.0), mask)
+    def score(self, w: Tensor) -> Tensor:
+        return w.abs()
+
+    def unstructured_mask(self, score: Tensor) -> Tensor:
+        return matrix_mask(score, self.sparsity)

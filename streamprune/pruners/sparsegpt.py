@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from streamprune.errors import StreamPruneError
-from streamprune.pruners.base import Pruner, PruneResult
-from streamprune.pruners.factor import inverse_factor_
+from streamprune.errors import ArgumentError, StreamPruneError
+from streamprune.pruners.base import LIBRARY_WORKSPACE, Pruner, PruneResult
+from streamprune.pruners.factor import INVERSE_BLOCK, WORKSPACE_BYTES, inverse_factor_
 from streamprune.pruners.masks import Pattern, kth_smallest
 
 logger = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 INNER_COLUMNS = 16
+DEFAULT_BLOCKSIZE = 128
+# The sweep's per-column-block temporaries, in units of (rows * blocksize): errors, scales, scores and mask.
+SWEEP_BYTES_PER_ELEMENT = 20
 
 
 class SparseGPT(Pruner):
@@ -23,9 +27,14 @@ class SparseGPT(Pruner):
     `blocksize`, adaptive mask selection per block from w^2 / [chol(H^-1)]_cc^2 (N:M per row and
     group of M), OBS updates inside the block and lazy batched updates of the remaining columns."""
 
+    knobs = ("blocksize", "damp")
+    solver_matrices = 1  # the inverse factor, built in place (see factor.py)
+    solve_bytes_per_element = 5  # float32 W^T and its mask
+
     def __init__(self, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
-                 blocksize: int = 128, damp: float = 0.01, offload_hessian: bool = False) -> None:
-        super().__init__(columns, device, sparsity, pattern, offload_hessian)
+                 offload_hessian: bool = False, errors: bool = True, blocksize: int = DEFAULT_BLOCKSIZE,
+                 damp: float = 0.01) -> None:
+        super().__init__(columns, device, sparsity, pattern, offload_hessian, errors)
         self.blocksize = blocksize
         # Columns whose OBS updates are applied one by one before being batched onto the rest of the
         # block; a multiple of M so that every N:M group sees all earlier updates.
@@ -35,6 +44,25 @@ class SparseGPT(Pruner):
         self._dead: Tensor | None = None
         self.damp_used = damp
         self.retries = 0
+
+    @classmethod
+    def check(cls, knobs: dict[str, Any], pattern: Pattern) -> None:
+        blocksize, damp = knobs["blocksize"], knobs["damp"]
+        if blocksize < 1 or (pattern.structured and blocksize % pattern.m):
+            raise ArgumentError(f"blocksize {blocksize!r} must be a positive multiple of M={pattern.m or 1}")
+        if not damp > 0:
+            raise ArgumentError(f"damp {damp!r} must be positive")
+
+    @classmethod
+    def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any]) -> int:
+        """The largest of: the factorization's row chunks or the blocked inversion's panels (for the widest
+        input), the sweep's W^T, mask and per-block temporaries, and the errors' row chunks."""
+        chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)
+        rotation = 2 * min(WORKSPACE_BYTES, widest * widest * 2)
+        factorization = max(rotation, 2 * widest * min(widest, INVERSE_BLOCK) * 4)
+        blocksize = knobs.get("blocksize", DEFAULT_BLOCKSIZE)
+        sweep = cls.solve_bytes_per_element * rows * cols + SWEEP_BYTES_PER_ELEMENT * rows * blocksize
+        return max(factorization, sweep, chunks) + LIBRARY_WORKSPACE
 
     @torch.no_grad()
     def _inverse_factor(self) -> tuple[Tensor, Tensor]:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from streamprune.pruners.base import Pruner, PruneResult
-from streamprune.pruners.masks import nm_mask, row_mask
+from streamprune.pruners.base import ScorePruner
+from streamprune.pruners.masks import row_mask
 
 
-class Wanda(Pruner):
-    @torch.no_grad()
-    def prune(self, weight: Tensor) -> PruneResult:
-        assert self.xtx is not None
-        w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
-        norms = self.xtx.diagonal().sqrt().to(self.device)  # diag(X^T X)_j = ||X_j||^2
-        self._park_hessian()
-        score = w.abs() * norms[None, :]
-        if self.pattern.structured:
-            mask = nm_mask(score, self.pattern.n, self.pattern.m)
-        else:
-            mask = row_mask(score, self.sparsity)
-        del score
-        return PruneResult(w.masked_fill_(mask, 0.0), mask)
+class Wanda(ScorePruner):
+    statistics = "norms"  # only ||X_j||^2, a vector: no d x d matrix unless the reconstruction errors ask for it
+    solve_bytes_per_element = 9  # float32 weight, scores and mask
+
+    def score(self, w: Tensor) -> Tensor:
+        sqnorms = self.column_sqnorms()
+        assert sqnorms is not None, "no calibration batch was added"
+        return w.abs().mul_(sqnorms.sqrt()[None, :])
+
+    def unstructured_mask(self, score: Tensor) -> Tensor:
+        return row_mask(score, self.sparsity)
