@@ -40,30 +40,6 @@ def _fail(err: StreamPruneError) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command("eval")
-def eval_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")],
-    data: Annotated[Path, typer.Option("--data", help="Evaluation data: .txt, .jsonl with a 'text' field, or .npy token ids.")],
-    seqlen: Annotated[Optional[int], typer.Option(help="Window length (default: the model's maximum, at most 2048).")] = None,
-    nsamples: Annotated[Optional[int], typer.Option(help="Use at most this many windows.")] = None,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
-    from streamprune.evaluate import evaluate
-
-    _setup_logging(verbose)
-    try:
-        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True)
-    except StreamPruneError as e:
-        _fail(e)
-    print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
-          f"{result.seconds:.1f}s)")
-    if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-
-
 class OffloadChoice(str, Enum):
     auto = "auto"
     device = "device"
@@ -76,6 +52,35 @@ def parse_size(text: str | None) -> int | None:
     from streamprune.memory import parse_size as parse
 
     return None if text is None else parse(text)
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).")],
+    data: Annotated[Path, typer.Option("--data", help="Evaluation data: .txt, .jsonl with a 'text' field, or .npy token ids.")],
+    seqlen: Annotated[Optional[int], typer.Option(help="Window length (default: the model's maximum, at most 2048).")] = None,
+    nsamples: Annotated[Optional[int], typer.Option(help="Use at most this many windows.")] = None,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
+    batch: Annotated[int, typer.Option(help="Windows per forward call (shrinks to fit the GPU budget).")] = 8,
+    offload_activations: Annotated[OffloadChoice, typer.Option(help="Where the windows' hidden states live: on the device when they fit, else host memory, else a temporary file in $TMPDIR.")] = OffloadChoice.auto,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the evaluation may plan for, e.g. 24GiB or 20GB.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
+    from streamprune.evaluate import evaluate
+
+    _setup_logging(verbose)
+    try:
+        result = evaluate(model_dir, data, seqlen=seqlen, nsamples=nsamples, device=device.value, progress=True,
+                          offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
+                          batch=batch)
+    except StreamPruneError as e:
+        _fail(e)
+    print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
+          f"batch {result.batch}, hidden states on {result.offload_activations}, {result.seconds:.1f}s)")
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 MethodChoice = Enum("MethodChoice", {name: name for name in METHODS}, type=str)  # type: ignore[misc]

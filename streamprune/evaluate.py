@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,17 +13,17 @@ import torch
 from rich.progress import Progress
 from torch import Tensor
 
-from streamprune.arch.block import positions
+from streamprune.activations import Activations, make_store
+from streamprune.arch.block import head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
-from streamprune.activations import Activations
-from streamprune.arch.block import head
+from streamprune.errors import ArgumentError
 from streamprune.forward import embed_windows, forward_block, head_nll, head_weights
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
+from streamprune.plan import decide, eval_footprint
+from streamprune.stream import BlockStream
 
 logger = logging.getLogger(__name__)
-
-EVAL_BATCH = 4  # windows per forward call
 
 
 @dataclass
@@ -38,35 +39,36 @@ class EvalResult:
     seconds: float
     peak_rss_bytes: int
     peak_gpu_bytes: int
+    offload_activations: str = "device"  # where the windows' hidden states lived: device, cpu or disk
+    batch: int = 8  # windows per forward call
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 @torch.no_grad()
-def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, progress: bool = False) -> Activations:
-    """Hidden states after the last block for (K, T) token windows, streaming the blocks."""
-    cfg = ckpt.config
-    K, T = windows.shape
-    x = Activations((K, T, cfg.hidden_size), device)
-    embed_windows(ckpt, windows, device, x, EVAL_BATCH)
-    pos = positions(cfg, T).to(device, torch.float32)
+def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store: Activations, batch: int,
+                 progress: bool = False) -> None:
+    """Hidden states after the last block for (K, T) token windows, in place in `store` (K, T, D): each batch
+    of windows is read, pushed through the block and written back, one block at a time."""
+    embed_windows(ckpt, windows, device, store, batch)
+    pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("blocks", total=cfg.n_layers)
-        for bid in range(cfg.n_layers):
-            w = ckpt.load_block(bid, device)
-            forward_block(ckpt, w, x, pos, x, EVAL_BATCH, device)  # in place: windows are independent
-            del w
+        task = bar.add_task("blocks", total=ckpt.config.n_layers)
+        for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
+            forward_block(ckpt, block.w, store, pos, store, batch, device)
+            del block
             bar.advance(task)
-    return x
 
 
-def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu") -> Tensor:
+def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu", batch: int = 8) -> Tensor:
     """Logits (B, T, vocab) of token ids (B, T), computed block by block."""
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
+    store = Activations((*ids.shape, ckpt.config.hidden_size), dev)
+    final_hidden(ckpt, ids, dev, store, batch)
     with torch.no_grad():
-        return head(ckpt.config, head_weights(ckpt, dev), final_hidden(ckpt, ids, dev).data)
+        return head(ckpt.config, head_weights(ckpt, dev), store.data)
 
 
 def evaluate(
@@ -76,6 +78,9 @@ def evaluate(
     nsamples: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    offload_activations: str = "auto",
+    max_gpu_memory: int | None = None,
+    batch: int = 8,
 ) -> EvalResult:
     """Perplexity of a checkpoint on a local data file, holding one block's weights at a time.
 
@@ -86,8 +91,17 @@ def evaluate(
         nsamples: use at most this many windows (from the start of the data).
         device: "auto", "cpu" or "cuda".
         progress: show a progress bar over blocks.
+        offload_activations, max_gpu_memory, batch: as for `prune`: the windows' hidden states live on the
+            device when they fit, else in host memory, else in a temporary file (in the system's temporary
+            folder, $TMPDIR); the batch shrinks to fit the GPU budget.
+
+    Returns:
+        An `EvalResult`: perplexity, mean NLL, predicted tokens, windows, seqlen, time, peak memory, and the
+        placement and batch used.
     """
     start = time.perf_counter()
+    if batch < 1:
+        raise ArgumentError(f"batch {batch!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     seqlen = cfg.default_seqlen if seqlen is None else seqlen
@@ -95,9 +109,15 @@ def evaluate(
     dev = resolve_device(device)
     tokens = load_tokens(data, model_dir, cfg.vocab_size)
     windows = eval_windows(tokens, seqlen, nsamples, source=str(data))
-    with PeakMemory(dev) as mem:
-        x = final_hidden(ckpt, windows, dev, progress)
-        total, count = head_nll(ckpt, x, windows, dev)
+    K = windows.shape[0]
+    decision = decide(eval_footprint(ckpt, K, seqlen), dev, offload_activations, max_gpu_memory, batch, K)
+    with tempfile.TemporaryDirectory(prefix="streamprune-eval-") as work, PeakMemory(dev) as mem:
+        store = make_store((K, seqlen, cfg.hidden_size), decision.placement, dev, Path(work), "hidden")
+        try:
+            final_hidden(ckpt, windows, dev, store, decision.batch, progress)
+            total, count = head_nll(ckpt, store, windows, dev)
+        finally:
+            store.close()
     nll = total / count
     return EvalResult(
         model=str(model_dir),
@@ -105,10 +125,12 @@ def evaluate(
         perplexity=math.exp(nll),
         nll=nll,
         tokens=count,
-        windows=windows.shape[0],
+        windows=K,
         seqlen=seqlen,
         device=str(dev),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=max(mem.peak_rss, os_peak_rss()),
         peak_gpu_bytes=mem.peak_gpu,
+        offload_activations=decision.placement,
+        batch=decision.batch,
     )

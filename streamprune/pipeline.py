@@ -13,7 +13,6 @@ import logging
 import re
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +29,10 @@ from streamprune.calib import calib_windows, load_tokens
 from streamprune.checkpoint import (
     INDEX_NAME,
     Checkpoint,
-    CheckpointError,
     ShardWriter,
     all_finite,
     copy_side_files,
     eager,
-    read_header,
     read_tensor,
 )
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
@@ -52,11 +49,11 @@ from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, me
 from streamprune.plan import decide, footprint
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
+from streamprune.stream import BlockStream, Raw
 
 logger = logging.getLogger(__name__)
 
 MEMORY_CSV = "streamprune_memory.csv"
-Raw = dict[str, Tensor]  # stored tensors of one shard, by checkpoint name, in their stored dtype
 
 
 @dataclass
@@ -241,7 +238,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             assert journal is not None  # previous_job found it
             journal = journal.verified(out_dir)
 
-    check_disk_space(ckpt, out_dir, journal, fp.act_pair if placement == "disk" else 0)
+    check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
                decision.offload_hessian, args, fprint, journal)
 
@@ -345,22 +342,6 @@ class BlockPruner:
         pruner.free()
 
 
-def read_block(ckpt: Checkpoint, bid: int) -> tuple[Raw, float]:
-    """Stored tensors of block `bid`, checked for NaN/Inf, and the seconds the read took."""
-    start = time.perf_counter()
-    raw = {name: ckpt.read(name) for name in ckpt.stored_names(bid)}
-    for name, t in raw.items():
-        if t.is_floating_point() and not all_finite(t):
-            raise CheckpointError(f"{ckpt.tensors[name].path}: {name} (block {bid}) contains NaN or Inf")
-    return raw, time.perf_counter() - start
-
-
-def working_copy(ckpt: Checkpoint, bid: int, raw: Raw, device: torch.device) -> dict[Param, Tensor]:
-    """Parameters of block `bid` by role, on the compute device in their stored dtype (on the CPU, the
-    tensors as read themselves); the forward upcasts each one exactly when it is used."""
-    return {param: raw[name].to(device) for (param, b), name in ckpt.names.items() if b == bid}
-
-
 class Run:
     """One execution of a prepared job, resuming from its journal when there is one."""
 
@@ -419,7 +400,7 @@ class Run:
         with PeakMemory(job.device, record=job.opts.profile_memory) as mem, Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
             TimeElapsedColumn(), disable=not self.progress, transient=True,
-        ) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        ) as bar:
             task = bar.add_task("calibration inputs", total=cfg.n_layers, completed=first)
 
             def phase(text: str) -> None:
@@ -435,16 +416,11 @@ class Run:
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
                 x, scratch = self.rebuild_inputs(first, x, scratch, pos, phase)
             block_pruner = BlockPruner(job, report)
-            ahead: Future | None = pool.submit(read_block, self.ckpt, first) if first < cfg.n_layers else None
-            for bid in range(first, cfg.n_layers):
-                phase(f"block {bid}: read")
-                t = time.perf_counter()
-                assert ahead is not None
-                raw, read_seconds = ahead.result()
-                report.add("read", time.perf_counter() - t, bid)  # the part of reading not hidden
-                report.read_total_seconds += read_seconds
-                ahead = pool.submit(read_block, self.ckpt, bid + 1) if bid + 1 < cfg.n_layers else None
-                w = working_copy(self.ckpt, bid, raw, job.device)
+            phase(f"block {first}: read")
+            for block in BlockStream(self.ckpt, job.device, range(first, cfg.n_layers)):
+                bid, raw, w = block.bid, block.raw, block.w
+                report.add("read", block.wait_seconds, bid)  # the part of reading not hidden by the read-ahead
+                report.read_total_seconds += block.read_seconds
                 for (role, kind), b in list(self.ckpt.names):  # pruned weights get written anew: drop them
                     if b == bid and kind == "weight" and role in PRUNABLE:
                         del raw[self.ckpt.names[((role, kind), b)]]
@@ -461,9 +437,10 @@ class Run:
                     report.add("forward", job.clock() - t, bid)
                 phase(f"block {bid}: write")
                 self.commit(bid + 1, raw, report.layers[n_before:])
-                del raw, w
+                del block, raw, w  # before the next block arrives: two blocks as stored at most
                 release_freed_memory()
                 bar.advance(task)
+                phase(f"block {bid + 1}: read")
             for store in (x, scratch):
                 if store is not None:
                     store.close()
@@ -493,13 +470,13 @@ class Run:
                        phase: Callable[[str], None]) -> tuple[Activations, Activations]:
         """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
         start = time.perf_counter()
-        for bid in range(first):
-            phase(f"block {bid}: replay")
-            infos = read_header(self.job.out_dir / self.journal.done[bid + 1]["shard"])
-            raw = {name: read_tensor(infos[name]) for name in self.ckpt.stored_names(bid)}
-            forward_block(self.ckpt, working_copy(self.ckpt, bid, raw, self.job.device), x, pos, scratch,
-                          self.job.batch, self.job.device)
+        shards = BlockStream(self.ckpt, self.job.device, range(first),
+                             shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"])
+        for block in shards:
+            phase(f"block {block.bid}: replay")
+            forward_block(self.ckpt, block.w, x, pos, scratch, self.job.batch, self.job.device)
             x, scratch = scratch, x
+            del block
         self.report.add("replay", time.perf_counter() - start)
         return x, scratch
 

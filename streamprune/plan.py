@@ -20,8 +20,8 @@ import psutil
 import torch
 
 from streamprune.activations import choose_placement
-from streamprune.arch import PRUNABLE, SEQUENTIAL, Role
-from streamprune.checkpoint import Checkpoint
+from streamprune.arch import PRUNABLE, SEQUENTIAL, ModelConfig, Role
+from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
 from streamprune.pruners import default_errors
@@ -63,7 +63,7 @@ class Footprint:
     site_dense: int  # the dense weights of the largest site, as stored, kept until their errors are computed
     linear_fp32: int  # one linear upcast to float32 by the forward
     per_window: int  # forward workspace of one calibration window
-    act_pair: int  # the two activation buffers
+    activations: int  # the activation buffers (two while pruning: block input and output; one for eval)
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
 
@@ -77,8 +77,26 @@ class Footprint:
         return matrices + self.linear_solve + self.site_dense
 
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
-        return (self.raw_block + (self.act_pair if activations_on_device else 0)
+        return (self.raw_block + (self.activations if activations_on_device else 0)
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
+
+
+def block_sizes(ckpt: Checkpoint) -> tuple[int, dict[Role, TensorInfo], list[list[TensorInfo]]]:
+    """One block as stored (block 0: all blocks share a shape), its linears by role and its sites' linears."""
+    raw_block = sum(ckpt.tensors[n].nbytes for n in ckpt.stored_names(0))
+    linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
+               if ((role, "weight"), 0) in ckpt.names}
+    sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL]
+    return raw_block, linears, [site for site in sites if site]
+
+
+def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
+    """Float32 temporaries of the block forward for one window (ALiBi adds its scores and bias)."""
+    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+    per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+    if cfg.pos == "alibi":
+        per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
+    return per_window
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
@@ -87,33 +105,36 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     the method's own options (their defaults where absent)."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
-    knobs = knobs or {}
     cfg = ckpt.config
-    block0 = [ckpt.tensors[n] for n in ckpt.stored_names(0)]
-    linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
-               if ((role, "weight"), 0) in ckpt.names}
-    sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL]
-    sites = [site for site in sites if site]
+    raw_block, linears, sites = block_sizes(ckpt)
     widths = [site[0].shape[1] for site in sites]
     largest = max(linears.values(), key=lambda i: math.prod(i.shape))
     widest = max(widths) ** 2 * 4
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
-    common = dict(raw_block=sum(i.nbytes for i in block0), pruned_stored=sum(i.nbytes for i in linears.values()),
+    common = dict(raw_block=raw_block, pruned_stored=sum(i.nbytes for i in linears.values()),
                   site_dense=max(sum(i.nbytes for i in site) for site in sites), linear_fp32=math.prod(largest.shape) * 4,
                   embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs))
+                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}))
     if not keep:  # magnitude without reconstruction errors: no statistics, no forward
-        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, act_pair=0, **common)
-    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-    per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
-    if cfg.pos == "alibi":
-        per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
+        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, activations=0, **common)
     watched = [max(widths)] if sequential else widths  # the inputs whose statistics are held at once
     per_input = (lambda w: w * w * 4) if keep == "xtx" else (lambda w: w * 4)
     return Footprint(
         hessians=sum(per_input(w) for w in watched), solver_matrix=cls.solver_matrices * widest,
-        widest_hessian=widest if keep == "xtx" else 0, per_window=per_window,
-        act_pair=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
+        widest_hessian=widest if keep == "xtx" else 0, per_window=window_workspace(cfg, seqlen),
+        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
+
+
+def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
+    """The sizes an evaluation is made of: the block, one activation buffer (updated in place) and the forward."""
+    raw_block, linears, _ = block_sizes(ckpt)
+    largest = max(math.prod(i.shape) for i in linears.values())
+    embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
+    return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
+                     linear_solve=0, site_dense=0, linear_fp32=largest * 4,
+                     per_window=window_workspace(ckpt.config, seqlen),
+                     activations=nsamples * seqlen * ckpt.config.hidden_size * 4,
+                     embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
 
 
 @dataclass(frozen=True)
@@ -135,7 +156,7 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
     batch = max(1, min(batch, nsamples))
     host_budget = psutil.virtual_memory().available // 2
     if device.type != "cuda":
-        return Decision(choose_placement(offload_activations, fp.act_pair, device, None, host_budget), batch, False)
+        return Decision(choose_placement(offload_activations, fp.activations, device, None, host_budget), batch, False)
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
     budget = int(total * GPU_HEADROOM)
     offload = fp.device_peak(1, False, False) > budget and fp.widest_hessian > 0
@@ -148,8 +169,8 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
             f"forward of one window ({fp.calibrate_peak(1) / 2**30:.2f} GiB, X^T X included) need "
             f"{need / GPU_HEADROOM / 2**30:.1f} GiB; use --device cpu or a larger card"
         )
-    placement = choose_placement(offload_activations, fp.act_pair, device, budget - need, host_budget)
-    free = budget - fp.raw_block - (fp.act_pair if placement == "device" else 0) - fp.hessians - fp.linear_fp32
+    placement = choose_placement(offload_activations, fp.activations, device, budget - need, host_budget)
+    free = budget - fp.raw_block - (fp.activations if placement == "device" else 0) - fp.hessians - fp.linear_fp32
     if fp.per_window:
         batch = max(1, min(batch, free // fp.per_window))
     return Decision(placement, batch, offload)
@@ -181,7 +202,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
     where_act = {"device": compute, "cpu": "host", "disk": "disk"}[d.placement]
-    act_on = {where: fp.act_pair if where_act == where else 0 for where in ("host", "device")}
+    act_on = {where: fp.activations if where_act == where else 0 for where in ("host", "device")}
     work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
     offloaded = fp.widest_hessian if d.offload_hessian else 0
     host_block = 2 * fp.raw_block + fp.pruned_stored + act_on["host"] + offloaded + (0 if on_device else work)
@@ -200,7 +221,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("X^T X waiting in host memory during the solve", offloaded, "host"),
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
-        ("calibration activations (input and output buffers)", fp.act_pair, where_act),
+        ("calibration activations (input and output buffers)", fp.activations, where_act),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
     ]
     consumers.sort(key=lambda c: -c[1])

@@ -133,7 +133,7 @@ def budget_footprint(**sizes):
 
     MiB = 2**20
     base = dict(raw_block=200, pruned_stored=100, hessians=64, solver_matrix=64, widest_hessian=64, linear_solve=100,
-                site_dense=36, linear_fp32=16, per_window=50, act_pair=400, embed_stored=10, embed_fp32=20)
+                site_dense=36, linear_fp32=16, per_window=50, activations=400, embed_stored=10, embed_fp32=20)
     base.update(sizes)
     return Footprint(**{k: v * MiB for k, v in base.items()})
 

@@ -110,3 +110,22 @@ def test_checkpoint_saved_without_base_model_prefix(tmp_path, variant, prefix):
               metadata={"format": "pt"})
     assert not any(k.startswith(prefix) for k in load_file(path / "model.safetensors"))
     torch.testing.assert_close(logits(path, ids), before, atol=0, rtol=0)
+
+
+def test_eval_streams_like_run(tmp_path, data_file):
+    """eval reads blocks through the same iterator as run (NaN checks included) and places the windows' hidden
+    states like run: on the device, in host memory or in a temporary file, with the same perplexity."""
+    from safetensors.torch import load_file, save_file
+
+    from streamprune.errors import StreamPruneError
+
+    path = tiny.build(tmp_path / "m", "llama-gqa", dtype=torch.bfloat16)
+    results = {p: evaluate(path, data_file, seqlen=64, nsamples=5, device="cpu", offload_activations=p, batch=2)
+               for p in ("cpu", "disk")}
+    assert results["disk"].offload_activations == "disk" and results["disk"].batch == 2
+    assert results["disk"].perplexity == results["cpu"].perplexity
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][2, 3] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamPruneError, match=r"model.layers.1.mlp.up_proj.weight \(block 1\) contains NaN"):
+        evaluate(path, data_file, seqlen=64, nsamples=2, device="cpu")
