@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one call, a few minutes on one H100:
-#   1. the CUDA path against the CPU path on small random checkpoints (bench/cuda_parity.py);
+#   1. the CUDA path against the CPU path on small random checkpoints (bench/cuda_parity.py), then the test
+#      suite's GPU tests (attention on fused kernels, GPU peaks against the plan: tests/test_gpu.py);
 #   2. bench/speed.py on an OPT-175B-shaped block and on a LLaMA-70B-shaped block, with the
 #      extrapolated whole-model time;
 #   3. bench/solve_memory.py on OPT-175B's down projection (12288 x 49152, fp16) under a 24 GB cap:
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/cuda_parity.py --device cuda
+"$PY" -m pytest -q -m gpu tests/
 "$PY" bench/speed.py --device cuda --shape opt-175b --blocks 1 --json "${OUT:-.}/speed_opt175b.json"
 "$PY" bench/speed.py --device cuda --shape llama-70b --blocks 1 --json "${OUT:-.}/speed_llama70b.json"
 "$PY" bench/solve_memory.py --device cuda --rows 12288 --cols 49152 --dtype fp16 --tokens 65536 --budget 24GB

@@ -66,6 +66,7 @@ class Footprint:
     activations: int  # the activation buffers (two while pruning: block input and output; one for eval)
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
+    positions: int = 0  # RoPE tables, or ALiBi's (1, H, T, T) bias: held on the compute device for the whole run
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -77,7 +78,7 @@ class Footprint:
         return matrices + self.linear_solve + self.site_dense
 
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
-        return (self.raw_block + (self.activations if activations_on_device else 0)
+        return (self.raw_block + (self.activations if activations_on_device else 0) + self.positions
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
 
 
@@ -91,12 +92,17 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, dict[Role, TensorInfo], list[lis
 
 
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
-    """Float32 temporaries of the block forward for one window (ALiBi adds its scores and bias)."""
+    """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
+    hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`)."""
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-    per_window = (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+
+
+def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
+    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables."""
     if cfg.pos == "alibi":
-        per_window += 2 * cfg.n_heads * seqlen * seqlen * 4
-    return per_window
+        return cfg.n_heads * seqlen * seqlen * 4
+    return 2 * seqlen * cfg.head_dim * 4 if cfg.pos == "rope" else 0
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
@@ -122,7 +128,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     return Footprint(
         hessians=sum(per_input(w) for w in watched), solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0, per_window=window_workspace(cfg, seqlen),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, **common)
+        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, positions=positions_bytes(cfg, seqlen), **common)
 
 
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
@@ -134,7 +140,8 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(ckpt.config, seqlen),
                      activations=nsamples * seqlen * ckpt.config.hidden_size * 4,
-                     embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4)
+                     embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
+                     positions=positions_bytes(ckpt.config, seqlen))
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,8 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
             f"{need / GPU_HEADROOM / 2**30:.1f} GiB; use --device cpu or a larger card"
         )
     placement = choose_placement(offload_activations, fp.activations, device, budget - need, host_budget)
-    free = budget - fp.raw_block - (fp.activations if placement == "device" else 0) - fp.hessians - fp.linear_fp32
+    free = (budget - fp.raw_block - (fp.activations if placement == "device" else 0) - fp.positions - fp.hessians
+            - fp.linear_fp32)
     if fp.per_window:
         batch = max(1, min(batch, free // fp.per_window))
     return Decision(placement, batch, offload)
@@ -205,7 +213,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     act_on = {where: fp.activations if where_act == where else 0 for where in ("host", "device")}
     work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
     offloaded = fp.widest_hessian if d.offload_hessian else 0
-    host_block = 2 * fp.raw_block + fp.pruned_stored + act_on["host"] + offloaded + (0 if on_device else work)
+    host_block = (2 * fp.raw_block + fp.pruned_stored + act_on["host"] + offloaded
+                  + (0 if on_device else work + fp.positions))
     host_embed = fp.embed_stored + act_on["host"] + (0 if on_device else fp.embed_fp32)
     device_peak = 0
     if on_device:
@@ -222,6 +231,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         ("calibration activations (input and output buffers)", fp.activations, where_act),
+        ("position tables (RoPE) or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
     ]
     consumers.sort(key=lambda c: -c[1])

@@ -203,3 +203,43 @@ def test_plan_for_a_gpu_without_one_needs_its_size(tmp_path, monkeypatch):
     with pytest.raises(ArgumentError, match="no CUDA device is available here; pass --max-gpu-memory"):
         plan(src, device="cuda")
     assert plan(src, device="cuda", max_gpu_memory=8 * GiB, seqlen=128).device_peak > 0
+
+
+@pytest.mark.parametrize("variant", ["bloom", "llama-gqa"])
+def test_attention_holds_no_scores(tmp_path, variant):
+    """The block forward at 2048 tokens stays within the plan's forward workspace: attention runs on a fused
+    kernel (ALiBi's bias is passed in the (1, H, T, T) form such kernels take), never on one that holds the
+    (B, H, T, T) scores (here 512 MiB against a workspace of a few tens)."""
+    import transformers
+
+    cls, kwargs = {"bloom": ("BloomConfig", dict(hidden_size=256, n_layer=1, n_head=16)),
+                   "llama-gqa": ("LlamaConfig", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                                                     num_attention_heads=16, num_key_value_heads=4,
+                                                     max_position_embeddings=2048))}[variant]
+    config = getattr(transformers, cls)(vocab_size=tiny.VOCAB, **kwargs)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    script = f"""
+import torch
+from streamprune.arch.block import block_forward, positions
+from streamprune.checkpoint import Checkpoint
+from streamprune.memory import allocate_large_buffers_with_mmap
+from streamprune.plan import window_workspace
+from streamprune.stream import BlockStream
+allocate_large_buffers_with_mmap()
+ckpt = Checkpoint({str(tmp_path / "m")!r})
+block = next(iter(BlockStream(ckpt, torch.device("cpu"), range(1))))
+pos = positions(ckpt.config, 2048)
+x = torch.randn(2, 2048, ckpt.config.hidden_size)
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+with torch.no_grad():
+    block_forward(ckpt.config, block.w, x[:, :64], positions(ckpt.config, 64))
+    open("/proc/self/clear_refs", "w").write("5")
+    base = kib("VmRSS")
+    block_forward(ckpt.config, block.w, x, pos)
+print((kib("VmHWM") - base) * 1024, 2 * window_workspace(ckpt.config, 2048))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    measured, planned = map(int, out.stdout.split())
+    scores = 2 * 16 * 2048 * 2048 * 4
+    assert measured <= planned < scores / 4, (measured / 2**20, planned / 2**20)

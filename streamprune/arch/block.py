@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.layers import (
@@ -25,6 +26,7 @@ from streamprune.arch.layers import (
 )
 from streamprune.arch.roles import Role, Site
 from streamprune.arch.spec import Param
+from streamprune.errors import UnsupportedModelError
 
 Weights = dict[Param, Tensor]
 Tap = Callable[[Site, Tensor], None]
@@ -86,9 +88,33 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.bias, is_causal=pos.bias is None,
-                                       scale=cfg.attn_scale, enable_gqa=nkv != nh)
+    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
     return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+
+
+FUSED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Causal attention (B, H, T, hd) -> (B, H, T, hd) by a kernel that never materializes the (B, H, T, T)
+    scores. On CUDA, float32 q/k/v run on the memory-efficient kernel, which takes no grouped k/v: they are
+    expanded to every query head; the math kernel is excluded, so no silent fallback can exceed the plan."""
+    gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda:  # the CPU's fused kernel takes float32, grouped k/v and a (1, H, T, T) bias as they are
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # (B, H, T, hd)
+    try:
+        with sdpa_kernel(FUSED_KERNELS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, scale=scale)
+    except RuntimeError as e:  # raised before any work is done when no fused kernel takes these inputs
+        if "No available kernel" not in str(e):
+            raise
+        raise UnsupportedModelError(
+            f"no fused attention kernel of torch {torch.__version__} on {torch.cuda.get_device_name(q.device)} "
+            f"takes {q.dtype} q/k/v of shape {list(q.shape)}{' with a bias' if bias is not None else ''}; the math "
+            f"kernel would hold (B, H, T, T) scores the memory plan does not count ({e})") from e
 
 
 def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:

@@ -81,8 +81,9 @@ def alibi_slopes(n_heads: int) -> Tensor:
 
 
 def alibi_causal_bias(n_heads: int, seqlen: int) -> Tensor:
-    """Additive attention bias (H, T, T): slope times key position, -inf above the diagonal."""
+    """Additive attention bias (1, H, T, T): slope times key position, -inf above the diagonal. Four
+    dimensions, broadcast over the batch: the fused attention kernels take a mask only in this form."""
     keys = torch.arange(seqlen, dtype=torch.float32)
     bias = alibi_slopes(n_heads)[:, None, None] * keys[None, None, :]  # (H, 1, T)
     causal = torch.full((seqlen, seqlen), float("-inf")).triu(1)  # (T, T)
-    return bias + causal
+    return (bias + causal)[None]  # (1, H, T, T)
