@@ -1,4 +1,4 @@
-"""The pruners on random data: SparseGPT against a float64 re-derivation, masks, relative quality."""
+"""The pruners on random data: SparseGPT against tests/reference.py in float64, masks, relative quality."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from streamprune.errors import ArgumentError, StreamPruneError
 from streamprune.pruners import Pattern, make_pruner
 from streamprune.pruners.masks import matrix_mask, nm_mask, resolve_sparsity, row_mask
+from tests import reference
 
 
 def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -29,57 +30,30 @@ def run(method: str, W: torch.Tensor, X: torch.Tensor, pattern: str = "unstructu
     return res, p.reconstruction_error(W, res.weight)
 
 
-def obs_reference(W: torch.Tensor, X: torch.Tensor, mask: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Column-by-column OBS in float64 with explicit inverses of each remaining sub-Hessian."""
-    W = W.double().clone()
-    H = 2 * X.double().T @ X.double() / X.shape[0]
-    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
-    for i in range(W.shape[1]):
-        Finv = torch.linalg.inv(H[i:, i:])
-        q = W[:, i].masked_fill(mask[:, i], 0.0)
-        W[:, i:] -= torch.outer((W[:, i] - q) / Finv[0, 0], Finv[0])
-    return W
-
-
-def reference_block_masks(W: torch.Tensor, X: torch.Tensor, sparsity: float, blocksize: int,
-                          damp: float = 0.01) -> torch.Tensor:
-    """The adaptive mask re-derived in float64: chosen at each block start from w^2 / [H_F^-1]_00."""
-    W = W.double().clone()
-    H = 2 * X.double().T @ X.double() / X.shape[0]
-    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
-    cols = W.shape[1]
-    d = torch.stack([torch.linalg.inv(H[i:, i:])[0, 0] for i in range(cols)])  # [H_F^-1]_00 = chol(H^-1)_ii^2
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        score = W[:, i1:i2] ** 2 / d[i1:i2]  # OBS saliency w^2 / [H_F^-1]_00
-        k = int(score.numel() * sparsity)
-        mask[:, i1:i2] = score <= score.flatten().sort().values[k]
-        for i in range(i1, i2):
-            Finv = torch.linalg.inv(H[i:, i:])
-            q = W[:, i].masked_fill(mask[:, i], 0.0)
-            W[:, i:] -= torch.outer((W[:, i] - q) / Finv[0, 0], Finv[0])
-    return mask
-
-
 def test_sparsegpt_matches_float64_rederivation():
     W = torch.randn(48, 96, generator=torch.Generator().manual_seed(3))
     X = correlated_inputs(600, 96)
     res, _ = run("sparsegpt", W, X, blocksize=32)
-    ref_mask = reference_block_masks(W, X, 0.5, 32)
-    assert torch.equal(res.mask, ref_mask)
-    ref = obs_reference(W, X, res.mask)
-    torch.testing.assert_close(res.weight.double(), ref, atol=2e-4, rtol=1e-4)
+    ref = reference.sparsegpt(W, reference.hessian(X), 0.5, blocksize=32)
+    assert torch.equal(res.mask, ref.mask), f"{int((res.mask != ref.mask).sum())} mask entries differ"
+    torch.testing.assert_close(res.weight.double(), ref.weight, atol=2e-4, rtol=1e-4)
     assert torch.all(res.weight[res.mask] == 0)
 
 
-def test_sparsegpt_nm_matches_float64_rederivation():
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_sparsegpt_nm_matches_float64_rederivation(pattern):
+    """The N:M mask is re-derived, not taken from the result: chosen at each group's first column
+    from the weights as updated by every earlier column."""
+    pat = Pattern.parse(pattern)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     X = correlated_inputs(500, 64, seed=1)
-    res, _ = run("sparsegpt", W, X, pattern="2:4", blocksize=32)
-    ref = obs_reference(W, X, res.mask)
-    torch.testing.assert_close(res.weight.double(), ref, atol=2e-4, rtol=1e-4)
-    assert torch.all(res.mask.view(32, 16, 4).sum(-1) == 2)
+    res, _ = run("sparsegpt", W, X, pattern=pattern, blocksize=32)
+    ref = reference.sparsegpt(W, reference.hessian(X), blocksize=32, nm=(pat.n, pat.m))
+    assert torch.equal(res.mask, ref.mask), f"{int((res.mask != ref.mask).sum())} mask entries differ"
+    torch.testing.assert_close(res.weight.double(), ref.weight, atol=2e-4, rtol=1e-4)
+    removed = res.mask.view(32, 64 // pat.m, pat.m).sum(-1)
+    assert torch.all(removed == pat.n), f"removed per group: {removed.unique().tolist()}, expected {pat.n}"
+    assert torch.all(res.weight[res.mask] == 0)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
@@ -108,8 +82,9 @@ def test_nm_pattern_in_every_group(method, pattern):
     pat = Pattern.parse(pattern)
     W = torch.randn(24, 64, generator=torch.Generator().manual_seed(7))
     res, _ = run(method, W, correlated_inputs(300, 64), pattern=pattern, blocksize=32)
-    groups = (res.weight == 0).view(24, 64 // pat.m, pat.m).sum(-1)
-    assert torch.all(groups >= pat.n)
+    removed = res.mask.view(24, 64 // pat.m, pat.m).sum(-1)
+    assert torch.all(removed == pat.n), f"removed per group: {removed.unique().tolist()}, expected {pat.n}"
+    assert torch.all(res.weight[res.mask] == 0)
 
 
 def test_dead_inputs_are_zeroed_and_pruned():
@@ -118,6 +93,9 @@ def test_dead_inputs_are_zeroed_and_pruned():
     X[:, 5] = 0
     res, _ = run("sparsegpt", W, X, blocksize=16)
     assert torch.all(res.weight[:, 5] == 0)
+    ref = reference.sparsegpt(W, reference.hessian(X), 0.5, blocksize=16)
+    assert torch.equal(res.mask, ref.mask)
+    torch.testing.assert_close(res.weight.double(), ref.weight, atol=2e-4, rtol=1e-4)
 
 
 def test_mask_helpers():
