@@ -171,6 +171,9 @@ def plan_cmd(
 
 
 def main() -> None:
+    from streamprune.memory import allocate_large_buffers_with_mmap
+
+    allocate_large_buffers_with_mmap()  # flat RSS over many blocks; process-wide, so the command line decides
     try:
         app()
     except KeyboardInterrupt:

@@ -79,7 +79,9 @@ def allocate_large_buffers_with_mmap(threshold: int = 1 << 20) -> None:
 
     glibc otherwise raises this threshold each time a large block is freed, after which blocks of
     that size come from heaps that fragment and seldom shrink: RSS then creeps up block after block
-    and spikes unpredictably. Process-wide; called once at the start of a run.
+    and spikes unpredictably. Process-wide and permanent (glibc's adaptive threshold cannot be restored), so
+    the library never calls it: the command line does, at start; a program that calls `streamprune.prune`
+    on a large model and wants the same flat memory calls it once itself.
     """
     libc = _libc()
     if libc is not None:

@@ -40,7 +40,6 @@ from streamprune.forward import embed_windows, forward_block
 from streamprune.journal import WORK_DIR, Journal, describe_difference, environment, fingerprint
 from streamprune.memory import (
     PeakMemory,
-    allocate_large_buffers_with_mmap,
     os_peak_rss,
     release_freed_memory,
     resolve_device,
@@ -380,7 +379,6 @@ class Run:
     def execute(self) -> Report:
         job, cfg, report = self.job, self.cfg, self.report
         start = time.perf_counter()
-        allocate_large_buffers_with_mmap()
         out = job.out_dir
         if job.journal is None:
             out.mkdir(parents=True, exist_ok=True)

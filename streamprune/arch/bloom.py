@@ -8,9 +8,6 @@ from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 
-# ALiBi has no trained length limit; evaluation windows default to this when config.json names none.
-BLOOM_DEFAULT_SEQLEN = 2048
-
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     hidden = get_int(raw, "hidden_size", "n_embed")

@@ -86,10 +86,6 @@ class ModelConfig:
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
 
     @property
-    def kv_groups(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @property
     def attn_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 

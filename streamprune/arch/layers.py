@@ -36,8 +36,7 @@ def activation(name: str, x: Tensor) -> Tensor:
 def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> Tensor:
     """Inverse frequencies of RoPE, with linear or Llama 3 frequency scaling applied."""
     theta = float(params["rope_theta"])
-    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     rope_type = params["rope_type"]
     if rope_type == "linear":
         return inv_freq / float(params["factor"])

@@ -31,6 +31,10 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
     params["rope_type"] = rope_type
     params.setdefault("rope_theta", 10000.0)
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(f"config.json: partial_rotary_factor={partial!r} is not supported; every "
+                                    "head dimension is rotated (1.0)")
     return params
 
 
