@@ -25,7 +25,7 @@ from torch import Tensor
 from streamprune.activations import Activations, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
-from streamprune.calib import calib_windows, load_tokens
+from streamprune.calib import calib_windows
 from streamprune.checkpoint import (
     INDEX_NAME,
     Checkpoint,
@@ -39,7 +39,7 @@ from streamprune.checkpoint import (
 )
 from streamprune.errors import ArgumentError, DataError
 from streamprune.forward import embed_windows, forward_block
-from streamprune.journal import WORK_DIR, Journal, describe_difference, fingerprint
+from streamprune.journal import WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
 from streamprune.memory import (
     PeakMemory,
     allocate_large_buffers_with_mmap,
@@ -190,8 +190,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     calib = None if opts.calib is None else Path(opts.calib)
     if calib is not None:
         cfg.check_seqlen(seqlen)
-        tokens = load_tokens(calib, model_dir, cfg.vocab_size)
-        windows = calib_windows(tokens, seqlen, opts.nsamples, opts.seed, source=str(calib))
+        windows = calib_windows(calib, model_dir, cfg.vocab_size, seqlen, opts.nsamples, opts.seed)
     elif METHODS[opts.method].needs_data:
         raise DataError(f"method {opts.method!r} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
@@ -207,7 +206,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
             "calib": None if calib is None else str(calib), "device": str(device),
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian}
-    fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS})
+    fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
+                         {k: args[k] for k in RESULT_OPTIONS})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (opts.overwrite or opts.restart):
         old, finished = previous_job(out_dir)
