@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from streamprune.checkpoint import Checkpoint, read_header
 from streamprune.memory import device_name
@@ -42,11 +43,11 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+def calib_digest(path: Path, windows: Tensor) -> str:
+    """Digest of the calibration data as a run uses it: the file's size and the token ids drawn from it. The
+    whole file is never read; a change that leaves the drawn windows as they were cannot change the result."""
+    h = hashlib.sha256(f"{path.stat().st_size} {tuple(windows.shape)} ".encode())
+    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -60,8 +61,9 @@ def model_digest(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
-def fingerprint(ckpt: Checkpoint, calib: Path | None, args: dict[str, Any]) -> dict[str, Any]:
-    return {"model": model_digest(ckpt), "calib": None if calib is None else file_digest(calib), "args": args}
+def fingerprint(ckpt: Checkpoint, calib: str | None, args: dict[str, Any]) -> dict[str, Any]:
+    """`calib`: the `calib_digest` of the calibration data, if any."""
+    return {"model": model_digest(ckpt), "calib": calib, "args": args}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from streamprune.activations import Activations, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import Positions, positions
-from streamprune.calib import calib_windows, load_tokens
+from streamprune.calib import calib_windows
 from streamprune.checkpoint import (
     INDEX_NAME,
     Checkpoint,
@@ -37,7 +37,7 @@ from streamprune.checkpoint import (
 )
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
 from streamprune.forward import embed_windows, forward_block
-from streamprune.journal import WORK_DIR, Journal, describe_difference, environment, fingerprint
+from streamprune.journal import WORK_DIR, Journal, calib_digest, describe_difference, environment, fingerprint
 from streamprune.memory import (
     PeakMemory,
     os_peak_rss,
@@ -199,8 +199,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         calib = None
     if calib is not None:
         cfg.check_seqlen(seqlen)
-        tokens = load_tokens(calib, model_dir, cfg.vocab_size)
-        windows = calib_windows(tokens, seqlen, opts.nsamples, opts.seed, source=str(calib))
+        windows = calib_windows(calib, model_dir, cfg.vocab_size, seqlen, opts.nsamples, opts.seed)
     elif cls.needs_data or errors:
         what = f"method {opts.method!r}" if cls.needs_data else "--layer-errors"
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
@@ -217,7 +216,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             "calib": None if calib is None else str(calib), "device": str(device),
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian,
             "layer_errors": errors}
-    fprint = fingerprint(ckpt, calib, {k: args[k] for k in RESULT_OPTIONS + cls.knobs})
+    fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
+                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)

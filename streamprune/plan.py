@@ -6,7 +6,8 @@ ahead (and a copy of the block on a GPU), the two calibration activation buffers
 placed, and one of two workspaces: while calibrating, X^T X of the inputs being watched plus the
 forward workspace of one batch of windows; while pruning, X^T X, the solver's matrices and the
 largest linear's temporaries. Embedding and head tensors are handled one at a time before and after
-the blocks.
+the blocks. Before all of it, the calibration windows are drawn: a bounded read and tokenization of
+the data file (see calib.py), after which only the windows' token ids stay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from streamprune.activations import choose_placement
 from streamprune.arch import PRUNABLE, SEQUENTIAL, ModelConfig, Role
+from streamprune.calib import read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
@@ -67,6 +69,8 @@ class Footprint:
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
     positions: int = 0  # RoPE tables, or ALiBi's (1, H, T, T) bias: held on the compute device for the whole run
+    calib_ids: int = 0  # the calibration windows' token ids (int64), held for the whole run
+    calib_read: int = 0  # drawing them from text, before block 0: the most that is read and tokenized at once
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -128,7 +132,8 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     return Footprint(
         hessians=sum(per_input(w) for w in watched), solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0, per_window=window_workspace(cfg, seqlen),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, positions=positions_bytes(cfg, seqlen), **common)
+        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, positions=positions_bytes(cfg, seqlen),
+        calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen), **common)
 
 
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
@@ -233,7 +238,9 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("calibration activations (input and output buffers)", fp.activations, where_act),
         ("position tables (RoPE) or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
+        ("calibration token ids", fp.calib_ids, "host"),
+        ("calibration text read and tokenized while drawing windows (before block 0)", fp.calib_read, "host"),
     ]
     consumers.sort(key=lambda c: -c[1])
-    return MemoryPlan(d.placement, d.batch, d.offload_hessian, HOST_OVERHEAD + max(host_block, host_embed),
-                      device_peak, consumers)
+    host_peak = HOST_OVERHEAD + fp.calib_ids + max(host_block, host_embed, fp.calib_read)
+    return MemoryPlan(d.placement, d.batch, d.offload_hessian, host_peak, device_peak, consumers)

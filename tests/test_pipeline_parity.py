@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import streamprune
-from streamprune.calib import calib_windows, load_tokens
+from streamprune.calib import calib_windows
 from tests import reference, tiny
 
 NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
@@ -99,7 +99,7 @@ def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern:
     out = tmp_path / "out"
     streamprune.prune(src, out, method=method, pattern=pattern, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
                       seed=SEED, sequential=sequential, blocksize=BLOCKSIZE, device="cpu")
-    windows = calib_windows(load_tokens(calib, src, tiny.VOCAB), SEQLEN, NSAMPLES, SEED)
+    windows = calib_windows(calib, src, tiny.VOCAB, SEQLEN, NSAMPLES, SEED)
     dense = {n: p.detach().clone() for n, p in tiny.hf_model(src).named_parameters()}
     model = tiny.hf_model(out)
     written = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,165 @@
+"""Calibration windows: drawn from a file of any size by reading and tokenizing only what they need."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamprune import calib
+from streamprune.errors import DataError
+from streamprune.pipeline import PruneOptions, prepare
+from tests import tiny
+from tests.test_bad_input import assert_names, fail
+
+SEQLEN = 64
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny.build(tmp_path_factory.mktemp("calib") / "llama", "llama")
+
+
+class CountingTokenizer:
+    """The model's tokenizer, counting the characters it is asked to encode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def encode(self, text, *args, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer.encode(text, *args, **kwargs)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+@pytest.fixture
+def tokenizer(model, monkeypatch) -> CountingTokenizer:
+    counting = CountingTokenizer(calib.tokenizer_for(model))
+    monkeypatch.setattr(calib, "tokenizer_for", lambda model_dir: counting)
+    return counting
+
+
+def bytes_read() -> int:
+    """Bytes this process has read from files so far (Linux)."""
+    io = Path("/proc/self/io")
+    if not io.is_file():
+        pytest.skip("needs /proc/self/io")
+    return next(int(line.split()[1]) for line in io.read_text().splitlines() if line.startswith("rchar:"))
+
+
+def draw(model: Path, data: Path, tmp_path: Path, nsamples: int = 16, seed: int = 0):
+    job = prepare(model, tmp_path / "out", PruneOptions(calib=data, nsamples=nsamples, seqlen=SEQLEN, seed=seed))
+    assert job.windows is not None and job.windows.shape == (nsamples, SEQLEN)
+    return job
+
+
+def test_a_large_text_file_is_neither_tokenized_nor_read_whole(model, tokenizer, tmp_path):
+    data = tmp_path / "big.txt"
+    text = tiny.sample_text(10**7)
+    with open(data, "w") as f:
+        for i in range(8 * 2**20 // len(text) + 1):
+            f.write(f"part {i}\n{text}\n")
+    size = data.stat().st_size
+    before = bytes_read()
+    job = draw(model, data, tmp_path)
+    read = bytes_read() - before
+    assert tokenizer.chars < size / 100, (tokenizer.chars, size)
+    assert read < size / 20, (read, size)  # the fingerprint does not hash the whole file either
+    again = draw(model, data, tmp_path)
+    assert torch.equal(job.windows, again.windows) and job.fingerprint == again.fingerprint
+    other = draw(model, data, tmp_path, seed=1)
+    assert not torch.equal(job.windows, other.windows)
+    with open(data, "a") as f:
+        f.write("one more line\n")
+    assert draw(model, data, tmp_path).fingerprint["calib"] != job.fingerprint["calib"]
+
+
+def test_jsonl_windows_lie_inside_one_document(model, tokenizer, tmp_path):
+    """Documents of one repeated letter each, neighbours differing; those shorter than a window in
+    capitals, some long enough to be drawn from in chunks. No window mixes letters or holds a capital."""
+    docs = []
+    for i in range(300):
+        if i % 3 == 2:
+            docs.append(" ".join([string.ascii_uppercase[i % 26] * 3] * 8))  # 31 tokens: shorter than a window
+        else:
+            words = 3000 if i % 25 < 2 else 20 + i % 40  # 12,000 bytes: more than SEQLEN * MAX_BYTES_PER_TOKEN
+            docs.append(" ".join([string.ascii_lowercase[i % 26] * 3] * words))
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    windows = draw(model, data, tmp_path, nsamples=64).windows
+    for ids in windows.tolist():
+        letters = set(tokenizer.decode(ids)) - {" "}
+        assert len(letters) == 1 and letters <= set(string.ascii_lowercase), tokenizer.decode(ids)
+
+
+def test_jsonl_line_that_is_drawn_is_named(model, tmp_path):
+    data = tmp_path / "broken.jsonl"
+    lines = [json.dumps({"text": "word " * 40}) if i % 2 else '{"text": "cut short' for i in range(1, 2001)]
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="not valid JSON") as e:
+        draw(model, data, tmp_path)
+    lineno = int(str(e.value).split(":")[1])
+    assert lines[lineno - 1] == '{"text": "cut short', str(e.value)
+
+
+def test_text_with_a_bad_byte_names_its_offset(model, tmp_path):
+    data = tmp_path / "latin.txt"
+    raw = "".join(f"line {i} caf\xe9 au lait\n" for i in range(20000)).encode("latin-1")
+    data.write_bytes(raw)
+    with pytest.raises(DataError, match="not UTF-8") as e:
+        draw(model, data, tmp_path)
+    offset = int(str(e.value).rsplit(" ", 1)[1].rstrip(")"))
+    assert raw[offset] == 0xE9 and offset > 1000, str(e.value)  # where a window was drawn, not the first one
+
+
+def test_npy_windows_are_drawn_as_before(model, tmp_path):
+    data = tmp_path / "ids.npy"
+    ids = np.random.default_rng(0).integers(0, tiny.VOCAB, (40, 250)).astype(np.int32)
+    np.save(data, ids)
+    windows = draw(model, data, tmp_path, seed=3).windows
+    flat = torch.from_numpy(ids.astype(np.int64).reshape(-1))
+    starts = torch.randint(0, flat.numel() - SEQLEN + 1, (16,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(windows, torch.stack([flat[s : s + SEQLEN] for s in starts.tolist()]))
+    np.save(data, np.asfortranarray(ids))  # flattened in C order all the same
+    assert torch.equal(draw(model, data, tmp_path, seed=3).windows, windows)
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("empty.txt", b"", ["contains no text"]),
+    ("blank.txt", b"  \n\t\r\n  \n", ["contains no text"]),
+    ("latin.txt", b"\xff\xfe\x00bad", ["not UTF-8", "offset 0"]),
+    ("short.txt", b"one two three four five", ["shorter than one calibration window of 64"]),
+    ("notext.jsonl", b'{"text": "hello"}\n\n{"title": "no text here"}\n', [":3:", '"text" field']),
+    ("broken.jsonl", b'{"text": "hello"}\n{"text": \n', [":2:", "not valid JSON"]),
+    ("short.jsonl", b'{"text": "hello"}\n' * 50, ["0 of 1600 documents drawn", "one calibration window of 64"]),
+    ("ids.npy", np.arange(400) % 300, ["outside the vocabulary 0..255"]),
+    ("float.npy", np.array([1.5, 2.0]), ["must be integers", "float64"]),
+    ("garbage.npy", b"not a numpy file", ["not a readable .npy"]),
+    ("empty.npy", b"", ["not a readable .npy"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_calibration_data_through_the_cli(model, tmp_path, name, content, expected):
+    data = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(data, content)
+    else:
+        data.write_bytes(content)
+    msg = fail("run", model, tmp_path / "out", "--calib", data, "--seqlen", SEQLEN, "--nsamples", 16)
+    assert_names(msg, data, *expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_counts_calibration_data(model):
+    from streamprune.plan import HOST_OVERHEAD, plan
+
+    result = plan(model, nsamples=16, seqlen=SEQLEN, device="cpu")
+    consumers = {what: nbytes for what, nbytes, _ in result.consumers}
+    assert consumers["calibration token ids"] == 16 * SEQLEN * 8
+    assert result.host_peak >= HOST_OVERHEAD + 16 * SEQLEN * 8 + calib.read_workspace(SEQLEN)
+    without = plan(model, nsamples=16, seqlen=SEQLEN, device="cpu", method="magnitude")  # no statistics: no calibration
+    assert {what: nbytes for what, nbytes, _ in without.consumers}["calibration token ids"] == 0
