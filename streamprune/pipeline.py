@@ -321,7 +321,8 @@ class BlockPruner:
                 raise StreamPruneError(
                     f"block {bid}: the pruned {name} does not fit {pruned.dtype} (largest |w| "
                     f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
-                    "nothing of this block was written: retry with a larger --damp, or prune a bfloat16 or float32 copy")
+                    "nothing of this block was written: rerun with a larger --damp and --restart, or prune a bfloat16 or "
+                    "float32 copy")
             info, result = result.info, None
             w[(role, "weight")] = pruned
             saved[name] = pruned.cpu()
