@@ -188,6 +188,19 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int, float], None]]:
     yield update
 
 
+@contextlib.contextmanager
+def fixed_threads() -> Iterator[None]:
+    """Run torch on ``THREADS`` threads inside the block (training, and the demo's pruning runs)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _train_model(train_ids: list[int], vocab: int, eot_id: int,
                  on_step: Callable[[int, float], None] = lambda step, loss: None,
                  ) -> tuple[Any, dict[str, Any]]:
@@ -245,14 +258,10 @@ def _build_into(out_dir: Path, label: str) -> None:
     train_ids, test_ids, vocab = tok.encode(train).ids, tok.encode(test).ids, tok.get_vocab_size()
     if tok.decode(test_ids) != test:
         raise RuntimeError("tokenizer does not round-trip the test text")
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with fixed_threads():
         with _progress(f"{label}: training", STEPS) as on_step:
             model, stats = _train_model(train_ids, vocab, tok.token_to_id(EOT), on_step)
         test_ppl = perplexity(model, test_ids)
-    finally:
-        torch.set_num_threads(saved_threads)
     model.save_pretrained(out_dir, safe_serialization=True)
     info = {"version": VERSION, "params": sum(p.numel() for p in model.parameters()), **stats,
             "threads": THREADS, "steps": STEPS, "batch": BATCH, "seq_len": SEQ_LEN,
