@@ -38,6 +38,14 @@ class Activations:
     def write(self, i: int, j: int, value: Tensor) -> None:
         self.data[i:j] = value.to(self.data.device)
 
+    def rows(self, i: int, j: int, index: Tensor, device: torch.device) -> Tensor:
+        """Rows `index` of windows i..j-1 seen as ((j - i) * T, D) token rows: only those rows are moved."""
+        return self.data[i:j].view(-1, self.shape[2])[index.to(self.data.device)].to(device, non_blocking=True)
+
+    def add_rows(self, i: int, j: int, index: Tensor, values: Tensor) -> None:
+        """Add `values` (len(index), D) to token rows `index` of windows i..j-1."""
+        self.data[i:j].view(-1, self.shape[2]).index_add_(0, index.to(self.data.device), values.to(self.data.device))
+
     def close(self) -> None:
         self.data = torch.empty(0)
 
@@ -59,6 +67,14 @@ class DiskActivations(Activations):
         if got != buf.nbytes:  # the file was cut short behind the run's back
             raise StreamPruneError(f"{self.path}: activation file ends after {got} of {buf.nbytes} bytes of windows {i}..{j - 1}")
         return torch.from_numpy(buf).to(device)
+
+    def rows(self, i: int, j: int, index: Tensor, device: torch.device) -> Tensor:
+        return self.read(i, j, torch.device("cpu")).view(-1, self.shape[2])[index.cpu()].to(device)
+
+    def add_rows(self, i: int, j: int, index: Tensor, values: Tensor) -> None:
+        batch = self.read(i, j, torch.device("cpu"))
+        batch.view(-1, self.shape[2]).index_add_(0, index.cpu(), values.to("cpu", torch.float32))
+        self.write(i, j, batch)
 
     def write(self, i: int, j: int, value: Tensor) -> None:
         arr = value.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -8,13 +8,14 @@ decoder block, each under a temporary name renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, resolve
+from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, expert_params, resolve
 from streamprune.arch.roles import BLOCK_ROLES
 from streamprune.errors import CheckpointError
 
@@ -243,6 +244,7 @@ class Checkpoint:
         self.tensors = scan_tensors(self.dir)
         self.prefix = self._detect_prefix()
         self.names: dict[tuple[Param, int | None], str] = {}
+        self.experts: dict[tuple[int, int], dict[Param, str]] = {}  # (block, expert) -> that expert's tensors
         self._bind_roles()
 
     def _detect_prefix(self) -> str:
@@ -254,29 +256,39 @@ class Checkpoint:
             f"{self.dir}: missing tensor {self.spec.base_prefix + embed!r} (the token embedding)"
         )
 
-    def name_of(self, role: Role, kind: str, bid: int | None = None) -> str:
+    def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
         template = self.spec.tensors[role]
         prefix = "" if role in self.spec.unprefixed else self.prefix
-        return prefix + template.format(bid=bid) + "." + kind
+        return prefix + template.format(bid=bid, xid=xid) + "." + kind
 
     def _bind_roles(self) -> None:
         """Map every expected parameter to a tensor; name the missing, the misshapen and the unknown."""
         cfg = self.config
-        expected = expected_params(cfg)
-        missing, bad_shape = [], []
-        for (role, kind), shape in expected.items():
-            bids: list[int | None] = list(range(cfg.n_layers)) if role in BLOCK_ROLES else [None]
-            for bid in bids:
-                name = self.name_of(role, kind, bid)
-                info = self.tensors.get(name)
-                if info is None:
-                    missing.append(name)
-                    continue
-                if info.shape != shape:
-                    bad_shape.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
-                if info.dtype not in FLOAT_DTYPES:
-                    bad_shape.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
-                self.names[((role, kind), bid)] = name
+        missing: list[str] = []
+        bad_shape: list[str] = []
+
+        def bind(param: Param, shape: tuple[int, ...], bid: int | None, xid: int | None = None) -> str | None:
+            name = self.name_of(*param, bid, xid)
+            info = self.tensors.get(name)
+            if info is None:
+                missing.append(name)
+                return None
+            if info.shape != shape:
+                bad_shape.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+            if info.dtype not in FLOAT_DTYPES:
+                bad_shape.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+            return name
+
+        for param, shape in expected_params(cfg).items():
+            if param[0] not in BLOCK_ROLES and (name := bind(param, shape, None)):
+                self.names[(param, None)] = name
+        for bid in range(cfg.n_layers):
+            for param, shape in expected_params(cfg, moe=cfg.is_moe(bid)).items():
+                if param[0] in BLOCK_ROLES and (name := bind(param, shape, bid)):
+                    self.names[(param, bid)] = name
+            for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
+                self.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
+                                            if (name := bind(param, shape, bid, xid))}
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"{self.dir}: missing {len(missing)} tensor(s): {shown}")
@@ -284,6 +296,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: {bad_shape[0]}" + (f" (and {len(bad_shape) - 1} more)" if len(bad_shape) > 1 else ""))
         # Where each stored tensor belongs: its block index, or None for the globals.
         self.location: dict[str, int | None] = {name: bid for (_, bid), name in self.names.items()}
+        self.expert_of: dict[str, tuple[int, int]] = {name: key for key, names in self.experts.items()
+                                                      for name in names.values()}
+        self.location.update({name: bid for name, (bid, _) in self.expert_of.items()})
         for role in self.spec.optional & set(self.spec.tensors):
             for bid in range(cfg.n_layers):
                 name = self.name_of(role, "inv_freq", bid)
@@ -293,6 +308,12 @@ class Checkpoint:
         if cfg.tie_word_embeddings and tied_head in self.tensors:
             self.location[tied_head] = None
         unknown = sorted(set(self.tensors) - set(self.location))
+        stacked = [n for n in unknown if ".experts." in n and len(self.tensors[n].shape) == 3]
+        if stacked:
+            raise CheckpointError(
+                f"{self.dir}: {stacked[0]} holds every expert of a block in one 3-D tensor "
+                f"{list(self.tensors[stacked[0]].shape)}; streamprune reads one tensor per expert, the layout "
+                "published checkpoints and transformers' save_pretrained write")
         if unknown:
             raise CheckpointError(
                 f"{self.dir}: {len(unknown)} tensor(s) match no role of {self.spec.name}: {', '.join(unknown[:5])}"
@@ -304,8 +325,15 @@ class Checkpoint:
         return self.tensors[self.names[((Role.TOKEN_EMBD, "weight"), None)]].torch_dtype
 
     def stored_names(self, bid: int | None) -> list[str]:
-        """Every stored tensor of block `bid` (None: outside the blocks), pass-through buffers included."""
+        """Every stored tensor of block `bid` (None: outside the blocks), pass-through buffers and experts included."""
         return sorted(name for name, b in self.location.items() if b == bid)
+
+    def block_names(self, bid: int) -> list[str]:
+        """The stored tensors of block `bid` other than its routed experts' (those stream one expert at a time)."""
+        return [name for name in self.stored_names(bid) if name not in self.expert_of]
+
+    def n_experts(self, bid: int) -> int:
+        return self.config.n_experts if self.config.is_moe(bid) else 0
 
     def read(self, name: str) -> Tensor:
         return read_tensor(self.tensors[name])
@@ -358,16 +386,66 @@ def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) 
 def write_safetensors(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> None:
     """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
     so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
-    with open(path, "wb") as f:
-        f.write(safetensors_header({name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()})[0])
-        for name, (dtype, shape, load) in sorted(tensors.items()):
-            t = load()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
-            f.write(memoryview(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()))
-            del t
-        f.flush()
-        os.fsync(f.fileno())
+    with ShardFile(path, {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}) as f:
+        for name, (_, _, load) in sorted(tensors.items()):
+            f.put(name, load())
+
+
+class ShardFile:
+    """A safetensors file whose header is known before its data (names, dtypes and shapes): the header is
+    written first and each tensor at its own offset, in any order, as soon as it is ready, so a block's
+    pruned experts never wait in memory for each other. `close` checks that every tensor was written."""
+
+    def __init__(self, path: Path, meta: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.path, self.meta = path, meta
+        header, size = safetensors_header(meta)
+        self.offsets: dict[str, int] = {}
+        offset = len(header)
+        for name, (dtype, shape) in sorted(meta.items()):  # the header's own order
+            self.offsets[name] = offset
+            offset += math.prod(shape) * dtype.itemsize
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written: set[str] = set()
+        try:
+            os.ftruncate(self.fd, len(header) + size)
+            self._pwrite(memoryview(header), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def put(self, name: str, t: Tensor) -> None:
+        dtype, shape = self.meta[name]
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+        data = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        self._pwrite(memoryview(data), self.offsets[name])
+        self.written.add(name)
+
+    def close(self) -> None:
+        missing = sorted(set(self.meta) - self.written)
+        try:
+            if missing:
+                raise CheckpointError(f"{self.path}: {len(missing)} tensor(s) were never written, e.g. {missing[0]}")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            if exc[0] is None:
+                self.close()
+            else:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def all_finite(t: Tensor, chunk_bytes: int = 16 * 2**20) -> bool:
@@ -395,11 +473,20 @@ class ShardWriter:
     def write(self, idx: int, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]) -> Path:
         """Write shard `idx` (entries as for `write_safetensors`) under a temporary name, flush it,
         rename it into place and check its header."""
-        name = self.shard_name(idx)
-        final = self.dir / name
-        tmp = self.dir / (name + ".tmp")
+        with self.open(idx, {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}) as shard:
+            for name, (_, _, load) in sorted(tensors.items()):
+                shard.put(name, load())
+        return self.dir / self.shard_name(idx)
+
+    @contextlib.contextmanager
+    def open(self, idx: int, meta: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> Iterator[ShardFile]:
+        """Shard `idx` under a temporary name, its tensors put as they are ready; on leaving the block it is flushed,
+        renamed into place and its header checked (on an error, the temporary file is removed)."""
+        final = self.dir / self.shard_name(idx)
+        tmp = self.dir / (final.name + ".tmp")
         try:
-            write_safetensors(tmp, tensors)
+            with ShardFile(tmp, meta) as shard:
+                yield shard
             os.replace(tmp, final)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -407,10 +494,11 @@ class ShardWriter:
                 f"{final}: write failed ({e.strerror or e}); OUT_DIR stays resumable: fix the cause and rerun "
                 "the same command"
             ) from e
-        written = read_header(final)
-        if set(written) != set(tensors):
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if set(read_header(final)) != set(meta):
             raise CheckpointError(f"{final}: written shard does not hold the expected tensors")
-        return final
 
     def finish(self) -> None:
         """Write model.safetensors.index.json; until then OUT_DIR does not load as a checkpoint."""

@@ -48,25 +48,33 @@ class EvalResult:
 
 @torch.no_grad()
 def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store: Activations, batch: int,
-                 progress: bool = False) -> None:
-    """Hidden states after the last block for (K, T) token windows, in place in `store` (K, T, D): each batch
-    of windows is read, pushed through the block and written back, one block at a time."""
+                 progress: bool = False, scratch: Activations | None = None) -> Activations:
+    """Hidden states after the last block for (K, T) token windows, in `store` (K, T, D): each batch of windows
+    is read, pushed through the block and written back, one block at a time. An MoE block writes into `scratch`
+    (needed for MoE models), and the two swap roles. Returns the buffer that holds the result."""
     embed_windows(ckpt, windows, device, store, batch)
     pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("blocks", total=ckpt.config.n_layers)
         for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
-            forward_block(ckpt, block.w, store, pos, store, batch, device)
+            if ckpt.n_experts(block.bid):
+                assert scratch is not None, "an MoE block needs a second activation buffer"
+                forward_block(ckpt, block.w, store, pos, scratch, batch, device, experts=block.experts)
+                store, scratch = scratch, store
+            else:
+                forward_block(ckpt, block.w, store, pos, store, batch, device)
             del block
             bar.advance(task)
+    return store
 
 
 def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu", batch: int = 8) -> Tensor:
     """Logits (B, T, vocab) of token ids (B, T), computed block by block."""
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
-    store = Activations((*ids.shape, ckpt.config.hidden_size), dev)
-    final_hidden(ckpt, ids, dev, store, batch)
+    shape = (*ids.shape, ckpt.config.hidden_size)
+    scratch = Activations(shape, dev) if ckpt.config.n_experts else None
+    store = final_hidden(ckpt, ids, dev, Activations(shape, dev), batch, scratch=scratch)
     with torch.no_grad():
         return head(ckpt.config, head_weights(ckpt, dev), store.data)
 
@@ -112,12 +120,14 @@ def evaluate(
     K = windows.shape[0]
     decision = decide(eval_footprint(ckpt, K, seqlen), dev, offload_activations, max_gpu_memory, batch, K)
     with tempfile.TemporaryDirectory(prefix="streamprune-eval-") as work, PeakMemory(dev) as mem:
-        store = make_store((K, seqlen, cfg.hidden_size), decision.placement, dev, Path(work), "hidden")
+        stores = [make_store((K, seqlen, cfg.hidden_size), decision.placement, dev, Path(work), f"hidden{i}")
+                  for i in range(2 if cfg.n_experts else 1)]  # an MoE block writes into a second buffer
         try:
-            final_hidden(ckpt, windows, dev, store, decision.batch, progress)
+            store = final_hidden(ckpt, windows, dev, stores[0], decision.batch, progress, (stores + [None])[1])
             total, count = head_nll(ckpt, store, windows, dev)
         finally:
-            store.close()
+            for s in stores:
+                s.close()
     nll = total / count
     return EvalResult(
         model=str(model_dir),

@@ -23,20 +23,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from streamprune.activations import Activations, make_store
-from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
-from streamprune.arch.block import Positions, positions
+from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Param, Role, Site
+from streamprune.arch.block import Positions, expert_hidden, positions
 from streamprune.calib import calib_windows
 from streamprune.checkpoint import (
     INDEX_NAME,
     Checkpoint,
+    ShardFile,
     ShardWriter,
     all_finite,
     copy_side_files,
     eager,
+    read_header,
     read_tensor,
 )
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
-from streamprune.forward import embed_windows, forward_block
+from streamprune.forward import Routes, add_expert, embed_windows, forward_block, routed_rows
 from streamprune.journal import WORK_DIR, Journal, calib_digest, describe_difference, environment, fingerprint
 from streamprune.memory import (
     PeakMemory,
@@ -48,7 +50,7 @@ from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, me
 from streamprune.plan import decide, footprint
 from streamprune.pruners.masks import check_columns
 from streamprune.report import REPORT_NAME, LayerReport, Report
-from streamprune.stream import BlockStream, Raw
+from streamprune.stream import Block, BlockStream, Raw
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,12 @@ class PruneOptions:
     overwrite: bool = False
     restart: bool = False
     profile_memory: bool = False
+    moe_calibration: str = "routed"  # an expert's statistics: the tokens routed to it, or "all" tokens
+    moe_min_tokens: int = 128  # an expert routed fewer calibration tokens takes every token's statistics
 
 
+MOE_CALIBRATION = ("routed", "all")
+MOE_OPTIONS = ("moe_calibration", "moe_min_tokens")  # part of the fingerprint of a model with experts
 # Options that change what is written (the report included); a resumed run must agree on all of them and on
 # the method's own knobs.
 RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
@@ -184,6 +190,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     errors = default_errors(cls, opts.layer_errors)
     if opts.batch < 1:
         raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
+    if opts.moe_calibration not in MOE_CALIBRATION:
+        raise ArgumentError(f"moe-calibration {opts.moe_calibration!r} is not one of {', '.join(MOE_CALIBRATION)}")
+    if opts.moe_min_tokens < 1:
+        raise ArgumentError(f"moe-min-tokens {opts.moe_min_tokens!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     for (param, bid), name in ckpt.names.items():
@@ -216,8 +226,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             "calib": None if calib is None else str(calib), "device": str(device),
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian,
             "layer_errors": errors}
+    moe_options = MOE_OPTIONS if cfg.n_experts else ()
     fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
-                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs})
+                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -248,39 +259,50 @@ def load_report(out_dir: Path) -> Report:
     return Report(**raw)
 
 
+Put = Callable[[str, Tensor], None]  # writes one pruned tensor, by checkpoint name, into the block's shard
+
+
 class BlockPruner:
-    """Prunes the linears of one block, site by site in the order of SEQUENTIAL."""
+    """Prunes the linears of one block, site by site in the order of SEQUENTIAL, then its routed experts one at a
+    time in the order of EXPERT_SEQUENTIAL; each pruned tensor is written as soon as it is final."""
 
     def __init__(self, job: Job, report: Report) -> None:
         self.job, self.report = job, report
         self.ckpt, self.opts, self.device = job.ckpt, job.opts, job.device
 
-    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role]) -> Pruner:
+    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...]) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
         return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
                            self.job.offload_hessian, self.job.errors, **self.job.knobs)
 
-    def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None) -> Raw:
-        """Prune every linear of block `bid` in place in `w`; return the pruned tensors by name."""
-        groups = [(site, [r for r in roles if (r, "weight") in w]) for site, roles in SEQUENTIAL]
+    def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None, put: Put,
+            m_store: Activations | None = None) -> Routes | None:
+        """Prune every linear of block `bid` outside its routed experts, in place in `w`, writing each with `put`.
+        Without --sequential, an MoE block's calibration forward also keeps the dense MoE input in `m_store` and
+        returns its routes, for the experts' statistics."""
+        names = {role: self.ckpt.names[((role, "weight"), bid)] for (role, kind), b in self.ckpt.names
+                 if b == bid and kind == "weight" and role in PRUNABLE}
+        groups = [(site, [r for r in roles if r in names]) for site, roles in SEQUENTIAL]
         groups = [(site, roles) for site, roles in groups if roles]
-        saved: Raw = {}
         if x is None:  # magnitude without calibration data: no statistics needed
             for _, roles in groups:
-                self.prune_roles(bid, w, self.new_pruner(w, roles), roles, saved)
-            return saved
+                self.prune_roles(bid, w, self.new_pruner(w, roles), roles, names, put)
+            return None
         assert pos is not None
         stages = [groups] if not self.opts.sequential else [[g] for g in groups]
+        routes = None
         for stage in stages:  # sequential: one stage per site, each seeing the pruned sites before it
             pruners = {site: self.new_pruner(w, roles) for site, roles in stage}
-            self.calibrate(bid, w, x, pos, pruners, dict(stage))
+            routes = self.calibrate(bid, w, x, pos, pruners, dict(stage), names, m_store)
             for site, roles in stage:
-                self.prune_roles(bid, w, pruners[site], roles, saved)
-        return saved
+                self.prune_roles(bid, w, pruners[site], roles, names, put)
+        return routes
 
     def calibrate(self, bid: int, w: dict[Param, Tensor], x: Activations, pos: Positions,
-                  pruners: dict[Site, Pruner], roles: dict[Site, list[Role]]) -> None:
-        """One forward over the calibration windows, feeding each watched site's input to its pruner."""
+                  pruners: dict[Site, Pruner], roles: dict[Site, list[Role]], names: dict[Role, str],
+                  m_store: Activations | None = None) -> Routes | None:
+        """One forward over the calibration windows, feeding each watched site's input to its pruner (and, with
+        `m_store`, running an MoE block's first pass to the end: its MoE input kept there, its routes returned)."""
         clock = self.job.clock
         start, hessian = clock(), 0.0
 
@@ -292,25 +314,31 @@ class BlockPruner:
                 hessian += clock() - t
 
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
-        forward_block(self.ckpt, w, x, pos, None, self.job.batch, self.device, tap=tap, until=last)
+        routes = forward_block(self.ckpt, w, x, pos, None, self.job.batch, self.device, tap=tap,
+                               until=None if m_store else last, m_store=m_store)
         for site, pruner in pruners.items():
-            # a NaN or Inf in any input column shows on its diagonal entry (|x_i x_j| <= (x_i^2 + x_j^2) / 2),
-            # so the d entries are checked instead of the d^2 (whose check would allocate d^2 temporaries)
-            sqnorms = pruner.column_sqnorms()
-            if sqnorms is not None and not bool(torch.isfinite(sqnorms).all()):
-                names = ", ".join(self.ckpt.names[((r, "weight"), bid)] for r in roles[site])
-                raise DataError(f"block {bid}: calibration activations entering {names} contain NaN or Inf")
+            self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
         self.report.add("hessian", hessian, bid)
         self.report.add("calibrate", clock() - start - hessian, bid)
+        return routes
 
-    def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role], saved: Raw) -> None:
+    def check_inputs(self, bid: int, pruner: Pruner, names: list[str]) -> None:
+        # a NaN or Inf in any input column shows on its diagonal entry (|x_i x_j| <= (x_i^2 + x_j^2) / 2),
+        # so the d entries are checked instead of the d^2 (whose check would allocate d^2 temporaries)
+        sqnorms = pruner.column_sqnorms()
+        if sqnorms is not None and not bool(torch.isfinite(sqnorms).all()):
+            raise DataError(f"block {bid}: calibration activations entering {', '.join(names)} contain NaN or Inf")
+
+    def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role] | tuple[Role, ...],
+                    names: dict[Role, str], put: Put, **row: Any) -> None:
         """Prune the linears that share `pruner`'s input, then score each: the errors come after the
-        solver's state is released, so at most one d x d matrix beside X^T X is ever needed."""
+        solver's state is released, so at most one d x d matrix beside X^T X is ever needed. `row`: extra
+        fields of their report rows (an expert's index and tokens)."""
         clock = self.job.clock
         done = []
         for role in roles:
             start = clock()
-            name = self.ckpt.names[((role, "weight"), bid)]
+            name = names[role]
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
             # what is written, and what later sites and blocks see
@@ -325,7 +353,7 @@ class BlockPruner:
                     "float32 copy")
             info, result = result.info, None
             w[(role, "weight")] = pruned
-            saved[name] = pruned.cpu()
+            put(name, pruned.cpu())
             solved = clock() - start
             self.report.add("solve", solved, bid)
             done.append((role, name, dense, pruned, info, solved))
@@ -338,8 +366,94 @@ class BlockPruner:
             self.report.layers.append(LayerReport(
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
                 sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
-                damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0))))
+                damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)), **row))
         pruner.free()
+
+    def run_experts(self, block: Block, x: Activations | None, out: Activations | None, pos: Positions | None,
+                    shard: ShardFile, dense_routes: Routes | None) -> None:
+        """Prune block's routed experts one at a time (the next one read ahead), each writing its tensors as soon
+        as they are final; with calibration data, `out` receives the pruned block's output.
+
+        Sequential: a first pass of the pruned block writes its output without the routed experts into `out` and
+        its MoE input over `x`; each expert's statistics come from the rows of the tokens routed to it (or from
+        every token, see `expert_rows`), its down projection's from its pruned gate and up projections, and its
+        weighted output is added to `out` before the next expert is read. Without --sequential, the statistics
+        come from the dense block (its MoE input kept in `out` by `run`, with `dense_routes`), and the pruned block
+        runs forward once every expert is written, reading them back from the shard."""
+        bid, w = block.bid, block.w
+        if x is None:  # magnitude without calibration data
+            for expert in block.experts():
+                names = {param[0]: name for param, name in self.ckpt.experts[(bid, expert.xid)].items()}
+                for _, roles in EXPERT_SEQUENTIAL:
+                    self.prune_roles(bid, expert.w, self.new_pruner(expert.w, roles), roles, names, shard.put,
+                                     expert=expert.xid)
+            return
+        assert out is not None and pos is not None
+        sequential = self.opts.sequential
+        clock, batch = self.job.clock, self.job.batch
+        if sequential:
+            t = clock()
+            routes = forward_block(self.ckpt, w, x, pos, out, batch, self.device)
+            self.report.add("forward", clock() - t, bid)
+            stats = x
+        else:
+            assert dense_routes is not None
+            stats, routes = out, dense_routes
+        for expert in block.experts():
+            xid, we = expert.xid, expert.w
+            self.report.add("read", expert.wait_seconds, bid)
+            self.report.read_total_seconds += expert.read_seconds
+            names = {param[0]: name for param, name in self.ckpt.experts[(bid, xid)].items()}
+            rows = routed_rows(routes, xid)
+            rows_in, how, n_routed = self.expert_rows(rows, stats)
+            row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
+            p_in, p_down = (self.new_pruner(we, roles) for _, roles in EXPERT_SEQUENTIAL)
+            t, hessian = clock(), 0.0
+            for i, j, token, _ in rows_in:
+                m = stats.rows(i, j, token, self.device)
+                h0 = clock()
+                p_in.add_batch(m)
+                if not sequential:  # the dense expert's hidden activations
+                    p_down.add_batch(expert_hidden(self.cfg, we, m))
+                hessian += clock() - h0
+            self.report.add("hessian", hessian, bid)
+            self.report.add("calibrate", clock() - t - hessian, bid)
+            (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
+            self.check_inputs(bid, p_in, [names[r] for r in in_roles])
+            self.prune_roles(bid, we, p_in, in_roles, names, shard.put, **row)
+            if sequential:
+                t = clock()
+                for i, j, token, _ in rows_in:
+                    p_down.add_batch(expert_hidden(self.cfg, we, stats.rows(i, j, token, self.device)))
+                self.report.add("hessian", clock() - t, bid)
+            self.check_inputs(bid, p_down, [names[r] for r in down_roles])
+            self.prune_roles(bid, we, p_down, down_roles, names, shard.put, **row)
+            if sequential:
+                t = clock()
+                add_expert(self.ckpt, we, rows, x, out, self.device)
+                self.report.add("forward", clock() - t, bid)
+            del expert, we
+        if not sequential:  # the pruned block forward, its experts read back from the shard being written
+            t = clock()
+            written = BlockStream(self.ckpt, self.device, range(bid, bid + 1), shard_of=lambda _: shard.path)
+            forward_block(self.ckpt, w, x, pos, out, batch, self.device, experts=lambda: written.experts(bid))
+            self.report.add("forward", clock() - t, bid)
+
+    def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
+        """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)
+        unless they are fewer than --moe-min-tokens, else every token that enters the MoE layer; with what was
+        used and the number routed."""
+        n_routed = sum(int(token.numel()) for _, _, token, _ in rows)
+        if self.opts.moe_calibration == "routed" and n_routed >= self.opts.moe_min_tokens:
+            return rows, "routed", n_routed
+        how = "all" if self.opts.moe_calibration == "all" else f"all (fewer than {self.opts.moe_min_tokens} routed)"
+        T = stats.shape[1]
+        every = [(i, j, torch.arange((j - i) * T), torch.ones(0)) for i, j, _, _ in rows]
+        return every, how, n_routed
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.ckpt.config
 
 
 class Run:
@@ -366,10 +480,14 @@ class Run:
         start = time.perf_counter()
         entries = eager(tensors) if all(isinstance(t, Tensor) for t in tensors.values()) else tensors
         path = self.writer.write(idx, entries)
-        self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(tensors),
+        self.record(idx, path, layers)
+        self.report.add("write", time.perf_counter() - start, None if idx == 0 else idx - 1)
+
+    def record(self, idx: int, path: Path, layers: list[LayerReport]) -> None:
+        """Record shard `idx`, written, flushed, renamed into place and checked, in the journal."""
+        self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(read_header(path)),
                                   "layers": [asdict(lr) for lr in layers]}
         self.journal.save(self.job.out_dir)
-        self.report.add("write", time.perf_counter() - start, None if idx == 0 else idx - 1)
 
     def first_unfinished(self) -> int:
         bid = 0
@@ -420,22 +538,38 @@ class Run:
                 bid, raw, w = block.bid, block.raw, block.w
                 report.add("read", block.wait_seconds, bid)  # the part of reading not hidden by the read-ahead
                 report.read_total_seconds += block.read_seconds
-                for (role, kind), b in list(self.ckpt.names):  # pruned weights get written anew: drop them
-                    if b == bid and kind == "weight" and role in PRUNABLE:
-                        del raw[self.ckpt.names[((role, kind), b)]]
-
-                phase(f"block {bid}: prune")
+                # the block's shard has the input's tensors, names, dtypes and shapes: its header is written first, and
+                # each tensor as soon as it is final (the pruned ones as they are solved, the others now)
+                meta = {n: (self.ckpt.tensors[n].torch_dtype, self.ckpt.tensors[n].shape)
+                        for n in self.ckpt.stored_names(bid)}
+                pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
+                          if b == bid and kind == "weight" and role in PRUNABLE}
                 n_before = len(report.layers)
-                raw.update(block_pruner.run(bid, w, x, pos))
+                with self.writer.open(bid + 1, meta) as shard:
+                    t = time.perf_counter()
+                    for name, tensor in raw.items():
+                        if name not in pruned:
+                            shard.put(name, tensor)
+                    report.add("write", time.perf_counter() - t, bid)
+                    phase(f"block {bid}: prune")
+                    moe = self.ckpt.n_experts(bid) > 0
+                    m_store = scratch if moe and not job.opts.sequential else None
+                    routes = block_pruner.run(bid, w, x, pos, shard.put, m_store=m_store)
+                    if moe:
+                        phase(f"block {bid}: experts")
+                        block_pruner.run_experts(block, x, scratch, pos, shard, routes)
+                    elif x is not None:
+                        assert scratch is not None and pos is not None
+                        phase(f"block {bid}: forward")
+                        t = job.clock()
+                        forward_block(self.ckpt, w, x, pos, scratch, job.batch, job.device)
+                        report.add("forward", job.clock() - t, bid)
+                    phase(f"block {bid}: write")
+                    t = time.perf_counter()
                 if x is not None:
-                    assert scratch is not None and pos is not None
-                    phase(f"block {bid}: forward")
-                    t = job.clock()
-                    forward_block(self.ckpt, w, x, pos, scratch, job.batch, job.device)
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
-                    report.add("forward", job.clock() - t, bid)
-                phase(f"block {bid}: write")
-                self.commit(bid + 1, raw, report.layers[n_before:])
+                self.record(bid + 1, self.job.out_dir / self.writer.shard_name(bid + 1), report.layers[n_before:])
+                report.add("write", time.perf_counter() - t, bid)
                 del block, raw, w  # before the next block arrives: two blocks as stored at most
                 release_freed_memory()
                 bar.advance(task)
@@ -473,7 +607,7 @@ class Run:
                              shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"])
         for block in shards:
             phase(f"block {block.bid}: replay")
-            forward_block(self.ckpt, block.w, x, pos, scratch, self.job.batch, self.job.device)
+            forward_block(self.ckpt, block.w, x, pos, scratch, self.job.batch, self.job.device, experts=block.experts)
             x, scratch = scratch, x
             del block
         self.report.add("replay", time.perf_counter() - start)

@@ -26,6 +26,9 @@ class LayerReport:
     seconds: float
     damp: float | None = None  # SparseGPT: damping that made the Cholesky succeed
     damp_retries: int = 0
+    expert: int | None = None  # a routed expert's index in its block
+    routed_tokens: int | None = None  # calibration tokens the router sent to that expert
+    statistics: str | None = None  # whose inputs its solve read: "routed", "all", or "all (fewer than N routed)"
 
 
 @dataclass

@@ -45,16 +45,19 @@ def checkpoint_files(out: Path) -> dict[str, bytes]:
 
 
 def fail_writes_after(monkeypatch, n: int) -> None:
-    real = checkpoint.write_safetensors
+    """Every shard after the first `n` fails when its data is flushed (after its tensors were written)."""
+    real = checkpoint.ShardFile.close
     calls = {"n": 0}
 
-    def flaky(path, tensors):
+    def flaky(self):
         calls["n"] += 1
         if calls["n"] > n:
+            os.close(self.fd)
+            self.fd = -1
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, tensors)
+        real(self)
 
-    monkeypatch.setattr(checkpoint, "write_safetensors", flaky)
+    monkeypatch.setattr(checkpoint.ShardFile, "close", flaky)
 
 
 @pytest.mark.parametrize("fail_after", [0, 1, 3])

@@ -6,8 +6,8 @@ from typing import Any
 
 from streamprune.arch import bloom, llama, opt
 from streamprune.arch.config import ModelConfig
-from streamprune.arch.roles import PRUNABLE, SEQUENTIAL, Role, Site
-from streamprune.arch.spec import ArchSpec, Param, expected_params
+from streamprune.arch.roles import EXPERT_ROLES, EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, Role, Site
+from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
 from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
@@ -48,6 +48,8 @@ def resolve(raw: dict[str, Any]) -> tuple[ArchSpec, ModelConfig]:
 
 __all__ = [
     "ArchSpec",
+    "EXPERT_ROLES",
+    "EXPERT_SEQUENTIAL",
     "ModelConfig",
     "PRUNABLE",
     "Param",
@@ -56,6 +58,7 @@ __all__ = [
     "SEQUENTIAL",
     "Site",
     "expected_params",
+    "expert_params",
     "resolve",
     "supported",
 ]

@@ -30,6 +30,9 @@ from streamprune.errors import UnsupportedModelError
 
 Weights = dict[Param, Tensor]
 Tap = Callable[[Site, Tensor], None]
+# An MoE block's routed experts: called with the MoE input (B, T, D), returns their weighted sum, or None when the
+# caller adds it later (experts streamed one at a time over every window; see forward.py).
+Routed = Callable[[Tensor], Tensor | None]
 
 
 @dataclass
@@ -117,19 +120,53 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
             f"kernel would hold (B, H, T, T) scores the memory plan does not count ({e})") from e
 
 
-def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
-    """The MLP's hidden activations, input of the down projection."""
+def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor, gate: Role = Role.FFN_GATE, up: Role = Role.FFN_UP) -> Tensor:
+    """The MLP's hidden activations, input of the down projection (of a routed or shared expert: its roles)."""
     if cfg.gated:
-        return activation(cfg.act, linear(w, Role.FFN_GATE, x)) * linear(w, Role.FFN_UP, x)
-    return activation(cfg.act, linear(w, Role.FFN_UP, x))
+        return activation(cfg.act, linear(w, gate, x)) * linear(w, up, x)
+    return activation(cfg.act, linear(w, up, x))
+
+
+def expert_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
+    """A routed expert's hidden activations for its tokens (n, D) -> (n, expert_ffn_dim)."""
+    return ffn_hidden(cfg, w, x, Role.FFN_GATE_EXP, Role.FFN_UP_EXP)
+
+
+def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
+    """The router of an MoE block, as the model computes it: softmax over every expert's logit in float32, the
+    `experts_per_tok` most probable kept (ties: the lower index), renormalized where the config says so.
+    (tokens, D) -> chosen experts (tokens, k) and their weights (tokens, k) in m's dtype."""
+    probs = torch.softmax(linear(w, Role.FFN_GATE_INP, m), dim=-1, dtype=torch.float32)  # (tokens, n_experts)
+    weights, chosen = torch.topk(probs, cfg.experts_per_tok, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return chosen, weights.to(m.dtype)
+
+
+def routed_in_memory(cfg: ModelConfig, w: Weights, experts: list[Weights]) -> Routed:
+    """The routed experts' weighted sum when every expert of the block is at hand (small models, tests)."""
+
+    def routed(m: Tensor) -> Tensor:
+        flat = m.reshape(-1, m.shape[-1])  # (tokens, D)
+        chosen, weights = route(cfg, w, flat)
+        out = torch.zeros_like(flat)
+        for xid, we in enumerate(experts):
+            token, slot = torch.where(chosen == xid)
+            if token.numel():
+                y = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, flat[token]))
+                out.index_add_(0, token, y * weights[token, slot, None])
+        return out.view_as(m)
+
+    return routed
 
 
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
-                  until: Site | None = None) -> Tensor | None:
+                  until: Site | None = None, routed: Routed | None = None) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
+    An MoE block (its router in `w`) takes its routed experts as `routed`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -149,11 +186,31 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
         return None
-    g = ffn_hidden(cfg, w, m)
-    if stop_at(Site.FFN_DOWN_IN, g):
-        return None
-    out = (m if cfg.residual_from_norm else h) + linear(w, Role.FFN_DOWN, g)
+    if (Role.FFN_GATE_INP, "weight") in w:
+        y = moe_mlp(cfg, w, m, stop_at, routed)
+        if y is None:
+            return None
+    else:
+        g = ffn_hidden(cfg, w, m)
+        if stop_at(Site.FFN_DOWN_IN, g):
+            return None
+        y = linear(w, Role.FFN_DOWN, g)
+    out = (m if cfg.residual_from_norm else h) + y
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
+
+
+def moe_mlp(cfg: ModelConfig, w: Weights, m: Tensor, stop_at: Callable[[Site, Tensor], bool],
+            routed: Routed | None) -> Tensor | None:
+    """An MoE block's MLP: the gated shared expert, if any, plus the routed experts; None when stopped at a site."""
+    y = torch.zeros_like(m)
+    if (Role.FFN_GATE_SHEXP, "weight") in w:
+        g = ffn_hidden(cfg, w, m, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)
+        if stop_at(Site.SHEXP_DOWN_IN, g):
+            return None
+        y = torch.sigmoid(linear(w, Role.FFN_GATE_INP_SHEXP, m)) * linear(w, Role.FFN_DOWN_SHEXP, g)
+    assert routed is not None, "an MoE block's forward needs its routed experts"
+    r = routed(m)
+    return y if r is None else y + r
 
 
 def embed(cfg: ModelConfig, w: Weights, ids: Tensor) -> Tensor:

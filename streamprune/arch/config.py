@@ -13,6 +13,7 @@ MAX_HIDDEN = 1 << 17
 MAX_LAYERS = 4096
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
+MAX_EXPERTS = 1 << 12
 
 
 @dataclass
@@ -51,6 +52,14 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_positions: int | None = None
     sliding_window: int | None = None
+    # Mixture-of-Experts (0 experts: a dense model): each MoE block routes every token to `experts_per_tok` of
+    # `n_experts` experts (MLPs of width `expert_ffn_dim`), plus a gated shared expert of `shared_ffn_dim` if > 0
+    n_experts: int = 0
+    experts_per_tok: int = 0
+    expert_ffn_dim: int = 0
+    shared_ffn_dim: int = 0
+    norm_topk_prob: bool = False  # the kept routing weights are renormalized to sum to 1
+    dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +91,19 @@ class ModelConfig:
             )
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
+        if self.n_experts:
+            if not 0 < self.experts_per_tok <= self.n_experts or self.n_experts > MAX_EXPERTS:
+                raise CheckpointError(f"config.json: num_experts_per_tok={self.experts_per_tok!r} must be in 1..n_experts "
+                                      f"({self.n_experts}, at most {MAX_EXPERTS})")
+            if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
+                raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
+                                      f"{self.shared_ffn_dim!r} out of range")
         if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
+
+    def is_moe(self, bid: int) -> bool:
+        """Whether block `bid` holds routed experts (else a dense MLP)."""
+        return self.n_experts > 0 and bid not in self.dense_layers
 
     @property
     def attn_scale(self) -> float:

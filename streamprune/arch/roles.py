@@ -25,6 +25,15 @@ class Role(Enum):
     FFN_GATE = "ffn_gate"
     FFN_UP = "ffn_up"
     FFN_DOWN = "ffn_down"
+    # Mixture-of-Experts: the router, each routed expert's MLP (names carry `{xid}`), a shared expert and its gate
+    FFN_GATE_INP = "ffn_gate_inp"  # router: (n_experts, hidden); never pruned
+    FFN_GATE_EXP = "ffn_gate_exp"
+    FFN_UP_EXP = "ffn_up_exp"
+    FFN_DOWN_EXP = "ffn_down_exp"
+    FFN_GATE_SHEXP = "ffn_gate_shexp"
+    FFN_UP_SHEXP = "ffn_up_shexp"
+    FFN_DOWN_SHEXP = "ffn_down_shexp"
+    FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's scalar gate (1, hidden); never pruned
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
 
 
@@ -35,6 +44,10 @@ class Site(Enum):
     ATTN_OUT_IN = "attn_out_in"
     FFN_IN = "ffn_in"
     FFN_DOWN_IN = "ffn_down_in"
+    SHEXP_DOWN_IN = "shexp_down_in"  # the shared expert's hidden activations
+    # A routed expert's sites: its input is the tokens routed to it (or, with --moe-calibration all, every token)
+    EXP_IN = "exp_in"
+    EXP_DOWN_IN = "exp_down_in"
 
 
 # The pruning order, as data: each entry is one input site and the linears that read it.
@@ -42,11 +55,22 @@ class Site(Enum):
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
     (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV)),
     (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
-    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP)),
+    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
+    (Site.SHEXP_DOWN_IN, (Role.FFN_DOWN_SHEXP,)),
 )
 
-PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL for role in roles)
+# A routed expert's order, applied to one expert at a time after the block's other sites: its gate and up
+# projections read the MoE input of the tokens routed to it, its down projection its own hidden activations.
+EXPERT_SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
+    (Site.EXP_IN, (Role.FFN_GATE_EXP, Role.FFN_UP_EXP)),
+    (Site.EXP_DOWN_IN, (Role.FFN_DOWN_EXP,)),
+)
+
+EXPERT_ROLES: frozenset[Role] = frozenset(role for _, roles in EXPERT_SEQUENTIAL for role in roles)
+
+PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL for role in roles)
 
 # Roles that live inside a decoder block (their names carry `{bid}`).
-BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS}
+BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.FFN_GATE_INP,
+                                           Role.FFN_GATE_INP_SHEXP}

@@ -31,8 +31,9 @@ class ArchSpec:
     optional: frozenset[Role] = frozenset({Role.ROPE_FREQS})
 
 
-def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
-    """Every parameter the config implies, with its shape. Roles absent here must not be in the file."""
+def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[int, ...]]:
+    """Every parameter the config implies outside the routed experts, with its shape, for a block with routed
+    experts (`moe`) or a dense MLP. Roles absent here must not be in the file."""
     d, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
     params: dict[Param, tuple[int, ...]] = {(Role.TOKEN_EMBD, "weight"): (cfg.vocab_size, cfg.embed_dim)}
@@ -69,9 +70,24 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
         linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
+    if moe:
+        linear(Role.FFN_GATE_INP, cfg.n_experts, d, False)
+        if cfg.shared_ffn_dim:
+            linear(Role.FFN_GATE_SHEXP, cfg.shared_ffn_dim, d, False)
+            linear(Role.FFN_UP_SHEXP, cfg.shared_ffn_dim, d, False)
+            linear(Role.FFN_DOWN_SHEXP, d, cfg.shared_ffn_dim, False)
+            linear(Role.FFN_GATE_INP_SHEXP, 1, d, False)
+        return params
     if cfg.gated:
         linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
     linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
     linear(Role.FFN_DOWN, d, cfg.ffn_dim, cfg.mlp_bias)
     return params
+
+
+def expert_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
+    """The parameters of one routed expert (a gated MLP without biases), with their shapes."""
+    d, f = cfg.hidden_size, cfg.expert_ffn_dim
+    return {(Role.FFN_GATE_EXP, "weight"): (f, d), (Role.FFN_UP_EXP, "weight"): (f, d),
+            (Role.FFN_DOWN_EXP, "weight"): (d, f)}
 
