@@ -36,6 +36,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                      max_position_embeddings=128, word_embed_proj_dim=32,
                                      do_layer_norm_before=False)),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=3, n_head=4)),
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[1])),
     "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
                                          apply_residual_connection_post_layernorm=True)),
 }

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, llama, opt
+from streamprune.arch import bloom, llama, moe, opt
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import EXPERT_ROLES, EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
 from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
-    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC) for model_type in spec.model_types
+    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, moe.MIXTRAL, moe.QWEN_MOE) for model_type in spec.model_types
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -20,6 +20,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "OPTForCausalLM": "opt",
     "BloomForCausalLM": "bloom",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
 

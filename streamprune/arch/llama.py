@@ -41,7 +41,7 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type", "llama")
     sliding = raw.get("sliding_window")
-    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen2_moe") and not raw.get("use_sliding_window", False):
         sliding = None
     return ModelConfig(
         family="llama",
@@ -59,7 +59,8 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         gated=True,
         pos="rope",
         rope=rope_parameters(raw),
-        qkv_bias=model_type == "qwen2" or get_bool(raw, "attention_bias", False),
+        qkv_bias=(model_type == "qwen2" or get_bool(raw, "attention_bias", False)
+                  or (model_type == "qwen2_moe" and get_bool(raw, "qkv_bias", True))),
         out_bias=get_bool(raw, "attention_bias", False),
         mlp_bias=get_bool(raw, "mlp_bias", False),
         tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
