@@ -289,6 +289,12 @@ class Checkpoint:
             for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
                 self.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
                                             if (name := bind(param, shape, bid, xid))}
+        stacked = sorted(n for n, info in self.tensors.items() if ".experts." in n and len(info.shape) == 3)
+        if stacked:
+            raise CheckpointError(
+                f"{self.dir}: {stacked[0]} holds every expert of a block in one 3-D tensor "
+                f"{list(self.tensors[stacked[0]].shape)}; streamprune reads one tensor per expert, the layout "
+                "published checkpoints and transformers' save_pretrained write")
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"{self.dir}: missing {len(missing)} tensor(s): {shown}")
@@ -308,12 +314,6 @@ class Checkpoint:
         if cfg.tie_word_embeddings and tied_head in self.tensors:
             self.location[tied_head] = None
         unknown = sorted(set(self.tensors) - set(self.location))
-        stacked = [n for n in unknown if ".experts." in n and len(self.tensors[n].shape) == 3]
-        if stacked:
-            raise CheckpointError(
-                f"{self.dir}: {stacked[0]} holds every expert of a block in one 3-D tensor "
-                f"{list(self.tensors[stacked[0]].shape)}; streamprune reads one tensor per expert, the layout "
-                "published checkpoints and transformers' save_pretrained write")
         if unknown:
             raise CheckpointError(
                 f"{self.dir}: {len(unknown)} tensor(s) match no role of {self.spec.name}: {', '.join(unknown[:5])}"

@@ -159,3 +159,108 @@ def test_sparsegpt_nm_parity(tmp_path, calib, variant, sequential):
                                                         ("bloom", "2:4", False)])
 def test_wanda_parity(tmp_path, calib, variant, pattern, sequential):
     check(parity_rows(tmp_path, calib, variant, "wanda", pattern, sequential), "wanda", sequential)
+
+
+# Mixture-of-Experts: transformers keeps a block's experts as two stacked parameters, so each expert's inputs are
+# rebuilt from the MoE input (a hook on the MoE module) and transformers' own router: the rows routed to expert e
+# feed its gate and up projections; its down projection reads act(gate x) * up x of those rows.
+MOE_STAGES = {
+    "mixtral": LLAMA_STAGES[:2],
+    "qwen2_moe": LLAMA_STAGES[:2] + (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                     ("mlp.shared_expert.down_proj",)),
+}
+MOE_DENSE_STAGES = LLAMA_STAGES  # a block listed in mlp_only_layers
+
+
+@torch.no_grad()
+def moe_input(model, windows: torch.Tensor, moe: torch.nn.Module) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    hook = moe.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    try:
+        model(windows, use_cache=False)
+    finally:
+        hook.remove()
+    return torch.cat([a.reshape(-1, a.shape[-1]) for a in seen])
+
+
+def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequential: bool,
+                    min_tokens: int = 1) -> list[Row]:
+    src = tiny.build(tmp_path / "in", variant)
+    out = tmp_path / "out"
+    streamprune.prune(src, out, method=method, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED,
+                      sequential=sequential, blocksize=BLOCKSIZE, device="cpu", moe_min_tokens=min_tokens)
+    windows = calib_windows(calib, src, tiny.VOCAB, SEQLEN, NSAMPLES, SEED)
+    dense = {n: p.detach().clone() for n, p in tiny.hf_model(src).named_parameters()}
+    model = tiny.hf_model(out)
+    written = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.double()
+    rows: list[Row] = []
+    for b, block in enumerate(model.model.layers):
+        prefix = f"model.layers.{b}."
+        moe = block.mlp if hasattr(block.mlp, "experts") else None
+        stages = MOE_STAGES[model.config.model_type] if moe else MOE_DENSE_STAGES
+        with torch.no_grad():  # block b dense, experts included
+            for name, p in block.named_parameters():
+                p.copy_(dense[prefix + name])
+        for group in [stages] if not sequential else [[stage] for stage in stages]:
+            inputs = linear_inputs(model, windows, {stage[0]: block.get_submodule(stage[0]) for stage in group})
+            for stage in group:
+                for name in stage:
+                    got = written[prefix + name + ".weight"].double()
+                    ref = rederive(method, "unstructured", dense[prefix + name + ".weight"], inputs[stage[0]], got == 0)
+                    flips, gap = ref.flips()
+                    diff = float((got - ref.weight).abs().max())
+                    rows.append(Row(b, name, flips, gap, diff, diff / float(ref.weight.abs().max())))
+            if sequential:
+                with torch.no_grad():
+                    for stage in group:
+                        for name in stage:
+                            block.get_submodule(name).weight.copy_(written[prefix + name + ".weight"])
+        if moe is not None:
+            rows += expert_rows(model, windows, b, moe, dense, written, method, sequential, min_tokens)
+        with torch.no_grad():  # what later blocks see: streamprune's pruned block
+            for name, p in block.named_parameters():
+                p.copy_(written[prefix + name])
+    return rows
+
+
+def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written: dict, method: str,
+                sequential: bool, min_tokens: int) -> list[Row]:
+    """Each routed expert of block `b` re-derived from the MoE input and transformers' own router: its gate and up
+    projections from the rows routed to it (every row below `min_tokens`), its down projection from their
+    hidden activations through the pruned (sequential) or dense gate and up projections."""
+    prefix = f"model.layers.{b}.mlp.experts."
+    m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
+    _, _, chosen = moe.gate(m)
+    gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
+    gate_up_w, down_w = written[prefix + "gate_up_proj"].double(), written[prefix + "down_proj"].double()
+    ffn = down.shape[2]
+    rows = []
+
+    def row(name: str, W: torch.Tensor, x: torch.Tensor, got: torch.Tensor) -> None:
+        ref = rederive(method, "unstructured", W, x, got == 0)
+        diff = float((got - ref.weight).abs().max())
+        rows.append(Row(b, name, *ref.flips(), diff, diff / float(ref.weight.abs().max())))
+
+    for e in range(gate_up.shape[0]):
+        n = int((chosen == e).any(dim=-1).sum())
+        x = m[(chosen == e).any(dim=-1)] if n >= min_tokens else m  # the documented fallback: every token
+        row(f"expert {e} gate ({n} tokens)", gate_up[e, :ffn], x, gate_up_w[e, :ffn])
+        row(f"expert {e} up ({n} tokens)", gate_up[e, ffn:], x, gate_up_w[e, ffn:])
+        gu = gate_up_w[e] if sequential else gate_up[e].double()
+        hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
+        row(f"expert {e} down", down[e], hidden, down_w[e])
+    return rows
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
+    check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
+
+
+def test_moe_wanda_parity_with_fallback(tmp_path, calib):
+    """Wanda, and experts below --moe-min-tokens fed every token's statistics."""
+    rows = moe_parity_rows(tmp_path, calib, "qwen2-moe", "wanda", True, min_tokens=200)
+    assert any("tokens)" in r.name and int(r.name.split("(")[1].split()[0]) < 200 for r in rows)
+    check(rows, "wanda", True)

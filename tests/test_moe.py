@@ -1,0 +1,153 @@
+"""Mixture-of-Experts end to end: output layout, routed token counts, the fallback rule, experts streamed one at a
+time, stacked expert tensors refused, resume. (Each expert's inputs are re-derived in test_pipeline_parity.py.)"""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import streamprune
+from streamprune import stream
+from streamprune.arch import PRUNABLE
+from streamprune.checkpoint import Checkpoint
+from streamprune.errors import CheckpointError
+from streamprune.evaluate import logits
+from tests import tiny
+
+NSAMPLES, SEQLEN = 8, 64
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(tiny.sample_text(15000))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("moe")
+    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe")}
+
+
+def stored(model_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(model_dir)
+    return {name: ckpt.read(name) for name in ckpt.tensors}
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
+    src, out = models[variant], tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
+    before, after = stored(src), stored(out)
+    assert set(before) == set(after)
+    ckpt = Checkpoint(src)
+    experts = set(ckpt.expert_of)
+    pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
+                        and param[0] in PRUNABLE}
+    assert any("shared_expert." in n for n in pruned) == (variant == "qwen2-moe")
+    for name, t in after.items():
+        assert t.dtype == before[name].dtype and t.shape == before[name].shape, name
+        if name in pruned:
+            assert float((t == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
+        else:  # router, shared-expert gate, norms, embeddings: untouched
+            assert torch.equal(t, before[name]), name
+    assert {lr.name for lr in report.layers} == pruned  # every pruned linear is reported, each expert's included
+    ids = torch.randint(0, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tiny.hf_model(out)(ids).logits
+    torch.testing.assert_close(logits(out, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_report_counts_each_experts_tokens(tmp_path, calib, models):
+    src = models["qwen2-moe"]
+    cfg = Checkpoint(src).config
+    report = streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                               moe_min_tokens=120)
+    per_block: dict[int, dict[int, int]] = {}
+    for lr in report.layers:
+        if lr.expert is not None:
+            per_block.setdefault(lr.block, {})[lr.expert] = lr.routed_tokens
+            low = lr.routed_tokens < 120
+            assert lr.statistics == ("all (fewer than 120 routed)" if low else "routed"), lr
+    assert sorted(per_block) == [b for b in range(cfg.n_layers) if cfg.is_moe(b)]  # block 1 is dense
+    for counts in per_block.values():  # every token goes to experts_per_tok distinct experts
+        assert len(counts) == cfg.n_experts and sum(counts.values()) == NSAMPLES * SEQLEN * cfg.experts_per_tok
+    assert any(c < 120 for counts in per_block.values() for c in counts.values())  # the fallback was exercised
+    saved = json.loads((tmp_path / "out" / "streamprune_report.json").read_text())
+    assert {"expert", "routed_tokens", "statistics"} <= set(saved["layers"][-1])
+
+
+def test_all_tokens_calibration(tmp_path, calib, models):
+    src = models["mixtral"]
+    routed = streamprune.prune(src, tmp_path / "routed", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    every = streamprune.prune(src, tmp_path / "all", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                              moe_calibration="all")
+    assert {lr.statistics for lr in every.layers if lr.expert is not None} == {"all"}
+    block0 = [[lr.routed_tokens for lr in r.layers if lr.block == 0] for r in (every, routed)]
+    assert block0[0] == block0[1]  # the same routes into the first block's experts
+    a, b = stored(tmp_path / "routed"), stored(tmp_path / "all")
+    experts = set(Checkpoint(src).expert_of)
+    assert all(torch.equal(a[n], b[n]) for n in a if n not in experts and "layers.0." in n)  # attention: the same
+    assert not all(torch.equal(a[n], b[n]) for n in experts)
+    with pytest.raises(streamprune.StreamPruneError, match="moe-calibration 'some' is not one of routed, all"):
+        streamprune.prune(src, tmp_path / "bad", calib=calib, moe_calibration="some")
+
+
+def test_experts_stream_one_at_a_time(tmp_path, calib, models, monkeypatch):
+    """However many experts a block has, at most two are held as read (the one in flight and the next)."""
+    ckpt = Checkpoint(models["qwen2-moe"])
+    live: dict[tuple[int, int], int] = {}
+    peak = {"experts": 0}
+    real = stream.read_tensor
+
+    def tracked(info):
+        t = real(info)
+        key = ckpt.expert_of.get(info.name)
+        if key is not None:
+            live[key] = live.get(key, 0) + 1
+            weakref.finalize(t, lambda: live.__setitem__(key, live[key] - 1))
+            gc.collect()
+            peak["experts"] = max(peak["experts"], sum(1 for v in live.values() if v > 0))
+        return t
+
+    monkeypatch.setattr(stream, "read_tensor", tracked)
+    streamprune.prune(models["qwen2-moe"], tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    assert ckpt.config.n_experts == 6 and 1 <= peak["experts"] <= 2, peak
+
+
+def test_stacked_expert_tensors_are_refused(tmp_path, models):
+    src = models["mixtral"]
+    bad = tmp_path / "stacked"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    tensors = stored(src)
+    names = [n for n in tensors if "layers.0.block_sparse_moe.experts." in n and ".w1." in n]
+    stacked = torch.stack([tensors.pop(n) for n in sorted(names)])
+    tensors["model.layers.0.block_sparse_moe.experts.gate_up_proj"] = stacked
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="holds every expert of a block in one 3-D tensor"):
+        Checkpoint(bad)
+
+
+def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch):
+    from tests.test_resume import checkpoint_files, fail_writes_after
+
+    src = models["qwen2-moe"]
+    ref = tmp_path / "ref"
+    streamprune.prune(src, ref, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    out = tmp_path / "out"
+    fail_writes_after(monkeypatch, 3)  # the globals, blocks 0 and 1: block 2 (experts) fails
+    with pytest.raises(streamprune.StreamPruneError):
+        streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    monkeypatch.undo()
+    report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    assert report.resumed_at_block == 2
+    assert checkpoint_files(out) == checkpoint_files(ref)
