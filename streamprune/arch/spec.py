@@ -68,6 +68,9 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
         linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
         linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
+    if cfg.qk_norm:
+        norm(Role.ATTN_Q_NORM, hd)
+        norm(Role.ATTN_K_NORM, hd)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if cfg.gated:
         linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
