@@ -40,7 +40,7 @@ def test_logits_match_transformers(tmp_path, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "qwen3", "mixtral", "qwen2-moe"])
 def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
     path = tiny.build(tmp_path / variant, variant, dtype=dtype, shard="30KB")
     assert (path / "model.safetensors.index.json").is_file()
@@ -51,7 +51,7 @@ def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
     torch.testing.assert_close(logits(path, ids), ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "opt-proj", "bloom", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "opt-proj", "bloom", "qwen3", "qwen2-moe"])
 def test_eval_perplexity_matches_transformers(tmp_path, data_file, variant):
     path = tiny.build(tmp_path / variant, variant)
     result = evaluate(path, data_file, seqlen=64, nsamples=6, device="cpu")

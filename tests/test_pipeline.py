@@ -37,7 +37,8 @@ def pruned_names(model_dir) -> set[str]:
 
 
 @pytest.mark.parametrize("variant,dtype", [("llama-gqa", torch.float32), ("qwen2", torch.bfloat16),
-                                           ("opt-proj", torch.float16), ("bloom", torch.float32)])
+                                           ("opt-proj", torch.float16), ("bloom", torch.float32),
+                                           ("qwen3", torch.bfloat16)])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_output_is_an_ordinary_checkpoint(tmp_path, calib, variant, dtype, method):
     src = tiny.build(tmp_path / "in", variant, dtype=dtype, shard="40KB")

@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "OPTForCausalLM": "opt",
     "BloomForCausalLM": "bloom",
     "MixtralForCausalLM": "mixtral",

@@ -88,6 +88,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q = linear(w, Role.ATTN_Q, x).view(B, T, nh, hd)
         k = linear(w, Role.ATTN_K, x).view(B, T, nkv, hd)
         v = linear(w, Role.ATTN_V, x).view(B, T, nkv, hd)
+    if cfg.qk_norm:  # over each head's hd features
+        q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)

@@ -42,6 +42,7 @@ class ModelConfig:
     pos_offset: int = 0  # OPT's learned positions start at index 2
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
     qkv_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (head_dim weights) before RoPE
     out_bias: bool = False
     mlp_bias: bool = False
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block

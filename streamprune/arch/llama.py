@@ -1,4 +1,4 @@
-"""The LLaMA family: Llama 1-3, Mistral, Qwen2 (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+"""The LLaMA family: Llama 1-3, Mistral, Qwen2, Qwen3 (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type", "llama")
     sliding = raw.get("sliding_window")
-    if model_type in ("qwen2", "qwen2_moe") and not raw.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
         sliding = None
     return ModelConfig(
         family="llama",
@@ -61,6 +61,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         rope=rope_parameters(raw),
         qkv_bias=(model_type == "qwen2" or get_bool(raw, "attention_bias", False)
                   or (model_type == "qwen2_moe" and get_bool(raw, "qkv_bias", True))),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         out_bias=get_bool(raw, "attention_bias", False),
         mlp_bias=get_bool(raw, "mlp_bias", False),
         tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
@@ -72,7 +73,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
 
 SPEC = ArchSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     base_prefix="model.",
     parse_config=parse_config,
     tensors={
@@ -83,6 +84,8 @@ SPEC = ArchSpec(
         Role.ATTN_Q: "layers.{bid}.self_attn.q_proj",
         Role.ATTN_K: "layers.{bid}.self_attn.k_proj",
         Role.ATTN_V: "layers.{bid}.self_attn.v_proj",
+        Role.ATTN_Q_NORM: "layers.{bid}.self_attn.q_norm",
+        Role.ATTN_K_NORM: "layers.{bid}.self_attn.k_norm",
         Role.ATTN_OUT: "layers.{bid}.self_attn.o_proj",
         Role.FFN_NORM: "layers.{bid}.post_attention_layernorm",
         Role.FFN_GATE: "layers.{bid}.mlp.gate_proj",

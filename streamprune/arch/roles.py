@@ -19,6 +19,8 @@ class Role(Enum):
     ATTN_Q = "attn_q"
     ATTN_K = "attn_k"
     ATTN_V = "attn_v"
+    ATTN_Q_NORM = "attn_q_norm"  # per-head RMSNorm of the queries, before RoPE (Qwen3)
+    ATTN_K_NORM = "attn_k_norm"  # and of the keys
     ATTN_QKV = "attn_qkv"  # fused query_key_value (BLOOM)
     ATTN_OUT = "attn_out"
     FFN_NORM = "ffn_norm"
@@ -72,5 +74,5 @@ EXPERT_ROLES: frozenset[Role] = frozenset(role for _, roles in EXPERT_SEQUENTIAL
 PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL for role in roles)
 
 # Roles that live inside a decoder block (their names carry `{bid}`).
-BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.FFN_GATE_INP,
-                                           Role.FFN_GATE_INP_SHEXP}
+BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
+                                           Role.ATTN_K_NORM, Role.FFN_GATE_INP, Role.FFN_GATE_INP_SHEXP}

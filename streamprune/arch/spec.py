@@ -69,6 +69,9 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
         linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
         linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
+    if cfg.qk_norm:
+        norm(Role.ATTN_Q_NORM, hd)
+        norm(Role.ATTN_K_NORM, hd)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, False)
