@@ -33,7 +33,7 @@ def calib(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
-    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe")}
+    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +42,7 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)

@@ -40,7 +40,7 @@ def test_logits_match_transformers(tmp_path, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "qwen3", "mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe"])
 def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
     path = tiny.build(tmp_path / variant, variant, dtype=dtype, shard="30KB")
     assert (path / "model.safetensors.index.json").is_file()

@@ -169,6 +169,7 @@ MOE_STAGES = {
     "mixtral": LLAMA_STAGES[:2],
     "qwen2_moe": LLAMA_STAGES[:2] + (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                                      ("mlp.shared_expert.down_proj",)),
+    "qwen3_moe": LLAMA_STAGES[:2],
 }
 MOE_DENSE_STAGES = LLAMA_STAGES  # a block listed in mlp_only_layers
 
@@ -255,7 +256,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

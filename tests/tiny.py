@@ -45,6 +45,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                          num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+                                         num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True)),
     "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
                                          apply_residual_connection_post_layernorm=True)),
 }

@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, str] = {
     "BloomForCausalLM": "bloom",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 

@@ -22,10 +22,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = base.model_type
     n_layers = base.n_layers
     if model_type == "mixtral":
-        n_experts = get_int(raw, "num_local_experts")
+        n_experts = get_int(raw, "num_local_experts", "num_experts")
         expert_ffn, shared_ffn, norm_topk, dense = base.ffn_dim, 0, True, frozenset[int]()
     else:
-        n_experts = get_int(raw, "num_experts")
+        n_experts = get_int(raw, "num_experts", "num_local_experts")  # transformers 5 writes the latter
         expert_ffn = get_int(raw, "moe_intermediate_size")
         shared_ffn = get_int(raw, "shared_expert_intermediate_size", default=0)
         norm_topk = get_bool(raw, "norm_topk_prob", False)
@@ -59,11 +59,11 @@ MIXTRAL = ArchSpec(
 
 QWEN_MOE = ArchSpec(
     name="qwen_moe",
-    model_types=("qwen2_moe",),
+    model_types=("qwen2_moe", "qwen3_moe"),
     base_prefix="model.",
     parse_config=parse_config,
     tensors={
-        **llama.SPEC.tensors,  # blocks listed in mlp_only_layers keep a dense MLP
+        **llama.SPEC.tensors,  # blocks listed in mlp_only_layers keep a dense MLP; Qwen3-MoE's q/k norms
         Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
         Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
         Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
