@@ -7,6 +7,8 @@ pages included), the planner's prediction, and time per block.
     python bench/memory.py                       # depths 4 16 32 64, hidden 2048, ffn 8192 (8.9 GB at 64)
     python bench/memory.py --depths 2 4 --hidden 512 --ffn 1376      # a quick look
     python bench/memory.py --device cuda         # also reports peak GPU memory
+    python bench/memory.py --family mixtral --experts 8 64 --depths 4 16 --hidden 1024 --ffn 1024
+        # Mixture-of-Experts: the same expert shape with 8 and with 64 experts per block, each at every depth
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--family", choices=["llama", "mixtral"], default="llama")
+    ap.add_argument("--experts", type=int, nargs="+", default=[8], help="mixtral: routed experts per block (each)")
+    ap.add_argument("--topk", type=int, default=2, help="mixtral: experts per token")
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
@@ -50,9 +55,10 @@ def main() -> None:
     np.save(calib, np.random.default_rng(0).integers(0, VOCAB, size=args.nsamples * args.seqlen * 4))
     rows = []
     try:
-        for depth in args.depths:
-            model, out = work / f"model-{depth}", work / f"out-{depth}"
-            size = make_checkpoint(model, Shape("llama", args.hidden, args.ffn, args.heads, args.heads, VOCAB), depth)
+        for experts, depth in [(e, d) for e in (args.experts if args.family == "mixtral" else [0]) for d in args.depths]:
+            model, out = work / f"model-{experts}-{depth}", work / f"out-{experts}-{depth}"
+            shape = Shape(args.family, args.hidden, args.ffn, args.heads, args.heads, VOCAB, experts, args.topk)
+            size = make_checkpoint(model, shape, depth)
             predicted = plan(model, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                              offload_activations=args.offload_activations, method=args.method)
             cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), str(out), "--method", args.method,
@@ -62,23 +68,31 @@ def main() -> None:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
             wall = time.perf_counter() - start
             report = json.loads((out / "streamprune_report.json").read_text())
-            rows.append((depth, size, report["process_peak_rss_bytes"], predicted.host_peak,
+            rows.append((experts, depth, size, report["process_peak_rss_bytes"], predicted.host_peak,
                          report["peak_gpu_bytes"], predicted.device_peak, report["wall_seconds"] / depth, wall))
             shutil.rmtree(model)
             shutil.rmtree(out)
-            print(f"depth {depth}: done in {wall:.0f}s", file=sys.stderr)
+            print(f"{experts} experts, depth {depth}: done in {wall:.0f}s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"block: hidden {args.hidden}, ffn {args.ffn}, bf16; {args.method}, {args.nsamples} x {args.seqlen} "
-          f"tokens; device {args.device}; activations {args.offload_activations}")
-    print(f"{'depth':>5} {'ckpt GB':>8} {'peak RSS MiB':>13} {'plan MiB':>9} {'plan/meas':>9} "
+    moe = f", {args.family} top-{args.topk}" if args.family == "mixtral" else ""
+    print(f"block: hidden {args.hidden}, ffn {args.ffn}{' per expert' if moe else ''}, bf16{moe}; {args.method}, "
+          f"{args.nsamples} x {args.seqlen} tokens; device {args.device}; activations {args.offload_activations}")
+    print(f"{'experts':>7} {'depth':>5} {'ckpt GB':>8} {'peak RSS MiB':>13} {'plan MiB':>9} {'plan/meas':>9} "
           f"{'GPU MiB':>8} {'plan GPU':>9} {'s/block':>8}")
-    for depth, size, rss, pred, gpu, pgpu, per_block, _ in rows:
-        print(f"{depth:>5} {size / 1e9:>8.2f} {rss / 2**20:>13.0f} {pred / 2**20:>9.0f} {pred / rss:>9.2f} "
+    for experts, depth, size, rss, pred, gpu, pgpu, per_block, _ in rows:
+        print(f"{experts:>7} {depth:>5} {size / 1e9:>8.2f} {rss / 2**20:>13.0f} {pred / 2**20:>9.0f} {pred / rss:>9.2f} "
               f"{gpu / 2**20:>8.0f} {pgpu / 2**20:>9.0f} {per_block:>8.2f}")
-    largest = max(rows, key=lambda r: r[1])
-    print(f"peak RSS at the largest depth is {largest[2] / largest[1]:.1%} of its checkpoint size")
+    largest = max(rows, key=lambda r: r[2])
+    print(f"peak RSS at the largest checkpoint is {largest[3] / largest[2]:.1%} of its size")
+    if args.family == "mixtral" and len(args.experts) > 1:
+        few, many = min(args.experts), max(args.experts)
+        for depth in args.depths:
+            a = next(r[3] for r in rows if r[0] == few and r[1] == depth)
+            b = next(r[3] for r in rows if r[0] == many and r[1] == depth)
+            print(f"depth {depth}: {many} experts {b / 2**20:.0f} MiB vs {few} experts {a / 2**20:.0f} MiB = {b / a:.3f}x "
+                  f"(bound: 1.15x + 50 MB = {(1.15 * a + 50e6) / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":

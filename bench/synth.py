@@ -3,6 +3,8 @@
     python bench/synth.py /tmp/opt175b --family opt --hidden 12288 --ffn 49152 --heads 96 --vocab 50272 \
         --depth 96 --dtype float16 --headers-only      # 349 GB apparent size, no disk used: for `plan`
     python bench/synth.py /tmp/llama70b --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --depth 80 --headers-only
+    python bench/synth.py /tmp/qwen3-235b-like --family mixtral --hidden 4096 --ffn 1536 --experts 128 --topk 8 \
+        --heads 64 --kv-heads 4 --depth 94 --headers-only   # Mixtral layout, one tensor per expert
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from streamprune.checkpoint import safetensors_header, write_safetensors
 
 @dataclass(frozen=True)
 class Shape:
-    family: str  # "llama" or "opt"
+    family: str  # "llama", "opt" or "mixtral" (then `ffn` is each expert's width)
     hidden: int
     ffn: int
     heads: int
     kv_heads: int
     vocab: int = 32000
+    experts: int = 0  # mixtral: routed experts per block
+    topk: int = 2  # mixtral: experts per token
 
     @property
     def head_dim(self) -> int:
@@ -46,6 +50,13 @@ def block_tensors(shape: Shape, b: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{b}."
     linears = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
                "self_attn.o_proj": (d, d), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    if shape.family == "mixtral":
+        for k in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            del linears[k]
+        linears["block_sparse_moe.gate"] = (shape.experts, d)
+        for e in range(shape.experts):
+            moe = f"block_sparse_moe.experts.{e}."
+            linears.update({moe + "w1": (f, d), moe + "w3": (f, d), moe + "w2": (d, f)})
     out = {p + k + ".weight": s for k, s in linears.items()}
     out.update({p + n + ".weight": (d,) for n in ("input_layernorm", "post_attention_layernorm")})
     return out
@@ -58,6 +69,12 @@ def config(shape: Shape, depth: int, dtype: str) -> dict:
                 "vocab_size": shape.vocab, "max_position_embeddings": 2048, "word_embed_proj_dim": shape.hidden,
                 "do_layer_norm_before": True, "activation_function": "relu", "tie_word_embeddings": True,
                 "torch_dtype": dtype}
+    if shape.family == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": shape.hidden,
+                "intermediate_size": shape.ffn, "num_hidden_layers": depth, "num_attention_heads": shape.heads,
+                "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_local_experts": shape.experts,
+                "num_experts_per_tok": shape.topk, "tie_word_embeddings": False, "torch_dtype": dtype}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
             "intermediate_size": shape.ffn, "num_hidden_layers": depth, "num_attention_heads": shape.heads,
             "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 4096,
@@ -112,7 +129,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--family", choices=["llama", "opt"], default="llama")
+    ap.add_argument("--family", choices=["llama", "opt", "mixtral"], default="llama")
+    ap.add_argument("--experts", type=int, default=8, help="mixtral: routed experts per block")
+    ap.add_argument("--topk", type=int, default=2, help="mixtral: experts per token")
     ap.add_argument("--hidden", type=int, required=True)
     ap.add_argument("--ffn", type=int, required=True)
     ap.add_argument("--heads", type=int, required=True)
@@ -122,7 +141,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--headers-only", action="store_true", help="sparse shards: headers and holes, for `streamprune plan`")
     args = ap.parse_args()
-    shape = Shape(args.family, args.hidden, args.ffn, args.heads, args.kv_heads or args.heads, args.vocab)
+    shape = Shape(args.family, args.hidden, args.ffn, args.heads, args.kv_heads or args.heads, args.vocab,
+                  args.experts if args.family == "mixtral" else 0, args.topk)
     size = make_checkpoint(args.out, shape, args.depth, getattr(torch, args.dtype), headers_only=args.headers_only)
     print(f"wrote {args.out}: {size / 1e9:.2f} GB of shards{' (sparse)' if args.headers_only else ''}")
 

@@ -83,6 +83,11 @@ def eval_cmd(
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
+class MoeCalibrationChoice(str, Enum):
+    routed = "routed"
+    all = "all"
+
+
 MethodChoice = Enum("MethodChoice", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
@@ -110,6 +115,8 @@ def run_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
     restart: Annotated[bool, typer.Option(help="Start over even if OUT_DIR holds an unfinished run with other arguments.")] = False,
     profile_memory: Annotated[bool, typer.Option(help="Sample RSS and GPU memory into OUT_DIR/streamprune_memory.csv.")] = False,
+    moe_calibration: Annotated[MoeCalibrationChoice, typer.Option(help="Mixture-of-Experts: each expert's statistics come from the calibration tokens routed to it, or from every token (its output still uses the router's weights).")] = MoeCalibrationChoice.routed,
+    moe_min_tokens: Annotated[int, typer.Option(help="Mixture-of-Experts: an expert routed fewer calibration tokens takes the statistics of every token entering its MoE layer.")] = 128,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -122,8 +129,8 @@ def run_cmd(
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                       overwrite=overwrite, restart=restart,
-                       profile_memory=profile_memory)
+                       overwrite=overwrite, restart=restart, profile_memory=profile_memory,
+                       moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))

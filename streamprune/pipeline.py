@@ -401,6 +401,7 @@ class BlockPruner:
             stats, routes = out, dense_routes
         for expert in block.experts():
             xid, we = expert.xid, expert.w
+            expert.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
             self.report.add("read", expert.wait_seconds, bid)
             self.report.read_total_seconds += expert.read_seconds
             names = {param[0]: name for param, name in self.ckpt.experts[(bid, xid)].items()}
@@ -550,6 +551,7 @@ class Run:
                     for name, tensor in raw.items():
                         if name not in pruned:
                             shard.put(name, tensor)
+                    raw.clear()  # written or held by `w` (on the CPU the same tensors; on a GPU, their copies)
                     report.add("write", time.perf_counter() - t, bid)
                     phase(f"block {bid}: prune")
                     moe = self.ckpt.n_experts(bid) > 0

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from streamprune.activations import choose_placement
-from streamprune.arch import PRUNABLE, SEQUENTIAL, ModelConfig, Role
+from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.calib import read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
@@ -71,6 +71,8 @@ class Footprint:
     positions: int = 0  # RoPE tables, or ALiBi's (1, H, T, T) bias: held on the compute device for the whole run
     calib_ids: int = 0  # the calibration windows' token ids (int64), held for the whole run
     calib_read: int = 0  # drawing them from text, before block 0: the most that is read and tokenized at once
+    expert_stored: int = 0  # one routed expert as stored (MoE): streamed one at a time, the next one read ahead
+    routes: int = 0  # every calibration token's chosen experts and weights, held while a block's experts run
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -82,24 +84,51 @@ class Footprint:
         return matrices + self.linear_solve + self.site_dense
 
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
-        return (self.raw_block + (self.activations if activations_on_device else 0) + self.positions
+        """The block's weights (and one expert's, dense and pruned, with the routes), the activations, positions,
+        and the larger workspace."""
+        return (self.raw_block + 2 * self.expert_stored + self.routes
+                + (self.activations if activations_on_device else 0) + self.positions
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
 
 
-def block_sizes(ckpt: Checkpoint) -> tuple[int, dict[Role, TensorInfo], list[list[TensorInfo]]]:
-    """One block as stored (block 0: all blocks share a shape), its linears by role and its sites' linears."""
-    raw_block = sum(ckpt.tensors[n].nbytes for n in ckpt.stored_names(0))
-    linears = {role: ckpt.tensors[ckpt.names[((role, "weight"), 0)]] for role in PRUNABLE
-               if ((role, "weight"), 0) in ckpt.names}
-    sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL]
-    return raw_block, linears, [site for site in sites if site]
+def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], list[list[TensorInfo]]]:
+    """The largest block as stored outside its routed experts, one routed expert as stored, the linears by role and
+    the sites' linears (experts' included); the blocks of a model share their shapes, except an MoE model's dense
+    blocks: the first block of each kind stands for the others."""
+    cfg = ckpt.config
+    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
+    raw_block = max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in kinds.values())
+    linears: dict[Role, TensorInfo] = {}
+    for b in kinds.values():
+        linears.update({role: ckpt.tensors[ckpt.names[((role, "weight"), b)]] for role in PRUNABLE
+                        if ((role, "weight"), b) in ckpt.names})
+    expert = 0
+    if True in kinds:
+        names = ckpt.experts[(kinds[True], 0)]
+        linears.update({param[0]: ckpt.tensors[name] for param, name in names.items()})
+        expert = sum(ckpt.tensors[name].nbytes for name in names.values())
+    sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
+    return raw_block, expert, linears, [site for site in sites if site]
+
+
+def site_widths(order: tuple[tuple[Site, tuple[Role, ...]], ...], linears: dict[Role, TensorInfo]) -> list[int]:
+    """The input width of each site of `order` that has linears."""
+    return [next(linears[r] for r in roles if r in linears).shape[1] for _, roles in order
+            if any(r in linears for r in roles)]
 
 
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
     hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`)."""
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+    ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
+    router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
+    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router) * seqlen * 4
+
+
+def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """Each token's chosen experts (int64) and weights (float32), and the selection of one expert's rows."""
+    return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
@@ -116,7 +145,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
-    raw_block, linears, sites = block_sizes(ckpt)
+    raw_block, expert, linears, sites = block_sizes(ckpt)
     widths = [site[0].shape[1] for site in sites]
     largest = max(linears.values(), key=lambda i: math.prod(i.shape))
     widest = max(widths) ** 2 * 4
@@ -124,29 +153,39 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     common = dict(raw_block=raw_block, pruned_stored=sum(i.nbytes for i in linears.values()),
                   site_dense=max(sum(i.nbytes for i in site) for site in sites), linear_fp32=math.prod(largest.shape) * 4,
                   embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}))
+                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}), expert_stored=expert)
     if not keep:  # magnitude without reconstruction errors: no statistics, no forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, activations=0, **common)
-    watched = [max(widths)] if sequential else widths  # the inputs whose statistics are held at once
+    # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
+    # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
+    block_widths, expert_widths = (site_widths(order, linears) for order in (SEQUENTIAL, EXPERT_SEQUENTIAL))
     per_input = (lambda w: w * w * 4) if keep == "xtx" else (lambda w: w * 4)
+    if sequential:
+        held = per_input(max(widths))
+    else:
+        held = max(sum(per_input(w) for w in block_widths), sum(per_input(w) for w in expert_widths))
     return Footprint(
-        hessians=sum(per_input(w) for w in watched), solver_matrix=cls.solver_matrices * widest,
+        hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0, per_window=window_workspace(cfg, seqlen),
         activations=2 * nsamples * seqlen * cfg.hidden_size * 4, positions=positions_bytes(cfg, seqlen),
-        calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen), **common)
+        calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
+        routes=routes_bytes(cfg, nsamples * seqlen), **common)
 
 
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     """The sizes an evaluation is made of: the block, one activation buffer (updated in place) and the forward."""
-    raw_block, linears, _ = block_sizes(ckpt)
+    raw_block, expert, linears, _ = block_sizes(ckpt)
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
+    cfg = ckpt.config
+    buffers = 2 if cfg.n_experts else 1  # an MoE block writes its output into a second buffer
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
-                     per_window=window_workspace(ckpt.config, seqlen),
-                     activations=nsamples * seqlen * ckpt.config.hidden_size * 4,
+                     per_window=window_workspace(cfg, seqlen),
+                     activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                     positions=positions_bytes(ckpt.config, seqlen))
+                     positions=positions_bytes(cfg, seqlen), expert_stored=expert,
+                     routes=routes_bytes(cfg, nsamples * seqlen))
 
 
 @dataclass(frozen=True)
@@ -218,8 +257,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     act_on = {where: fp.activations if where_act == where else 0 for where in ("host", "device")}
     work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
     offloaded = fp.widest_hessian if d.offload_hessian else 0
-    host_block = (2 * fp.raw_block + fp.pruned_stored + act_on["host"] + offloaded
-                  + (0 if on_device else work + fp.positions))
+    host_block = (2 * fp.raw_block + fp.pruned_stored + 3 * fp.expert_stored + act_on["host"] + offloaded
+                  + (0 if on_device else work + fp.positions + fp.routes))
     host_embed = fp.embed_stored + act_on["host"] + (0 if on_device else fp.embed_fp32)
     device_peak = 0
     if on_device:
@@ -230,6 +269,10 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
         ("pruned weights awaiting the write", fp.pruned_stored, "host"),
         ("block weights on the GPU", fp.raw_block if on_device else 0, "device"),
+        ("routed experts: the one in flight, dense and pruned, and the next one read ahead", 3 * fp.expert_stored,
+         "host"),
+        ("routed expert on the GPU, dense and pruned", 2 * fp.expert_stored if on_device else 0, "device"),
+        ("routes: each calibration token's experts and weights", fp.routes, compute),
         ("X^T X of the inputs being calibrated and pruned", fp.hessians, compute),
         ("solver matrix (SparseGPT's inverse factor, built in place)", fp.solver_matrix, compute),
         ("X^T X waiting in host memory during the solve", offloaded, "host"),

@@ -35,7 +35,7 @@ def test_memory_bench_small():
                              "--ffn", "512", "--heads", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in rows] == [2, 4]
+    assert [int(r[1]) for r in rows] == [2, 4]
 
 
 def test_synth_headers_only_checkpoint_plans(tmp_path):
