@@ -56,7 +56,7 @@ def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store:
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("blocks", total=ckpt.config.n_layers)
         for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
-            forward_block(ckpt, block.w, store, pos, store, batch, device)
+            forward_block(ckpt, block.w, store, pos.of(block.bid), store, batch, device)
             del block
             bar.advance(task)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations, make_store
 from streamprune.arch import PRUNABLE, SEQUENTIAL, Param, Role, Site
-from streamprune.arch.block import Positions, positions
+from streamprune.arch.block import LayerPositions, Positions, positions
 from streamprune.calib import calib_windows
 from streamprune.checkpoint import (
     INDEX_NAME,
@@ -426,12 +426,12 @@ class Run:
 
                 phase(f"block {bid}: prune")
                 n_before = len(report.layers)
-                raw.update(block_pruner.run(bid, w, x, pos))
+                raw.update(block_pruner.run(bid, w, x, None if pos is None else pos.of(bid)))
                 if x is not None:
                     assert scratch is not None and pos is not None
                     phase(f"block {bid}: forward")
                     t = job.clock()
-                    forward_block(self.ckpt, w, x, pos, scratch, job.batch, job.device)
+                    forward_block(self.ckpt, w, x, pos.of(bid), scratch, job.batch, job.device)
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
                     report.add("forward", job.clock() - t, bid)
                 phase(f"block {bid}: write")
@@ -465,7 +465,7 @@ class Run:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return report
 
-    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: Positions,
+    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: LayerPositions,
                        phase: Callable[[str], None]) -> tuple[Activations, Activations]:
         """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
         start = time.perf_counter()
@@ -473,7 +473,7 @@ class Run:
                              shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"])
         for block in shards:
             phase(f"block {block.bid}: replay")
-            forward_block(self.ckpt, block.w, x, pos, scratch, self.job.batch, self.job.device)
+            forward_block(self.ckpt, block.w, x, pos.of(block.bid), scratch, self.job.batch, self.job.device)
             x, scratch = scratch, x
             del block
         self.report.add("replay", time.perf_counter() - start)

@@ -22,6 +22,7 @@ import torch
 
 from streamprune.activations import choose_placement
 from streamprune.arch import PRUNABLE, SEQUENTIAL, ModelConfig, Role
+from streamprune.arch.block import layer_kinds
 from streamprune.calib import read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
@@ -68,7 +69,7 @@ class Footprint:
     activations: int  # the activation buffers (two while pruning: block input and output; one for eval)
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
-    positions: int = 0  # RoPE tables, or ALiBi's (1, H, T, T) bias: held on the compute device for the whole run
+    positions: int = 0  # RoPE tables and window masks, or ALiBi's (1, H, T, T) bias: held for the whole run
     calib_ids: int = 0  # the calibration windows' token ids (int64), held for the whole run
     calib_read: int = 0  # drawing them from text, before block 0: the most that is read and tokenized at once
 
@@ -103,10 +104,14 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
-    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables."""
+    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables and a
+    sliding window's (1, 1, T, T) mask for each kind of block."""
     if cfg.pos == "alibi":
         return cfg.n_heads * seqlen * seqlen * 4
-    return 2 * seqlen * cfg.head_dim * 4 if cfg.pos == "rope" else 0
+    if cfg.pos != "rope":
+        return 0
+    return sum(2 * seqlen * cfg.head_dim * 4 + (0 if window is None else seqlen * seqlen * 4)
+               for _, window in layer_kinds(cfg, seqlen).values())
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
@@ -236,7 +241,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         ("calibration activations (input and output buffers)", fp.activations, where_act),
-        ("position tables (RoPE) or ALiBi bias", fp.positions, compute),
+        ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
         ("calibration token ids", fp.calib_ids, "host"),
         ("calibration text read and tokenized while drawing windows (before block 0)", fp.calib_read, "host"),

@@ -228,12 +228,12 @@ from streamprune.stream import BlockStream
 allocate_large_buffers_with_mmap()
 ckpt = Checkpoint({str(tmp_path / "m")!r})
 block = next(iter(BlockStream(ckpt, torch.device("cpu"), range(1))))
-pos = positions(ckpt.config, 2048)
+pos = positions(ckpt.config, 2048).of(0)
 x = torch.randn(2, 2048, ckpt.config.hidden_size)
 def kib(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 with torch.no_grad():
-    block_forward(ckpt.config, block.w, x[:, :64], positions(ckpt.config, 64))
+    block_forward(ckpt.config, block.w, x[:, :64], positions(ckpt.config, 64).of(0))
     open("/proc/self/clear_refs", "w").write("5")
     base = kib("VmRSS")
     block_forward(ckpt.config, block.w, x, pos)

@@ -40,7 +40,7 @@ def test_logits_match_transformers(tmp_path, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "opt", "bloom", "qwen2", "qwen3", "phi3"])
 def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
     path = tiny.build(tmp_path / variant, variant, dtype=dtype, shard="30KB")
     assert (path / "model.safetensors.index.json").is_file()
@@ -51,7 +51,8 @@ def test_sharded_checkpoints_and_dtypes(tmp_path, variant, dtype):
     torch.testing.assert_close(logits(path, ids), ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "opt-proj", "bloom", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "opt-proj", "bloom", "qwen3", "qwen3-window",
+                                     "phi3-longrope"])
 def test_eval_perplexity_matches_transformers(tmp_path, data_file, variant):
     path = tiny.build(tmp_path / variant, variant)
     result = evaluate(path, data_file, seqlen=64, nsamples=6, device="cpu")
@@ -60,6 +61,29 @@ def test_eval_perplexity_matches_transformers(tmp_path, data_file, variant):
     ref = hf_perplexity(tiny.hf_model(path), windows)
     assert result.windows == 6 and result.tokens == 6 * 63
     assert f"{result.perplexity:.4g}" == f"{ref:.4g}"
+
+
+def test_longrope_short_factors_within_the_original_context(tmp_path):
+    """Windows no longer than original_max_position_embeddings (32) rotate by the short factors, longer ones by the
+    long factors (test_logits_match_transformers), as transformers picks them by the window's length."""
+    path = tiny.build(tmp_path / "m", "phi3-longrope")
+    ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = tiny.hf_model(path)(ids).logits
+    torch.testing.assert_close(logits(path, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_sliding_window_beyond_seqlen_is_applied_exactly(tmp_path, data_file):
+    """A window shorter than seqlen masks what lies farther back instead of refusing the length; the plan counts
+    its (T, T) mask once per kind of block."""
+    from streamprune.checkpoint import Checkpoint
+    from streamprune.plan import positions_bytes
+
+    path = tiny.build(tmp_path / "m", "qwen3-window")
+    cfg = Checkpoint(path).config
+    assert cfg.layer_types == ("full_attention", "sliding_attention") and cfg.sliding_window == 16
+    assert positions_bytes(cfg, 64) == 2 * 2 * 64 * cfg.head_dim * 4 + 64 * 64 * 4  # cos, sin of both; one mask
+    assert positions_bytes(cfg, 16) == 2 * 2 * 16 * cfg.head_dim * 4  # a window no shorter than T: no mask
 
 
 def test_tokenization_matches_transformers_tokenizer(tmp_path, data_file):
@@ -77,7 +101,7 @@ def test_llama3_rope_scaling_changes_frequencies():
     base = {"rope_type": "default", "rope_theta": 500000.0}
     scaled = {**base, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 16}
-    a, b = rope_inv_freq(16, base), rope_inv_freq(16, scaled)
+    a, b = rope_inv_freq(16, base, 64), rope_inv_freq(16, scaled, 64)
     assert torch.isclose(b[-1], a[-1] / 8) and not torch.equal(a, b)  # long wavelengths slow down 8x
 
 

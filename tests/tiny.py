@@ -30,6 +30,22 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, max_position_embeddings=128)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=None)),
+    # LongRoPE with the long factors in use past 32 tokens (the tests' windows are 40-64 long), a sliding window
+    # shorter than those windows
+    "phi3-longrope": ("Phi3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                         original_max_position_embeddings=32, sliding_window=40, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=None,
+                                         rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                                                           long_factor=[1.0 + 0.7 * i for i in range(8)]))),
+    # blocks from max_window_layers on slide, here over 16 tokens
+    "qwen3-window": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=128, use_sliding_window=True, sliding_window=16,
+                                         max_window_layers=1)),
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                               max_position_embeddings=128, word_embed_proj_dim=64)),
     "opt-proj": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,

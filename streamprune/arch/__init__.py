@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, llama, opt
+from streamprune.arch import bloom, llama, opt, phi3
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params
 from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
-    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC) for model_type in spec.model_types
+    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC) for model_type in spec.model_types
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "OPTForCausalLM": "opt",
     "BloomForCausalLM": "bloom",
+    "Phi3ForCausalLM": "phi3",
 }
 
 

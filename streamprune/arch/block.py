@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from streamprune.arch.layers import (
     activation,
     alibi_causal_bias,
     apply_rope,
+    window_causal_bias,
     layer_norm,
     rms_norm,
     rope_cos_sin,
@@ -34,24 +36,55 @@ Tap = Callable[[Site, Tensor], None]
 
 @dataclass
 class Positions:
-    """Position information shared by every block for one window length."""
+    """What the blocks of one kind (full or sliding attention) attend with, for one window length."""
 
     cos: Tensor | None = None  # (T, hd) RoPE
     sin: Tensor | None = None
-    bias: Tensor | None = None  # (H, T, T) ALiBi + causal mask
+    bias: Tensor | None = None  # additive, -inf above the diagonal: ALiBi's (1, H, T, T) or a window's (1, 1, T, T)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Positions:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return Positions(move(self.cos), move(self.sin), move(self.bias))
 
 
-def positions(cfg: ModelConfig, seqlen: int) -> Positions:
-    if cfg.pos == "rope":
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope), seqlen)
-        return Positions(cos=cos, sin=sin)
-    if cfg.pos == "alibi":
-        return Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
-    return Positions()  # learned positions are added at the embedding
+@dataclass
+class LayerPositions:
+    """Positions of every kind of block in a model, shared by the blocks of that kind."""
+
+    kinds: dict[str, Positions]  # by layer type
+    layer_types: tuple[str, ...]  # of each block
+
+    def of(self, bid: int) -> Positions:
+        return self.kinds[self.layer_types[bid]]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerPositions:
+        return LayerPositions({kind: p.to(device, dtype) for kind, p in self.kinds.items()}, self.layer_types)
+
+
+def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, tuple[dict[str, Any], int | None]]:
+    """The RoPE parameters and the window (None: none shorter than `seqlen`, so none is applied) of each layer type
+    in the model."""
+    kinds = {}
+    for kind in sorted(set(cfg.layer_types)):
+        window = cfg.window(kind)
+        kinds[kind] = (cfg.rope, window if window is not None and window < seqlen else None)
+    return kinds
+
+
+def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
+    kinds = {}
+    for kind, (rope, window) in layer_kinds(cfg, seqlen).items():
+        if cfg.pos == "rope":
+            inv_freq = rope_inv_freq(cfg.head_dim, rope, seqlen)
+            cos, sin = rope_cos_sin(inv_freq, seqlen, rope.get("attention_factor", 1.0))
+            kinds[kind] = Positions(cos=cos, sin=sin, bias=None if window is None else window_causal_bias(seqlen, window))
+        elif cfg.pos == "alibi":
+            assert window is None, "ALiBi models have no sliding window"
+            kinds[kind] = Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
+        else:
+            assert window is None, "models with learned positions have no sliding window"
+            kinds[kind] = Positions()  # learned positions are added at the embedding
+    return LayerPositions(kinds, cfg.layer_types)
 
 
 def param(w: Weights, role: Role, kind: str, x: Tensor) -> Tensor | None:
@@ -78,9 +111,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     """Multi-head attention up to (not including) the output projection."""
     B, T, _ = x.shape
     nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if (Role.ATTN_QKV, "weight") in w:
-        qkv = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd)  # BLOOM interleaves q, k, v per head
-        q, k, v = qkv.unbind(dim=3)  # (B, T, nh, hd) each
+    if cfg.qkv_layout == "per_head":  # BLOOM interleaves q, k, v per head
+        q, k, v = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd).unbind(dim=3)  # (B, T, nh, hd) each
+    elif cfg.qkv_layout == "concat":  # Phi-3: all query rows, then all key rows, then all value rows
+        q, k, v = linear(w, Role.ATTN_QKV, x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
         q = linear(w, Role.ATTN_Q, x).view(B, T, nh, hd)
         k = linear(w, Role.ATTN_K, x).view(B, T, nkv, hd)
@@ -121,6 +156,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
 
 def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
     """The MLP's hidden activations, input of the down projection."""
+    if cfg.gate_up_fused:
+        gate, up = linear(w, Role.FFN_GATE_UP, x).chunk(2, dim=-1)  # (B, T, ffn_dim) each
+        return activation(cfg.act, gate) * up
     if cfg.gated:
         return activation(cfg.act, linear(w, Role.FFN_GATE, x)) * linear(w, Role.FFN_UP, x)
     return activation(cfg.act, linear(w, Role.FFN_UP, x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,8 @@ MAX_HIDDEN = 1 << 17
 MAX_LAYERS = 4096
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -37,9 +40,11 @@ class ModelConfig:
     norm_affine: bool = True
     act: str = "silu"  # "silu" | "relu" | "gelu" | "gelu_tanh"
     gated: bool = True  # act(gate(x)) * up(x)
+    gate_up_fused: bool = False  # gate and up stored as one matrix, gate rows first (Phi-3)
     pos: str = "rope"  # "rope" | "learned" | "alibi"
     pos_offset: int = 0  # OPT's learned positions start at index 2
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
+    qkv_layout: str = "separate"  # "separate" q/k/v; one fused matrix: "per_head" (BLOOM), "concat" (Phi-3)
     qkv_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (head_dim weights) before RoPE
     out_bias: bool = False
@@ -52,6 +57,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_positions: int | None = None
     sliding_window: int | None = None
+    # per block: "full_attention", or "sliding_attention" (each query sees its last `sliding_window` tokens);
+    # () is every block sliding where sliding_window is set
+    layer_types: tuple[str, ...] | list[str] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,10 +89,36 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: num_key_value_heads={self.n_kv_heads!r} must divide num_attention_heads={self.n_heads}"
             )
+        if not self.layer_types:
+            self.layer_types = ("sliding_attention" if self.sliding_window else "full_attention",) * self.n_layers
+        if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.n_layers
+                or not all(isinstance(t, str) for t in self.layer_types)):
+            raise CheckpointError(f"config.json: layer_types={self.layer_types!r:.120} is not a list of "
+                                  f"{self.n_layers} layer types (num_hidden_layers)")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise UnsupportedModelError(f"config.json: layer type {unknown[0]!r} is not supported; expected one of "
+                                        f"{LAYER_TYPES}")
+        self.layer_types = tuple(self.layer_types)
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
+        assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
+        if self.qkv_layout == "per_head" and self.n_kv_heads != self.n_heads:
+            raise CheckpointError(f"config.json: num_key_value_heads={self.n_kv_heads!r} must equal "
+                                  f"num_attention_heads={self.n_heads} for a per-head fused query_key_value")
+        if self.rope.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope.get(key)
+                if (not isinstance(factors, list) or len(factors) != self.head_dim // 2
+                        or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors)):
+                    raise CheckpointError(f"config.json: rope {key}={factors!r:.80} is not a list of "
+                                          f"{self.head_dim // 2} numbers (head_dim / 2)")
         if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
+
+    def window(self, layer_type: str) -> int | None:
+        """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
+        return self.sliding_window if layer_type == "sliding_attention" else None
 
     @property
     def attn_scale(self) -> float:
@@ -96,7 +130,8 @@ class ModelConfig:
         return min(self.max_positions or 2048, 2048)
 
     def check_seqlen(self, seqlen: int) -> None:
-        """Refuse a window length the model cannot attend over as trained."""
+        """Refuse a window length the model cannot attend over as trained. A sliding window shorter than `seqlen` is
+        no reason: sliding layers mask what lies farther back, exactly."""
         from streamprune.errors import ArgumentError
 
         if seqlen < 2:
@@ -105,11 +140,15 @@ class ModelConfig:
             raise ArgumentError(
                 f"seqlen {seqlen} exceeds the model's maximum positions ({self.max_positions})"
             )
-        if self.sliding_window is not None and seqlen > self.sliding_window:
-            raise ArgumentError(
-                f"seqlen {seqlen} exceeds the sliding window ({self.sliding_window}); streamprune runs full "
-                "attention, which equals sliding-window attention only up to the window length"
-            )
+
+
+def get_layer_types(raw: dict[str, Any], n_layers: int, sliding: Callable[[int], bool]) -> list[str]:
+    """config.json's `layer_types` (checked by ModelConfig), or where it has none: block i slides where
+    `sliding(i)`."""
+    given = raw.get("layer_types")
+    if given is not None:
+        return given
+    return ["sliding_attention" if sliding(i) else "full_attention" for i in range(n_layers)]
 
 
 def get_int(raw: dict[str, Any], *keys: str, default: int | None = None) -> int:

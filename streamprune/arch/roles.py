@@ -21,12 +21,13 @@ class Role(Enum):
     ATTN_V = "attn_v"
     ATTN_Q_NORM = "attn_q_norm"  # per-head RMSNorm of the queries, before RoPE (Qwen3)
     ATTN_K_NORM = "attn_k_norm"  # and of the keys
-    ATTN_QKV = "attn_qkv"  # fused query_key_value (BLOOM)
+    ATTN_QKV = "attn_qkv"  # fused q, k, v projection (BLOOM, Phi-3; ModelConfig.qkv_layout says how)
     ATTN_OUT = "attn_out"
     FFN_NORM = "ffn_norm"
     FFN_GATE = "ffn_gate"
     FFN_UP = "ffn_up"
     FFN_DOWN = "ffn_down"
+    FFN_GATE_UP = "ffn_gate_up"  # fused gate and up projection: gate rows, then up rows (Phi-3)
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
 
 
@@ -44,7 +45,7 @@ class Site(Enum):
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
     (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV)),
     (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
-    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP)),
+    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_UP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
 )
 

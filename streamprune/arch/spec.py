@@ -62,8 +62,8 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
         params[(Role.OUTPUT, "weight")] = (cfg.vocab_size, cfg.embed_dim)
     norm(Role.ATTN_NORM, d)
     norm(Role.FFN_NORM, d)
-    if cfg.family == "bloom":
-        linear(Role.ATTN_QKV, 3 * q_out, d, cfg.qkv_bias)
+    if cfg.qkv_layout != "separate":
+        linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
     else:
         linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
@@ -72,9 +72,12 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
         norm(Role.ATTN_Q_NORM, hd)
         norm(Role.ATTN_K_NORM, hd)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
-    if cfg.gated:
-        linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
-    linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
+    if cfg.gate_up_fused:
+        linear(Role.FFN_GATE_UP, 2 * cfg.ffn_dim, d, cfg.mlp_bias)
+    else:
+        if cfg.gated:
+            linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
+        linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
     linear(Role.FFN_DOWN, d, cfg.ffn_dim, cfg.mlp_bias)
     return params
 
