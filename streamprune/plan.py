@@ -22,7 +22,7 @@ import torch
 
 from streamprune.activations import choose_placement
 from streamprune.arch import PRUNABLE, SEQUENTIAL, ModelConfig, Role
-from streamprune.arch.block import layer_kinds
+from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.calib import read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
@@ -35,6 +35,8 @@ HOST_OVERHEAD = 250 * 2**20
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
+# Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
+SOFTCAP_SCORE_COPIES = 2
 GPU_HEADROOM = 0.9  # the share of the GPU budget that is planned for (the rest: CUDA context, fragmentation)
 
 
@@ -98,9 +100,11 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, dict[Role, TensorInfo], list[lis
 
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
-    hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`)."""
+    hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
+    soft-capped attention, which no fused kernel computes, holds them for `score_rows` queries at a time."""
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
-    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim) * seqlen * 4
+    scores = 0 if cfg.attn_softcap is None else SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen)
+    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * cfg.ffn_dim + scores) * seqlen * 4
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:

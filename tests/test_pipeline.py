@@ -38,7 +38,8 @@ def pruned_names(model_dir) -> set[str]:
 
 @pytest.mark.parametrize("variant,dtype", [("llama-gqa", torch.float32), ("qwen2", torch.bfloat16),
                                            ("opt-proj", torch.float16), ("bloom", torch.float32),
-                                           ("qwen3", torch.bfloat16), ("phi3-longrope", torch.float16)])
+                                           ("qwen3", torch.bfloat16), ("phi3-longrope", torch.float16),
+                                           ("gemma2", torch.bfloat16), ("gemma3-image", torch.float32)])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_output_is_an_ordinary_checkpoint(tmp_path, calib, variant, dtype, method):
     src = tiny.build(tmp_path / "in", variant, dtype=dtype, shard="40KB")
@@ -155,7 +156,7 @@ def test_cli_run_prints_summary(tmp_path, calib):
     assert "total sparsity" in result.output and "streamprune_report.json" in result.output
 
 
-FAMILIES = ["qwen3", "phi3-longrope"]
+FAMILIES = ["qwen3", "phi3-longrope", "gemma2", "gemma3", "gemma3-image"]
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, llama, opt, phi3
+from streamprune.arch import bloom, gemma, llama, opt, phi3
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params
 from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
-    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC) for model_type in spec.model_types
+    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC, gemma.SPEC, gemma.IMAGE_TEXT_SPEC) for model_type in spec.model_types
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -22,6 +22,9 @@ ARCHITECTURES: dict[str, str] = {
     "OPTForCausalLM": "opt",
     "BloomForCausalLM": "bloom",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 
 

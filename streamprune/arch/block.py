@@ -67,7 +67,8 @@ def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, tuple[dict[str, Any]
     kinds = {}
     for kind in sorted(set(cfg.layer_types)):
         window = cfg.window(kind)
-        kinds[kind] = (cfg.rope, window if window is not None and window < seqlen else None)
+        rope = cfg.rope_sliding if kind == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
+        kinds[kind] = (rope, window if window is not None and window < seqlen else None)
     return kinds
 
 
@@ -103,7 +104,7 @@ def linear(w: Weights, role: Role, x: Tensor) -> Tensor:
 def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
     weight = param(w, role, "weight", x)
     if cfg.norm == "rms":
-        return rms_norm(x, weight, cfg.norm_eps)
+        return rms_norm(x, weight, cfg.norm_eps, cfg.norm_offset)
     return layer_norm(x, weight, param(w, role, "bias", x), cfg.norm_eps)
 
 
@@ -125,8 +126,42 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
-    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+    if cfg.attn_softcap is None:
+        o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+    else:
+        o = softcapped_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, score_rows(cfg, T))
     return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+
+
+def score_rows(cfg: ModelConfig, seqlen: int) -> int:
+    """Queries per chunk of soft-capped attention: the (H, rows, T) scores of a window take about as much as one
+    (T, hidden) hidden state."""
+    return max(1, min(seqlen, cfg.hidden_size // cfg.n_heads))
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, cap: float,
+                         rows: int) -> Tensor:
+    """Causal attention (B, H, T, hd) -> (B, H, T, hd) whose logits are soft-capped, cap * tanh(logits / cap),
+    before the mask (Gemma 2). No fused kernel applies a function to the logits, so the scores are computed, but
+    `rows` queries at a time: (B, H, rows, T), never (B, H, T, T). `bias` is an additive (1, 1, T, T) window mask
+    with the causal one in it; None is plain causal."""
+    B, H, T, hd = q.shape
+    nkv = k.shape[1]
+    q = q.view(B, nkv, H // nkv, T, hd)  # query heads grouped by the key head they share
+    k, v = k[:, :, None], v[:, :, None]  # (B, nkv, 1, T, hd)
+    out = torch.empty_like(q)
+    keys = torch.arange(T, device=q.device)
+    for i in range(0, T, rows):
+        j = min(i + rows, T)
+        s = torch.matmul(q[:, :, :, i:j], k.transpose(-1, -2))  # (B, nkv, H/nkv, rows, T)
+        s.mul_(scale).div_(cap).tanh_().mul_(cap)
+        if bias is None:
+            s.masked_fill_(keys[None, :] > keys[i:j, None], float("-inf"))  # (rows, T): the future
+        else:
+            s.add_(bias[0, 0, i:j])  # (rows, T)
+        out[:, :, :, i:j] = torch.matmul(torch.softmax(s, dim=-1), v)
+        del s
+    return out.view(B, H, T, hd)
 
 
 FUSED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -164,6 +199,11 @@ def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
     return activation(cfg.act, linear(w, Role.FFN_UP, x))
 
 
+def post_norm(cfg: ModelConfig, w: Weights, role: Role, y: Tensor) -> Tensor:
+    """A sub-layer's output as added to the residual: normalized first where the family does (Gemma)."""
+    return norm(cfg, w, role, y) if cfg.post_norms else y
+
+
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
                   until: Site | None = None) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
@@ -184,7 +224,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     o = attend(cfg, w, a, pos)
     if stop_at(Site.ATTN_OUT_IN, o):
         return None
-    h = (a if cfg.residual_from_norm else x) + linear(w, Role.ATTN_OUT, o)
+    h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, linear(w, Role.ATTN_OUT, o))
     h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
@@ -192,7 +232,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     g = ffn_hidden(cfg, w, m)
     if stop_at(Site.FFN_DOWN_IN, g):
         return None
-    out = (m if cfg.residual_from_norm else h) + linear(w, Role.FFN_DOWN, g)
+    out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, linear(w, Role.FFN_DOWN, g))
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 
@@ -206,6 +246,8 @@ def embed(cfg: ModelConfig, w: Weights, ids: Tensor) -> Tensor:
         x = x + F.embedding(idx, w[(Role.POS_EMBD, "weight")])  # (T, D) broadcast over B
     if cfg.embed_norm:
         x = norm(cfg, w, Role.EMBD_NORM, x)
+    if cfg.embed_scale != 1.0:
+        x = x * cfg.embed_scale
     return x
 
 
@@ -218,4 +260,7 @@ def head(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
     lm_head = w.get((Role.OUTPUT, "weight"))
     if lm_head is None:  # tied to the input embedding
         lm_head = w[(Role.TOKEN_EMBD, "weight")]
-    return F.linear(x, lm_head)
+    logits = F.linear(x, lm_head)
+    if cfg.final_softcap is not None:
+        logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits

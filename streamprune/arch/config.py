@@ -38,12 +38,15 @@ class ModelConfig:
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     norm_affine: bool = True
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    post_norms: bool = False  # Gemma: the attention's and the MLP's outputs are normalized before each residual add
     act: str = "silu"  # "silu" | "relu" | "gelu" | "gelu_tanh"
     gated: bool = True  # act(gate(x)) * up(x)
     gate_up_fused: bool = False  # gate and up stored as one matrix, gate rows first (Phi-3)
     pos: str = "rope"  # "rope" | "learned" | "alibi"
     pos_offset: int = 0  # OPT's learned positions start at index 2
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
+    rope_sliding: dict[str, Any] | None = None  # of the sliding blocks, where it differs (Gemma 3's local base)
     qkv_layout: str = "separate"  # "separate" q/k/v; one fused matrix: "per_head" (BLOOM), "concat" (Phi-3)
     qkv_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (head_dim weights) before RoPE
@@ -52,6 +55,10 @@ class ModelConfig:
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
     residual_from_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     embed_norm: bool = False
+    embed_scale: float = 1.0  # the embedding is multiplied by it (Gemma: sqrt(hidden_size), in the stored dtype)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: float | None = None  # and so do the output logits
     final_norm: bool = True
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0: hidden_size
     tie_word_embeddings: bool = False
@@ -100,6 +107,10 @@ class ModelConfig:
             raise UnsupportedModelError(f"config.json: layer type {unknown[0]!r} is not supported; expected one of "
                                         f"{LAYER_TYPES}")
         self.layer_types = tuple(self.layer_types)
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise CheckpointError(f"config.json: {name}={value!r} is not positive")
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
         assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
@@ -122,7 +133,7 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        return 1.0 / math.sqrt(self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar)
 
     @property
     def default_seqlen(self) -> int:

@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm computed in float32, scaled after casting back (as LLaMA does)."""
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float = 0.0) -> Tensor:
+    """RMSNorm computed in float32, scaled by (offset + weight) after casting back (as LLaMA does; the block
+    forward's activations are float32, so this equals Gemma's scaling before the cast, with 1 + weight in float32)."""
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return y if weight is None else weight * y
+    if weight is None:
+        return y
+    return (weight if offset == 0.0 else offset + weight.float()) * y
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

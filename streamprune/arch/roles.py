@@ -23,7 +23,9 @@ class Role(Enum):
     ATTN_K_NORM = "attn_k_norm"  # and of the keys
     ATTN_QKV = "attn_qkv"  # fused q, k, v projection (BLOOM, Phi-3; ModelConfig.qkv_layout says how)
     ATTN_OUT = "attn_out"
+    ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
     FFN_NORM = "ffn_norm"
+    FFN_POST_NORM = "ffn_post_norm"  # norm of the MLP's output before the residual add (Gemma)
     FFN_GATE = "ffn_gate"
     FFN_UP = "ffn_up"
     FFN_DOWN = "ffn_down"
@@ -53,4 +55,4 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL for role i
 
 # Roles that live inside a decoder block (their names carry `{bid}`).
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
-                                           Role.ATTN_K_NORM}
+                                           Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM}

@@ -29,6 +29,11 @@ class ArchSpec:
     base_prefix: str = ""
     unprefixed: frozenset[Role] = frozenset({Role.OUTPUT})
     optional: frozenset[Role] = frozenset({Role.ROPE_FREQS})
+    # (base prefix, prefix of the unprefixed roles) pairs a checkpoint may use, tried in order; () is
+    # ((base_prefix, ""), ("", ""))
+    layouts: tuple[tuple[str, str], ...] = ()
+    # name prefixes of tensors outside the language model (a vision tower): copied to the output as they are
+    passthrough: tuple[str, ...] = ()
 
 
 def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
@@ -71,6 +76,9 @@ def expected_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
     if cfg.qk_norm:
         norm(Role.ATTN_Q_NORM, hd)
         norm(Role.ATTN_K_NORM, hd)
+    if cfg.post_norms:
+        norm(Role.ATTN_POST_NORM, d)
+        norm(Role.FFN_POST_NORM, d)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if cfg.gate_up_fused:
         linear(Role.FFN_GATE_UP, 2 * cfg.ffn_dim, d, cfg.mlp_bias)
