@@ -242,23 +242,27 @@ class Checkpoint:
         self.config: ModelConfig
         self.spec, self.config = resolve(self.raw_config)
         self.tensors = scan_tensors(self.dir)
-        self.prefix = self._detect_prefix()
+        self.prefix, self.head_prefix = self._detect_prefix()
         self.names: dict[tuple[Param, int | None], str] = {}
         self.experts: dict[tuple[int, int], dict[Param, str]] = {}  # (block, expert) -> that expert's tensors
         self._bind_roles()
+        if self.config.embed_scale != 1.0:  # Gemma multiplies by the scale as a tensor of the weights' dtype
+            self.config.embed_scale = float(torch.tensor(self.config.embed_scale, dtype=self.dtype))
 
-    def _detect_prefix(self) -> str:
+    def _detect_prefix(self) -> tuple[str, str]:
+        """The prefix of the base model's names and that of the unprefixed roles (lm_head) in this checkpoint."""
         embed = self.spec.tensors[Role.TOKEN_EMBD] + ".weight"
-        for prefix in (self.spec.base_prefix, ""):
+        layouts = self.spec.layouts or ((self.spec.base_prefix, ""), ("", ""))
+        for prefix, head_prefix in layouts:
             if prefix + embed in self.tensors:
-                return prefix
+                return prefix, head_prefix
         raise CheckpointError(
-            f"{self.dir}: missing tensor {self.spec.base_prefix + embed!r} (the token embedding)"
+            f"{self.dir}: missing tensor {layouts[0][0] + embed!r} (the token embedding)"
         )
 
     def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
         template = self.spec.tensors[role]
-        prefix = "" if role in self.spec.unprefixed else self.prefix
+        prefix = self.head_prefix if role in self.spec.unprefixed else self.prefix
         return prefix + template.format(bid=bid, xid=xid) + "." + kind
 
     def _bind_roles(self) -> None:
@@ -313,6 +317,9 @@ class Checkpoint:
         tied_head = self.name_of(Role.OUTPUT, "weight")
         if cfg.tie_word_embeddings and tied_head in self.tensors:
             self.location[tied_head] = None
+        for name in self.tensors:  # a vision tower's tensors: copied as they are, never read as roles
+            if name.startswith(self.spec.passthrough) and name not in self.location:
+                self.location[name] = None
         unknown = sorted(set(self.tensors) - set(self.location))
         if unknown:
             raise CheckpointError(

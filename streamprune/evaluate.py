@@ -59,10 +59,10 @@ def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store:
         for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
             if ckpt.n_experts(block.bid):
                 assert scratch is not None, "an MoE block needs a second activation buffer"
-                forward_block(ckpt, block.w, store, pos, scratch, batch, device, experts=block.experts)
+                forward_block(ckpt, block.w, store, pos.of(block.bid), scratch, batch, device, experts=block.experts)
                 store, scratch = scratch, store
             else:
-                forward_block(ckpt, block.w, store, pos, store, batch, device)
+                forward_block(ckpt, block.w, store, pos.of(block.bid), store, batch, device)
             del block
             bar.advance(task)
     return store

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations, make_store
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Param, Role, Site
-from streamprune.arch.block import Positions, expert_hidden, positions
+from streamprune.arch.block import LayerPositions, Positions, expert_hidden, positions
 from streamprune.calib import calib_windows
 from streamprune.checkpoint import (
     INDEX_NAME,
@@ -554,17 +554,18 @@ class Run:
                     raw.clear()  # written or held by `w` (on the CPU the same tensors; on a GPU, their copies)
                     report.add("write", time.perf_counter() - t, bid)
                     phase(f"block {bid}: prune")
+                    block_pos = None if pos is None else pos.of(bid)
                     moe = self.ckpt.n_experts(bid) > 0
                     m_store = scratch if moe and not job.opts.sequential else None
-                    routes = block_pruner.run(bid, w, x, pos, shard.put, m_store=m_store)
+                    routes = block_pruner.run(bid, w, x, block_pos, shard.put, m_store=m_store)
                     if moe:
                         phase(f"block {bid}: experts")
-                        block_pruner.run_experts(block, x, scratch, pos, shard, routes)
+                        block_pruner.run_experts(block, x, scratch, block_pos, shard, routes)
                     elif x is not None:
-                        assert scratch is not None and pos is not None
+                        assert scratch is not None and block_pos is not None
                         phase(f"block {bid}: forward")
                         t = job.clock()
-                        forward_block(self.ckpt, w, x, pos, scratch, job.batch, job.device)
+                        forward_block(self.ckpt, w, x, block_pos, scratch, job.batch, job.device)
                         report.add("forward", job.clock() - t, bid)
                     phase(f"block {bid}: write")
                     t = time.perf_counter()
@@ -601,7 +602,7 @@ class Run:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return report
 
-    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: Positions,
+    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: LayerPositions,
                        phase: Callable[[str], None]) -> tuple[Activations, Activations]:
         """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
         start = time.perf_counter()
@@ -609,7 +610,8 @@ class Run:
                              shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"])
         for block in shards:
             phase(f"block {block.bid}: replay")
-            forward_block(self.ckpt, block.w, x, pos, scratch, self.job.batch, self.job.device, experts=block.experts)
+            forward_block(self.ckpt, block.w, x, pos.of(block.bid), scratch, self.job.batch, self.job.device,
+                          experts=block.experts)
             x, scratch = scratch, x
             del block
         self.report.add("replay", time.perf_counter() - start)

@@ -22,6 +22,7 @@ import torch
 
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
+from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.calib import read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
@@ -34,6 +35,8 @@ HOST_OVERHEAD = 250 * 2**20
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
+# Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
+SOFTCAP_SCORE_COPIES = 2
 GPU_HEADROOM = 0.9  # the share of the GPU budget that is planned for (the rest: CUDA context, fragmentation)
 
 
@@ -68,7 +71,7 @@ class Footprint:
     activations: int  # the activation buffers (two while pruning: block input and output; one for eval)
     embed_stored: int  # the token embedding as stored
     embed_fp32: int  # and in float32
-    positions: int = 0  # RoPE tables, or ALiBi's (1, H, T, T) bias: held on the compute device for the whole run
+    positions: int = 0  # RoPE tables and window masks, or ALiBi's (1, H, T, T) bias: held for the whole run
     calib_ids: int = 0  # the calibration windows' token ids (int64), held for the whole run
     calib_read: int = 0  # drawing them from text, before block 0: the most that is read and tokenized at once
     expert_stored: int = 0  # one routed expert as stored (MoE): streamed one at a time, the next one read ahead
@@ -119,11 +122,13 @@ def site_widths(order: tuple[tuple[Site, tuple[Role, ...]], ...], linears: dict[
 
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
-    hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`)."""
+    hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
+    soft-capped attention, which no fused kernel computes, holds them for `score_rows` queries at a time."""
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
-    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router) * seqlen * 4
+    scores = 0 if cfg.attn_softcap is None else SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen)
+    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores) * seqlen * 4
 
 
 def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
@@ -132,10 +137,14 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
-    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables."""
+    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables and a
+    sliding window's (1, 1, T, T) mask for each kind of block."""
     if cfg.pos == "alibi":
         return cfg.n_heads * seqlen * seqlen * 4
-    return 2 * seqlen * cfg.head_dim * 4 if cfg.pos == "rope" else 0
+    if cfg.pos != "rope":
+        return 0
+    return sum(2 * seqlen * cfg.head_dim * 4 + (0 if window is None else seqlen * seqlen * 4)
+               for _, window in layer_kinds(cfg, seqlen).values())
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
@@ -279,7 +288,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         ("calibration activations (input and output buffers)", fp.activations, where_act),
-        ("position tables (RoPE) or ALiBi bias", fp.positions, compute),
+        ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
         ("calibration token ids", fp.calib_ids, "host"),
         ("calibration text read and tokenized while drawing windows (before block 0)", fp.calib_read, "host"),

@@ -152,6 +152,37 @@ def test_bad_config(model, text, breaker, expected):
     assert_names(fail_eval(model, text), *expected)
 
 
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, Path]:
+    """Valid tiny models of the families whose config.json has fields the llama has not (never modified)."""
+    root = tmp_path_factory.mktemp("families")
+    return {v: tiny.build(root / v, v) for v in ("qwen3-window", "phi3-longrope", "gemma3", "gemma3-image")}
+
+
+@pytest.mark.parametrize("variant,changes,expected", [
+    ("qwen3-window", dict(layer_types=["full_attention"]),
+     ["config.json", "layer_types=['full_attention']", "2 layer types"]),
+    ("qwen3-window", dict(layer_types=["full_attention", "chunked_attention"]),
+     ["config.json", "'chunked_attention'", "not supported"]),
+    ("phi3-longrope", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
+                                            "long_factor": [1.0] * 8, "original_max_position_embeddings": 32}),
+     ["config.json", "short_factor=[1.0, 1.0, 1.0]", "8 numbers"]),
+    ("phi3-longrope", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                            "long_factor": [1.0] * 8}, original_max_position_embeddings="32"),
+     ["config.json", "original_max_position_embeddings='32'"]),
+    ("phi3-longrope", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+     ["'yarn'", "not supported"]),
+    ("gemma3", dict(use_bidirectional_attention=True), ["config.json", "use_bidirectional_attention=True"]),
+    ("gemma3", dict(final_logit_softcapping=-1.0), ["config.json", "final_softcap=-1.0", "not positive"]),
+    ("gemma3-image", dict(text_config="gemma"), ["config.json", "text_config='gemma'", "not an object"]),
+], ids=["layer-types-length", "layer-type-unknown", "longrope-factors", "longrope-original-str", "rope-type",
+        "bidirectional", "softcap-negative", "text-config"])
+def test_bad_family_config(families, tmp_path, text, variant, changes, expected):
+    model = Path(shutil.copytree(families[variant], tmp_path / "model"))
+    edit_config(model, **changes)
+    assert_names(fail_eval(model, text), *expected)
+
+
 def test_absurd_config_refused_before_reading_weights(model, text, monkeypatch):
     """Refused from config.json alone: no shard is even opened, let alone a tensor allocated."""
     import streamprune.checkpoint as checkpoint

@@ -205,17 +205,21 @@ def test_plan_for_a_gpu_without_one_needs_its_size(tmp_path, monkeypatch):
     assert plan(src, device="cuda", max_gpu_memory=8 * GiB, seqlen=128).device_peak > 0
 
 
-@pytest.mark.parametrize("variant", ["bloom", "llama-gqa"])
+@pytest.mark.parametrize("variant", ["bloom", "llama-gqa", "gemma2"])
 def test_attention_holds_no_scores(tmp_path, variant):
     """The block forward at 2048 tokens stays within the plan's forward workspace: attention runs on a fused
     kernel (ALiBi's bias is passed in the (1, H, T, T) form such kernels take), never on one that holds the
-    (B, H, T, T) scores (here 512 MiB against a workspace of a few tens)."""
+    (B, H, T, T) scores (here 512 MiB against a workspace of a few tens); Gemma 2's soft-capped attention holds
+    them for one chunk of queries at a time, its sliding window a (1, 1, T, T) mask counted with the positions."""
     import transformers
 
     cls, kwargs = {"bloom": ("BloomConfig", dict(hidden_size=256, n_layer=1, n_head=16)),
                    "llama-gqa": ("LlamaConfig", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
                                                      num_attention_heads=16, num_key_value_heads=4,
-                                                     max_position_embeddings=2048))}[variant]
+                                                     max_position_embeddings=2048)),
+                   "gemma2": ("Gemma2Config", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                                                   num_attention_heads=16, num_key_value_heads=4, head_dim=16,
+                                                   max_position_embeddings=4096, sliding_window=512))}[variant]
     config = getattr(transformers, cls)(vocab_size=tiny.VOCAB, **kwargs)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
     script = f"""
@@ -228,12 +232,12 @@ from streamprune.stream import BlockStream
 allocate_large_buffers_with_mmap()
 ckpt = Checkpoint({str(tmp_path / "m")!r})
 block = next(iter(BlockStream(ckpt, torch.device("cpu"), range(1))))
-pos = positions(ckpt.config, 2048)
+pos = positions(ckpt.config, 2048).of(0)
 x = torch.randn(2, 2048, ckpt.config.hidden_size)
 def kib(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 with torch.no_grad():
-    block_forward(ckpt.config, block.w, x[:, :64], positions(ckpt.config, 64))
+    block_forward(ckpt.config, block.w, x[:, :64], positions(ckpt.config, 64).of(0))
     open("/proc/self/clear_refs", "w").write("5")
     base = kib("VmRSS")
     block_forward(ckpt.config, block.w, x, pos)

@@ -33,12 +33,13 @@ def pruned_names(model_dir) -> set[str]:
     ckpt = Checkpoint(model_dir)
     return {name for ((role, kind), bid), name in ckpt.names.items()
             if bid is not None and kind == "weight" and role.value in {
-                "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "ffn_gate", "ffn_up", "ffn_down"}}
+                "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down"}}
 
 
 @pytest.mark.parametrize("variant,dtype", [("llama-gqa", torch.float32), ("qwen2", torch.bfloat16),
                                            ("opt-proj", torch.float16), ("bloom", torch.float32),
-                                           ("qwen3", torch.bfloat16)])
+                                           ("qwen3", torch.bfloat16), ("phi3-longrope", torch.float16),
+                                           ("gemma2", torch.bfloat16), ("gemma3-image", torch.float32)])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_output_is_an_ordinary_checkpoint(tmp_path, calib, variant, dtype, method):
     src = tiny.build(tmp_path / "in", variant, dtype=dtype, shard="40KB")
@@ -153,6 +154,41 @@ def test_cli_run_prints_summary(tmp_path, calib):
                                       "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "total sparsity" in result.output and "streamprune_report.json" in result.output
+
+
+FAMILIES = ["qwen3", "phi3-longrope", "gemma2", "gemma3", "gemma3-image"]
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_family_through_the_cli(tmp_path, calib, variant):
+    """run (each method, 2:4), eval and plan from the command line: the output holds the pattern, reloads in
+    transformers with the logits streamprune computes, and evaluates to transformers' perplexity."""
+    from streamprune.calib import eval_windows, load_tokens
+    from tests.test_parity import hf_perplexity
+
+    src = tiny.build(tmp_path / "in", variant)
+    ids = torch.randint(0, tiny.VOCAB, (1, 48), generator=torch.Generator().manual_seed(5))
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        out = tmp_path / method
+        result = CliRunner().invoke(app, ["run", str(src), str(out), "--method", method, "--calib", str(calib),
+                                          "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        after = stored(out)
+        names = pruned_names(src)
+        assert names and all(torch.all((after[n] == 0).view(after[n].shape[0], -1, 4).sum(-1) >= 2) for n in names)
+        with torch.no_grad():
+            hf = tiny.hf_model(out)(ids).logits
+        torch.testing.assert_close(logits(out, ids), hf, atol=1e-4, rtol=0)
+    result = CliRunner().invoke(app, ["eval", str(out), "--data", str(calib), "--seqlen", "64", "--nsamples", "4",
+                                      "--device", "cpu", "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    ours = json.loads((tmp_path / "eval.json").read_text())["perplexity"]
+    windows = eval_windows(load_tokens(calib, out, tiny.VOCAB), 64, 4)
+    assert f"{ours:.5g}" == f"{hf_perplexity(tiny.hf_model(out), windows):.5g}"
+    result = CliRunner().invoke(app, ["plan", str(src), "--seqlen", "64", "--nsamples", "4", "--device", "cpu",
+                                      "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "plan.json").read_text())["host_peak_bytes"] > 0
 
 
 @pytest.mark.parametrize("args,message", [

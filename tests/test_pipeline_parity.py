@@ -29,13 +29,18 @@ from tests import reference, tiny
 NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
 
 # transformers' decoder blocks of each family, and their linears by the input they read, in pruning order
-BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "opt": "model.decoder.layers", "bloom": "transformer.h"}
+BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "phi3": "model.layers",
+          "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers", "opt": "model.decoder.layers", "bloom": "transformer.h"}
 LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 STAGES = {
     "llama": LLAMA_STAGES,
     "qwen2": LLAMA_STAGES,
     "qwen3": LLAMA_STAGES,
+    "gemma2": LLAMA_STAGES,
+    "gemma3_text": LLAMA_STAGES,
+    "gemma3": LLAMA_STAGES,
+    "phi3": (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     "opt": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
@@ -145,7 +150,8 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
+                                     "gemma3"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 
@@ -157,7 +163,8 @@ def test_sparsegpt_nm_parity(tmp_path, calib, variant, sequential):
 
 @pytest.mark.parametrize("variant,pattern,sequential", [("llama-gqa", "unstructured", True),
                                                         ("opt", "unstructured", False), ("qwen2", "2:4", True),
-                                                        ("bloom", "2:4", False)])
+                                                        ("bloom", "2:4", False), ("phi3", "2:4", True),
+                                                        ("gemma3-image", "2:4", True)])
 def test_wanda_parity(tmp_path, calib, variant, pattern, sequential):
     check(parity_rows(tmp_path, calib, variant, "wanda", pattern, sequential), "wanda", sequential)
 

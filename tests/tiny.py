@@ -9,6 +9,14 @@ import torch
 
 VOCAB = 256
 
+GEMMA_ATTN_CAP, GEMMA_FINAL_CAP = 1.0, 2.0
+# Gemma 3: a linear-scaled global RoPE beside the sliding blocks' own base, the last of 3 blocks global
+GEMMA3_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16,
+                   query_pre_attn_scalar=24, sliding_window_pattern=3, initializer_range=0.1,
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+
 # name -> (config class name, config kwargs)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -30,6 +38,34 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, max_position_embeddings=128)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=None)),
+    # LongRoPE with the long factors in use past 32 tokens (the tests' windows are 40-64 long), a sliding window
+    # shorter than those windows
+    "phi3-longrope": ("Phi3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                         original_max_position_embeddings=32, sliding_window=40, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=None,
+                                         rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                                                           long_factor=[1.0 + 0.7 * i for i in range(8)]))),
+    # blocks from max_window_layers on slide, here over 16 tokens
+    "qwen3-window": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=128, use_sliding_window=True, sliding_window=16,
+                                         max_window_layers=1)),
+    # Gemma: weights 5x larger than transformers' init so that the soft-caps bite (logits and scores reach several
+    # times the caps); sliding blocks (window 16) alternate with global ones
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=GEMMA_ATTN_CAP,
+                                    final_logit_softcapping=GEMMA_FINAL_CAP, initializer_range=0.1)),
+    "gemma3": ("Gemma3TextConfig", GEMMA3_TEXT),
+    "gemma3-image": ("Gemma3Config", dict(text_config={**GEMMA3_TEXT, "num_hidden_layers": 2},
+                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=28, patch_size=14),
+                                          mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254,
+                                          image_token_index=255)),
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                               max_position_embeddings=128, word_embed_proj_dim=64)),
     "opt-proj": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,7 +117,11 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
     import transformers
 
     cls_name, kwargs = VARIANTS[variant]
-    config = getattr(transformers, cls_name)(vocab_size=VOCAB, **kwargs)
+    if "text_config" in kwargs:  # an image-text model: the vocabulary is its language model's
+        kwargs = {**kwargs, "text_config": {**kwargs["text_config"], "vocab_size": VOCAB}}
+    else:
+        kwargs = {**kwargs, "vocab_size": VOCAB}
+    config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():  # give norms and biases non-trivial values so they are exercised

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, llama, moe, opt
+from streamprune.arch import bloom, gemma, llama, moe, opt, phi3
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import EXPERT_ROLES, EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
 from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
-    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, moe.MIXTRAL, moe.QWEN_MOE) for model_type in spec.model_types
+    model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC, gemma.SPEC, gemma.IMAGE_TEXT_SPEC,
+                                  moe.MIXTRAL, moe.QWEN_MOE)
+    for model_type in spec.model_types
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -21,6 +23,10 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "OPTForCausalLM": "opt",
     "BloomForCausalLM": "bloom",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",

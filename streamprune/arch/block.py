@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from streamprune.arch.layers import (
     activation,
     alibi_causal_bias,
     apply_rope,
+    window_causal_bias,
     layer_norm,
     rms_norm,
     rope_cos_sin,
@@ -37,24 +39,56 @@ Routed = Callable[[Tensor], Tensor | None]
 
 @dataclass
 class Positions:
-    """Position information shared by every block for one window length."""
+    """What the blocks of one kind (full or sliding attention) attend with, for one window length."""
 
     cos: Tensor | None = None  # (T, hd) RoPE
     sin: Tensor | None = None
-    bias: Tensor | None = None  # (H, T, T) ALiBi + causal mask
+    bias: Tensor | None = None  # additive, -inf above the diagonal: ALiBi's (1, H, T, T) or a window's (1, 1, T, T)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Positions:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return Positions(move(self.cos), move(self.sin), move(self.bias))
 
 
-def positions(cfg: ModelConfig, seqlen: int) -> Positions:
-    if cfg.pos == "rope":
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope), seqlen)
-        return Positions(cos=cos, sin=sin)
-    if cfg.pos == "alibi":
-        return Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
-    return Positions()  # learned positions are added at the embedding
+@dataclass
+class LayerPositions:
+    """Positions of every kind of block in a model, shared by the blocks of that kind."""
+
+    kinds: dict[str, Positions]  # by layer type
+    layer_types: tuple[str, ...]  # of each block
+
+    def of(self, bid: int) -> Positions:
+        return self.kinds[self.layer_types[bid]]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerPositions:
+        return LayerPositions({kind: p.to(device, dtype) for kind, p in self.kinds.items()}, self.layer_types)
+
+
+def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, tuple[dict[str, Any], int | None]]:
+    """The RoPE parameters and the window (None: none shorter than `seqlen`, so none is applied) of each layer type
+    in the model."""
+    kinds = {}
+    for kind in sorted(set(cfg.layer_types)):
+        window = cfg.window(kind)
+        rope = cfg.rope_sliding if kind == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
+        kinds[kind] = (rope, window if window is not None and window < seqlen else None)
+    return kinds
+
+
+def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
+    kinds = {}
+    for kind, (rope, window) in layer_kinds(cfg, seqlen).items():
+        if cfg.pos == "rope":
+            inv_freq = rope_inv_freq(cfg.head_dim, rope, seqlen)
+            cos, sin = rope_cos_sin(inv_freq, seqlen, rope.get("attention_factor", 1.0))
+            kinds[kind] = Positions(cos=cos, sin=sin, bias=None if window is None else window_causal_bias(seqlen, window))
+        elif cfg.pos == "alibi":
+            assert window is None, "ALiBi models have no sliding window"
+            kinds[kind] = Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
+        else:
+            assert window is None, "models with learned positions have no sliding window"
+            kinds[kind] = Positions()  # learned positions are added at the embedding
+    return LayerPositions(kinds, cfg.layer_types)
 
 
 def param(w: Weights, role: Role, kind: str, x: Tensor) -> Tensor | None:
@@ -73,7 +107,7 @@ def linear(w: Weights, role: Role, x: Tensor) -> Tensor:
 def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
     weight = param(w, role, "weight", x)
     if cfg.norm == "rms":
-        return rms_norm(x, weight, cfg.norm_eps)
+        return rms_norm(x, weight, cfg.norm_eps, cfg.norm_offset)
     return layer_norm(x, weight, param(w, role, "bias", x), cfg.norm_eps)
 
 
@@ -81,9 +115,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     """Multi-head attention up to (not including) the output projection."""
     B, T, _ = x.shape
     nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if (Role.ATTN_QKV, "weight") in w:
-        qkv = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd)  # BLOOM interleaves q, k, v per head
-        q, k, v = qkv.unbind(dim=3)  # (B, T, nh, hd) each
+    if cfg.qkv_layout == "per_head":  # BLOOM interleaves q, k, v per head
+        q, k, v = linear(w, Role.ATTN_QKV, x).view(B, T, nh, 3, hd).unbind(dim=3)  # (B, T, nh, hd) each
+    elif cfg.qkv_layout == "concat":  # Phi-3: all query rows, then all key rows, then all value rows
+        q, k, v = linear(w, Role.ATTN_QKV, x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
         q = linear(w, Role.ATTN_Q, x).view(B, T, nh, hd)
         k = linear(w, Role.ATTN_K, x).view(B, T, nkv, hd)
@@ -93,8 +129,42 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
-    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+    if cfg.attn_softcap is None:
+        o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+    else:
+        o = softcapped_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, score_rows(cfg, T))
     return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+
+
+def score_rows(cfg: ModelConfig, seqlen: int) -> int:
+    """Queries per chunk of soft-capped attention: the (H, rows, T) scores of a window take about as much as one
+    (T, hidden) hidden state."""
+    return max(1, min(seqlen, cfg.hidden_size // cfg.n_heads))
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, cap: float,
+                         rows: int) -> Tensor:
+    """Causal attention (B, H, T, hd) -> (B, H, T, hd) whose logits are soft-capped, cap * tanh(logits / cap),
+    before the mask (Gemma 2). No fused kernel applies a function to the logits, so the scores are computed, but
+    `rows` queries at a time: (B, H, rows, T), never (B, H, T, T). `bias` is an additive (1, 1, T, T) window mask
+    with the causal one in it; None is plain causal."""
+    B, H, T, hd = q.shape
+    nkv = k.shape[1]
+    q = q.view(B, nkv, H // nkv, T, hd)  # query heads grouped by the key head they share
+    k, v = k[:, :, None], v[:, :, None]  # (B, nkv, 1, T, hd)
+    out = torch.empty_like(q)
+    keys = torch.arange(T, device=q.device)
+    for i in range(0, T, rows):
+        j = min(i + rows, T)
+        s = torch.matmul(q[:, :, :, i:j], k.transpose(-1, -2))  # (B, nkv, H/nkv, rows, T)
+        s.mul_(scale).div_(cap).tanh_().mul_(cap)
+        if bias is None:
+            s.masked_fill_(keys[None, :] > keys[i:j, None], float("-inf"))  # (rows, T): the future
+        else:
+            s.add_(bias[0, 0, i:j])  # (rows, T)
+        out[:, :, :, i:j] = torch.matmul(torch.softmax(s, dim=-1), v)
+        del s
+    return out.view(B, H, T, hd)
 
 
 FUSED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -124,6 +194,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
 
 def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor, gate: Role = Role.FFN_GATE, up: Role = Role.FFN_UP) -> Tensor:
     """The MLP's hidden activations, input of the down projection (of a routed or shared expert: its roles)."""
+    if cfg.gate_up_fused and gate is Role.FFN_GATE:
+        g, u = linear(w, Role.FFN_GATE_UP, x).chunk(2, dim=-1)  # (B, T, ffn_dim) each
+        return activation(cfg.act, g) * u
     if cfg.gated:
         return activation(cfg.act, linear(w, gate, x)) * linear(w, up, x)
     return activation(cfg.act, linear(w, up, x))
@@ -162,6 +235,11 @@ def routed_in_memory(cfg: ModelConfig, w: Weights, experts: list[Weights]) -> Ro
     return routed
 
 
+def post_norm(cfg: ModelConfig, w: Weights, role: Role, y: Tensor) -> Tensor:
+    """A sub-layer's output as added to the residual: normalized first where the family does (Gemma)."""
+    return norm(cfg, w, role, y) if cfg.post_norms else y
+
+
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
                   until: Site | None = None, routed: Routed | None = None) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
@@ -183,7 +261,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     o = attend(cfg, w, a, pos)
     if stop_at(Site.ATTN_OUT_IN, o):
         return None
-    h = (a if cfg.residual_from_norm else x) + linear(w, Role.ATTN_OUT, o)
+    h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, linear(w, Role.ATTN_OUT, o))
     h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
@@ -197,7 +275,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         if stop_at(Site.FFN_DOWN_IN, g):
             return None
         y = linear(w, Role.FFN_DOWN, g)
-    out = (m if cfg.residual_from_norm else h) + y
+    out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 
@@ -225,6 +303,8 @@ def embed(cfg: ModelConfig, w: Weights, ids: Tensor) -> Tensor:
         x = x + F.embedding(idx, w[(Role.POS_EMBD, "weight")])  # (T, D) broadcast over B
     if cfg.embed_norm:
         x = norm(cfg, w, Role.EMBD_NORM, x)
+    if cfg.embed_scale != 1.0:
+        x = x * cfg.embed_scale
     return x
 
 
@@ -237,4 +317,7 @@ def head(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
     lm_head = w.get((Role.OUTPUT, "weight"))
     if lm_head is None:  # tied to the input embedding
         lm_head = w[(Role.TOKEN_EMBD, "weight")]
-    return F.linear(x, lm_head)
+    logits = F.linear(x, lm_head)
+    if cfg.final_softcap is not None:
+        logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits

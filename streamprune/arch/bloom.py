@@ -24,6 +24,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         act="gelu_tanh",
         gated=False,
         pos="alibi",
+        qkv_layout="per_head",
         qkv_bias=True,
         out_bias=True,
         mlp_bias=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ MAX_LAYERS = 4096
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 1 << 12
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -36,11 +39,16 @@ class ModelConfig:
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     norm_affine: bool = True
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    post_norms: bool = False  # Gemma: the attention's and the MLP's outputs are normalized before each residual add
     act: str = "silu"  # "silu" | "relu" | "gelu" | "gelu_tanh"
     gated: bool = True  # act(gate(x)) * up(x)
+    gate_up_fused: bool = False  # gate and up stored as one matrix, gate rows first (Phi-3)
     pos: str = "rope"  # "rope" | "learned" | "alibi"
     pos_offset: int = 0  # OPT's learned positions start at index 2
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
+    rope_sliding: dict[str, Any] | None = None  # of the sliding blocks, where it differs (Gemma 3's local base)
+    qkv_layout: str = "separate"  # "separate" q/k/v; one fused matrix: "per_head" (BLOOM), "concat" (Phi-3)
     qkv_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (head_dim weights) before RoPE
     out_bias: bool = False
@@ -48,11 +56,18 @@ class ModelConfig:
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
     residual_from_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     embed_norm: bool = False
+    embed_scale: float = 1.0  # the embedding is multiplied by it (Gemma: sqrt(hidden_size), in the stored dtype)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: float | None = None  # and so do the output logits
     final_norm: bool = True
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0: hidden_size
     tie_word_embeddings: bool = False
     max_positions: int | None = None
     sliding_window: int | None = None
+    # per block: "full_attention", or "sliding_attention" (each query sees its last `sliding_window` tokens);
+    # () is every block sliding where sliding_window is set
+    layer_types: tuple[str, ...] | list[str] = ()
     # Mixture-of-Experts (0 experts: a dense model): each MoE block routes every token to `experts_per_tok` of
     # `n_experts` experts (MLPs of width `expert_ffn_dim`), plus a gated shared expert of `shared_ffn_dim` if > 0
     n_experts: int = 0
@@ -90,6 +105,21 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: num_key_value_heads={self.n_kv_heads!r} must divide num_attention_heads={self.n_heads}"
             )
+        if not self.layer_types:
+            self.layer_types = ("sliding_attention" if self.sliding_window else "full_attention",) * self.n_layers
+        if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.n_layers
+                or not all(isinstance(t, str) for t in self.layer_types)):
+            raise CheckpointError(f"config.json: layer_types={self.layer_types!r:.120} is not a list of "
+                                  f"{self.n_layers} layer types (num_hidden_layers)")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise UnsupportedModelError(f"config.json: layer type {unknown[0]!r} is not supported; expected one of "
+                                        f"{LAYER_TYPES}")
+        self.layer_types = tuple(self.layer_types)
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise CheckpointError(f"config.json: {name}={value!r} is not positive")
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
         if self.n_experts:
@@ -99,8 +129,23 @@ class ModelConfig:
             if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
                 raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
                                       f"{self.shared_ffn_dim!r} out of range")
+        assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
+        if self.qkv_layout == "per_head" and self.n_kv_heads != self.n_heads:
+            raise CheckpointError(f"config.json: num_key_value_heads={self.n_kv_heads!r} must equal "
+                                  f"num_attention_heads={self.n_heads} for a per-head fused query_key_value")
+        if self.rope.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope.get(key)
+                if (not isinstance(factors, list) or len(factors) != self.head_dim // 2
+                        or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors)):
+                    raise CheckpointError(f"config.json: rope {key}={factors!r:.80} is not a list of "
+                                          f"{self.head_dim // 2} numbers (head_dim / 2)")
         if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
+
+    def window(self, layer_type: str) -> int | None:
+        """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
+        return self.sliding_window if layer_type == "sliding_attention" else None
 
     def is_moe(self, bid: int) -> bool:
         """Whether block `bid` holds routed experts (else a dense MLP)."""
@@ -108,7 +153,7 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        return 1.0 / math.sqrt(self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar)
 
     @property
     def default_seqlen(self) -> int:
@@ -116,7 +161,8 @@ class ModelConfig:
         return min(self.max_positions or 2048, 2048)
 
     def check_seqlen(self, seqlen: int) -> None:
-        """Refuse a window length the model cannot attend over as trained."""
+        """Refuse a window length the model cannot attend over as trained. A sliding window shorter than `seqlen` is
+        no reason: sliding layers mask what lies farther back, exactly."""
         from streamprune.errors import ArgumentError
 
         if seqlen < 2:
@@ -125,11 +171,15 @@ class ModelConfig:
             raise ArgumentError(
                 f"seqlen {seqlen} exceeds the model's maximum positions ({self.max_positions})"
             )
-        if self.sliding_window is not None and seqlen > self.sliding_window:
-            raise ArgumentError(
-                f"seqlen {seqlen} exceeds the sliding window ({self.sliding_window}); streamprune runs full "
-                "attention, which equals sliding-window attention only up to the window length"
-            )
+
+
+def get_layer_types(raw: dict[str, Any], n_layers: int, sliding: Callable[[int], bool]) -> list[str]:
+    """config.json's `layer_types` (checked by ModelConfig), or where it has none: block i slides where
+    `sliding(i)`."""
+    given = raw.get("layer_types")
+    if given is not None:
+        return given
+    return ["sliding_attention" if sliding(i) else "full_attention" for i in range(n_layers)]
 
 
 def get_int(raw: dict[str, Any], *keys: str, default: int | None = None) -> int:

@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm computed in float32, scaled after casting back (as LLaMA does)."""
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float = 0.0) -> Tensor:
+    """RMSNorm computed in float32, scaled by (offset + weight) after casting back (as LLaMA does; the block
+    forward's activations are float32, so this equals Gemma's scaling before the cast, with 1 + weight in float32)."""
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return y if weight is None else weight * y
+    if weight is None:
+        return y
+    return (weight if offset == 0.0 else offset + weight.float()) * y
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -33,13 +36,16 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> Tensor:
-    """Inverse frequencies of RoPE, with linear or Llama 3 frequency scaling applied."""
+def rope_inv_freq(head_dim: int, params: dict[str, Any], seqlen: int) -> Tensor:
+    """Inverse frequencies of RoPE for windows of `seqlen` tokens, with linear, Llama 3 or LongRoPE scaling applied."""
     theta = float(params["rope_theta"])
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     rope_type = params["rope_type"]
     if rope_type == "linear":
         return inv_freq / float(params["factor"])
+    if rope_type == "longrope":  # a divisor per frequency: the long set once a window passes the original context
+        key = "long_factor" if seqlen > params["original_max_position_embeddings"] else "short_factor"
+        return inv_freq / torch.tensor(params[key], dtype=torch.float32)
     if rope_type == "llama3":
         factor = float(params["factor"])
         low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
@@ -53,11 +59,12 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> Tensor:
     return inv_freq  # "default"; "dynamic" equals it within the trained length
 
 
-def rope_cos_sin(inv_freq: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (T, head_dim) in the rotate-half layout."""
+def rope_cos_sin(inv_freq: Tensor, seqlen: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape (T, head_dim) in the rotate-half layout, times `scale` (LongRoPE's attention
+    factor)."""
     freqs = torch.outer(torch.arange(seqlen, dtype=torch.float32), inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -86,3 +93,12 @@ def alibi_causal_bias(n_heads: int, seqlen: int) -> Tensor:
     bias = alibi_slopes(n_heads)[:, None, None] * keys[None, None, :]  # (H, 1, T)
     causal = torch.full((seqlen, seqlen), float("-inf")).triu(1)  # (T, T)
     return (bias + causal)[None]  # (1, H, T, T)
+
+
+def window_causal_bias(seqlen: int, window: int) -> Tensor:
+    """Additive attention mask (1, 1, T, T) of a sliding window, shared by every head: query i sees keys
+    i - window < j <= i, so `window` tokens, its own included; -inf elsewhere."""
+    q = torch.arange(seqlen)[:, None]
+    k = torch.arange(seqlen)[None, :]
+    seen = (k <= q) & (q - k < window)  # (T, T)
+    return torch.zeros(seqlen, seqlen).masked_fill_(~seen, float("-inf"))[None, None]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int, get_layer_types
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
-from streamprune.errors import UnsupportedModelError
+from streamprune.errors import CheckpointError, UnsupportedModelError
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope")
 
 
 def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings from either config style: `rope_parameters`, or `rope_theta` plus `rope_scaling`."""
+    """RoPE settings from either config style: `rope_parameters`, or `rope_theta` plus `rope_scaling`.
+
+    LongRoPE's derived values are filled in as transformers derives them: the original context from the top level
+    when the parameters lack it, `factor` as the context's growth, and the attention factor (the scale of cos and
+    sin) from the factor."""
     params = raw.get("rope_parameters") or {}
     if not params:
         params = raw.get("rope_scaling") or {}
@@ -23,7 +28,8 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise UnsupportedModelError(f"config.json: rope_parameters={params!r} is not an object")
     params = dict(params)
-    for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor"):
         if key in params:
             get_float(params, key, 0.0)  # refuses strings, booleans and non-finite values
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -31,6 +37,15 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
     params["rope_type"] = rope_type
     params.setdefault("rope_theta", 10000.0)
+    if rope_type == "longrope":
+        original = get_int({**raw, **params}, "original_max_position_embeddings")
+        if original < 2:
+            raise CheckpointError(f"config.json: original_max_position_embeddings={original!r} is not an integer of "
+                                  "at least 2")
+        params["original_max_position_embeddings"] = original
+        factor = params.get("factor") or get_int(raw, "max_position_embeddings") / original
+        default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        params["attention_factor"] = get_float(params, "attention_factor", default)
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise UnsupportedModelError(f"config.json: partial_rotary_factor={partial!r} is not supported; every "
@@ -40,15 +55,20 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type", "llama")
-    sliding = raw.get("sliding_window")
-    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
-        sliding = None
+    n_layers = get_int(raw, "num_hidden_layers")
+    sliding = raw.get("sliding_window")  # Mistral: every block slides
+    layer_types = None
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):  # the blocks from max_window_layers on slide,
+        if not get_bool(raw, "use_sliding_window", False):          # if use_sliding_window
+            sliding = None
+        first = get_int(raw, "max_window_layers", default=28)
+        layer_types = get_layer_types(raw, n_layers, lambda i: sliding is not None and i >= first)
     return ModelConfig(
         family="llama",
         model_type=model_type,
         vocab_size=get_int(raw, "vocab_size"),
         hidden_size=get_int(raw, "hidden_size"),
-        n_layers=get_int(raw, "num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=get_int(raw, "num_attention_heads"),
         n_kv_heads=get_int(raw, "num_key_value_heads", default=0),
         head_dim=get_int(raw, "head_dim", default=0),
@@ -67,6 +87,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
         max_positions=get_int(raw, "max_position_embeddings", default=2048),
         sliding_window=sliding,
+        layer_types=layer_types or (),
         raw=raw,
     )
 

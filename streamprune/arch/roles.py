@@ -21,12 +21,15 @@ class Role(Enum):
     ATTN_V = "attn_v"
     ATTN_Q_NORM = "attn_q_norm"  # per-head RMSNorm of the queries, before RoPE (Qwen3)
     ATTN_K_NORM = "attn_k_norm"  # and of the keys
-    ATTN_QKV = "attn_qkv"  # fused query_key_value (BLOOM)
+    ATTN_QKV = "attn_qkv"  # fused q, k, v projection (BLOOM, Phi-3; ModelConfig.qkv_layout says how)
     ATTN_OUT = "attn_out"
+    ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
     FFN_NORM = "ffn_norm"
+    FFN_POST_NORM = "ffn_post_norm"  # norm of the MLP's output before the residual add (Gemma)
     FFN_GATE = "ffn_gate"
     FFN_UP = "ffn_up"
     FFN_DOWN = "ffn_down"
+    FFN_GATE_UP = "ffn_gate_up"  # fused gate and up projection: gate rows, then up rows (Phi-3)
     # Mixture-of-Experts: the router, each routed expert's MLP (names carry `{xid}`), a shared expert and its gate
     FFN_GATE_INP = "ffn_gate_inp"  # router: (n_experts, hidden); never pruned
     FFN_GATE_EXP = "ffn_gate_exp"
@@ -57,7 +60,7 @@ class Site(Enum):
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
     (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV)),
     (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
-    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
+    (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
     (Site.SHEXP_DOWN_IN, (Role.FFN_DOWN_SHEXP,)),
 )
@@ -75,4 +78,5 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_S
 
 # Roles that live inside a decoder block (their names carry `{bid}`).
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
-                                           Role.ATTN_K_NORM, Role.FFN_GATE_INP, Role.FFN_GATE_INP_SHEXP}
+                                           Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
+                                           Role.FFN_GATE_INP_SHEXP}

@@ -29,6 +29,11 @@ class ArchSpec:
     base_prefix: str = ""
     unprefixed: frozenset[Role] = frozenset({Role.OUTPUT})
     optional: frozenset[Role] = frozenset({Role.ROPE_FREQS})
+    # (base prefix, prefix of the unprefixed roles) pairs a checkpoint may use, tried in order; () is
+    # ((base_prefix, ""), ("", ""))
+    layouts: tuple[tuple[str, str], ...] = ()
+    # name prefixes of tensors outside the language model (a vision tower): copied to the output as they are
+    passthrough: tuple[str, ...] = ()
 
 
 def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[int, ...]]:
@@ -63,8 +68,8 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
         params[(Role.OUTPUT, "weight")] = (cfg.vocab_size, cfg.embed_dim)
     norm(Role.ATTN_NORM, d)
     norm(Role.FFN_NORM, d)
-    if cfg.family == "bloom":
-        linear(Role.ATTN_QKV, 3 * q_out, d, cfg.qkv_bias)
+    if cfg.qkv_layout != "separate":
+        linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
     else:
         linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
@@ -72,6 +77,9 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
     if cfg.qk_norm:
         norm(Role.ATTN_Q_NORM, hd)
         norm(Role.ATTN_K_NORM, hd)
+    if cfg.post_norms:
+        norm(Role.ATTN_POST_NORM, d)
+        norm(Role.FFN_POST_NORM, d)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, False)
@@ -81,9 +89,12 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
             linear(Role.FFN_DOWN_SHEXP, d, cfg.shared_ffn_dim, False)
             linear(Role.FFN_GATE_INP_SHEXP, 1, d, False)
         return params
-    if cfg.gated:
-        linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
-    linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
+    if cfg.gate_up_fused:
+        linear(Role.FFN_GATE_UP, 2 * cfg.ffn_dim, d, cfg.mlp_bias)
+    else:
+        if cfg.gated:
+            linear(Role.FFN_GATE, cfg.ffn_dim, d, cfg.mlp_bias)
+        linear(Role.FFN_UP, cfg.ffn_dim, d, cfg.mlp_bias)
     linear(Role.FFN_DOWN, d, cfg.ffn_dim, cfg.mlp_bias)
     return params
 
