@@ -151,3 +151,21 @@ def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch):
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
     assert report.resumed_at_block == 2
     assert checkpoint_files(out) == checkpoint_files(ref)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_plan_counts_one_expert_at_a_time(models, variant):
+    """The planner holds one expert (in flight, pruned, read ahead) and the routes, never a block's experts."""
+    from streamprune.plan import plan
+
+    ckpt = Checkpoint(models[variant])
+    expert = sum(ckpt.tensors[n].nbytes for n in ckpt.experts[(0, 0)].values())
+    every = sum(ckpt.tensors[n].nbytes for n in ckpt.expert_of if ckpt.expert_of[n][0] == 0)
+    result = plan(models[variant], nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu")
+    consumers = {what: nbytes for what, nbytes, _ in result.consumers}
+    held = next(v for k, v in consumers.items() if k.startswith("routed experts"))
+    assert held == 3 * expert and every >= 5 * expert
+    block = next(v for k, v in consumers.items() if k.startswith("block as read"))
+    assert block == 2 * max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in range(ckpt.config.n_layers))
+    routes = next(v for k, v in consumers.items() if k.startswith("routes"))
+    assert routes == NSAMPLES * SEQLEN * ckpt.config.experts_per_tok * 21
