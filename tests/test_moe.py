@@ -164,7 +164,7 @@ def test_plan_counts_one_expert_at_a_time(models, variant):
     result = plan(models[variant], nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu")
     consumers = {what: nbytes for what, nbytes, _ in result.consumers}
     held = next(v for k, v in consumers.items() if k.startswith("routed experts"))
-    assert held == 3 * expert and every >= 5 * expert
+    assert held == 3 * expert and every == ckpt.config.n_experts * expert >= 4 * expert
     block = next(v for k, v in consumers.items() if k.startswith("block as read"))
     assert block == 2 * max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in range(ckpt.config.n_layers))
     routes = next(v for k, v in consumers.items() if k.startswith("routes"))
