@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture test test-fast demo bench clean
+.PHONY: install fixture fixture-moe test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml Makefile
 # bench/tinylm.py: builds the cached model (or finds it) and prints its figures.
 fixture: install
 	$(BIN)/python bench/tinylm.py
+
+# The Mixtral-shaped bench model (8 experts, top-2; trained once on one thread, then cached). No test needs it.
+fixture-moe: install
+	$(BIN)/python bench/tinylm.py --moe
 
 # -v names each test as it starts, so a long one shows what it is doing.
 test: fixture
