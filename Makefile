@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture fixture-moe test test-fast demo bench clean
+.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ demo: fixture
 bench: install
 	$(BIN)/python bench/speed.py --device cpu
 	$(BIN)/python bench/memory.py
+
+# --moe-calibration routed against all, and SparseGPT's expert errors against magnitude's, on the MoE fixture.
+bench-moe: fixture-moe
+	OMP_NUM_THREADS=1 $(BIN)/python bench/moe_calibration.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
