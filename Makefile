@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture test test-fast demo bench clean
+.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml Makefile
 fixture: install
 	$(BIN)/python bench/tinylm.py
 
+# The Mixtral-shaped bench model (8 experts, top-2; trained once on one thread, then cached). No test needs it.
+fixture-moe: install
+	$(BIN)/python bench/tinylm.py --moe
+
 # -v names each test as it starts, so a long one shows what it is doing.
 test: fixture
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -v --durations=5
@@ -46,6 +50,10 @@ demo: fixture
 bench: install
 	$(BIN)/python bench/speed.py --device cpu
 	$(BIN)/python bench/memory.py
+
+# --moe-calibration routed against all, and SparseGPT's expert errors against magnitude's, on the MoE fixture.
+bench-moe: fixture-moe
+	OMP_NUM_THREADS=1 $(BIN)/python bench/moe_calibration.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

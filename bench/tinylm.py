@@ -1,11 +1,17 @@
-"""A small LLaMA-architecture language model trained offline on English text shipped with Python.
+"""Small language models trained offline on English text shipped with Python: a LLaMA and a Mixtral.
 
 Corpus: docstrings of a fixed list of pure-Python stdlib modules (parsed with ``ast``, never
 imported), then the ``pydoc_data.topics`` help texts in sorted key order, joined by blank lines and
 split at a paragraph boundary into train (~90%) and test (~10%). A byte-level BPE and a 4-layer GQA
-LLaMA are trained on the train text only; the float32 checkpoint (with ``tokenizer.json``,
-``train.txt``, ``test.txt``, ``build_info.json``) is cached as ``tinylm-<VERSION>`` in
-``$STREAMPRUNE_CACHE`` (default ``~/.cache/streamprune``); bump ``VERSION`` when the recipe changes.
+model are trained on the train text only; the float32 checkpoint (with ``tokenizer.json``,
+``train.txt``, ``test.txt``, ``build_info.json``) is cached as ``<name>-<version>`` in
+``$STREAMPRUNE_CACHE`` (default ``~/.cache/streamprune``); bump a recipe's version when it changes.
+
+Two recipes share the corpus, tokenizer, schedule and seed: ``TINYLM`` (``tinylm-v2``, the demo's
+LLaMA) and ``TINYMOE`` (``tinymoe-v2``), the same hidden size and depth with each MLP replaced by 8
+Mixtral experts of width 144 under top-2 routing (softmax, top 2, renormalized), trained with
+a load-balancing loss per block so that every expert receives tokens; it is a bench fixture for
+``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``.
 
 Training runs on ``THREADS`` (one) torch thread on every machine, whatever its core count: the
 recipe, not the machine, fixes the thread count, and one thread keeps its speed when another
@@ -15,6 +21,7 @@ CPU instruction set. A build shows its steps, loss, elapsed and estimated remain
 a live bar on a terminal, a line every 30 seconds elsewhere.
 
     python bench/tinylm.py [--cache-dir DIR]      # what `make fixture` runs
+    python bench/tinylm.py --moe                  # what `make fixture-moe` runs
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-VERSION = "v2"
 THREADS = 1  # torch threads while training and evaluating, the same on every machine
 SEED = 0
 VOCAB_SIZE = 2048
@@ -49,6 +56,39 @@ MODEL_CONFIG: dict[str, Any] = dict(
     num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+# Mixtral-shaped: LLaMA's attention, and 8 experts of width 144 with top-2 routing instead of each MLP of width
+# 576 (3.9M parameters against 2.6M; the two experts a token visits have half the dense MLP's width together).
+# Width 144 keeps training at about 0.4 s per step on one thread, 6 minutes in all (9 with a neighbour's load). The
+# router's load-balancing loss, 0.01 x its mean over the blocks, is added to the LM loss (see `balance_loss`).
+MOE_CONFIG: dict[str, Any] = dict(
+    MODEL_CONFIG, intermediate_size=144, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0,
+    router_aux_loss_coef=0.01, output_router_logits=False,  # the loss is asked for while training only
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One cached model: its folder name, transformers classes and architecture; the corpus, tokenizer, schedule
+    and seed are shared."""
+
+    name: str
+    version: str
+    config_class: str  # a transformers configuration class
+    model_class: str  # the transformers model class trained
+    config: dict[str, Any]
+    moe: bool = False  # trained with the router's load-balancing loss (config's router_aux_loss_coef)
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+TINYLM = Recipe("tinylm", "v2", "LlamaConfig", "LlamaForCausalLM", MODEL_CONFIG)
+# v2 against v1: the balancing loss per block, not pooled over the blocks as transformers' load_balancing_loss_func
+# computes it; v1's pooled loss ended at its ideal value (2.004) while single blocks starved experts (0.0%-0.2% of
+# the routed test tokens for 4 experts of 32).
+TINYMOE = Recipe("tinymoe", "v2", "MixtralConfig", "MixtralForCausalLM", MOE_CONFIG, moe=True)
+
 # Pure-Python stdlib modules whose docstrings precede the help topics (missing files are skipped).
 DOC_MODULES: tuple[str, ...] = tuple("""
     argparse ast base64 bisect calendar cmd codecs collections configparser contextlib copy csv
@@ -119,8 +159,10 @@ def _train_tokenizer(train: str, out_dir: Path) -> Any:
 
 
 def perplexity(model: Any, ids: Any, seqlen: int = SEQ_LEN, batch: int = 32) -> float:
-    """exp(mean NLL) of a causal LM over non-overlapping ``seqlen`` windows (tail dropped)."""
+    """exp(mean NLL) of a causal LM over non-overlapping ``seqlen`` windows (tail dropped), from its logits (a
+    Mixtral's ``loss`` would include the router's auxiliary loss)."""
     import torch
+    import torch.nn.functional as F
 
     ids = torch.as_tensor(ids, dtype=torch.long)
     n = len(ids) // seqlen
@@ -129,7 +171,8 @@ def perplexity(model: Any, ids: Any, seqlen: int = SEQ_LEN, batch: int = 32) -> 
     with torch.no_grad():
         for i in range(0, n, batch):  # loss is a mean over equal-length windows
             x = windows[i:i + batch]
-            total += model(input_ids=x, labels=x).loss.item() * len(x)
+            logits = model(input_ids=x).logits.float()
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * len(x)
     model.train(was_training)
     return math.exp(total / n)
 
@@ -201,20 +244,48 @@ def fixed_threads() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _train_model(train_ids: list[int], vocab: int, eot_id: int,
-                 on_step: Callable[[int, float], None] = lambda step, loss: None,
-                 ) -> tuple[Any, dict[str, Any]]:
-    """Train the LLaMA on random windows of ``train_ids``; returns the model and training stats.
+def lm_loss(logits: Any, x: Any) -> Any:
+    """Mean next-token cross-entropy of (B, T, vocab) logits on the (B, T) ids they were computed from."""
+    import torch.nn.functional as F
 
-    ``on_step(step, loss)`` is called after each step with the mean training loss of the last 50.
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+
+
+def balance_loss(router_logits: Any, k: int) -> Any:
+    """Mixtral's load-balancing loss, computed per MoE block and averaged over the blocks.
+
+    Per block, E * sum_e f_e * P_e over its E experts, where f_e is the fraction of the block's tokens that have
+    expert e among their top k and P_e the mean router probability of e; k when the router spreads tokens evenly.
+    transformers' ``load_balancing_loss_func`` pools the tokens of every block before it counts, so a block may
+    starve an expert that another block overuses while the pooled loss stays at its ideal value.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, bos_token_id=eot_id, eos_token_id=eot_id, **MODEL_CONFIG)
+    losses = []
+    for logits in router_logits:  # (tokens, E) per block
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = probs.topk(k, dim=-1).indices  # (tokens, k)
+        counts = torch.bincount(chosen.flatten(), minlength=probs.shape[-1])  # (E,), no gradient
+        losses.append(probs.shape[-1] * (counts / probs.shape[0] * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+def _train_model(recipe: Recipe, train_ids: list[int], vocab: int, eot_id: int,
+                 on_step: Callable[[int, float], None] = lambda step, loss: None,
+                 ) -> tuple[Any, dict[str, Any]]:
+    """Train the recipe's model on random windows of ``train_ids``; returns the model and training stats.
+
+    ``on_step(step, loss)`` is called after each step with the mean training loss of the last 50 (the language
+    model's loss: without an MoE's auxiliary loss, which is minimized with it).
+    """
+    import torch
+    import transformers
+
+    config = getattr(transformers, recipe.config_class)(vocab_size=vocab, bos_token_id=eot_id, eos_token_id=eot_id,
+                                                         **recipe.config)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config).float()
+        model = getattr(transformers, recipe.model_class)(config).float()
     data, offsets = torch.tensor(train_ids, dtype=torch.long), torch.arange(SEQ_LEN)
     gen = torch.Generator().manual_seed(SEED)
     params = list(model.parameters())
@@ -230,23 +301,52 @@ def _train_model(train_ids: list[int], vocab: int, eot_id: int,
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_ratio)
     model.train()
-    start, losses = time.perf_counter(), []
+    coef = config.router_aux_loss_coef if recipe.moe else 0.0
+    start, losses, aux_losses = time.perf_counter(), [], []
     for step in range(1, STEPS + 1):
         starts = torch.randint(0, len(data) - SEQ_LEN + 1, (BATCH,), generator=gen)
         x = data[starts[:, None] + offsets]
-        loss = model(input_ids=x, labels=x).loss
+        if recipe.moe:  # the LM loss plus router_aux_loss_coef x the load-balancing loss
+            out = model(input_ids=x, output_router_logits=True)
+            balance = balance_loss(out.router_logits, config.num_experts_per_tok)
+            loss = lm_loss(out.logits, x) + coef * balance
+            aux = balance.item()
+            aux_losses.append(aux)
+        else:
+            loss, aux = model(input_ids=x, labels=x).loss, 0.0
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss.item() - coef * aux)
         on_step(step, sum(losses[-50:]) / len(losses[-50:]))
     train_time = round(time.perf_counter() - start, 1)
-    return model, {"train_time_s": train_time, "final_train_loss": round(losses[-1], 4)}
+    stats = {"train_time_s": train_time, "final_train_loss": round(losses[-1], 4)}
+    if aux_losses:  # the balancing loss is top_k (2.0) when every block's router spreads tokens evenly
+        stats["final_aux_loss"] = round(sum(aux_losses[-50:]) / len(aux_losses[-50:]), 4)
+    return model, stats
 
 
-def _build_into(out_dir: Path, label: str) -> None:
+def expert_shares(model: Any, ids: Any, seqlen: int = SEQ_LEN, batch: int = 32) -> list[list[float]]:
+    """Per MoE layer, the fraction of the routed (token, expert) pairs that went to each expert, over the same
+    windows as :func:`perplexity`."""
+    import torch
+
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = len(ids) // seqlen
+    windows, counts, k = ids[: n * seqlen].view(n, seqlen), None, model.config.num_experts_per_tok
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            logits = model(input_ids=windows[i:i + batch], output_router_logits=True).router_logits
+            per_layer = torch.stack([torch.bincount(lg.topk(k, dim=-1).indices.flatten(), minlength=lg.shape[-1])
+                                     for lg in logits])  # (layers, experts)
+            counts = per_layer if counts is None else counts + per_layer
+    assert counts is not None
+    return [[round(c / row.sum().item(), 4) for c in row.tolist()] for row in counts]
+
+
+def _build_into(recipe: Recipe, out_dir: Path, label: str) -> None:
     """Write the whole checkpoint, data and ``build_info.json`` (not ``DONE``) into ``out_dir``."""
     import torch
 
@@ -260,10 +360,12 @@ def _build_into(out_dir: Path, label: str) -> None:
         raise RuntimeError("tokenizer does not round-trip the test text")
     with fixed_threads():
         with _progress(f"{label}: training", STEPS) as on_step:
-            model, stats = _train_model(train_ids, vocab, tok.token_to_id(EOT), on_step)
+            model, stats = _train_model(recipe, train_ids, vocab, tok.token_to_id(EOT), on_step)
         test_ppl = perplexity(model, test_ids)
+        if recipe.moe:
+            stats["test_expert_shares"] = expert_shares(model, test_ids)
     model.save_pretrained(out_dir, safe_serialization=True)
-    info = {"version": VERSION, "params": sum(p.numel() for p in model.parameters()), **stats,
+    info = {"version": recipe.version, "params": sum(p.numel() for p in model.parameters()), **stats,
             "threads": THREADS, "steps": STEPS, "batch": BATCH, "seq_len": SEQ_LEN,
             "train_tokens": len(train_ids), "test_tokens": len(test_ids),
             "test_ppl": round(test_ppl, 3), "uniform_ppl": vocab,
@@ -272,20 +374,21 @@ def _build_into(out_dir: Path, label: str) -> None:
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def tiny_lm_dir(cache_dir: Path | None = None) -> Path:
-    """Where the tiny LM of this ``VERSION`` is cached (complete once it holds ``DONE``)."""
+def tiny_lm_dir(cache_dir: Path | None = None, recipe: Recipe = TINYLM) -> Path:
+    """Where the recipe's model is cached (complete once it holds ``DONE``)."""
     env = os.environ.get("STREAMPRUNE_CACHE")
-    return Path(cache_dir or env or Path.home() / ".cache" / "streamprune").expanduser() / f"tinylm-{VERSION}"
+    return Path(cache_dir or env or Path.home() / ".cache" / "streamprune").expanduser() / recipe.folder
 
 
-def build_tiny_lm(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the cached tiny LM, building it first if it is not complete.
+def build_tiny_lm(cache_dir: Path | None = None, recipe: Recipe = TINYLM) -> Path:
+    """Return the directory of the recipe's cached model (the demo's LLaMA by default), building it first if it
+    is not complete.
 
     The build runs in a temporary sibling directory that is renamed into place only once it is
     complete (``DONE`` marker included). Concurrent builders wait on a lock file where ``fcntl``
     exists; elsewhere the first rename wins and the others use its result.
     """
-    final = tiny_lm_dir(cache_dir)
+    final, folder = tiny_lm_dir(cache_dir, recipe), recipe.folder
     root = final.parent
     if (final / "DONE").is_file():
         return final
@@ -294,26 +397,26 @@ def build_tiny_lm(cache_dir: Path | None = None) -> Path:
         import fcntl
     except ImportError:  # no POSIX locks: rely on the atomic rename alone
         fcntl = None  # type: ignore[assignment]
-    with open(root / f"tinylm-{VERSION}.lock", "a+") as lock:
+    with open(root / f"{folder}.lock", "a+") as lock:
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
             except BlockingIOError:
                 _say(f"waiting for another process that is building {final}")
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            for stale in root.glob(f".tinylm-{VERSION}.tmp*"):  # left by interrupted builds
+            for stale in root.glob(f".{folder}.tmp*"):  # left by interrupted builds
                 shutil.rmtree(stale, ignore_errors=True)
         if (final / "DONE").is_file():
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tinylm-{VERSION}.tmp", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.tmp", dir=root))
         try:
             _say(f"building {final} ({STEPS} training steps on {THREADS} thread; "
                  "a few minutes, shown as it goes)")
-            _build_into(tmp, f"tinylm-{VERSION}")
+            _build_into(recipe, tmp, folder)
             for path in tmp.iterdir():  # mkdtemp and safetensors create owner-only modes
                 path.chmod(0o644)
             tmp.chmod(0o755)
-            (tmp / "DONE").write_text(VERSION + "\n", encoding="utf-8")
+            (tmp / "DONE").write_text(recipe.version + "\n", encoding="utf-8")
             if final.exists() and not (final / "DONE").is_file():
                 shutil.rmtree(final)  # not made by a completed build of this recipe
             try:
@@ -329,12 +432,15 @@ def build_tiny_lm(cache_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build (or find) the tiny LM; print its path, size, training time and test perplexity."""
+    """Build (or find) the tiny LM (or, with --moe, the MoE); print its path, size, training time and test
+    perplexity."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="cache root (default: $STREAMPRUNE_CACHE or ~/.cache/streamprune)")
+    parser.add_argument("--moe", action="store_true",
+                        help=f"the Mixtral-shaped model ({TINYMOE.folder}) instead of the LLaMA ({TINYLM.folder})")
     args = parser.parse_args(argv)
-    model_dir = build_tiny_lm(args.cache_dir)
+    model_dir = build_tiny_lm(args.cache_dir, TINYMOE if args.moe else TINYLM)
     info = json.loads((model_dir / "build_info.json").read_text(encoding="utf-8"))
     print(f"model dir:     {model_dir}")
     print(f"parameters:    {info['params']:,}")
@@ -342,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['batch']}x{info['seq_len']} tokens, {info['threads']} thread(s), torch {info['torch']})")
     print(f"test ppl:      {info['test_ppl']:.2f} on {info['test_tokens'] // info['seq_len']} windows of "
           f"{info['seq_len']} tokens (unigram {info['unigram_ppl']:.1f}, uniform {info['uniform_ppl']})")
+    for layer, shares in enumerate(info.get("test_expert_shares", [])):
+        print(f"block {layer} experts: " + " ".join(f"{s:.1%}" for s in shares) + " of the routed test tokens")
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import streamprune
+from streamprune.calib import calib_windows
 from streamprune.checkpoint import Checkpoint
 from streamprune.cli import app
 from streamprune.evaluate import evaluate, logits
@@ -331,3 +332,75 @@ def test_method_knobs_belong_to_the_method(tmp_path, calib):
     with_errors = streamprune.prune(src, tmp_path / "errors", method="wanda", calib=calib, nsamples=4, seqlen=64,
                                     layer_errors=True)
     assert all(0 < lr.rel_error < 1 for lr in with_errors.layers)
+
+
+def routed_expert_inputs(model_dir: Path, windows: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """The rows that transformers' Mixtral sends to each (block, expert) on `windows`: the MoE input of each token
+    routed to it."""
+    model = tiny.hf_model(model_dir)
+    seen: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def grab(bid: int):
+        def hook(experts, args):
+            hidden, chosen = args[0], args[1]  # (tokens, D), (tokens, k)
+            for xid in range(experts.num_experts):
+                seen.setdefault((bid, xid), []).append(hidden[(chosen == xid).any(dim=-1)].detach())
+        return hook
+
+    hooks = [layer.mlp.experts.register_forward_pre_hook(grab(b)) for b, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            model(windows, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: torch.cat(rows).double() for key, rows in seen.items()}
+
+
+def expert_errors(src: Path, out: Path, windows: torch.Tensor) -> dict[tuple[int, int, str], tuple[int, float]]:
+    """Per (block, expert, role): the tokens routed to the expert in the pruned model and the relative error
+    ||(W - W')X||^2 / ||WX||^2 of its pruned linear on them (the down projection's X from the pruned gate and up
+    projections, as --sequential computes it), recomputed in float64 from transformers' routing."""
+    dense, pruned = stored(src), stored(out)
+    errors = {}
+    for (bid, xid), x in routed_expert_inputs(out, windows).items():
+        name = f"model.layers.{bid}.block_sparse_moe.experts.{xid}.{{}}.weight"
+        w = {k: dense[name.format(k)].double() for k in ("w1", "w2", "w3")}
+        p = {k: pruned[name.format(k)].double() for k in ("w1", "w2", "w3")}
+        hidden = torch.nn.functional.silu(x @ p["w1"].T) * (x @ p["w3"].T)
+        for role, k, inp in (("ffn_gate_exp", "w1", x), ("ffn_up_exp", "w3", x), ("ffn_down_exp", "w2", hidden)):
+            err = float(((inp @ (w[k] - p[k]).T) ** 2).sum() / ((inp @ w[k].T) ** 2).sum())
+            errors[(bid, xid, role)] = (x.shape[0], err)
+    return errors
+
+
+def test_sparsegpt_beats_magnitude_on_every_routed_expert(tmp_path, calib):
+    """The report's rel_error of each expert linear is its error on the tokens routed to that expert (checked
+    against transformers' routing), and SparseGPT's is below magnitude's on every expert that received tokens."""
+    src = tiny.build(tmp_path / "in", "mixtral")
+    seqlen, nsamples = 64, 8
+    windows = calib_windows(calib, src, tiny.VOCAB, seqlen, nsamples, 0)
+    rows, errors = {}, {}
+    for method in ("magnitude", "sparsegpt"):
+        out = tmp_path / method
+        report = streamprune.prune(src, out, method=method, sparsity=0.5, calib=calib, nsamples=nsamples,
+                                   seqlen=seqlen, layer_errors=True, moe_min_tokens=1,  # no expert falls back
+                                   device="cpu")
+        rows[method] = {(lr.block, lr.expert, lr.role): lr for lr in report.layers if lr.expert is not None}
+        recomputed = expert_errors(src, out, windows)
+        assert rows[method].keys() == recomputed.keys()
+        for key, lr in rows[method].items():
+            tokens, err = recomputed[key]
+            assert lr.routed_tokens == tokens, (method, key)
+            if tokens:
+                assert lr.statistics == "routed"
+                assert lr.rel_error == pytest.approx(err, rel=1e-4), (method, key)
+        errors[method] = recomputed
+    routed = [key for key, lr in rows["sparsegpt"].items() if lr.routed_tokens and rows["magnitude"][key].routed_tokens]
+    assert len(routed) >= 18, routed  # 2 blocks x 4 experts x 3 linears, all but a few experts routed to
+    reported = {key: (rows["sparsegpt"][key].rel_error, rows["magnitude"][key].rel_error) for key in routed}
+    assert all(ours < theirs for ours, theirs in reported.values()), reported
+    # the same on the routed tokens as transformers finds them: statistics taken from the wrong rows would still
+    # win on the report rows, which measure each solve on its own statistics
+    truth = {key: (errors["sparsegpt"][key][1], errors["magnitude"][key][1]) for key in routed}
+    assert all(ours < theirs for ours, theirs in truth.values()), truth
