@@ -169,3 +169,20 @@ def test_plan_counts_one_expert_at_a_time(models, variant):
     assert block == 2 * max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in range(ckpt.config.n_layers))
     routes = next(v for k, v in consumers.items() if k.startswith("routes"))
     assert routes == NSAMPLES * SEQLEN * ckpt.config.experts_per_tok * 21
+
+
+def test_cli_moe_options(tmp_path, calib, models):
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(models["mixtral"]), str(out), "--calib", str(calib), "--nsamples", "4",
+                                      "--seqlen", "32", "--moe-calibration", "all", "--moe-min-tokens", "10"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "streamprune_report.json").read_text())
+    assert saved["args"]["moe_calibration"] == "all" and saved["args"]["moe_min_tokens"] == 10
+    assert saved["fingerprint"]["args"]["moe_calibration"] == "all"
+    bad = CliRunner().invoke(app, ["run", str(models["mixtral"]), str(tmp_path / "bad"), "--calib", str(calib),
+                                   "--moe-min-tokens", "0"])
+    assert bad.exit_code == 2 and "moe-min-tokens 0 must be at least 1" in bad.output
