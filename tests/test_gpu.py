@@ -53,3 +53,22 @@ def test_eval_gpu_peak_stays_within_its_budget(tmp_path):
     np.save(data, np.random.default_rng(1).integers(0, 1024, 8 * 2048))
     result = streamprune.evaluate(model, data, seqlen=2048, device="cuda", batch=8, max_gpu_memory=8 * 2**30)
     assert result.peak_gpu_bytes <= 0.9 * 8 * 2**30 and result.batch >= 1
+
+
+def test_moe_gpu_peak_is_within_the_plan(tmp_path):
+    """One Mixtral-layout block of 64 experts (805 MB of experts in bf16): experts stream one at a time, so the GPU
+    holds one expert, never the block's 64."""
+    from bench.synth import Shape, make_checkpoint
+
+    model = tmp_path / "model"
+    make_checkpoint(model, Shape("mixtral", 2048, 1024, 16, 8, vocab=1024, experts=64, topk=4), 1, torch.bfloat16)
+    calib = tmp_path / "ids.npy"
+    np.save(calib, np.random.default_rng(2).integers(0, 1024, 8 * 2048 + 1))
+    predicted = plan(model, nsamples=8, seqlen=2048, batch=8, device="cuda", method="sparsegpt",
+                     offload_activations="device")
+    report = streamprune.prune(model, tmp_path / "out", calib=calib, method="sparsegpt", nsamples=8, seqlen=2048,
+                               batch=8, device="cuda", offload_activations="device")
+    one_expert = 3 * 2048 * 1024 * 2
+    on_gpu = {what: nbytes for what, nbytes, where in predicted.consumers if where == "device"}
+    assert on_gpu["routed expert on the GPU, dense and pruned"] == 2 * one_expert
+    assert report.peak_gpu_bytes <= predicted.device_peak, (report.peak_gpu_bytes / 2**20, predicted.device_peak / 2**20)
