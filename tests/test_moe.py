@@ -186,3 +186,10 @@ def test_cli_moe_options(tmp_path, calib, models):
     bad = CliRunner().invoke(app, ["run", str(models["mixtral"]), str(tmp_path / "bad"), "--calib", str(calib),
                                    "--moe-min-tokens", "0"])
     assert bad.exit_code == 2 and "moe-min-tokens 0 must be at least 1" in bad.output
+
+
+def test_magnitude_without_calibration_prunes_every_expert(tmp_path, models):
+    report = streamprune.prune(models["qwen2-moe"], tmp_path / "out", method="magnitude")
+    ckpt = Checkpoint(tmp_path / "out")
+    assert {lr.name for lr in report.layers if lr.expert is not None} == set(ckpt.expert_of)
+    assert all(float((ckpt.read(n) == 0).float().mean()) == 0.5 for n in ckpt.expert_of)
