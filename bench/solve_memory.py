@@ -31,7 +31,7 @@ from streamprune.memory import (
     parse_size,
     release_freed_memory,
 )
-from streamprune.pruners import METHODS, Pattern, make_pruner
+from streamprune.pruners import METHODS, Grid, Pattern, make_pruner
 
 CASES = [("sparsegpt", False), ("sparsegpt", True), ("wanda", False), ("wanda", True), ("magnitude", False)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,11 +45,14 @@ def status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def predicted(method: str, offload: bool, rows: int, cols: int, itemsize: int) -> tuple[int, int]:
-    """(compute-device bytes, host bytes) the planner adds for this linear's solve (see Footprint.solve_peak)."""
+def predicted(method: str, offload: bool, rows: int, cols: int, itemsize: int,
+              grid: Grid | None = None) -> tuple[int, int]:
+    """(compute-device bytes, host bytes) the planner adds for this linear's solve (see Footprint.solve_peak); with a
+    grid, the weight before rounding is held for the errors (Footprint.site_unrounded, a site of one linear)."""
     hessian = cols * cols * 4
     cls = METHODS[method]
-    device = hessian * (1 + cls.solver_matrices) + cls.workspace(rows, cols, cols, {}) + rows * cols * itemsize
+    device = (hessian * (1 + cls.solver_matrices) + cls.workspace(rows, cols, cols, {}, grid) + rows * cols * itemsize
+              + (4 * rows * cols if grid else 0))
     return device - (hessian if offload else 0), hessian if offload else 0
 
 
@@ -69,14 +72,21 @@ def one_case(args: argparse.Namespace) -> dict:
         f.write("5")  # restart VmHWM from the current RSS
     base_rss = status_kib("VmRSS")
     start = time.perf_counter()
-    p = make_pruner(args.method, args.cols, device, 0.5, Pattern(), offload_hessian=args.offload, errors=True)
+    grid = None if args.wbits is None else Grid(args.wbits, args.group_size, False)
+    p = make_pruner(args.method, args.cols, device, 0.5, Pattern(), offload_hessian=args.offload, errors=True, grid=grid)
     for _ in range(0, args.tokens, args.batch_tokens):
         x = torch.randn(args.batch_tokens, args.cols, generator=g, device=device)
         p.add_batch(x)
         del x
-    pruned = p.prune(weight).weight.to(weight.dtype, memory_format=torch.contiguous_format)
+    result = p.prune(weight)
+    pruned = result.weight.to(weight.dtype, memory_format=torch.contiguous_format)
+    unrounded = result.unrounded
+    del result  # as the pipeline does: the codes go, the weight before rounding stays for the errors
     p.release_solver()
     err = p.reconstruction_error(weight, pruned)
+    if unrounded is not None:
+        p.split_errors(weight, unrounded, pruned)
+        del unrounded
     p.free()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,6 +106,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 2 x cols)")
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--budget", type=parse_size, default=None, help="CUDA only: cap this process's GPU memory")
+    ap.add_argument("--wbits", type=int, default=None, help="quantize too (asymmetric), as --wbits does")
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -108,6 +120,8 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     print(f"one linear {args.rows} x {args.cols} ({args.dtype}), {args.tokens} tokens; device {args.device}"
           + (f", capped at {args.budget / 2**30:.1f} GiB" if args.budget else ""))
+    if args.wbits:
+        print(f"quantized: {args.wbits} bits, group size {args.group_size}, asymmetric")
     print(f"X^T X {args.cols**2 * 4 / 2**20:,.0f} MiB; weight {args.rows * args.cols * itemsize / 2**20:,.0f} MiB as stored")
     head = "GPU MiB  plan GPU  RSS MiB  plan host" if on_gpu else "RSS MiB  plan MiB"
     print(f"{'method':10} {'offload':>7}  {head}  ratio  seconds  rel.error")
@@ -115,6 +129,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", "--method", method, "--device", args.device, "--rows", str(args.rows),
                "--cols", str(args.cols), "--dtype", args.dtype, "--tokens", str(args.tokens),
                "--batch-tokens", str(args.batch_tokens)] + (["--offload"] if offload else [])
+        if args.wbits:
+            cmd += ["--wbits", str(args.wbits), "--group-size", str(args.group_size)]
         if args.budget:
             cmd += ["--budget", str(args.budget)]
         run = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -122,7 +138,8 @@ def main() -> None:
             print(f"{method:10} {offload!s:>7}  failed: {run.stderr.strip().splitlines()[-1]}")
             continue
         r = json.loads(run.stdout)
-        dev, host = predicted(method, offload, args.rows, args.cols, itemsize)
+        grid = None if args.wbits is None else Grid(args.wbits, args.group_size, False)
+        dev, host = predicted(method, offload, args.rows, args.cols, itemsize, grid)
         if on_gpu:
             cells = f"{r['gpu'] / 2**20:7,.0f} {dev / 2**20:9,.0f} {r['rss'] / 2**20:8,.0f} {host / 2**20:10,.0f}"
             ratio = dev / r["gpu"]

@@ -89,6 +89,9 @@ class MoeCalibrationChoice(str, Enum):
 
 
 MethodChoice = Enum("MethodChoice", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+WBITS_HELP = "Quantize the kept weights to 2, 3, 4 or 8 bits in the same solve (default: no quantization)."
+GROUP_SIZE_HELP = "Input columns per quantization group (must divide every pruned matrix's columns); -1: one per row."
+SYM_HELP = "Symmetric grid (zero point 2**(wbits-1)) or asymmetric (its own zero point per group)."
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
 
@@ -117,6 +120,9 @@ def run_cmd(
     profile_memory: Annotated[bool, typer.Option(help="Sample RSS and GPU memory into OUT_DIR/streamprune_memory.csv.")] = False,
     moe_calibration: Annotated[MoeCalibrationChoice, typer.Option(help="Mixture-of-Experts: each expert's statistics come from the calibration tokens routed to it, or from every token (its output still uses the router's weights).")] = MoeCalibrationChoice.routed,
     moe_min_tokens: Annotated[int, typer.Option(help="Mixture-of-Experts: an expert routed fewer calibration tokens takes the statistics of every token entering its MoE layer.")] = 128,
+    wbits: Annotated[Optional[int], typer.Option(help=WBITS_HELP)] = None,
+    group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -130,7 +136,8 @@ def run_cmd(
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        overwrite=overwrite, restart=restart, profile_memory=profile_memory,
-                       moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens)
+                       moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens, wbits=wbits,
+                       group_size=group_size, sym=sym)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))
@@ -149,6 +156,10 @@ def plan_cmd(
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
     sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="As for run: --no-sequential holds every site's X^T X at once.")] = True,
     layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
+    wbits: Annotated[Optional[int], typer.Option(help=WBITS_HELP)] = None,
+    group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -159,7 +170,8 @@ def plan_cmd(
     try:
         result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                      method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors)
+                      method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
+                      blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym)
     except StreamPruneError as e:
         _fail(e)
     table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")

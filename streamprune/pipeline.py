@@ -49,7 +49,8 @@ from streamprune.memory import (
 from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, method, resolve_sparsity
 from streamprune.plan import decide, footprint
 from streamprune.pruners.masks import check_columns
-from streamprune.report import REPORT_NAME, LayerReport, Report
+from streamprune.pruners.quant import Grid, check_group_size
+from streamprune.report import REPORT_NAME, LayerReport, Report, quantization_summary
 from streamprune.stream import Block, BlockStream, Raw
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,14 @@ class PruneOptions:
     profile_memory: bool = False
     moe_calibration: str = "routed"  # an expert's statistics: the tokens routed to it, or "all" tokens
     moe_min_tokens: int = 128  # an expert routed fewer calibration tokens takes every token's statistics
+    wbits: int | None = None  # quantize the kept weights to this many bits (None: no quantization)
+    group_size: int = 128  # columns per quantization group; -1: one group per output row
+    sym: bool = True  # symmetric grid (zero point 2**(wbits-1)), else asymmetric
 
 
 MOE_CALIBRATION = ("routed", "all")
 MOE_OPTIONS = ("moe_calibration", "moe_min_tokens")  # part of the fingerprint of a model with experts
+QUANT_OPTIONS = ("wbits", "group_size", "sym")  # part of the fingerprint when --wbits is given
 # Options that change what is written (the report included); a resumed run must agree on all of them and on
 # the method's own knobs.
 RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
@@ -108,6 +113,7 @@ class Job:
     placement: str
     batch: int  # windows per forward call
     offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
+    grid: Grid | None  # the quantization grid of the kept weights, if any
     args: dict[str, Any]
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
@@ -194,11 +200,20 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise ArgumentError(f"moe-calibration {opts.moe_calibration!r} is not one of {', '.join(MOE_CALIBRATION)}")
     if opts.moe_min_tokens < 1:
         raise ArgumentError(f"moe-min-tokens {opts.moe_min_tokens!r} must be at least 1")
+    grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
+    if grid is not None and pattern.structured and grid.group_size != -1 and grid.group_size % pattern.m:
+        raise ArgumentError(f"group size {grid.group_size} is not a multiple of M={pattern.m} of pattern {pattern}")
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     for (param, bid), name in ckpt.names.items():
         if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
             check_columns(ckpt.tensors[name].shape[1], pattern, name)
+    if grid is not None:  # every pruned matrix, experts included, before anything is written
+        widths = {name: ckpt.tensors[name].shape[1] for (param, _), name in ckpt.names.items()
+                  if param[0] in PRUNABLE and param[1] == "weight"}
+        widths.update({name: ckpt.tensors[name].shape[1] for names in ckpt.experts.values()
+                       for param, name in names.items() if param[1] == "weight"})
+        check_group_size(grid, widths)
     device = resolve_device(opts.device)
     seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     windows = None
@@ -215,7 +230,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
 
-    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs)
+    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
@@ -227,8 +242,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian,
             "layer_errors": errors}
     moe_options = MOE_OPTIONS if cfg.n_experts else ()
+    quant_options = QUANT_OPTIONS if grid is not None else ()  # so that runs without --wbits still resume
     fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
-                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options})
+                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options + quant_options})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -250,7 +266,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
 
     check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
-               decision.offload_hessian, args, fprint, journal)
+               decision.offload_hessian, grid, args, fprint, journal)
 
 
 def load_report(out_dir: Path) -> Report:
@@ -273,7 +289,7 @@ class BlockPruner:
     def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...]) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
         return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
-                           self.job.offload_hessian, self.job.errors, **self.job.knobs)
+                           self.job.offload_hessian, self.job.errors, grid=self.job.grid, **self.job.knobs)
 
     def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None, put: Put,
             m_store: Activations | None = None) -> Routes | None:
@@ -351,22 +367,26 @@ class BlockPruner:
                     f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
                     "nothing of this block was written: rerun with a larger --damp and --restart, or prune a bfloat16 or "
                     "float32 copy")
-            info, result = result.info, None
+            info, unrounded, result = result.info, result.unrounded, None  # the codes are not written yet
             w[(role, "weight")] = pruned
             put(name, pruned.cpu())
             solved = clock() - start
             self.report.add("solve", solved, bid)
-            done.append((role, name, dense, pruned, info, solved))
+            done.append((role, name, dense, pruned, unrounded, info, solved))
         pruner.release_solver()
-        for role, name, dense, pruned, info, solved in done:
+        grid = self.job.grid
+        for role, name, dense, pruned, unrounded, info, solved in done:
             start = clock()
             err = pruner.reconstruction_error(dense, pruned)
+            split = None if unrounded is None else pruner.split_errors(dense, unrounded, pruned)
             seconds = clock() - start
             self.report.add("error", seconds, bid)
             self.report.layers.append(LayerReport(
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
                 sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
-                damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)), **row))
+                damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)),
+                sparsity_error=None if split is None else split[0], quant_error=None if split is None else split[1],
+                packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row))
         pruner.free()
 
     def run_experts(self, block: Block, x: Activations | None, out: Activations | None, pos: Positions | None,
@@ -588,6 +608,8 @@ class Run:
         pruned = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
         zeros = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
         report.total_sparsity = zeros / pruned if pruned else 0.0
+        if job.grid is not None:
+            report.quantization = quantization_summary(job.grid, self.ckpt, report.layers)
         report.wall_seconds = time.perf_counter() - start
         report.peak_rss_bytes = mem.peak_rss
         report.process_peak_rss_bytes = os_peak_rss()

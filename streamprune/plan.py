@@ -28,6 +28,7 @@ from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
 from streamprune.pruners import default_errors
+from streamprune.pruners import Grid
 from streamprune.pruners import method as pruner_method
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
@@ -76,6 +77,7 @@ class Footprint:
     calib_read: int = 0  # drawing them from text, before block 0: the most that is read and tokenized at once
     expert_stored: int = 0  # one routed expert as stored (MoE): streamed one at a time, the next one read ahead
     routes: int = 0  # every calibration token's chosen experts and weights, held while a block's experts run
+    site_unrounded: int = 0  # --wbits with errors: the largest site's weights before rounding (float32), until scored
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -84,7 +86,7 @@ class Footprint:
     def solve_peak(self, offload_hessian: bool) -> int:
         """Compute-device bytes while one linear is pruned, beside the block's weights and the activations."""
         matrices = self.hessians + self.solver_matrix - (self.widest_hessian if offload_hessian else 0)
-        return matrices + self.linear_solve + self.site_dense
+        return matrices + self.linear_solve + self.site_dense + self.site_unrounded
 
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
         """The block's weights (and one expert's, dense and pruned, with the routes), the activations, positions,
@@ -148,9 +150,9 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
-              errors: bool | None = None, knobs: dict[str, Any] | None = None) -> Footprint:
+              errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
-    the method's own options (their defaults where absent)."""
+    the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -162,7 +164,9 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     common = dict(raw_block=raw_block, pruned_stored=sum(i.nbytes for i in linears.values()),
                   site_dense=max(sum(i.nbytes for i in site) for site in sites), linear_fp32=math.prod(largest.shape) * 4,
                   embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}), expert_stored=expert)
+                  linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
+                  site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
+                  if grid is not None and keep == "xtx" else 0)
     if not keep:  # magnitude without reconstruction errors: no statistics, no forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, activations=0, **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
@@ -239,7 +243,8 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
 
 def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
          offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
-         batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128) -> MemoryPlan:
+         batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128,
+         wbits: int | None = None, group_size: int = 128, sym: bool = True) -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
@@ -247,7 +252,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         nsamples, seqlen, batch: calibration windows, their length, windows per forward call.
         device, offload_activations, max_gpu_memory: as for `streamprune run`; a run on a GPU can be
             planned on a machine without one when `max_gpu_memory` gives the card's size.
-        method, sequential, layer_errors, blocksize: as for `streamprune run`.
+        method, sequential, layer_errors, blocksize, wbits, group_size, sym: as for `streamprune run`.
     """
     ckpt = Checkpoint(model_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -258,7 +263,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     else:
         dev = resolve_device(device)
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
-    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize})
+    grid = None if wbits is None else Grid(wbits, group_size, sym)
+    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize}, grid)
     d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
@@ -286,6 +292,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("solver matrix (SparseGPT's inverse factor, built in place)", fp.solver_matrix, compute),
         ("X^T X waiting in host memory during the solve", offloaded, "host"),
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
+        ("the site's weights before rounding (--wbits), until their errors", fp.site_unrounded, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         ("calibration activations (input and output buffers)", fp.activations, where_act),
         ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),

@@ -29,6 +29,11 @@ class LayerReport:
     expert: int | None = None  # a routed expert's index in its block
     routed_tokens: int | None = None  # calibration tokens the router sent to that expert
     statistics: str | None = None  # whose inputs its solve read: "routed", "all", or "all (fewer than N routed)"
+    # With --wbits (and X^T X kept for the errors), with P the weight just before rounding (removed weights 0; for
+    # SparseGPT each column as the sweep had updated it when it was rounded) and Q the written one (rel_error):
+    sparsity_error: float | None = None  # ||WX - PX||^2 / ||WX||^2
+    quant_error: float | None = None  # ||PX - QX||^2 / ||WX||^2
+    packed_bytes: int | None = None  # with --wbits: this linear packed (codes, scales, zero points; see quant.py)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Report:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)  # torch, device, threads, float32 matmul precision
     environment_changes: list[str] = field(default_factory=list)  # a resumed run's differences from the first one
+    quantization: dict[str, Any] | None = None  # with --wbits: the grid and the packed vs dense bytes of the linears
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds
@@ -67,6 +73,15 @@ class Report:
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         tmp.replace(path)
         return path
+
+
+def quantization_summary(grid: Any, ckpt: Any, layers: list[LayerReport]) -> dict[str, Any]:
+    """The grid, and the bytes of the quantized linears packed (`packed_bytes`) against as stored (`dense_bytes`)."""
+    packed = sum(lr.packed_bytes or 0 for lr in layers)
+    dense = sum(ckpt.tensors[lr.name].nbytes for lr in layers)
+    return {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
+            "weights": sum(lr.shape[0] * lr.shape[1] for lr in layers), "packed_bytes": packed, "dense_bytes": dense,
+            "ratio": packed / dense if dense else 0.0}
 
 
 def summary_table(report: Report):  # -> rich.table.Table

@@ -28,11 +28,31 @@ class Selection:
     mask: Tensor  # the mask applied: the followed one, else `chosen`; True where a weight is removed
     chosen: Tensor  # the mask chosen from the reference's own state at each selection point
     gap: Tensor  # relative distance of each weight's score from its region's boundary (float64)
+    # with a grid: the codes applied (the followed ones, else `chosen_codes`), the codes the reference rounds to from
+    # its own state, how far each kept weight w / scale is from a rounding tie (|frac - 0.5|), the grid
+    codes: Tensor | None = None
+    chosen_codes: Tensor | None = None
+    code_gap: Tensor | None = None
+    scale: Tensor | None = None  # (rows, groups)
+    zero: Tensor | None = None
 
     def flips(self) -> tuple[int, float]:
-        """How many weights `chosen` and `mask` disagree on, and the largest relative gap among them."""
+        """How many weights `chosen` and `mask` disagree on, and the largest relative gap among them. With a grid,
+        a weight the mask removes but the reference keeps and rounds to 0 is no disagreement (the same value and
+        the same error either way): a mask read back from a written weight's zeros holds such weights."""
         differ = self.chosen != self.mask
+        if self.chosen_codes is not None:
+            assert self.zero is not None
+            differ &= ~(self.mask & (self.chosen_codes == self.zero.repeat_interleave(
+                self.mask.shape[1] // self.zero.shape[1], 1)))
         return int(differ.sum()), float(self.gap[differ].max()) if differ.any() else 0.0
+
+    def code_flips(self) -> tuple[int, float]:
+        """How many kept weights' codes differ from the reference's own rounding, and the largest distance from a
+        rounding tie among them (a tie broken by float noise is near 0)."""
+        assert self.codes is not None and self.chosen_codes is not None and self.code_gap is not None
+        differ = (self.codes != self.chosen_codes) & ~self.mask
+        return int(differ.sum()), float(self.code_gap[differ].max()) if differ.any() else 0.0
 
 
 def hessian(x: Tensor) -> Tensor:
@@ -68,8 +88,22 @@ def nm_lowest(score: Tensor, n: int, m: int, prefer: Tensor | None = None) -> tu
     return chosen.reshape(rows, cols), gap.reshape(rows, cols)
 
 
+def grid_params(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a uniform grid over [lo, hi] (lo <= 0 <= hi): asymmetric scale (hi - lo) / maxq and
+    zero round(-lo / scale); symmetric scale 2 max|w| / maxq and zero (maxq + 1) / 2; an empty range gets scale 1."""
+    maxq = 2**bits - 1
+    if sym:
+        scale = 2 * torch.maximum(-lo, hi) / maxq
+        scale[scale == 0] = 1.0
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
+    scale = (hi - lo) / maxq
+    scale[scale == 0] = 1.0
+    return scale, torch.round(-lo / scale).clamp(0, maxq)
+
+
 def sparsegpt(weight: Tensor, H: Tensor, sparsity: float = 0.5, blocksize: int = 128, nm: tuple[int, int] | None = None,
-              damp: float = 0.01, follow: Tensor | None = None) -> Selection:
+              damp: float = 0.01, follow: Tensor | None = None, grid: tuple[int, int, bool] | None = None,
+              follow_codes: Tensor | None = None, follow_weight: Tensor | None = None) -> Selection:
     """SparseGPT in float64 from the Hessian H = 2 X^T X / n of the layer's inputs.
 
     Dead inputs (zero diagonal) get 1 on the diagonal and their weight columns zeroed, then the
@@ -79,6 +113,15 @@ def sparsegpt(weight: Tensor, H: Tensor, sparsity: float = 0.5, blocksize: int =
     score <= threshold removed. N:M (`nm`): the n lowest of each row's group of m, at the group's
     first column. Then column i's removed weights are zeroed and the error spread over the
     remaining columns with row 0 of [H_F^-1].
+
+    With `grid` (bits, group size or -1, symmetric): each kept weight is rounded to its group's grid and its
+    rounding error spread by the same OBS step as a removed weight's (GPTQ). A group's grid is fixed at its first
+    column from the weights as updated so far, over the weights it keeps (0 always inside the range): the mask
+    already chosen there, and for its columns whose mask is chosen later, the mask the same rule would choose
+    from the current weights. Masks are then chosen at each block start where blocks begin every `blocksize`
+    columns and, when the group size does not divide `blocksize`, also at every group start. `follow_codes`
+    (rows, cols) makes the kept weights take given codes (the reference's own are in `chosen_codes`);
+    `follow_weight` the codes of a given dequantized weight on the reference's grid (a written checkpoint's).
     """
     W = weight.double().clone()
     H = H.double().clone()
@@ -97,9 +140,26 @@ def sparsegpt(weight: Tensor, H: Tensor, sparsity: float = 0.5, blocksize: int =
     def prefer(i1: int, i2: int) -> Tensor | None:  # exact ties go the followed mask's way
         return None if follow is None else applied[:, i1:i2].reshape(1 if nm is None else rows, -1)
 
+    def block_rule(x: Tensor, dx: Tensor) -> Tensor:  # the unstructured rule over one block, from its weights x
+        score = x**2 / dx
+        k = int(score.numel() * sparsity)
+        return score <= score.flatten().sort().values[k] if k < score.numel() else torch.ones_like(score, dtype=torch.bool)
+
+    group = cols if grid is None or grid[1] == -1 else grid[1]
+    starts = set(range(0, cols, blocksize)) | (set(range(0, cols, group)) if grid and blocksize % group else set())
+    ends = {a: b for a, b in zip(sorted(starts), sorted(starts)[1:] + [cols])}
+    if grid is not None:
+        bits, _, sym = grid
+        maxq = 2**bits - 1
+        codes = torch.zeros(rows, cols, dtype=torch.float64)
+        chosen_codes = torch.zeros(rows, cols, dtype=torch.float64)
+        code_gap = torch.zeros(rows, cols, dtype=torch.float64)
+        scales = torch.zeros(rows, cols // group, dtype=torch.float64)
+        zeros = torch.zeros(rows, cols // group, dtype=torch.float64)
+    block_end = 0
     for i in range(cols):
-        if nm is None and i % blocksize == 0:
-            i2 = min(i + blocksize, cols)
+        if nm is None and i in starts:
+            i2 = block_end = ends[i]
             score = W[:, i:i2] ** 2 / d[i:i2]  # (rows, count)
             k = int(score.numel() * sparsity)
             if k < score.numel():  # the paper removes score <= sort(score)[k]: k + 1 weights, and exact ties
@@ -107,16 +167,48 @@ def sparsegpt(weight: Tensor, H: Tensor, sparsity: float = 0.5, blocksize: int =
                 c, g = lowest(flat, int((flat <= flat.sort().values[0, k]).sum()), prefer(i, i2))
                 chosen[:, i:i2], gap[:, i:i2] = c.view_as(score), g.view_as(score)
         elif nm is not None and i % nm[1] == 0:
-            i2 = i + nm[1]
+            i2 = block_end = i + nm[1]
             score = W[:, i:i2] ** 2 / d[i:i2]  # (rows, m)
             chosen[:, i:i2], gap[:, i:i2] = lowest(score, nm[0], prefer(i, i2))
         q = W[:, i].masked_fill(applied[:, i], 0.0)
+        if grid is not None:
+            if i % group == 0:  # the group's grid, from the weights it keeps as they are now
+                e = i + group
+                known = e if nm is None and sparsity == 0 else min(e, block_end)
+                removed = torch.zeros(rows, group, dtype=torch.bool)
+                # the mask chosen here by the rule (equal to a followed one but near ties; a mask read from a written
+                # weight's zeros also holds kept weights rounded to 0, which count in the range)
+                removed[:, : known - i] = chosen[:, i:known]
+                a = known
+                while a < e:  # columns whose mask comes later: the mask the rule would choose now
+                    b = ends[a] if nm is None else a + nm[1]
+                    if nm is None:
+                        removed[:, a - i : b - i] = block_rule(W[:, a:b], d[a:b])
+                    else:
+                        removed[:, a - i : b - i] = lowest(W[:, a:b] ** 2 / d[a:b], nm[0])[0]
+                    a = b
+                kept = W[:, i:e].masked_fill(removed, 0.0)
+                s, z = grid_params(kept.min(1).values.clamp(max=0), kept.max(1).values.clamp(min=0), bits, sym)
+                scales[:, i // group], zeros[:, i // group] = s, z
+            s, z = scales[:, i // group], zeros[:, i // group]
+            ratio = W[:, i] / s
+            own = (torch.round(ratio) + z).clamp(0, maxq)
+            chosen_codes[:, i] = own
+            code_gap[:, i] = (ratio - ratio.floor() - 0.5).abs()
+            code = own if follow_codes is None else follow_codes[:, i].double()
+            if follow_weight is not None:
+                code = (torch.round(follow_weight[:, i].double() / s) + z).clamp(0, maxq)
+            code = torch.where(applied[:, i], z, code)
+            codes[:, i] = code
+            q = (code - z) * s
         W[:, i:] -= torch.outer((W[:, i] - q) / d[i], inv_rows[i])  # OBS: removes column i's error optimally
         W[:, i] = q
     W[:, dead] = 0.0
     chosen[:, dead] = True  # removed whatever the scores said, as their weights are zeroed
     gap[:, dead] = math.inf
-    return Selection(W, applied.clone(), chosen, gap)
+    if grid is None:
+        return Selection(W, applied.clone(), chosen, gap)
+    return Selection(W, applied.clone(), chosen, gap, codes, chosen_codes, code_gap, scales, zeros)
 
 
 def wanda(weight: Tensor, x: Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,

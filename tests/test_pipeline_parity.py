@@ -93,18 +93,22 @@ def linear_inputs(model, windows: torch.Tensor, linears: dict[str, torch.nn.Modu
     return {name: torch.cat([a.reshape(-1, a.shape[-1]) for a in acts]) for name, acts in seen.items()}
 
 
-def rederive(method: str, pattern: str, W: torch.Tensor, x: torch.Tensor, follow: torch.Tensor) -> reference.Selection:
+def rederive(method: str, pattern: str, W: torch.Tensor, x: torch.Tensor, follow: torch.Tensor,
+             grid: tuple[int, int, bool] | None = None, written: torch.Tensor | None = None) -> reference.Selection:
     nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
     if method == "sparsegpt":
-        return reference.sparsegpt(W, reference.hessian(x), 0.5, BLOCKSIZE, nm=nm, follow=follow)
+        return reference.sparsegpt(W, reference.hessian(x), 0.5, BLOCKSIZE, nm=nm, follow=follow, grid=grid,
+                                   follow_weight=written)
     return reference.wanda(W, x, 0.5, nm=nm, follow=follow)
 
 
-def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern: str, sequential: bool) -> list[Row]:
+def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern: str, sequential: bool,
+                grid: tuple[int, int, bool] | None = None) -> list[Row]:
     src = tiny.build(tmp_path / "in", variant)
     out = tmp_path / "out"
+    quant = {} if grid is None else dict(wbits=grid[0], group_size=grid[1], sym=grid[2])
     streamprune.prune(src, out, method=method, pattern=pattern, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
-                      seed=SEED, sequential=sequential, blocksize=BLOCKSIZE, device="cpu")
+                      seed=SEED, sequential=sequential, blocksize=BLOCKSIZE, device="cpu", **quant)
     windows = calib_windows(calib, src, tiny.VOCAB, SEQLEN, NSAMPLES, SEED)
     dense = {n: p.detach().clone() for n, p in tiny.hf_model(src).named_parameters()}
     model = tiny.hf_model(out)
@@ -127,7 +131,8 @@ def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern:
             for stage in group:
                 for name in stage:
                     got = written[prefix + name + ".weight"].double()  # its zeros are the mask under test
-                    ref = rederive(method, pattern, dense[prefix + name + ".weight"], inputs[stage[0]], got == 0)
+                    ref = rederive(method, pattern, dense[prefix + name + ".weight"], inputs[stage[0]], got == 0, grid,
+                                   got if grid else None)
                     flips, gap = ref.flips()
                     diff = float((got - ref.weight).abs().max())
                     rows.append(Row(b, name, flips, gap, diff, diff / float(ref.weight.abs().max())))
@@ -273,3 +278,12 @@ def test_moe_wanda_parity_with_fallback(tmp_path, calib):
     rows = moe_parity_rows(tmp_path, calib, "qwen2-moe", "wanda", True, min_tokens=200)
     assert any("tokens)" in r.name and int(r.name.split("(")[1].split()[0]) < 200 for r in rows)
     check(rows, "wanda", True)
+
+
+@pytest.mark.parametrize("pattern,grid", [("unstructured", (4, 32, True)), ("unstructured", (4, 32, False)),
+                                          ("unstructured", (4, -1, True)), ("unstructured", (4, -1, False)),
+                                          ("2:4", (4, 32, False))])
+def test_sparsegpt_quant_parity(tmp_path, calib, pattern, grid):
+    """--wbits 4: the joint sweep against the float64 re-derivation, whose kept weights take the written weight's
+    codes on the reference's own grid (so a grid that differs shows as a weight difference)."""
+    check(parity_rows(tmp_path, calib, "llama-gqa", "sparsegpt", pattern, True, grid), "sparsegpt", True)

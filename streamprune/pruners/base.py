@@ -12,6 +12,7 @@ from torch import Tensor
 
 from streamprune.pruners.factor import WORKSPACE_BYTES, rows_per_chunk
 from streamprune.pruners.masks import Pattern, nm_mask
+from streamprune.pruners.quant import Grid, Quantized, round_to_nearest
 
 LIBRARY_WORKSPACE = 32 * 2**20  # what BLAS, LAPACK or cuSOLVER allocate for themselves during a solve
 
@@ -21,6 +22,10 @@ class PruneResult:
     weight: Tensor  # float32, pruned (and for SparseGPT, updated) weight; may be a transposed view
     mask: Tensor  # True where a weight was removed; may be a transposed view
     info: dict[str, float] = field(default_factory=dict)
+    quant: Quantized | None = None  # with a grid: the codes of `weight`, which is their dequantized value
+    # with a grid and X^T X kept for the errors: the weight just before rounding (removed weights 0; for SparseGPT
+    # each column as updated by the sweep when it was reached), for the sparsity and quantization errors
+    unrounded: Tensor | None = None
 
 
 class Pruner(ABC):
@@ -46,8 +51,9 @@ class Pruner(ABC):
     solve_bytes_per_element: ClassVar[int] = 0
 
     def __init__(self, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
-                 offload_hessian: bool = False, errors: bool = False) -> None:
+                 offload_hessian: bool = False, errors: bool = False, grid: Grid | None = None) -> None:
         self.columns = columns
+        self.grid = grid
         self.device = device
         self.sparsity = sparsity
         self.pattern = pattern
@@ -67,11 +73,13 @@ class Pruner(ABC):
         """Refuse knob values this method cannot use (one-line ArgumentError)."""
 
     @classmethod
-    def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any]) -> int:
+    def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any], grid: Grid | None = None) -> int:
         """Bytes the solve of one (rows x cols) linear holds beside X^T X, the solver's matrix and the weight as
         stored; `widest` is the widest input's column count."""
         chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)  # row chunks of the masks and of the reconstruction error
-        return cls.solve_bytes_per_element * rows * cols + chunks + LIBRARY_WORKSPACE
+        rounding = 3 * min(WORKSPACE_BYTES, rows * cols * 4) if grid else 0  # row chunks of round_to_nearest
+        return (cls.solve_bytes_per_element * rows * cols + quantized_bytes(rows, cols, grid) + chunks + rounding
+                + LIBRARY_WORKSPACE)
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:
@@ -117,8 +125,38 @@ class Pruner(ABC):
             den += float(((w @ self.xtx) * w).sum())
         return num / den if den > 0 else 0.0
 
+    @torch.no_grad()
+    def split_errors(self, dense: Tensor, unrounded: Tensor, pruned: Tensor) -> tuple[float, float] | None:
+        """With a grid: the sparsity error ||W X - P X||^2 / ||W X||^2 and the quantization error
+        ||P X - Q X||^2 / ||W X||^2, where P is the weight just before rounding (`unrounded`) and Q the written
+        one (`pruned`); from X^T X in row chunks, as `reconstruction_error` (None without X^T X)."""
+        if self.xtx is None:
+            return None
+        self.release_solver()
+        if self.xtx.device != self.device:
+            self.xtx = self.xtx.to(self.device)
+        sparse = quant = den = 0.0
+        chunk = rows_per_chunk(self.columns)
+        for r0 in range(0, dense.shape[0], chunk):
+            w = dense[r0 : r0 + chunk].to(self.device, torch.float32)
+            p = unrounded[r0 : r0 + w.shape[0]].to(self.device, torch.float32)
+            den += float(((w @ self.xtx) * w).sum())
+            delta = w - p  # never in place: `dense` may be the stored tensor itself
+            sparse += float(((delta @ self.xtx) * delta).sum())
+            torch.sub(p, pruned[r0 : r0 + w.shape[0]].to(self.device, torch.float32), out=delta)
+            quant += float(((delta @ self.xtx) * delta).sum())
+        return (sparse / den, quant / den) if den > 0 else (0.0, 0.0)
+
     def free(self) -> None:
         self.xtx = self.sqnorms = None
+
+
+def quantized_bytes(rows: int, cols: int, grid: Grid | None) -> int:
+    """What a grid adds to the solve of one linear: its uint8 codes, and a float32 scale and zero point per row and
+    group (the weight just before rounding, kept for the errors, is counted with the site: Footprint.site_unrounded)."""
+    if grid is None:
+        return 0
+    return rows * cols + 8 * rows * (cols // grid.columns(cols))
 
 
 class ScorePruner(Pruner):
@@ -143,4 +181,8 @@ class ScorePruner(Pruner):
         else:
             mask = self.unstructured_mask(score)
         del score
-        return PruneResult(w.masked_fill_(mask, 0.0), mask)
+        w.masked_fill_(mask, 0.0)
+        if self.grid is None:
+            return PruneResult(w, mask)
+        unrounded = w.clone() if self.xtx is not None else None
+        return PruneResult(w, mask, quant=round_to_nearest(w, mask, self.grid), unrounded=unrounded)
