@@ -1,20 +1,28 @@
 """Output formats: the compressed-tensors pack-quantized writer against the compressed-tensors package (bit-exact
-packing, scales and zero points)."""
+packing, scales and zero points), a quantized tiny llama written through the pipeline's shard path and loaded by
+transformers, and the dense format's output unchanged."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
+from streamprune.checkpoint import Checkpoint, ShardWriter, copy_side_files, read_tensor
 from streamprune.errors import ArgumentError, CheckpointError
-from streamprune.formats import CompressedTensorsFormat, format_of, make_format
+from streamprune.evaluate import logits
+from streamprune.formats import CompressedTensorsFormat, Layout, format_of, make_format
+from streamprune.pipeline import block_meta, finish_config, output_linears, prune
+from tests import tiny
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -130,3 +138,143 @@ def test_refusals():
     with pytest.raises(CheckpointError, match="quant_method 'gptq'"):
         format_of({"quantization_config": {"quant_method": "gptq"}})
 
+
+def quantize_checkpoint(src: Path, dst: Path, grid: Grid, format: str = "compressed-tensors") -> dict[str, Quantized]:
+    """What a quantizing run writes, without the solver: each linear the pipeline prunes, rounded to the nearest
+    point of `grid`, written through the format on the pipeline's own shard path (header first from
+    `block_meta`, each tensor put as it is ready, config.json by `finish_config`)."""
+    ckpt = Checkpoint(src)
+    fmt = make_format(format, grid)
+    ct_fmt = CompressedTensorsFormat(grid)  # the scales as stored, whichever the format
+    layout = Layout(fmt, frozenset(output_linears(ckpt)))
+    writer = ShardWriter(dst, ckpt.config.n_layers + 1)
+    dst.mkdir(parents=True, exist_ok=True)
+    solved = {}
+    for idx, bid in enumerate([None, *range(ckpt.config.n_layers)]):
+        with writer.open(idx, block_meta(ckpt, bid, layout)) as shard:
+            for name in ckpt.stored_names(bid):
+                w = read_tensor(ckpt.tensors[name])
+                if name not in layout.encoded:
+                    shard.put(name, w)
+                    continue
+                solved[name] = q = rtn(w, grid, ct_fmt, w.dtype)
+                for part, t in fmt.encode(name, dequantized(q, grid).to(w.dtype), q).items():
+                    shard.put(part, t)
+    copy_side_files(src, dst)
+    finish_config(ckpt, dst, layout)
+    writer.finish()
+    return solved
+
+
+def load_hf(path: Path, **kw):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+
+E2E_GRIDS = [Grid(4, 32, True), Grid(4, 32, False), Grid(4, -1, False), Grid(8, -1, True), Grid(2, 16, False)]
+
+
+@pytest.mark.parametrize("grid", E2E_GRIDS, ids=grid_id)
+def test_quantized_llama_loads_in_transformers(tmp_path, grid):
+    """transformers (with compressed-tensors) computes the same logits from the written checkpoint as streamprune's
+    block iterator reading it through the format. A symmetric checkpoint loads with a plain from_pretrained; an
+    asymmetric one needs CompressedTensorsConfig(dequantize=True) with transformers 5.24 and compressed-tensors
+    0.20.1 (the plain load refuses the packed zero points' shape, see README)."""
+    from transformers import CompressedTensorsConfig
+
+    src = tiny.build(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    quantize_checkpoint(src, out, grid)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "sparsity_config" not in config and config["ignore"] == ["lm_head"]
+    parsed = QuantizationConfig.model_validate(config)  # the package reads it as written
+    assert parsed.config_groups["group_0"].weights == scheme(grid).weights
+    kw = {} if grid.sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    model = load_hf(out, **kw)
+    ids = torch.randint(0, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(logits(out, ids), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 32, True), Grid(4, 16, False), Grid(3, -1, False)], ids=grid_id)
+def test_packed_integers_are_the_solved_codes(tmp_path, grid):
+    """The written integers, unpacked by compressed-tensors, are the solver's codes and zero points; the stored
+    scales are its (rounded) scales; what streamprune reads back, for eval and for a resumed run's replay through
+    the run's output layout, is the contract's weight rounded once to the model's dtype."""
+    from streamprune.stream import BlockStream
+
+    src = tiny.build(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    solved = quantize_checkpoint(src, out, grid)
+    written = Checkpoint(out)
+    assert written.layout.format.name == "compressed-tensors" and written.layout.encoded == set(solved)
+    offset = 2 ** (grid.bits - 1)
+    for name, q in solved.items():
+        module = name.removesuffix(".weight")
+        packed = read_tensor(written.tensors[f"{module}.weight_packed"])
+        codes = unpack_from_int32(packed, grid.bits, q.codes.shape).int() + offset
+        assert torch.equal(codes, q.codes.int()), name
+        assert torch.equal(read_tensor(written.tensors[f"{module}.weight_scale"]).float(), q.scale), name
+        if not grid.sym:
+            zp = read_tensor(written.tensors[f"{module}.weight_zero_point"])
+            assert torch.equal(unpack_from_int32(zp, grid.bits, q.zero.shape, packed_dim=0).int() + offset, q.zero.int())
+        assert torch.equal(written.read(name), dequantized(q, grid).to(torch.bfloat16)), name
+    # a resumed run replays its shards with the input checkpoint and its own output layout
+    ckpt = Checkpoint(src)
+    layout = Layout(CompressedTensorsFormat(grid), frozenset(output_linears(ckpt)))
+    shards = {bid: out / ShardWriter(out, ckpt.config.n_layers + 1).shard_name(bid + 1) for bid in range(3)}
+    for block in BlockStream(ckpt, torch.device("cpu"), range(3), shard_of=shards.__getitem__, layout=layout):
+        for (param, b), name in ckpt.names.items():
+            if b == block.bid:
+                assert torch.equal(block.w[param], written.read(name)), name
+
+
+def test_pack_quantized_size(tmp_path):
+    """A 4-bit bfloat16 model's linears take at most 0.3 of their dense bytes (group 128: codes 0.5 byte, a bfloat16
+    scale per 128 weights; asymmetric: a 4-bit zero point too)."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=tiny.VOCAB, max_position_embeddings=128)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(src)
+    dense = Checkpoint(src)
+    linear_bytes = sum(dense.tensors[n].nbytes for n in output_linears(dense))
+    for grid in (Grid(4, 128, True), Grid(4, 128, False)):
+        out = tmp_path / grid_id(grid)
+        quantize_checkpoint(src, out, grid)
+        written = Checkpoint(out)
+        packed = sum(written.tensors[p].nbytes for n in written.layout.encoded for p in written.layout.stored(n))
+        ratio = packed / linear_bytes
+        print(f"{grid_id(grid)}: linears {packed} of {linear_bytes} dense bytes = {ratio:.4f}")
+        assert ratio <= 0.3
+
+
+def test_quantized_moe_reads_as_its_dense_twin(tmp_path):
+    """A Mixtral's experts stored packed are read back, expert by expert, as the dense format stores the same
+    quantized weights: the two checkpoints give the same logits, bit for bit."""
+    src = tiny.build(tmp_path / "src", "mixtral", dtype=torch.bfloat16)
+    grid = Grid(4, 16, False)
+    quantize_checkpoint(src, tmp_path / "packed", grid)
+    quantize_checkpoint(src, tmp_path / "dense", grid, format="dense")
+    packed = Checkpoint(tmp_path / "packed")
+    assert any(".experts." in n for n in packed.layout.encoded)
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["lm_head"] + [f"model.layers.{i}.block_sparse_moe.gate" for i in (0, 1)]  # the routers
+    assert (tmp_path / "dense" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(tmp_path / "packed", ids), logits(tmp_path / "dense", ids))
+
+
+def test_run_refusals(tmp_path):
+    src = tiny.build(tmp_path / "src", "llama")
+    with pytest.raises(ArgumentError, match="pass --wbits"):
+        prune(src, tmp_path / "a", method="magnitude", format="compressed-tensors")
+    with pytest.raises(ArgumentError, match="format 'gguf' is not one of dense, compressed-tensors"):
+        prune(src, tmp_path / "b", method="magnitude", format="gguf")
+    quantize_checkpoint(src, tmp_path / "q", Grid(4, 32, True))
+    with pytest.raises(ArgumentError, match="is stored compressed-tensors .* prune its unquantized original"):
+        prune(tmp_path / "q", tmp_path / "c", method="magnitude")
