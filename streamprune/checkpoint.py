@@ -25,7 +25,8 @@ from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, expert_params, resolve
 from streamprune.arch.roles import BLOCK_ROLES
-from streamprune.errors import CheckpointError
+from streamprune.errors import ArgumentError, CheckpointError
+from streamprune.formats import Layout, format_of
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class Checkpoint:
         self.spec, self.config = resolve(self.raw_config)
         self.tensors = scan_tensors(self.dir)
         self.prefix, self.head_prefix = self._detect_prefix()
+        self.layout = Layout(format_of(self.raw_config, str(self.dir / "config.json")))
         self.names: dict[tuple[Param, int | None], str] = {}
         self.experts: dict[tuple[int, int], dict[Param, str]] = {}  # (block, expert) -> that expert's tensors
         self._bind_roles()
@@ -270,10 +272,28 @@ class Checkpoint:
         cfg = self.config
         missing: list[str] = []
         bad_shape: list[str] = []
+        encoded: set[str] = set()
+        fmt = self.layout.format
+        dtype = self.tensors[self.name_of(Role.TOKEN_EMBD, "weight")].torch_dtype
 
         def bind(param: Param, shape: tuple[int, ...], bid: int | None, xid: int | None = None) -> str | None:
             name = self.name_of(*param, bid, xid)
             info = self.tensors.get(name)
+            if info is None and param[1] == "weight" and fmt.name != "dense" and fmt.names(name)[0] in self.tensors:
+                encoded.add(name)  # a linear stored by the checkpoint's format (packed): its parts are checked
+                try:
+                    parts = fmt.tensors(name, dtype, shape)
+                except (ArgumentError, CheckpointError) as e:
+                    bad_shape.append(str(e))
+                    return name
+                for part, (part_dtype, part_shape) in parts.items():
+                    got = self.tensors.get(part)
+                    if got is None:
+                        missing.append(part)
+                    elif got.torch_dtype != part_dtype or got.shape != part_shape:
+                        bad_shape.append(f"{part} is {got.dtype} {list(got.shape)}, {fmt.name} stores "
+                                         f"{DTYPE_NAMES[part_dtype]} {list(part_shape)} for {list(shape)}")
+                return name
             if info is None:
                 missing.append(name)
                 return None
@@ -304,10 +324,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: missing {len(missing)} tensor(s): {shown}")
         if bad_shape:
             raise CheckpointError(f"{self.dir}: {bad_shape[0]}" + (f" (and {len(bad_shape) - 1} more)" if len(bad_shape) > 1 else ""))
+        self.layout = Layout(fmt, frozenset(encoded))
         # Where each stored tensor belongs: its block index, or None for the globals.
-        self.location: dict[str, int | None] = {name: bid for (_, bid), name in self.names.items()}
-        self.expert_of: dict[str, tuple[int, int]] = {name: key for key, names in self.experts.items()
-                                                      for name in names.values()}
+        self.location: dict[str, int | None] = {stored: bid for (_, bid), name in self.names.items()
+                                                for stored in self.layout.stored(name)}
+        self.expert_of: dict[str, tuple[int, int]] = {stored: key for key, names in self.experts.items()
+                                                      for name in names.values() for stored in self.layout.stored(name)}
         self.location.update({name: bid for name, (bid, _) in self.expert_of.items()})
         for role in self.spec.optional & set(self.spec.tensors):
             for bid in range(cfg.n_layers):
@@ -343,7 +365,21 @@ class Checkpoint:
         return self.config.n_experts if self.config.is_moe(bid) else 0
 
     def read(self, name: str) -> Tensor:
-        return read_tensor(self.tensors[name])
+        """Tensor `name` as the model uses it (a packed linear decoded by the checkpoint's format)."""
+        stored = self.layout.stored(name)
+        return self.layout.weight(name, {s: read_tensor(self.tensors[s]) for s in stored})
+
+    def linear_modules(self) -> list[str]:
+        """The module names of the model's linear layers outside the routed experts' (those whose 2-D weights are
+        not embeddings; the output head even when tied), e.g. for a quantization config's `ignore` list."""
+        embeddings = {Role.TOKEN_EMBD, Role.POS_EMBD}
+        weights = [name for ((role, kind), _), name in self.names.items() if kind == "weight" and role not in embeddings]
+        weights += [name for names in self.experts.values() for name in names.values()]
+        weights += [name for name, bid in self.location.items()  # a vision tower's linears, copied as they are
+                    if name.startswith(self.spec.passthrough) and name.endswith(".weight")]
+        modules = {name.removesuffix(".weight") for name in weights
+                   if name in self.layout.encoded or len(self.tensors[name].shape) == 2}
+        return sorted(modules | {self.name_of(Role.OUTPUT, "weight").removesuffix(".weight")})
 
     def load_block(self, bid: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[Param, Tensor]:
         """The parameters of one decoder block, by role, on `device` in `dtype`."""
@@ -429,7 +465,8 @@ class ShardFile:
         dtype, shape = self.meta[name]
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
-        data = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        # flattened before the byte view: a contiguous tensor with a size-1 dimension may keep an odd stride there
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._pwrite(memoryview(data), self.offsets[name])
         self.written.add(name)
 

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from streamprune.errors import StreamPruneError
+from streamprune.formats import FORMATS
 from streamprune.pruners import METHODS
 
 logger = logging.getLogger("streamprune")
@@ -91,6 +92,10 @@ class MoeCalibrationChoice(str, Enum):
 MethodChoice = Enum("MethodChoice", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
 WBITS_HELP = "Quantize the kept weights to 2, 3, 4 or 8 bits in the same solve (default: no quantization)."
 GROUP_SIZE_HELP = "Input columns per quantization group (must divide every pruned matrix's columns); -1: one per row."
+FormatChoice = Enum("FormatChoice", {name.replace("-", "_"): name for name in FORMATS}, type=str)  # type: ignore[misc]
+FORMAT_HELP = ("How the pruned linears are written: 'dense' (weights in the input's dtype; with --wbits, the dequantized "
+               "values) or 'compressed-tensors' (needs --wbits: int weights packed into int32 with per-group scales, the "
+               "pack-quantized format transformers and vLLM load).")
 SYM_HELP = "Symmetric grid (zero point 2**(wbits-1)) or asymmetric (its own zero point per group)."
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
@@ -123,6 +128,7 @@ def run_cmd(
     wbits: Annotated[Optional[int], typer.Option(help=WBITS_HELP)] = None,
     group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
+    format: Annotated[FormatChoice, typer.Option("--format", help=FORMAT_HELP)] = FormatChoice.dense,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -137,7 +143,7 @@ def run_cmd(
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        overwrite=overwrite, restart=restart, profile_memory=profile_memory,
                        moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens, wbits=wbits,
-                       group_size=group_size, sym=sym)
+                       group_size=group_size, sym=sym, format=format.value)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))

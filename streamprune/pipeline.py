@@ -8,6 +8,7 @@ same command resumes at the first unfinished block.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ from streamprune.checkpoint import (
     read_tensor,
 )
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
+from streamprune.formats import Layout, make_format, write_quantization_config
 from streamprune.forward import Routes, add_expert, embed_windows, forward_block, routed_rows
 from streamprune.journal import WORK_DIR, Journal, calib_digest, describe_difference, environment, fingerprint
 from streamprune.memory import (
@@ -85,6 +87,7 @@ class PruneOptions:
     wbits: int | None = None  # quantize the kept weights to this many bits (None: no quantization)
     group_size: int = 128  # columns per quantization group; -1: one group per output row
     sym: bool = True  # symmetric grid (zero point 2**(wbits-1)), else asymmetric
+    format: str = "dense"  # how the pruned linears are written: one of formats.FORMATS (compressed-tensors: quantized)
 
 
 MOE_CALIBRATION = ("routed", "all")
@@ -117,6 +120,7 @@ class Job:
     args: dict[str, Any]
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
+    layout: Layout  # how the output stores the pruned linears (the output format over their names)
 
     def clock(self) -> float:
         """Seconds, after waiting for queued device work, so phase timings hold on CUDA too."""
@@ -203,8 +207,18 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
     if grid is not None and pattern.structured and grid.group_size != -1 and grid.group_size % pattern.m:
         raise ArgumentError(f"group size {grid.group_size} is not a multiple of M={pattern.m} of pattern {pattern}")
+    fmt = make_format(opts.format, grid)  # an unknown format, or a quantized one without --wbits, is refused here
     ckpt = Checkpoint(model_dir)
+    if grid is not None:  # scales as the model's dtype stores them, whatever the output format
+        grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
+        fmt = make_format(opts.format, grid)
+    if ckpt.layout.encoded:
+        raise ArgumentError(f"{str(model_dir)!r} is stored {ckpt.layout.format.name} (packed integer weights); "
+                            "prune its unquantized original")
     cfg = ckpt.config
+    layout = Layout(fmt, frozenset(output_linears(ckpt)))
+    for name in layout.encoded:  # e.g. a group size that does not divide a linear's width, refused up front
+        fmt.tensors(name, ckpt.tensors[name].torch_dtype, ckpt.tensors[name].shape)
     for (param, bid), name in ckpt.names.items():
         if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
             check_columns(ckpt.tensors[name].shape[1], pattern, name)
@@ -243,8 +257,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             "layer_errors": errors}
     moe_options = MOE_OPTIONS if cfg.n_experts else ()
     quant_options = QUANT_OPTIONS if grid is not None else ()  # so that runs without --wbits still resume
+    format_options = ("format",) if opts.format != "dense" else ()  # a dense run's fingerprint is that of before
     fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
-                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options + quant_options})
+                         {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options + quant_options
+                          + format_options})
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -266,7 +282,31 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
 
     check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
-               decision.offload_hessian, grid, args, fprint, journal)
+               decision.offload_hessian, grid, args, fprint, journal, layout)
+
+
+def output_linears(ckpt: Checkpoint) -> list[str]:
+    """The weights a run prunes, so writes through its output format: every linear of SEQUENTIAL and
+    EXPERT_SEQUENTIAL."""
+    names = [name for ((role, kind), bid), name in ckpt.names.items()
+             if bid is not None and kind == "weight" and role in PRUNABLE]
+    return names + [name for names in ckpt.experts.values() for (role, _), name in names.items() if role in PRUNABLE]
+
+
+def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The stored tensors of block `bid`'s output shard (None: the globals'), with dtypes and shapes: the input's
+    tensors, the linears in `layout.encoded` as its format stores them. Known before any is solved."""
+    meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for n in ckpt.stored_names(bid):
+        meta.update(layout.meta(n, ckpt.tensors[n].torch_dtype, ckpt.tensors[n].shape))
+    return meta
+
+
+def finish_config(ckpt: Checkpoint, out_dir: Path, layout: Layout) -> None:
+    """config.json of the output (copied from the input): with the format's quantization config, whose `ignore`
+    lists every linear module the output does not encode (the head among them); unchanged for the dense format."""
+    ignore = [m for m in ckpt.linear_modules() if m + ".weight" not in layout.encoded]
+    write_quantization_config(out_dir, layout.format, ignore)
 
 
 def load_report(out_dir: Path) -> Report:
@@ -357,7 +397,6 @@ class BlockPruner:
             name = names[role]
             dense = w[(role, "weight")]
             result = pruner.prune(dense)
-            # what is written, and what later sites and blocks see
             # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
             pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
             pruned.copy_(result.weight)
@@ -367,9 +406,12 @@ class BlockPruner:
                     f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
                     "nothing of this block was written: rerun with a larger --damp and --restart, or prune a bfloat16 or "
                     "float32 copy")
-            info, unrounded, result = result.info, result.unrounded, None  # the codes are not written yet
-            w[(role, "weight")] = pruned
-            put(name, pruned.cpu())
+            info, unrounded, quant, result = result.info, result.unrounded, result.quant, None
+            # written through the output format; later sites and blocks see what it decodes (what a loader computes)
+            stored = self.job.layout.format.encode(name, pruned, quant)
+            for part, t in stored.items():
+                put(part, t.cpu())
+            pruned = w[(role, "weight")] = self.job.layout.weight(name, stored)
             solved = clock() - start
             self.report.add("solve", solved, bid)
             done.append((role, name, dense, pruned, unrounded, info, solved))
@@ -456,7 +498,8 @@ class BlockPruner:
             del expert, we
         if not sequential:  # the pruned block forward, its experts read back from the shard being written
             t = clock()
-            written = BlockStream(self.ckpt, self.device, range(bid, bid + 1), shard_of=lambda _: shard.path)
+            written = BlockStream(self.ckpt, self.device, range(bid, bid + 1), shard_of=lambda _: shard.path,
+                                  layout=self.job.layout)
             forward_block(self.ckpt, w, x, pos, out, batch, self.device, experts=lambda: written.experts(bid))
             self.report.add("forward", clock() - t, bid)
 
@@ -561,8 +604,7 @@ class Run:
                 report.read_total_seconds += block.read_seconds
                 # the block's shard has the input's tensors, names, dtypes and shapes: its header is written first, and
                 # each tensor as soon as it is final (the pruned ones as they are solved, the others now)
-                meta = {n: (self.ckpt.tensors[n].torch_dtype, self.ckpt.tensors[n].shape)
-                        for n in self.ckpt.stored_names(bid)}
+                meta = block_meta(self.ckpt, bid, job.layout)
                 pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
                           if b == bid and kind == "weight" and role in PRUNABLE}
                 n_before = len(report.layers)
@@ -602,6 +644,7 @@ class Run:
                     store.close()
             phase("finish")
             copy_side_files(self.ckpt.dir, out)
+            finish_config(self.ckpt, out, job.layout)
             self.writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
 
         report.read_hidden_seconds = max(0.0, report.read_total_seconds - report.phases["read"])
@@ -629,7 +672,8 @@ class Run:
         """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
         start = time.perf_counter()
         shards = BlockStream(self.ckpt, self.job.device, range(first),
-                             shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"])
+                             shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"],
+                             layout=self.job.layout)
         for block in shards:
             phase(f"block {block.bid}: replay")
             forward_block(self.ckpt, block.w, x, pos.of(block.bid), scratch, self.job.batch, self.job.device,
@@ -664,6 +708,8 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             overwrite: replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.
             restart: start over even if OUT_DIR holds an unfinished run with other arguments.
             profile_memory: sample RSS and GPU memory during the run into OUT_DIR/streamprune_memory.csv.
+            format: how the pruned linears are written, "dense" (the input's dtype) or "compressed-tensors"
+                (pack-quantized; needs a quantized run).
 
     Returns:
         The run report, also saved as OUT_DIR/streamprune_report.json.

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from streamprune.arch import Param
 from streamprune.checkpoint import Checkpoint, CheckpointError, TensorInfo, all_finite, read_header, read_tensor
+from streamprune.formats import Layout
 
 Raw = dict[str, Tensor]  # stored tensors of one block, by checkpoint name, in their stored dtype
 K = TypeVar("K")
@@ -63,11 +64,21 @@ class Reader(Generic[K]):
 
 class BlockStream:
     """Blocks `bids` of `ckpt`, read ahead; `shard_of(bid)`, when given, names the file that holds block `bid`
-    instead of the checkpoint's own shards (a resumed run replays the blocks it has written)."""
+    instead of the checkpoint's own shards (a resumed run replays the blocks it has written), stored in `layout`
+    (the run's output layout; default: the checkpoint's own). Each linear is decoded by the layout's format."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, bids: range,
-                 shard_of: Callable[[int], Path] | None = None) -> None:
+                 shard_of: Callable[[int], Path] | None = None, layout: Layout | None = None) -> None:
         self.ckpt, self.device, self.bids, self.shard_of = ckpt, device, bids, shard_of
+        self.layout = ckpt.layout if layout is None else layout
+
+    def stored(self, names: list[str]) -> list[str]:
+        """The stored tensors that hold the checkpoint's tensors `names` in this stream's layout (the checkpoint's
+        own stored names are their own: a run's output layout encodes the dense names of its input)."""
+        return sorted(s for name in names for s in self.layout.stored(name))
+
+    def weight(self, name: str, raw: Raw) -> Tensor:
+        return self.layout.weight(name, raw).to(self.device)
 
     def infos(self, bid: int) -> dict[str, TensorInfo]:
         return self.ckpt.tensors if self.shard_of is None else read_header(self.shard_of(bid))
@@ -87,14 +98,14 @@ class BlockStream:
         names = {xid: self.ckpt.experts[(bid, xid)] for xid in range(self.ckpt.n_experts(bid))}
 
         def make(xid: int, raw: Raw, read_seconds: float, wait: float) -> Part:
-            w = {param: raw[name].to(self.device) for param, name in names[xid].items()}
+            w = {param: self.weight(name, raw) for param, name in names[xid].items()}
             return Part(bid, raw, w, read_seconds, wait, xid)
 
-        return iter(Reader(list(names), lambda xid: self.read(bid, sorted(names[xid].values())), make))
+        return iter(Reader(list(names), lambda xid: self.read(bid, self.stored(list(names[xid].values()))), make))
 
     def __iter__(self) -> Iterator[Part]:
         def make(bid: int, raw: Raw, read_seconds: float, wait: float) -> Part:
-            w = {param: raw[name].to(self.device) for (param, b), name in self.ckpt.names.items() if b == bid}
+            w = {param: self.weight(name, raw) for (param, b), name in self.ckpt.names.items() if b == bid}
             return Part(bid, raw, w, read_seconds, wait, experts=lambda: self.experts(bid))
 
-        return iter(Reader(list(self.bids), lambda bid: self.read(bid, self.ckpt.block_names(bid)), make))
+        return iter(Reader(list(self.bids), lambda bid: self.read(bid, self.stored(self.ckpt.block_names(bid))), make))

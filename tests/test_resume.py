@@ -181,8 +181,11 @@ def snapshot(out: Path) -> set[tuple[str, int]]:
     return {(str(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} if out.exists() else set()
 
 
-def test_sigkill_at_random_points_then_resume(tmp_path):
-    """Kill a run with SIGKILL at random moments, resume each time; the result equals an uninterrupted run."""
+@pytest.mark.parametrize("extra", [[], ["--wbits", "4", "--group-size", "32", "--format", "compressed-tensors"]],
+                         ids=["dense", "packed"])
+def test_sigkill_at_random_points_then_resume(tmp_path, extra):
+    """Kill a run with SIGKILL at random moments, resume each time; the result equals an uninterrupted run (packed
+    output too: the resumed run replays its written blocks through the output format)."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=128, intermediate_size=256,
@@ -194,7 +197,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(tiny.sample_text(40000))
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib),
-           "--nsamples", "64", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32"]
+           "--nsamples", "64", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32", *extra]
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run([str(ref) if c == "OUT" else c for c in cmd], check=True, capture_output=True, cwd=ROOT)
     wall = load_report(ref).wall_seconds  # from the first write to the end

@@ -32,6 +32,9 @@ class Grid:
     bits: int  # 2, 3, 4 or 8
     group_size: int  # columns per group; -1: one group per output row (all columns)
     sym: bool
+    # the dtype scales are stored in (the model's, as a packed checkpoint holds them): each scale is rounded to it
+    # before any weight is gridded, so the written weight, dense or packed, is the one the solve went on with
+    scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -50,13 +53,12 @@ class Grid:
     def params(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point (float32, integer-valued) of groups whose kept weights span [lo, hi] (lo <= 0 <= hi)."""
         maxq = self.maxq
+        scale = torch.maximum(-lo, hi).mul_(2.0 / maxq) if self.sym else (hi - lo).div_(maxq)
+        scale = scale.to(self.scale_dtype).float()  # as stored (a no-op for float32)
+        scale[scale == 0] = 1.0  # an all-zero group, or one below the stored dtype's resolution
         if self.sym:
-            scale = torch.maximum(-lo, hi).mul_(2.0 / maxq)
-            scale[scale == 0] = 1.0
             zero = torch.full_like(scale, (maxq + 1) / 2)
         else:
-            scale = (hi - lo).div_(maxq)
-            scale[scale == 0] = 1.0
             zero = torch.div(-lo, scale).round_().clamp_(0, maxq)
         return scale, zero
 

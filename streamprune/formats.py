@@ -1,0 +1,368 @@
+"""Output formats: how a pruned (and possibly quantized) linear weight is stored in a checkpoint, and read back.
+
+One interface, one class per format (compressed-tensors' compressor registry: `compress_weight` /
+`decompress_weight` per format). The pipeline writes every pruned linear through `encode`, and the block
+iterator reads it back through `decode`, for replay on resume, for `eval` and for `logits`: what the run used
+is what was written, and what was written is what a loader computes.
+
+- `DenseFormat`: the weight in the input's dtype, under the input's name (streamprune's original output).
+- `CompressedTensorsFormat`: compressed-tensors' `pack-quantized` format, the weight-only integer format that
+  transformers (through the compressed-tensors package) and vLLM load: `<module>.weight_packed` (int32, the
+  codes packed along the input dimension, `bits` bits each, lowest bits first, one row's bit stream running on
+  across words), `<module>.weight_scale` (the model's dtype, one per row and group), `<module>.weight_shape`
+  (int64, the dense shape) and, for an asymmetric grid, `<module>.weight_zero_point` (int32, the zero points
+  packed the same way along the *output* dimension); the config's `quantization_config` names the grid.
+
+A quantized weight arrives as codes, scales and zero points (`Quantized`: the quantizing solver's result):
+the run's weight is `(codes - zero[:, g]) * scale[:, g]`, g = column // group_size. A loader computes that
+product in the dtype of the stored scale, so the scales must be representable in the model's dtype
+(`round_scale`), and the weight the run goes on with is `decode(encode(...))`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from streamprune.errors import ArgumentError, CheckpointError
+
+Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
+
+
+class GridArgs(Protocol):
+    """The quantization grid of a run: `bits` per weight, `group_size` columns per scale (-1: one group per
+    row), symmetric or not (the quantizing solver's `Grid`)."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+
+class Quantized(Protocol):
+    """One quantized linear as solved: codes uint8 (rows, cols) in [0, 2**bits - 1], scale float32
+    (rows, groups), zero uint8 or int32 (rows, groups) in [0, 2**bits - 1] (2**(bits - 1) when symmetric)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
+
+class OutputFormat(ABC):
+    """How the linear weights a run prunes are stored. Every other tensor is written as it was read."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def names(self, weight: str) -> list[str]:
+        """The stored tensors that hold the linear weight named `weight` (e.g. `...q_proj.weight`)."""
+
+    @abstractmethod
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        """Name, dtype and shape of each stored tensor of linear `weight`, whose dense form is `dtype` `shape`:
+        known before the weight is solved, so that a shard's header is written first."""
+
+    @abstractmethod
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        """The stored tensors of linear `weight`: `value` is the weight the run goes on with, in the stored dtype;
+        `quant` its codes, scales and zero points when the run quantized it."""
+
+    @abstractmethod
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        """Linear `weight` as the run used it and as a loader computes it, in the model's dtype, from its stored
+        tensors (`stored` may hold others too)."""
+
+    def round_scale(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """The float32 scales this format stores for a model of `dtype` (a quantizing solver grids its columns
+        with these, so that the written weight is the one it solved for)."""
+        return scale.float()
+
+    def quantization_config(self, ignore: Iterable[str]) -> dict[str, Any] | None:
+        """config.json's `quantization_config` of the output (None: none), `ignore` naming the linear modules
+        left unquantized."""
+        return None
+
+
+class DenseFormat(OutputFormat):
+    """The weight in the model's dtype, under its own name: an ordinary checkpoint."""
+
+    name = "dense"
+
+    def names(self, weight: str) -> list[str]:
+        return [weight]
+
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        return {weight: (dtype, tuple(shape))}
+
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        return {weight: value}
+
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        return stored[weight]
+
+
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+CT_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def packed_width(n: int, bits: int) -> int:
+    """int32 words that hold `n` values of `bits` bits as one bit stream."""
+    return math.ceil(n * bits / 32)
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """int64 words in [0, 2**32) as int32 of the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows(values: Tensor, bits: int, chunk: int = 1 << 20) -> Tensor:
+    """Pack integers in [0, 2**bits) (rows, n) into int32 (rows, ceil(n * bits / 32)): each row is a bit stream,
+    value i at bits [i * bits, (i + 1) * bits), word w holding stream bits [32 w, 32 w + 32), lowest bits
+    first. Rows are packed `chunk` values at a time, so the temporaries stay small beside a large linear."""
+    rows, n = values.shape
+    width = packed_width(n, bits)
+    out = torch.empty(rows, width, dtype=torch.int32, device=values.device)
+    step = max(1, chunk // max(n, 1))
+    for r in range(0, rows, step):
+        v = values[r : r + step].to(torch.int64)  # (R, n)
+        if 32 % bits == 0:  # whole values per word
+            per = 32 // bits
+            v = torch.nn.functional.pad(v, (0, width * per - n)).reshape(v.shape[0], width, per)  # (R, width, per)
+            shifts = torch.arange(per, device=v.device, dtype=torch.int64) * bits
+            words = (v << shifts).sum(-1)  # disjoint bits: the sum is their OR
+        else:  # values straddle words: through the bit stream
+            stream = (v.unsqueeze(-1) >> torch.arange(bits, device=v.device)) & 1  # (R, n, bits)
+            stream = stream.reshape(v.shape[0], n * bits)
+            stream = torch.nn.functional.pad(stream, (0, width * 32 - n * bits)).reshape(v.shape[0], width, 32)
+            words = (stream << torch.arange(32, device=v.device, dtype=torch.int64)).sum(-1)
+        out[r : r + step] = _to_int32(words)
+    return out
+
+
+def unpack_rows(packed: Tensor, bits: int, n: int, chunk: int = 1 << 20) -> Tensor:
+    """The inverse of `pack_rows`: (rows, n) integers in [0, 2**bits), as int32."""
+    rows, width = packed.shape
+    if width != packed_width(n, bits):
+        raise CheckpointError(f"{width} packed words per row cannot hold {n} values of {bits} bits")
+    out = torch.empty(rows, n, dtype=torch.int32, device=packed.device)
+    step = max(1, chunk // max(n, 1))
+    for r in range(0, rows, step):
+        words = packed[r : r + step].to(torch.int64) & 0xFFFFFFFF  # (R, width)
+        if 32 % bits == 0:
+            per = 32 // bits
+            shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
+            v = ((words.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(words.shape[0], width * per)[:, :n]
+        else:
+            stream = (words.unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1  # (R, width, 32)
+            stream = stream.reshape(words.shape[0], width * 32)[:, : n * bits].reshape(words.shape[0], n, bits)
+            v = (stream << torch.arange(bits, device=words.device, dtype=torch.int64)).sum(-1)
+        out[r : r + step] = v.to(torch.int32)
+    return out
+
+
+def module_of(weight: str) -> str:
+    """`model.layers.0.self_attn.q_proj` of `model.layers.0.self_attn.q_proj.weight`."""
+    if not weight.endswith(".weight"):
+        raise CheckpointError(f"{weight!r} is not a linear weight (a name ending in '.weight')")
+    return weight.removesuffix(".weight")
+
+
+class CompressedTensorsFormat(OutputFormat):
+    """compressed-tensors' `pack-quantized` format for integer weights of 2, 3, 4 or 8 bits, group-wise
+    (`group_size` > 0, dividing the input width) or per channel (-1), symmetric or asymmetric (the zero points
+    stored). Facts checked against compressed-tensors 0.20.1 in tests/test_formats.py."""
+
+    name = "compressed-tensors"
+
+    def __init__(self, grid: GridArgs) -> None:
+        bits, group_size, sym = int(grid.bits), int(grid.group_size), bool(grid.sym)
+        if bits not in CT_BITS:
+            raise ArgumentError(f"--format compressed-tensors stores {', '.join(map(str, CT_BITS))} bits, not {bits!r}")
+        if group_size != -1 and group_size < 1:
+            raise ArgumentError(f"group size {group_size!r} must be positive, or -1 for one group per row")
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+
+    def __repr__(self) -> str:
+        return f"CompressedTensorsFormat(bits={self.bits}, group_size={self.group_size}, sym={self.sym})"
+
+    def names(self, weight: str) -> list[str]:
+        module = module_of(weight)
+        suffixes = PACKED_SUFFIXES if not self.sym else PACKED_SUFFIXES[:3]
+        return [f"{module}.{s}" for s in suffixes]
+
+    def groups(self, weight: str, columns: int) -> int:
+        if self.group_size == -1:
+            return 1
+        if columns % self.group_size:
+            raise ArgumentError(
+                f"{weight}: {columns} input columns are not a multiple of the group size {self.group_size} "
+                "(compressed-tensors needs whole groups); choose a group size that divides them, or -1")
+        return columns // self.group_size
+
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        if len(shape) != 2:
+            raise CheckpointError(f"{weight}: shape {list(shape)} is not that of a linear weight")
+        if dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{weight}: dtype {dtype} is not a floating-point dtype for the scales")
+        rows, cols = shape
+        groups = self.groups(weight, cols)
+        packed, scale, wshape, *zero = self.names(weight)
+        meta = {packed: (torch.int32, (rows, packed_width(cols, self.bits))), scale: (dtype, (rows, groups)),
+                wshape: (torch.int64, (2,))}
+        if zero:
+            meta[zero[0]] = (torch.int32, (packed_width(rows, self.bits), groups))
+        return meta
+
+    def round_scale(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        return scale.to(dtype).float()
+
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        if quant is None:
+            raise ArgumentError(f"{weight}: --format compressed-tensors stores quantized weights; pass --wbits")
+        codes, scale, zero = quant.codes, quant.scale, quant.zero
+        rows, cols = codes.shape
+        groups = self.groups(weight, cols)
+        top = 2**self.bits - 1
+        if tuple(scale.shape) != (rows, groups) or tuple(zero.shape) != (rows, groups):
+            raise ValueError(f"{weight}: scale {list(scale.shape)} and zero {list(zero.shape)} do not fit codes "
+                             f"{list(codes.shape)} in groups of {self.group_size}")
+        if int(codes.min()) < 0 or int(codes.max()) > top or int(zero.min()) < 0 or int(zero.max()) > top:
+            raise ValueError(f"{weight}: codes or zero points outside [0, {top}] for {self.bits} bits")
+        if self.sym and bool((zero != 2 ** (self.bits - 1)).any()):
+            raise ValueError(f"{weight}: a symmetric grid's zero points are {2 ** (self.bits - 1)}")
+        stored_scale = scale.to(value.dtype)
+        if not torch.equal(stored_scale.float(), scale.float()):
+            raise ValueError(f"{weight}: scales are not representable in {value.dtype}: round them with "
+                             "round_scale before gridding, or the written weight differs from the solved one")
+        packed, scale_name, wshape, *zero_name = self.names(weight)
+        out = {packed: pack_rows(codes, self.bits), scale_name: stored_scale,
+               wshape: torch.tensor([rows, cols], dtype=torch.int64, device=codes.device)}
+        if zero_name:  # packed along the output dimension: one bit stream per group column
+            out[zero_name[0]] = pack_rows(zero.T, self.bits).T.contiguous()
+        return out
+
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        packed, scale_name, wshape, *zero_name = self.names(weight)
+        rows, cols = (int(d) for d in stored[wshape].tolist())
+        scale = stored[scale_name]
+        codes = unpack_rows(stored[packed], self.bits, cols)  # (rows, cols)
+        if zero_name:
+            zero = unpack_rows(stored[zero_name[0]].T.contiguous(), self.bits, rows).T  # (rows, groups)
+        else:
+            zero = torch.full_like(scale, 2 ** (self.bits - 1), dtype=torch.int32)
+        group = cols if self.group_size == -1 else self.group_size
+        centred = (codes.reshape(rows, -1, group) - zero.unsqueeze(-1)).to(torch.float32)  # (rows, groups, group)
+        # the product of a small integer and a scale is exact in float32; one rounding to the scale's dtype follows,
+        # as in a loader that multiplies in that dtype
+        return (centred * scale.float().unsqueeze(-1)).reshape(rows, cols).to(scale.dtype)
+
+    def quantization_config(self, ignore: Iterable[str]) -> dict[str, Any]:
+        strategy = "channel" if self.group_size == -1 else "group"
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.sym, "strategy": strategy,
+                   "group_size": None if self.group_size == -1 else self.group_size, "dynamic": False}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": sorted(set(ignore)),
+            "kv_cache_scheme": None,
+        }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint stores its tensors: the linear weights in `encoded` (by their dense names) as `format`
+    stores them, every other tensor as itself. A checkpoint read has its own layout; a run writes its output
+    in the layout of its format over the linears it prunes, and replays its shards through the same one."""
+
+    format: OutputFormat
+    encoded: frozenset[str] = frozenset()
+
+    def stored(self, name: str) -> list[str]:
+        """The stored tensors that hold tensor `name`."""
+        return self.format.names(name) if name in self.encoded else [name]
+
+    def meta(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes."""
+        return self.format.tensors(name, dtype, shape) if name in self.encoded else {name: (dtype, tuple(shape))}
+
+    def weight(self, name: str, raw: Mapping[str, Tensor]) -> Tensor:
+        """Tensor `name` as the run used it, from the stored tensors in `raw`."""
+        return self.format.decode(name, raw) if name in self.encoded else raw[name]
+
+
+def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable[str]) -> None:
+    """Add the format's `quantization_config` (if any) to OUT_DIR/config.json, copied there from the input;
+    without one (the dense format) the file stays byte for byte the input's."""
+    qc = fmt.quantization_config(ignore)
+    if qc is None:
+        return
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["quantization_config"] = qc
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+FORMATS = ("dense", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class ConfigGrid:
+    """A grid read back from a `quantization_config`."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def make_format(name: str, grid: GridArgs | None = None) -> OutputFormat:
+    """The output format `name` (one of FORMATS) for a run quantized on `grid` (None: not quantized)."""
+    if name == "dense":
+        return DenseFormat()
+    if name == "compressed-tensors":
+        if grid is None:
+            raise ArgumentError("--format compressed-tensors stores quantized weights; pass --wbits")
+        return CompressedTensorsFormat(grid)
+    raise ArgumentError(f"format {name!r} is not one of {', '.join(FORMATS)}")
+
+
+def format_of(config: Mapping[str, Any], where: str = "config.json") -> OutputFormat:
+    """The format a checkpoint's linears are stored in, from its config.json's `quantization_config`."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return DenseFormat()
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config {qc!r:.80} is not an object")
+    method, fmt = qc.get("quant_method"), qc.get("format")
+    if method != "compressed-tensors" or fmt != "pack-quantized":
+        raise CheckpointError(f"{where}: quantization_config with quant_method {method!r} and format {fmt!r} is not "
+                              "supported; streamprune reads compressed-tensors pack-quantized and unquantized checkpoints")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise CheckpointError(f"{where}: streamprune reads a compressed-tensors config with one config group, "
+                              f"found {len(groups) if isinstance(groups, dict) else groups!r}")
+    scheme = next(iter(groups.values()))
+    w = scheme.get("weights") if isinstance(scheme, dict) else None
+    if not isinstance(w, dict) or w.get("type", "int") != "int" or scheme.get("input_activations") is not None:
+        raise CheckpointError(f"{where}: only weight-only integer quantization is read, got {scheme!r:.120}")
+    strategy = w.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise CheckpointError(f"{where}: weight strategy {strategy!r} is not read; expected 'group' or 'channel'")
+    group_size = -1 if strategy == "channel" else int(w["group_size"])
+    try:
+        return CompressedTensorsFormat(ConfigGrid(int(w["num_bits"]), group_size, bool(w.get("symmetric", True))))
+    except ArgumentError as e:
+        raise CheckpointError(f"{where}: {e}") from e
