@@ -48,3 +48,11 @@ def test_synth_headers_only_checkpoint_plans(tmp_path):
     from streamprune.plan import plan
 
     assert plan(out, nsamples=4, seqlen=64, device="cpu").host_peak > 0
+
+
+def test_quant_size_bench_small():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "quant_size.py"), "--hidden", "256", "--ffn", "512",
+                             "--heads", "4"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["sym"], ["asym"])]
+    assert len(rows) == 2 and all(float(r[3]) <= 0.3 for r in rows), result.stdout

@@ -67,11 +67,12 @@ class Grid:
         return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq)
 
     def packed_bytes(self, rows: int, cols: int) -> int:
-        """Bytes of one (rows x cols) linear packed at `bits` per weight, with a float32 scale per row and group and,
-        when asymmetric, a `bits`-bit zero point per row and group (a symmetric grid's is implicit)."""
+        """Bytes of one (rows x cols) linear packed at `bits` per weight, with a scale per row and group as stored
+        (`scale_dtype`) and, when asymmetric, a `bits`-bit zero point per row and group (a symmetric grid's is
+        implicit): what the compressed-tensors format writes, up to the int32 words' padding and `weight_shape`."""
         groups = rows * (cols // self.columns(cols))
         zeros = 0 if self.sym else math.ceil(groups * self.bits / 8)
-        return math.ceil(rows * cols * self.bits / 8) + 4 * groups + zeros
+        return math.ceil(rows * cols * self.bits / 8) + self.scale_dtype.itemsize * groups + zeros
 
 
 @dataclass
