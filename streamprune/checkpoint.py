@@ -247,6 +247,7 @@ class Checkpoint:
         self.layout = Layout(format_of(self.raw_config, str(self.dir / "config.json")))
         self.names: dict[tuple[Param, int | None], str] = {}
         self.experts: dict[tuple[int, int], dict[Param, str]] = {}  # (block, expert) -> that expert's tensors
+        self.decoded: dict[str, TensorInfo] = {}  # a packed linear as the model uses it (no byte range in a file)
         self._bind_roles()
         if self.config.embed_scale != 1.0:  # Gemma multiplies by the scale as a tensor of the weights' dtype
             self.config.embed_scale = float(torch.tensor(self.config.embed_scale, dtype=self.dtype))
@@ -281,6 +282,8 @@ class Checkpoint:
             info = self.tensors.get(name)
             if info is None and param[1] == "weight" and fmt.name != "dense" and fmt.names(name)[0] in self.tensors:
                 encoded.add(name)  # a linear stored by the checkpoint's format (packed): its parts are checked
+                self.decoded[name] = TensorInfo(name, self.tensors[fmt.names(name)[0]].path, DTYPE_NAMES[dtype],
+                                                tuple(shape), 0, math.prod(shape) * dtype.itemsize)
                 try:
                     parts = fmt.tensors(name, dtype, shape)
                 except (ArgumentError, CheckpointError) as e:
@@ -363,6 +366,10 @@ class Checkpoint:
 
     def n_experts(self, bid: int) -> int:
         return self.config.n_experts if self.config.is_moe(bid) else 0
+
+    def info(self, name: str) -> TensorInfo:
+        """Where tensor `name` lies, or for a linear the checkpoint stores packed, its shape and dtype as decoded."""
+        return self.tensors[name] if name in self.tensors else self.decoded[name]
 
     def read(self, name: str) -> Tensor:
         """Tensor `name` as the model uses it (a packed linear decoded by the checkpoint's format)."""

@@ -105,13 +105,13 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
     raw_block = max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
     for b in kinds.values():
-        linears.update({role: ckpt.tensors[ckpt.names[((role, "weight"), b)]] for role in PRUNABLE
+        linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
                         if ((role, "weight"), b) in ckpt.names})
     expert = 0
     if True in kinds:
         names = ckpt.experts[(kinds[True], 0)]
-        linears.update({param[0]: ckpt.tensors[name] for param, name in names.items()})
-        expert = sum(ckpt.tensors[name].nbytes for name in names.values())
+        linears.update({param[0]: ckpt.info(name) for param, name in names.items()})
+        expert = sum(ckpt.tensors[part].nbytes for name in names.values() for part in ckpt.layout.stored(name))
     sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
     return raw_block, expert, linears, [site for site in sites if site]
 

@@ -307,3 +307,9 @@ def test_quantized_run_loads_in_transformers(tmp_path, sym):
         assert torch.equal(value, twin.read(name)), name
         assert float((value == 0).float().mean()) >= 0.5, name  # pruned weights sit on the zero point
     assert report.args["format"] == "compressed-tensors" and report.fingerprint["args"]["format"] == "compressed-tensors"
+    from streamprune.evaluate import evaluate
+    from streamprune.plan import plan
+
+    ppl = [evaluate(d, calib, seqlen=64, nsamples=4, device="cpu").perplexity for d in (packed, dense)]
+    assert ppl[0] == ppl[1]  # `streamprune eval` reads the packed output as the dense one
+    assert plan(packed, nsamples=4, seqlen=64, device="cpu").host_peak > 0  # and plans it (packed linears decoded)
