@@ -24,13 +24,6 @@ NSAMPLES, SEQLEN = 8, 64
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(tiny.sample_text(15000))
-    return path
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
     return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe")}

@@ -18,13 +18,6 @@ from streamprune.pruners import Pattern
 from tests import tiny
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(tiny.sample_text(15000))
-    return path
-
-
 def stored(model_dir) -> dict[str, torch.Tensor]:
     ckpt = Checkpoint(model_dir)
     return {name: ckpt.read(name) for name in ckpt.tensors}

@@ -72,13 +72,6 @@ class Row:
                 f"max abs {self.abs_diff:.2e}  rel {self.rel_diff:.2e}")
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(tiny.sample_text(15000))
-    return path
-
-
 @torch.no_grad()
 def linear_inputs(model, windows: torch.Tensor, linears: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The input of each linear over all calibration windows, (tokens, columns), from one forward."""

@@ -141,13 +141,6 @@ def test_grid_guards_empty_groups_and_keeps_zero_on_the_grid():
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(tiny.sample_text(15000))
-    return path
-
-
-@pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return tiny.build(tmp_path_factory.mktemp("llama") / "m", "llama-gqa")
 
