@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamprune.arch import llama
 from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int, get_layer_types
-from streamprune.arch.llama import rope_parameters
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import CheckpointError, UnsupportedModelError
@@ -40,11 +40,11 @@ def gemma3_rope(text: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             sub = params.get(kind) or {}
             if not isinstance(sub, dict):
                 raise CheckpointError(f"config.json: rope_parameters[{kind!r}]={sub!r} is not an object")
-            by_type.append(rope_parameters({**text, "rope_parameters": {"rope_theta": theta, **sub}}))
+            by_type.append(llama.rope_parameters({**text, "rope_parameters": {"rope_theta": theta, **sub}}))
         return by_type[0], by_type[1]
-    full = rope_parameters({**text, "rope_theta": text.get("rope_theta", GLOBAL_THETA)})
+    full = llama.rope_parameters({**text, "rope_theta": text.get("rope_theta", GLOBAL_THETA)})
     local = get_float(text, "rope_local_base_freq", LOCAL_THETA)
-    return full, rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": local}})
+    return full, llama.rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": local}})
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
@@ -63,7 +63,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     pattern = get_int(text, "sliding_window_pattern", "_sliding_window_pattern", default=defaults["pattern"])
     if pattern < 1:
         raise CheckpointError(f"config.json: sliding_window_pattern={pattern!r} is not positive")
-    rope, rope_sliding = (rope_parameters(text), None) if gemma2 else gemma3_rope(text)
+    rope, rope_sliding = (llama.rope_parameters(text), None) if gemma2 else gemma3_rope(text)
     act = text.get("hidden_activation", text.get("hidden_act", "gelu_pytorch_tanh"))
     return ModelConfig(
         family="gemma",
@@ -100,22 +100,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-TENSORS = {
-    Role.TOKEN_EMBD: "embed_tokens",
-    Role.OUTPUT_NORM: "norm",
-    Role.OUTPUT: "lm_head",
-    Role.ATTN_NORM: "layers.{bid}.input_layernorm",
-    Role.ATTN_Q: "layers.{bid}.self_attn.q_proj",
-    Role.ATTN_K: "layers.{bid}.self_attn.k_proj",
-    Role.ATTN_V: "layers.{bid}.self_attn.v_proj",
-    Role.ATTN_Q_NORM: "layers.{bid}.self_attn.q_norm",
-    Role.ATTN_K_NORM: "layers.{bid}.self_attn.k_norm",
-    Role.ATTN_OUT: "layers.{bid}.self_attn.o_proj",
+TENSORS = {  # LLaMA's names, with a norm after attention and after the MLP (and the MLP's own before it)
+    **{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS},
     Role.ATTN_POST_NORM: "layers.{bid}.post_attention_layernorm",
     Role.FFN_NORM: "layers.{bid}.pre_feedforward_layernorm",
-    Role.FFN_GATE: "layers.{bid}.mlp.gate_proj",
-    Role.FFN_UP: "layers.{bid}.mlp.up_proj",
-    Role.FFN_DOWN: "layers.{bid}.mlp.down_proj",
     Role.FFN_POST_NORM: "layers.{bid}.post_feedforward_layernorm",
 }
 
