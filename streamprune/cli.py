@@ -97,6 +97,11 @@ FORMAT_HELP = ("How the pruned linears are written: 'dense' (weights in the inpu
                "values) or 'compressed-tensors' (needs --wbits: int weights packed into int32 with per-group scales, the "
                "pack-quantized format transformers and vLLM load).")
 SYM_HELP = "Symmetric grid (zero point 2**(wbits-1)) or asymmetric (its own zero point per group)."
+EVAL_HELP = ("Also compute the pruned model's perplexity on this file (.txt, .jsonl with 'text', or .npy token ids) in "
+             "the same pass, on the windows `streamprune eval` would draw.")
+EVAL_NSAMPLES_HELP = "--eval: use at most this many windows."
+EVAL_SEQLEN_HELP = "--eval: window length (default: the model's maximum, at most 2048)."
+EVAL_DENSE_HELP = "--eval: also the dense model's perplexity on the same windows, from the same reads."
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
 
@@ -129,6 +134,10 @@ def run_cmd(
     group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
     format: Annotated[FormatChoice, typer.Option("--format", help=FORMAT_HELP)] = FormatChoice.dense,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help=EVAL_HELP)] = None,
+    eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
+    eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -143,10 +152,15 @@ def run_cmd(
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        overwrite=overwrite, restart=restart, profile_memory=profile_memory,
                        moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens, wbits=wbits,
-                       group_size=group_size, sym=sym, format=format.value)
+                       group_size=group_size, sym=sym, format=format.value, eval=eval, eval_nsamples=eval_nsamples,
+                       eval_seqlen=eval_seqlen, eval_dense=eval_dense)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))
+    if report.perplexity is not None:
+        dense = "" if report.dense_perplexity is None else f", dense {report.dense_perplexity:.4f}"
+        print(f"perplexity {report.perplexity:.4f}{dense}  ({report.eval['windows']} windows x "  # type: ignore[index]
+              f"{report.eval['seqlen']} tokens of {report.eval['file']})")  # type: ignore[index]
     print(f"wrote {out_dir} (report: {out_dir / REPORT_NAME})")
 
 
@@ -166,6 +180,10 @@ def plan_cmd(
     wbits: Annotated[Optional[int], typer.Option(help=WBITS_HELP)] = None,
     group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help=EVAL_HELP)] = None,
+    eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
+    eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -177,7 +195,8 @@ def plan_cmd(
         result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                       method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
-                      blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym)
+                      blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
+                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense)
     except StreamPruneError as e:
         _fail(e)
     table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")

@@ -14,14 +14,14 @@ from rich.progress import Progress
 from torch import Tensor
 
 from streamprune.activations import Activations, make_store
-from streamprune.arch.block import head, positions
+from streamprune.arch.block import Weights, head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
-from streamprune.forward import embed_windows, forward_block, head_nll, head_weights
+from streamprune.forward import Routes, add_expert, embed_windows, forward_block, head_nll, head_weights, routed_rows
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 from streamprune.plan import decide, eval_footprint
-from streamprune.stream import BlockStream
+from streamprune.stream import BlockStream, Part
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +46,68 @@ class EvalResult:
         return asdict(self)
 
 
-@torch.no_grad()
+class HiddenStream:
+    """Hidden states of token windows (K, T) pushed through the blocks as a consumer holds each one: `enter` runs a
+    block's weights outside its routed experts (a dense block entirely, in place), `expert` adds one routed expert's
+    weighted output for the tokens routed to it, `leave` ends the block. An MoE block writes into `scratch` (needed
+    for MoE models), and the two buffers swap roles. `evaluate` feeds it whole blocks (`block`); a run with --eval
+    feeds it each block's weights as they become final, one routed expert at a time as it is pruned."""
+
+    def __init__(self, ckpt: Checkpoint, windows: Tensor, device: torch.device, batch: int, store: Activations,
+                 scratch: Activations | None = None) -> None:
+        self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
+        self.x, self.scratch = store, scratch
+        self.routes: Routes | None = None  # of the MoE block entered, else None
+        embed_windows(ckpt, windows, device, store, batch)
+        self.pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
+
+    @torch.no_grad()
+    def enter(self, bid: int, w: Weights) -> None:
+        if self.ckpt.n_experts(bid):
+            assert self.scratch is not None, "an MoE block needs a second activation buffer"
+            self.routes = forward_block(self.ckpt, w, self.x, self.pos.of(bid), self.scratch, self.batch, self.device)
+        else:
+            forward_block(self.ckpt, w, self.x, self.pos.of(bid), self.x, self.batch, self.device)
+
+    def expert(self, part: Part) -> None:
+        assert self.routes is not None and self.scratch is not None, "an expert outside an MoE block"
+        add_expert(self.ckpt, part.w, routed_rows(self.routes, part.xid), self.x, self.scratch, self.device)
+
+    def leave(self) -> None:
+        if self.routes is not None:
+            assert self.scratch is not None
+            self.x, self.scratch, self.routes = self.scratch, self.x, None
+
+    def block(self, part: Part) -> None:
+        """One whole block as streamed, its routed experts one at a time."""
+        self.enter(part.bid, part.w)
+        if self.routes is not None:
+            for expert in part.experts():
+                self.expert(expert)
+        self.leave()
+
+    def nll(self) -> tuple[float, int]:
+        """Summed next-token NLL after the last block (the final norm and head), and the predicted tokens."""
+        return head_nll(self.ckpt, self.x, self.windows, self.device)
+
+    def close(self) -> None:
+        for store in (self.x, self.scratch):
+            if store is not None:
+                store.close()
+
+
 def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store: Activations, batch: int,
                  progress: bool = False, scratch: Activations | None = None) -> Activations:
-    """Hidden states after the last block for (K, T) token windows, in `store` (K, T, D): each batch of windows
-    is read, pushed through the block and written back, one block at a time. An MoE block writes into `scratch`
-    (needed for MoE models), and the two swap roles. Returns the buffer that holds the result."""
-    embed_windows(ckpt, windows, device, store, batch)
-    pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
+    """Hidden states after the last block for (K, T) token windows, in `store` (K, T, D), one block at a time (see
+    `HiddenStream`; `scratch` is needed for MoE models). Returns the buffer that holds the result."""
+    stream = HiddenStream(ckpt, windows, device, batch, store, scratch)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("blocks", total=ckpt.config.n_layers)
         for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
-            if ckpt.n_experts(block.bid):
-                assert scratch is not None, "an MoE block needs a second activation buffer"
-                forward_block(ckpt, block.w, store, pos.of(block.bid), scratch, batch, device, experts=block.experts)
-                store, scratch = scratch, store
-            else:
-                forward_block(ckpt, block.w, store, pos.of(block.bid), store, batch, device)
+            stream.block(block)
             del block
             bar.advance(task)
-    return store
+    return stream.x
 
 
 def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu", batch: int = 8) -> Tensor:

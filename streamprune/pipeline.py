@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -49,11 +50,12 @@ from streamprune.memory import (
     resolve_device,
 )
 from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, method, resolve_sparsity
-from streamprune.plan import decide, footprint
+from streamprune.evaluate import HiddenStream
+from streamprune.plan import decide, eval_sizes, footprint, run_eval_windows
 from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
 from streamprune.report import REPORT_NAME, LayerReport, Report, quantization_summary
-from streamprune.stream import Block, BlockStream, Raw
+from streamprune.stream import Block, BlockStream, Part, Raw
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ class PruneOptions:
     group_size: int = 128  # columns per quantization group; -1: one group per output row
     sym: bool = True  # symmetric grid (zero point 2**(wbits-1)), else asymmetric
     format: str = "dense"  # how the pruned linears are written: one of formats.FORMATS (compressed-tensors: quantized)
+    eval: str | Path | None = None  # the pruned model's perplexity on this file, computed in the same pass
+    eval_nsamples: int | None = None  # at most this many evaluation windows
+    eval_seqlen: int | None = None  # their length (default: the model's, as for `streamprune eval`)
+    eval_dense: bool = False  # also the dense model's perplexity, from the same reads
 
 
 MOE_CALIBRATION = ("routed", "all")
@@ -121,6 +127,7 @@ class Job:
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
+    eval_windows: Tensor | None = None  # --eval: the evaluation token windows (K, T)
 
     def clock(self) -> float:
         """Seconds, after waiting for queued device work, so phase timings hold on CUDA too."""
@@ -244,7 +251,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
     check_out_dir(model_dir, out_dir)
 
-    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid)
+    ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
+    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
+                   *eval_sizes(ewindows, opts.eval_dense))
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
@@ -254,13 +263,17 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     args = {**asdict(opts), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
             "calib": None if calib is None else str(calib), "device": str(device),
             "offload_activations": placement, "batch": batch, "offload_hessian": decision.offload_hessian,
-            "layer_errors": errors}
+            "layer_errors": errors, "eval": None if opts.eval is None else str(opts.eval),
+            "eval_seqlen": None if ewindows is None else ewindows.shape[1]}
     moe_options = MOE_OPTIONS if cfg.n_experts else ()
     quant_options = QUANT_OPTIONS if grid is not None else ()  # so that runs without --wbits still resume
     format_options = ("format",) if opts.format != "dense" else ()  # a dense run's fingerprint is that of before
+    # --eval changes the report: its windows and streams are part of the job (absent without it, as before)
+    eval_options = {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows),
+                                                 "eval_dense": opts.eval_dense}
     fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
                          {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options + quant_options
-                          + format_options})
+                          + format_options} | eval_options)
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -282,7 +295,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
 
     check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
-               decision.offload_hessian, grid, args, fprint, journal, layout)
+               decision.offload_hessian, grid, args, fprint, journal, layout, ewindows)
 
 
 def output_linears(ckpt: Checkpoint) -> list[str]:
@@ -432,7 +445,8 @@ class BlockPruner:
         pruner.free()
 
     def run_experts(self, block: Block, x: Activations | None, out: Activations | None, pos: Positions | None,
-                    shard: ShardFile, dense_routes: Routes | None) -> None:
+                    shard: ShardFile, dense_routes: Routes | None, before: Callable[[Part], None] = lambda e: None,
+                    after: Callable[[Part], None] = lambda e: None) -> None:
         """Prune block's routed experts one at a time (the next one read ahead), each writing its tensors as soon
         as they are final; with calibration data, `out` receives the pruned block's output.
 
@@ -441,14 +455,18 @@ class BlockPruner:
         every token, see `expert_rows`), its down projection's from its pruned gate and up projections, and its
         weighted output is added to `out` before the next expert is read. Without --sequential, the statistics
         come from the dense block (its MoE input kept in `out` by `run`, with `dense_routes`), and the pruned block
-        runs forward once every expert is written, reading them back from the shard."""
+        runs forward once every expert is written, reading them back from the shard.
+
+        `before` sees each expert as read (dense), `after` as pruned (the evaluation streams of --eval)."""
         bid, w = block.bid, block.w
         if x is None:  # magnitude without calibration data
             for expert in block.experts():
+                before(expert)
                 names = {param[0]: name for param, name in self.ckpt.experts[(bid, expert.xid)].items()}
                 for _, roles in EXPERT_SEQUENTIAL:
                     self.prune_roles(bid, expert.w, self.new_pruner(expert.w, roles), roles, names, shard.put,
                                      expert=expert.xid)
+                after(expert)
             return
         assert out is not None and pos is not None
         sequential = self.opts.sequential
@@ -470,6 +488,7 @@ class BlockPruner:
             rows = routed_rows(routes, xid)
             rows_in, how, n_routed = self.expert_rows(rows, stats)
             row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
+            before(expert)
             p_in, p_down = (self.new_pruner(we, roles) for _, roles in EXPERT_SEQUENTIAL)
             t, hessian = clock(), 0.0
             for i, j, token, _ in rows_in:
@@ -495,6 +514,7 @@ class BlockPruner:
                 t = clock()
                 add_expert(self.ckpt, we, rows, x, out, self.device)
                 self.report.add("forward", clock() - t, bid)
+            after(expert)
             del expert, we
         if not sequential:  # the pruned block forward, its experts read back from the shard being written
             t = clock()
@@ -596,6 +616,18 @@ class Run:
                 embed_windows(self.ckpt, job.windows, job.device, x, job.batch)
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
                 x, scratch = self.rebuild_inputs(first, x, scratch, pos, phase)
+            streams = self.eval_streams(first, phase)  # --eval: "pruned", and with --eval-dense "dense"
+            pruned_eval, dense_eval = streams.get("pruned"), streams.get("dense")
+
+            def timed(step: Callable[..., None] | None) -> Callable[..., None]:
+                """An evaluation stream's step, its time counted as the block's "eval" phase (no stream: nothing)."""
+                def run(*a: Any) -> None:
+                    if step is not None:
+                        t = job.clock()
+                        step(*a)
+                        report.add("eval", job.clock() - t, bid)
+                return run
+
             block_pruner = BlockPruner(job, report)
             phase(f"block {first}: read")
             for block in BlockStream(self.ckpt, job.device, range(first, cfg.n_layers)):
@@ -619,10 +651,16 @@ class Run:
                     block_pos = None if pos is None else pos.of(bid)
                     moe = self.ckpt.n_experts(bid) > 0
                     m_store = scratch if moe and not job.opts.sequential else None
+                    # the evaluation streams enter the block through its weights as read (dense) and once pruned
+                    # (outside its routed experts, which join each stream one at a time, before and after pruning)
+                    timed(dense_eval and dense_eval.enter)(bid, w)
                     routes = block_pruner.run(bid, w, x, block_pos, shard.put, m_store=m_store)
+                    timed(pruned_eval and pruned_eval.enter)(bid, w)
                     if moe:
                         phase(f"block {bid}: experts")
-                        block_pruner.run_experts(block, x, scratch, block_pos, shard, routes)
+                        block_pruner.run_experts(block, x, scratch, block_pos, shard, routes,
+                                                 before=timed(dense_eval and dense_eval.expert),
+                                                 after=timed(pruned_eval and pruned_eval.expert))
                     elif x is not None:
                         assert scratch is not None and block_pos is not None
                         phase(f"block {bid}: forward")
@@ -633,6 +671,8 @@ class Run:
                     t = time.perf_counter()
                 if x is not None:
                     x, scratch = scratch, x  # this block's outputs are the next block's inputs
+                for stream in streams.values():
+                    stream.leave()
                 self.record(bid + 1, self.job.out_dir / self.writer.shard_name(bid + 1), report.layers[n_before:])
                 report.add("write", time.perf_counter() - t, bid)
                 del block, raw, w  # before the next block arrives: two blocks as stored at most
@@ -642,6 +682,11 @@ class Run:
             for store in (x, scratch):
                 if store is not None:
                     store.close()
+            if streams:
+                phase("eval: head")
+                t = job.clock()
+                self.perplexities(streams)
+                report.add("eval", job.clock() - t)
             phase("finish")
             copy_side_files(self.ckpt.dir, out)
             finish_config(self.ckpt, out, job.layout)
@@ -666,6 +711,49 @@ class Run:
         report.save(out)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return report
+
+    def eval_streams(self, first: int, phase: Callable[[str], None]) -> dict[str, HiddenStream]:
+        """--eval: the evaluation windows, embedded, in a stream of the pruned model ("pruned") and with --eval-dense
+        one of the dense model ("dense"), their buffers placed like the calibration activations; a resumed run
+        brings them to block `first` by replaying the written blocks (pruned) and the input's (dense)."""
+        job = self.job
+        if job.eval_windows is None:
+            return {}
+        K, T = job.eval_windows.shape
+        shape, work = (K, T, self.cfg.hidden_size), job.out_dir / WORK_DIR
+        names = ["pruned"] + (["dense"] if job.opts.eval_dense else [])
+        streams = {}
+        for name in names:
+            phase(f"eval: embed ({name})")
+            stores = [make_store(shape, job.placement, job.device, work, f"eval-{name}{i}")
+                      for i in range(2 if self.cfg.n_experts else 1)]
+            streams[name] = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *stores)
+        if first:
+            start = time.perf_counter()
+            written = BlockStream(self.ckpt, job.device, range(first),
+                                  shard_of=lambda bid: job.out_dir / self.journal.done[bid + 1]["shard"],
+                                  layout=job.layout)
+            for name, blocks in (("pruned", written), ("dense", BlockStream(self.ckpt, job.device, range(first)))):
+                if name in streams:
+                    for block in blocks:
+                        phase(f"block {block.bid}: replay eval ({name})")
+                        streams[name].block(block)
+                        del block
+            self.report.add("replay", time.perf_counter() - start)
+        return streams
+
+    def perplexities(self, streams: dict[str, HiddenStream]) -> None:
+        """The report's perplexities: each stream through the final norm and the head."""
+        ppl = {}
+        for name, stream in streams.items():
+            total, count = stream.nll()
+            ppl[name] = math.exp(total / count)
+            stream.close()
+        windows = self.job.eval_windows
+        assert windows is not None
+        self.report.perplexity, self.report.dense_perplexity = ppl["pruned"], ppl.get("dense")
+        self.report.eval = {"file": str(self.job.opts.eval), "windows": windows.shape[0], "seqlen": windows.shape[1],
+                            "tokens": count}
 
     def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: LayerPositions,
                        phase: Callable[[str], None]) -> tuple[Activations, Activations]:

@@ -19,11 +19,12 @@ from typing import Any
 
 import psutil
 import torch
+from torch import Tensor
 
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import layer_kinds, score_rows
-from streamprune.calib import read_workspace
+from streamprune.calib import eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint, TensorInfo
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
@@ -78,6 +79,7 @@ class Footprint:
     expert_stored: int = 0  # one routed expert as stored (MoE): streamed one at a time, the next one read ahead
     routes: int = 0  # every calibration token's chosen experts and weights, held while a block's experts run
     site_unrounded: int = 0  # --wbits with errors: the largest site's weights before rounding (float32), until scored
+    eval_activations: int = 0  # --eval: the evaluation windows' hidden states (part of `activations`, placed alike)
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -150,9 +152,13 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
-              errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None) -> Footprint:
+              errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None,
+              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
-    the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any."""
+    the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any;
+    `eval_windows` windows of `eval_seqlen` tokens pushed through the blocks in `eval_streams` streams (--eval: the
+    pruned model's; --eval-dense: the dense one's too), each one buffer (two for an MoE model), placed like the
+    calibration activations."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -167,8 +173,14 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0)
-    if not keep:  # magnitude without reconstruction errors: no statistics, no forward
-        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, per_window=0, activations=0, **common)
+    evals = dict(eval_activations=eval_streams * (2 if cfg.n_experts else 1) * eval_windows * eval_seqlen
+                 * cfg.hidden_size * 4,
+                 positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
+                 per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
+                 routes=routes_bytes(cfg, eval_windows * eval_seqlen) if eval_streams else 0)
+    if not keep:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
+        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, activations=evals["eval_activations"],
+                         **evals, **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
     # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
     block_widths, expert_widths = (site_widths(order, linears) for order in (SEQUENTIAL, EXPERT_SEQUENTIAL))
@@ -179,10 +191,12 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         held = max(sum(per_input(w) for w in block_widths), sum(per_input(w) for w in expert_widths))
     return Footprint(
         hessians=held, solver_matrix=cls.solver_matrices * widest,
-        widest_hessian=widest if keep == "xtx" else 0, per_window=window_workspace(cfg, seqlen),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4, positions=positions_bytes(cfg, seqlen),
+        widest_hessian=widest if keep == "xtx" else 0,
+        per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
+        activations=2 * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+        eval_activations=evals["eval_activations"], positions=positions_bytes(cfg, seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
-        routes=routes_bytes(cfg, nsamples * seqlen), **common)
+        routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
 
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
@@ -199,6 +213,23 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
                      positions=positions_bytes(cfg, seqlen), expert_stored=expert,
                      routes=routes_bytes(cfg, nsamples * seqlen))
+
+
+def run_eval_windows(ckpt: Checkpoint, data: str | Path | None, nsamples: int | None, seqlen: int | None,
+                     dense: bool) -> Tensor | None:
+    """The token windows (K, T) of a run's --eval FILE, drawn as `streamprune eval` draws them; None without it."""
+    if data is None:
+        if dense or nsamples is not None or seqlen is not None:
+            raise ArgumentError("--eval-dense, --eval-nsamples and --eval-seqlen need --eval FILE")
+        return None
+    seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
+    ckpt.config.check_seqlen(seqlen)
+    return eval_windows(load_tokens(data, ckpt.dir, ckpt.config.vocab_size), seqlen, nsamples, source=str(data))
+
+
+def eval_sizes(windows: Tensor | None, dense: bool) -> tuple[int, int, int]:
+    """`footprint`'s eval arguments: the windows' count and length, and the streams (pruned; the dense one too)."""
+    return (0, 0, 0) if windows is None else (windows.shape[0], windows.shape[1], 2 if dense else 1)
 
 
 @dataclass(frozen=True)
@@ -244,7 +275,8 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
 def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
          offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
          batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128,
-         wbits: int | None = None, group_size: int = 128, sym: bool = True) -> MemoryPlan:
+         wbits: int | None = None, group_size: int = 128, sym: bool = True, eval: str | Path | None = None,
+         eval_nsamples: int | None = None, eval_seqlen: int | None = None, eval_dense: bool = False) -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
@@ -253,6 +285,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         device, offload_activations, max_gpu_memory: as for `streamprune run`; a run on a GPU can be
             planned on a machine without one when `max_gpu_memory` gives the card's size.
         method, sequential, layer_errors, blocksize, wbits, group_size, sym: as for `streamprune run`.
+        eval, eval_nsamples, eval_seqlen, eval_dense: as for `streamprune run`: the evaluation windows' hidden
+            states (the file is tokenized to count its windows).
     """
     ckpt = Checkpoint(model_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -264,7 +298,9 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         dev = resolve_device(device)
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
     grid = None if wbits is None else Grid(wbits, group_size, sym)
-    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize}, grid)
+    windows = run_eval_windows(ckpt, eval, eval_nsamples, eval_seqlen, eval_dense)
+    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize}, grid,
+                   *eval_sizes(windows, eval_dense))
     d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
@@ -294,7 +330,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         ("the site's weights before rounding (--wbits), until their errors", fp.site_unrounded, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
-        ("calibration activations (input and output buffers)", fp.activations, where_act),
+        ("calibration activations (input and output buffers)", fp.activations - fp.eval_activations, where_act),
+        ("evaluation hidden states (--eval, --eval-dense)", fp.eval_activations, where_act),
         ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
         ("calibration token ids", fp.calib_ids, "host"),

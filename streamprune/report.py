@@ -12,7 +12,8 @@ REPORT_NAME = "streamprune_report.json"
 # a resumed run; calibrate: forward passes up to the sites being pruned; hessian: accumulating X^T X;
 # solve: choosing masks and updating weights; error: the reconstruction error of the report;
 # forward: the pruned block's outputs for the next block; write: shards and journal.
-PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "write")
+# eval: the evaluation streams of --eval (the blocks' forwards and the head).
+PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "write")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)  # torch, device, threads, float32 matmul precision
     environment_changes: list[str] = field(default_factory=list)  # a resumed run's differences from the first one
     quantization: dict[str, Any] | None = None  # with --wbits: the grid and the packed vs dense bytes of the linears
+    perplexity: float | None = None  # with --eval: the pruned model's perplexity on its windows
+    dense_perplexity: float | None = None  # with --eval-dense: the input model's, on the same windows
+    eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds
@@ -108,4 +112,8 @@ def summary_table(report: Report):  # -> rich.table.Table
     phases = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in report.phases.items() if v)
     table.caption = (f"total sparsity {report.total_sparsity:.4f}; wall {report.wall_seconds:.1f}s ({phases}); "
                      f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; peak GPU {report.peak_gpu_bytes / 2**20:.0f} MiB")
+    if report.perplexity is not None and report.eval is not None:
+        dense = "" if report.dense_perplexity is None else f" (dense {report.dense_perplexity:.4f})"
+        table.caption += (f"\nperplexity {report.perplexity:.4f}{dense} on {report.eval['file']} "
+                          f"({report.eval['windows']} windows x {report.eval['seqlen']} tokens)")
     return table
