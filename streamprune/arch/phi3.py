@@ -3,10 +3,11 @@ then value rows) and gate and up fused into one `gate_up_proj` (gate rows, then 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
-from streamprune.arch.llama import rope_parameters
+from streamprune.arch import llama
+from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 
@@ -17,29 +18,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     scaling = raw.get("rope_scaling")
     if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in LEGACY_LONGROPE:
         raw = {**raw, "rope_scaling": {**scaling, "rope_type": "longrope"}}
-    return ModelConfig(
-        family="phi3",
-        model_type="phi3",
-        vocab_size=get_int(raw, "vocab_size"),
-        hidden_size=get_int(raw, "hidden_size"),
-        n_layers=get_int(raw, "num_hidden_layers"),
-        n_heads=get_int(raw, "num_attention_heads"),
-        n_kv_heads=get_int(raw, "num_key_value_heads", default=0),
-        head_dim=get_int(raw, "head_dim", default=0),
-        ffn_dim=get_int(raw, "intermediate_size"),
-        norm="rms",
-        norm_eps=get_float(raw, "rms_norm_eps", 1e-5),
-        act=raw.get("hidden_act", "silu"),
-        gated=True,
-        gate_up_fused=True,
-        pos="rope",
-        rope=rope_parameters(raw),
-        qkv_layout="concat",
-        tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
-        max_positions=get_int(raw, "max_position_embeddings", default=4096),
-        sliding_window=raw.get("sliding_window"),
-        raw=raw,
-    )
+    base = llama.parse_config({"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, **raw})  # Phi-3's defaults
+    # q/k/v and gate/up are each one matrix; Phi-3 has no attention or MLP biases
+    return dataclasses.replace(base, family="phi3", gate_up_fused=True, qkv_layout="concat", qkv_bias=False,
+                               out_bias=False, mlp_bias=False)
 
 
 SPEC = ArchSpec(
