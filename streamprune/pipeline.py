@@ -615,9 +615,9 @@ class Run:
                 x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
                 embed_windows(self.ckpt, job.windows, job.device, x, job.batch)
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
-                x, scratch = self.rebuild_inputs(first, x, scratch, pos, phase)
             streams = self.eval_streams(first, phase)  # --eval: "pruned", and with --eval-dense "dense"
             pruned_eval, dense_eval = streams.get("pruned"), streams.get("dense")
+            x, scratch = self.replay(first, x, scratch, pos, pruned_eval, phase)
 
             def timed(step: Callable[..., None] | None) -> Callable[..., None]:
                 """An evaluation stream's step, its time counted as the block's "eval" phase (no stream: nothing)."""
@@ -728,17 +728,12 @@ class Run:
             stores = [make_store(shape, job.placement, job.device, work, f"eval-{name}{i}")
                       for i in range(2 if self.cfg.n_experts else 1)]
             streams[name] = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *stores)
-        if first:
+        if first and "dense" in streams:  # the pruned stream is replayed with the calibration inputs (`replay`)
             start = time.perf_counter()
-            written = BlockStream(self.ckpt, job.device, range(first),
-                                  shard_of=lambda bid: job.out_dir / self.journal.done[bid + 1]["shard"],
-                                  layout=job.layout)
-            for name, blocks in (("pruned", written), ("dense", BlockStream(self.ckpt, job.device, range(first)))):
-                if name in streams:
-                    for block in blocks:
-                        phase(f"block {block.bid}: replay eval ({name})")
-                        streams[name].block(block)
-                        del block
+            for block in BlockStream(self.ckpt, job.device, range(first)):
+                phase(f"block {block.bid}: replay eval (dense)")
+                streams["dense"].block(block)
+                del block
             self.report.add("replay", time.perf_counter() - start)
         return streams
 
@@ -755,18 +750,35 @@ class Run:
         self.report.eval = {"file": str(self.job.opts.eval), "windows": windows.shape[0], "seqlen": windows.shape[1],
                             "tokens": count}
 
-    def rebuild_inputs(self, first: int, x: Activations, scratch: Activations, pos: LayerPositions,
-                       phase: Callable[[str], None]) -> tuple[Activations, Activations]:
-        """Calibration inputs of block `first`, by streaming the already written pruned blocks."""
+    def replay(self, first: int, x: Activations | None, scratch: Activations | None, pos: LayerPositions | None,
+               stream: HiddenStream | None, phase: Callable[[str], None]) -> tuple[Activations | None, Activations | None]:
+        """A resumed run's calibration inputs (x, scratch) and --eval stream of the pruned model, brought to block
+        `first` by one read of the blocks already written (each routed expert read once for both)."""
+        if not first or (x is None and stream is None):
+            return x, scratch
         start = time.perf_counter()
-        shards = BlockStream(self.ckpt, self.job.device, range(first),
-                             shard_of=lambda bid: self.job.out_dir / self.journal.done[bid + 1]["shard"],
-                             layout=self.job.layout)
+        job = self.job
+        shards = BlockStream(self.ckpt, job.device, range(first),
+                             shard_of=lambda bid: job.out_dir / self.journal.done[bid + 1]["shard"], layout=job.layout)
         for block in shards:
-            phase(f"block {block.bid}: replay")
-            forward_block(self.ckpt, block.w, x, pos.of(block.bid), scratch, self.job.batch, self.job.device,
-                          experts=block.experts)
-            x, scratch = scratch, x
+            bid = block.bid
+            phase(f"block {bid}: replay")
+            routes = None
+            if x is not None:  # an MoE block's first pass here, its experts below (see forward_block)
+                assert scratch is not None and pos is not None
+                routes = forward_block(self.ckpt, block.w, x, pos.of(bid), scratch, job.batch, job.device)
+            if stream is not None:
+                stream.enter(bid, block.w)
+            if self.ckpt.n_experts(bid):
+                for expert in block.experts():
+                    if routes is not None:
+                        add_expert(self.ckpt, expert.w, routed_rows(routes, expert.xid), x, scratch, job.device)
+                    if stream is not None:
+                        stream.expert(expert)
+            if x is not None:
+                x, scratch = scratch, x
+            if stream is not None:
+                stream.leave()
             del block
         self.report.add("replay", time.perf_counter() - start)
         return x, scratch
