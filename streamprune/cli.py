@@ -14,6 +14,7 @@ from rich.console import Console
 
 from streamprune.errors import StreamPruneError
 from streamprune.formats import FORMATS
+from streamprune.owl import OWL_LAMBDA, OWL_M
 from streamprune.pruners import METHODS
 
 logger = logging.getLogger("streamprune")
@@ -102,6 +103,16 @@ EVAL_HELP = ("Also compute the pruned model's perplexity on this file (.txt, .js
 EVAL_NSAMPLES_HELP = "--eval: use at most this many windows."
 EVAL_SEQLEN_HELP = "--eval: window length (default: the model's maximum, at most 2048)."
 EVAL_DENSE_HELP = "--eval: also the dense model's perplexity on the same windows, from the same reads."
+class AllocationChoice(str, Enum):
+    uniform = "uniform"
+    owl = "owl"
+
+
+ALLOCATION_HELP = ("Each block's sparsity: 'uniform' (--sparsity everywhere) or 'owl' (outlier-weighted: blocks with more "
+                   "outliers among their Wanda scores keep more weights; the mean over all pruned weights stays "
+                   "--sparsity; needs --calib and an unstructured pattern).")
+OWL_LAMBDA_HELP = "--allocation owl: block sparsities span at most [sparsity - lambda, sparsity + lambda]."
+OWL_M_HELP = "--allocation owl: a weight is an outlier when its Wanda score exceeds M times its block's mean score."
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
 
@@ -138,6 +149,9 @@ def run_cmd(
     eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
     eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
     eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
+    allocation: Annotated[AllocationChoice, typer.Option(help=ALLOCATION_HELP)] = AllocationChoice.uniform,
+    owl_lambda: Annotated[float, typer.Option(help=OWL_LAMBDA_HELP)] = OWL_LAMBDA,
+    owl_m: Annotated[float, typer.Option(help=OWL_M_HELP)] = OWL_M,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerunning resumes an interrupted run."""
@@ -153,7 +167,8 @@ def run_cmd(
                        overwrite=overwrite, restart=restart, profile_memory=profile_memory,
                        moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens, wbits=wbits,
                        group_size=group_size, sym=sym, format=format.value, eval=eval, eval_nsamples=eval_nsamples,
-                       eval_seqlen=eval_seqlen, eval_dense=eval_dense)
+                       eval_seqlen=eval_seqlen, eval_dense=eval_dense, allocation=allocation.value,
+                       owl_lambda=owl_lambda, owl_m=owl_m)
     except StreamPruneError as e:
         _fail(e)
     Console().print(summary_table(report))
@@ -184,6 +199,7 @@ def plan_cmd(
     eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
     eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
     eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
+    allocation: Annotated[AllocationChoice, typer.Option(help=ALLOCATION_HELP)] = AllocationChoice.uniform,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -196,7 +212,8 @@ def plan_cmd(
                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                       method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
                       blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
-                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense)
+                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense,
+                      allocation=allocation.value)
     except StreamPruneError as e:
         _fail(e)
     table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")

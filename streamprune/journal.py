@@ -88,12 +88,13 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 @dataclass
 class Journal:
-    """What a run has finished: shard index -> its file name, size and the layers' report rows; and the
-    environment the run started in (see `environment`)."""
+    """What a run has finished: shard index -> its file name, size and the layers' report rows; the
+    environment the run started in (see `environment`); and an OWL run's block sparsities."""
 
     fingerprint: dict[str, Any]
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] | None = None  # --allocation owl: the block sparsities, computed once (a resume reuses them)
 
     @classmethod
     def load(cls, out_dir: Path) -> Journal | None:
@@ -102,14 +103,17 @@ class Journal:
             return None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()}, raw.get("environment", {}))
+            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()}, raw.get("environment", {}),
+                       raw.get("allocation"))
         except (ValueError, KeyError, TypeError):
             return None  # unreadable: treated as no journal
 
     def save(self, out_dir: Path) -> None:
         (out_dir / WORK_DIR).mkdir(exist_ok=True)
-        text = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "environment": self.environment},
-                          indent=1)
+        state = {"fingerprint": self.fingerprint, "done": self.done, "environment": self.environment}
+        if self.allocation is not None:
+            state["allocation"] = self.allocation
+        text = json.dumps(state, indent=1)
         write_atomic(out_dir / WORK_DIR / JOURNAL_NAME, text)
 
     def verified(self, out_dir: Path) -> Journal:
@@ -123,4 +127,4 @@ class Journal:
                 ok = False
             if ok:
                 kept[idx] = entry
-        return Journal(self.fingerprint, kept, self.environment)
+        return Journal(self.fingerprint, kept, self.environment, self.allocation)

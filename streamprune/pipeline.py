@@ -51,6 +51,8 @@ from streamprune.memory import (
 )
 from streamprune.pruners import Pattern, Pruner, default_errors, make_pruner, method, resolve_sparsity
 from streamprune.evaluate import HiddenStream
+from streamprune.owl import (ALLOCATIONS, OWL_LAMBDA, OWL_M, Allocation, allocate, block_linears, dense_outlier_ratios,
+                             linear_zeros, pruned_counts)
 from streamprune.plan import decide, eval_sizes, footprint, run_eval_windows
 from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
@@ -94,11 +96,15 @@ class PruneOptions:
     eval_nsamples: int | None = None  # at most this many evaluation windows
     eval_seqlen: int | None = None  # their length (default: the model's, as for `streamprune eval`)
     eval_dense: bool = False  # also the dense model's perplexity, from the same reads
+    allocation: str = "uniform"  # each block's sparsity: "uniform", or "owl" (from its outlier ratio; see owl.py)
+    owl_lambda: float = OWL_LAMBDA  # owl: the block sparsities span [target - lambda, target + lambda]
+    owl_m: float = OWL_M  # owl: an outlier's score exceeds M times its block's mean score
 
 
 MOE_CALIBRATION = ("routed", "all")
 MOE_OPTIONS = ("moe_calibration", "moe_min_tokens")  # part of the fingerprint of a model with experts
 QUANT_OPTIONS = ("wbits", "group_size", "sym")  # part of the fingerprint when --wbits is given
+OWL_OPTIONS = ("allocation", "owl_lambda", "owl_m")  # part of the fingerprint of a run with --allocation owl
 # Options that change what is written (the report included); a resumed run must agree on all of them and on
 # the method's own knobs.
 RESULT_OPTIONS = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed", "device", "sequential",
@@ -128,6 +134,7 @@ class Job:
     journal: Journal | None  # a verified journal of the same job to resume, else None
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
     eval_windows: Tensor | None = None  # --eval: the evaluation token windows (K, T)
+    owl_windows: Tensor | None = None  # --allocation owl: the calibration windows its dense pass reads
 
     def clock(self) -> float:
         """Seconds, after waiting for queued device work, so phase timings hold on CUDA too."""
@@ -211,6 +218,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         raise ArgumentError(f"moe-calibration {opts.moe_calibration!r} is not one of {', '.join(MOE_CALIBRATION)}")
     if opts.moe_min_tokens < 1:
         raise ArgumentError(f"moe-min-tokens {opts.moe_min_tokens!r} must be at least 1")
+    owl = check_allocation(opts, pattern)
     grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
     if grid is not None and pattern.structured and grid.group_size != -1 and grid.group_size % pattern.m:
         raise ArgumentError(f"group size {grid.group_size} is not a multiple of M={pattern.m} of pattern {pattern}")
@@ -239,21 +247,27 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     windows = None
     calib = None if opts.calib is None else Path(opts.calib)
-    if calib is not None and not cls.accumulates(errors):
+    if calib is not None and not cls.accumulates(errors) and not owl:
         logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
                        opts.method, calib)
         calib = None
     if calib is not None:
         cfg.check_seqlen(seqlen)
         windows = calib_windows(calib, model_dir, cfg.vocab_size, seqlen, opts.nsamples, opts.seed)
-    elif cls.needs_data or errors:
-        what = f"method {opts.method!r}" if cls.needs_data else "--layer-errors"
+    elif cls.needs_data or errors or owl:
+        what = f"method {opts.method!r}" if cls.needs_data else "--layer-errors" if errors else "--allocation owl"
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
+    if owl and cfg.n_experts:
+        raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
+                            f"{cfg.model_type!r}); use --allocation uniform")
+    owl_windows = windows if owl else None
+    if not cls.accumulates(errors):  # magnitude: the windows serve only the allocation's dense pass
+        windows = None
     check_out_dir(model_dir, out_dir)
 
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
     fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
-                   *eval_sizes(ewindows, opts.eval_dense))
+                   *eval_sizes(ewindows, opts.eval_dense), owl=owl)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
@@ -268,12 +282,14 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     moe_options = MOE_OPTIONS if cfg.n_experts else ()
     quant_options = QUANT_OPTIONS if grid is not None else ()  # so that runs without --wbits still resume
     format_options = ("format",) if opts.format != "dense" else ()  # a dense run's fingerprint is that of before
+    owl_options = OWL_OPTIONS if owl else ()  # so is a uniform run's
     # --eval changes the report: its windows and streams are part of the job (absent without it, as before)
     eval_options = {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows),
                                                  "eval_dense": opts.eval_dense}
-    fprint = fingerprint(ckpt, None if windows is None else calib_digest(calib, windows),
+    drawn = windows if windows is not None else owl_windows
+    fprint = fingerprint(ckpt, None if drawn is None else calib_digest(calib, drawn),
                          {k: args[k] for k in RESULT_OPTIONS + cls.knobs + moe_options + quant_options
-                          + format_options} | eval_options)
+                          + format_options + owl_options} | eval_options)
     journal = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
         old, finished = previous_job(out_dir)
@@ -295,7 +311,23 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
 
     check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
     return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
-               decision.offload_hessian, grid, args, fprint, journal, layout, ewindows)
+               decision.offload_hessian, grid, args, fprint, journal, layout, ewindows, owl_windows)
+
+
+def check_allocation(opts: PruneOptions, pattern: Pattern) -> bool:
+    """Refuse a bad --allocation or OWL parameter; whether the blocks get OWL's sparsities."""
+    if opts.allocation not in ALLOCATIONS:
+        raise ArgumentError(f"allocation {opts.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+    if opts.allocation == "uniform":
+        return False
+    if pattern.structured:
+        raise ArgumentError(f"--allocation owl needs unstructured sparsity: an N:M pattern ({str(pattern)!r}) keeps "
+                            "uniform allocation")
+    if not (math.isfinite(opts.owl_lambda) and opts.owl_lambda >= 0):
+        raise ArgumentError(f"owl-lambda {opts.owl_lambda!r} must be a finite number >= 0")
+    if not (math.isfinite(opts.owl_m) and opts.owl_m > 0):
+        raise ArgumentError(f"owl-m {opts.owl_m!r} must be a finite number > 0")
+    return True
 
 
 def output_linears(ckpt: Checkpoint) -> list[str]:
@@ -335,13 +367,20 @@ class BlockPruner:
     """Prunes the linears of one block, site by site in the order of SEQUENTIAL, then its routed experts one at a
     time in the order of EXPERT_SEQUENTIAL; each pruned tensor is written as soon as it is final."""
 
-    def __init__(self, job: Job, report: Report) -> None:
+    def __init__(self, job: Job, report: Report, allocation: Allocation | None = None) -> None:
         self.job, self.report = job, report
         self.ckpt, self.opts, self.device = job.ckpt, job.opts, job.device
+        n = self.ckpt.config.n_layers
+        self.block_sparsity = [job.sparsity] * n if allocation is None else allocation.block_sparsity
+        # each linear's exact count of removed weights when the blocks have their own sparsities (none when uniform:
+        # the method's own rounding of the one sparsity, as always)
+        self.zeros: dict[str, int] = {} if allocation is None else linear_zeros(
+            [(name, math.prod(self.ckpt.tensors[name].shape), allocation.block_sparsity[b])
+             for b in range(n) for _, name in block_linears(self.ckpt, b).values()])
 
-    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...]) -> Pruner:
+    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], bid: int) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
-        return make_pruner(self.opts.method, columns, self.device, self.job.sparsity, self.job.pattern,
+        return make_pruner(self.opts.method, columns, self.device, self.block_sparsity[bid], self.job.pattern,
                            self.job.offload_hessian, self.job.errors, grid=self.job.grid, **self.job.knobs)
 
     def run(self, bid: int, w: dict[Param, Tensor], x: Activations | None, pos: Positions | None, put: Put,
@@ -355,13 +394,13 @@ class BlockPruner:
         groups = [(site, roles) for site, roles in groups if roles]
         if x is None:  # magnitude without calibration data: no statistics needed
             for _, roles in groups:
-                self.prune_roles(bid, w, self.new_pruner(w, roles), roles, names, put)
+                self.prune_roles(bid, w, self.new_pruner(w, roles, bid), roles, names, put)
             return None
         assert pos is not None
         stages = [groups] if not self.opts.sequential else [[g] for g in groups]
         routes = None
         for stage in stages:  # sequential: one stage per site, each seeing the pruned sites before it
-            pruners = {site: self.new_pruner(w, roles) for site, roles in stage}
+            pruners = {site: self.new_pruner(w, roles, bid) for site, roles in stage}
             routes = self.calibrate(bid, w, x, pos, pruners, dict(stage), names, m_store)
             for site, roles in stage:
                 self.prune_roles(bid, w, pruners[site], roles, names, put)
@@ -409,7 +448,7 @@ class BlockPruner:
             start = clock()
             name = names[role]
             dense = w[(role, "weight")]
-            result = pruner.prune(dense)
+            result = pruner.prune(dense, self.zeros.get(name))
             # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
             pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
             pruned.copy_(result.weight)
@@ -464,7 +503,7 @@ class BlockPruner:
                 before(expert)
                 names = {param[0]: name for param, name in self.ckpt.experts[(bid, expert.xid)].items()}
                 for _, roles in EXPERT_SEQUENTIAL:
-                    self.prune_roles(bid, expert.w, self.new_pruner(expert.w, roles), roles, names, shard.put,
+                    self.prune_roles(bid, expert.w, self.new_pruner(expert.w, roles, bid), roles, names, shard.put,
                                      expert=expert.xid)
                 after(expert)
             return
@@ -489,7 +528,7 @@ class BlockPruner:
             rows_in, how, n_routed = self.expert_rows(rows, stats)
             row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
             before(expert)
-            p_in, p_down = (self.new_pruner(we, roles) for _, roles in EXPERT_SEQUENTIAL)
+            p_in, p_down = (self.new_pruner(we, roles, bid) for _, roles in EXPERT_SEQUENTIAL)
             t, hessian = clock(), 0.0
             for i, j, token, _ in rows_in:
                 m = stats.rows(i, j, token, self.device)
@@ -608,13 +647,18 @@ class Run:
                 mem.phase = text
                 bar.update(task, description=text)
 
-            phase("embed")
             x = scratch = pos = None
             if job.windows is not None:
                 shape = (job.windows.shape[0], job.seqlen, cfg.hidden_size)
                 x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
-                embed_windows(self.ckpt, job.windows, job.device, x, job.batch)
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
+            allocation = self.allocate(x, pos, phase)  # --allocation owl: each block's sparsity (x is free till now)
+            report.block_sparsity = [job.sparsity] * cfg.n_layers if allocation is None else allocation.block_sparsity
+            report.allocation = None if allocation is None else allocation.to_dict()
+            phase("embed")
+            if job.windows is not None:
+                assert x is not None
+                embed_windows(self.ckpt, job.windows, job.device, x, job.batch)
             streams = self.eval_streams(first, phase)  # --eval: "pruned", and with --eval-dense "dense"
             pruned_eval, dense_eval = streams.get("pruned"), streams.get("dense")
             x, scratch = self.replay(first, x, scratch, pos, pruned_eval, phase)
@@ -628,7 +672,7 @@ class Run:
                         report.add("eval", job.clock() - t, bid)
                 return run
 
-            block_pruner = BlockPruner(job, report)
+            block_pruner = BlockPruner(job, report, allocation)
             phase(f"block {first}: read")
             for block in BlockStream(self.ckpt, job.device, range(first, cfg.n_layers)):
                 bid, raw, w = block.bid, block.raw, block.w
@@ -711,6 +755,37 @@ class Run:
         report.save(out)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return report
+
+    def allocate(self, x: Activations | None, pos: LayerPositions | None,
+                 phase: Callable[[str], None]) -> Allocation | None:
+        """--allocation owl: the block sparsities, from the journal when a previous run of this job computed them, else
+        from a forward of the dense model over the calibration windows (in `x`, or for magnitude, whose run has no
+        activations, in a buffer of its own), saved in the journal before block 0 is pruned."""
+        job, cfg = self.job, self.cfg
+        if job.owl_windows is None:
+            return None
+        if self.journal.allocation is not None:
+            return Allocation(**self.journal.allocation)
+        start = job.clock()
+        store = x
+        if store is None:
+            shape = (job.owl_windows.shape[0], job.seqlen, cfg.hidden_size)
+            store = make_store(shape, job.placement, job.device, job.out_dir / WORK_DIR, "owl")
+            pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
+        assert pos is not None
+        phase("owl: embed")
+        embed_windows(self.ckpt, job.owl_windows, job.device, store, job.batch)
+        ratios = dense_outlier_ratios(self.ckpt, store, pos, job.batch, job.device, job.opts.owl_m,
+                                      progress=lambda bid: phase(f"owl: block {bid}"))
+        if store is not x:
+            store.close()
+        weights = pruned_counts(self.ckpt)
+        allocation = Allocation("owl", job.opts.owl_lambda, job.opts.owl_m, ratios, weights,
+                                allocate(ratios, weights, job.sparsity, job.opts.owl_lambda))
+        self.journal.allocation = allocation.to_dict()
+        self.journal.save(job.out_dir)
+        self.report.add("owl", job.clock() - start)
+        return allocation
 
     def eval_streams(self, first: int, phase: Callable[[str], None]) -> dict[str, HiddenStream]:
         """--eval: the evaluation windows, embedded, in a stream of the pruned model ("pruned") and with --eval-dense

@@ -153,12 +153,14 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
               errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None,
-              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0) -> Footprint:
+              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
     the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any;
     `eval_windows` windows of `eval_seqlen` tokens pushed through the blocks in `eval_streams` streams (--eval: the
     pruned model's; --eval-dense: the dense one's too), each one buffer (two for an MoE model), placed like the
-    calibration activations."""
+    calibration activations. `owl` (--allocation owl): a forward of the dense model over the calibration windows
+    before block 0, in the calibration activations (its column norms are vectors, its scores one linear's at a time:
+    within the solve's terms); for magnitude, which otherwise has none, one buffer of them."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -178,9 +180,16 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                  positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
                  per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
                  routes=routes_bytes(cfg, eval_windows * eval_seqlen) if eval_streams else 0)
-    if not keep:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
+    if not keep and not owl:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0, activations=evals["eval_activations"],
                          **evals, **common)
+    if not keep:  # magnitude with --allocation owl: the dense pass's one buffer (updated in place) and its forward
+        return Footprint(hessians=0, solver_matrix=0, widest_hessian=0,
+                         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
+                         activations=nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+                         eval_activations=evals["eval_activations"],
+                         positions=positions_bytes(cfg, seqlen) + evals["positions"], calib_ids=nsamples * seqlen * 8,
+                         calib_read=read_workspace(seqlen), routes=evals["routes"], **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
     # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
     block_widths, expert_widths = (site_widths(order, linears) for order in (SEQUENTIAL, EXPERT_SEQUENTIAL))
@@ -276,7 +285,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
          offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
          batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128,
          wbits: int | None = None, group_size: int = 128, sym: bool = True, eval: str | Path | None = None,
-         eval_nsamples: int | None = None, eval_seqlen: int | None = None, eval_dense: bool = False) -> MemoryPlan:
+         eval_nsamples: int | None = None, eval_seqlen: int | None = None, eval_dense: bool = False,
+         allocation: str = "uniform") -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
@@ -287,6 +297,8 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         method, sequential, layer_errors, blocksize, wbits, group_size, sym: as for `streamprune run`.
         eval, eval_nsamples, eval_seqlen, eval_dense: as for `streamprune run`: the evaluation windows' hidden
             states (the file is tokenized to count its windows).
+        allocation: as for `streamprune run`; "owl" adds the dense pass's activations to magnitude's plan (the other
+            methods' runs hold them anyway).
     """
     ckpt = Checkpoint(model_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -300,7 +312,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     grid = None if wbits is None else Grid(wbits, group_size, sym)
     windows = run_eval_windows(ckpt, eval, eval_nsamples, eval_seqlen, eval_dense)
     fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize}, grid,
-                   *eval_sizes(windows, eval_dense))
+                   *eval_sizes(windows, eval_dense), owl=allocation == "owl")
     d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"

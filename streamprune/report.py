@@ -13,7 +13,8 @@ REPORT_NAME = "streamprune_report.json"
 # solve: choosing masks and updating weights; error: the reconstruction error of the report;
 # forward: the pruned block's outputs for the next block; write: shards and journal.
 # eval: the evaluation streams of --eval (the blocks' forwards and the head).
-PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "write")
+# owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
+PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "write")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Report:
     perplexity: float | None = None  # with --eval: the pruned model's perplexity on its windows
     dense_perplexity: float | None = None  # with --eval-dense: the input model's, on the same windows
     eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
+    block_sparsity: list[float] | None = None  # each block's allocated sparsity (the target everywhere when uniform)
+    allocation: dict[str, Any] | None = None  # --allocation owl: its parameters, outlier ratios and block weights
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds
@@ -112,6 +115,9 @@ def summary_table(report: Report):  # -> rich.table.Table
     phases = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in report.phases.items() if v)
     table.caption = (f"total sparsity {report.total_sparsity:.4f}; wall {report.wall_seconds:.1f}s ({phases}); "
                      f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; peak GPU {report.peak_gpu_bytes / 2**20:.0f} MiB")
+    if report.allocation is not None:
+        table.caption += (f"\nallocation owl (lambda {report.allocation['owl_lambda']:g}, M {report.allocation['owl_m']:g}): "
+                          f"block sparsity {min(report.block_sparsity or [0]):.4f} to {max(report.block_sparsity or [0]):.4f}")
     if report.perplexity is not None and report.eval is not None:
         dense = "" if report.dense_perplexity is None else f" (dense {report.dense_perplexity:.4f})"
         table.caption += (f"\nperplexity {report.perplexity:.4f}{dense} on {report.eval['file']} "

@@ -96,8 +96,10 @@ class Pruner(ABC):
         return self.sqnorms if self.xtx is None else self.xtx.diagonal().to(self.device)
 
     @abstractmethod
-    def prune(self, weight: Tensor) -> PruneResult:
-        """Prune one weight (out, columns); returns the new float32 weight and its mask."""
+    def prune(self, weight: Tensor, zeros: int | None = None) -> PruneResult:
+        """Prune one weight (out, columns); returns the new float32 weight and its mask. `zeros` (unstructured
+        only): remove exactly this many weights, instead of the method's own rounding of `sparsity` (a run whose
+        blocks have their own sparsities sets each linear's count, so that the total is exact)."""
 
     def _park_hessian(self) -> None:
         """With `offload_hessian`, move X^T X to host memory (freeing its device buffer) until the errors."""
@@ -168,18 +170,20 @@ class ScorePruner(Pruner):
         """The score of each weight of the float32 matrix `w` (lower: removed first)."""
 
     @abstractmethod
-    def unstructured_mask(self, score: Tensor) -> Tensor:
-        """The weights to remove at `self.sparsity` when no N:M pattern is asked."""
+    def unstructured_mask(self, score: Tensor, zeros: int | None = None) -> Tensor:
+        """The weights to remove at `self.sparsity` (exactly `zeros` of them when given) when no N:M pattern is
+        asked."""
 
     @torch.no_grad()
-    def prune(self, weight: Tensor) -> PruneResult:
+    def prune(self, weight: Tensor, zeros: int | None = None) -> PruneResult:
         w = weight.to(self.device, torch.float32, copy=True)  # filled in place below
         score = self.score(w)
         self._park_hessian()  # only the reconstruction error reads X^T X
         if self.pattern.structured:
+            assert zeros is None, "an N:M pattern fixes the count"
             mask = nm_mask(score, self.pattern.n, self.pattern.m)
         else:
-            mask = self.unstructured_mask(score)
+            mask = self.unstructured_mask(score, zeros)
         del score
         w.masked_fill_(mask, 0.0)
         if self.grid is None:

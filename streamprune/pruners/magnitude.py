@@ -16,5 +16,5 @@ class Magnitude(ScorePruner):
     def score(self, w: Tensor) -> Tensor:
         return w.abs()
 
-    def unstructured_mask(self, score: Tensor) -> Tensor:
-        return matrix_mask(score, self.sparsity)
+    def unstructured_mask(self, score: Tensor, zeros: int | None = None) -> Tensor:
+        return matrix_mask(score, self.sparsity, zeros)

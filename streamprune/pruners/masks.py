@@ -91,10 +91,33 @@ def row_mask(score: Tensor, sparsity: float) -> Tensor:
     return mask
 
 
-def matrix_mask(score: Tensor, sparsity: float) -> Tensor:
-    """The floor(sparsity * numel) lowest-scoring weights of the whole matrix: everything below the
-    k-th smallest score, then as many of the scores equal to it as needed, first in row-major order."""
-    k = int(sparsity * score.numel())
+def row_mask_exact(score: Tensor, zeros: int) -> Tensor:
+    """Exactly `zeros` lowest-scoring weights, compared within each row as `row_mask` does: every row loses
+    zeros // rows, and the zeros % rows rows whose next weight scores lowest lose one more."""
+    rows, cols = score.shape
+    if not 0 <= zeros <= rows * cols:
+        raise ValueError(f"zeros {zeros!r} is outside [0, {rows * cols}]")
+    k, extra = divmod(zeros, rows)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    step = rows_per_chunk(cols)
+    take = torch.full((rows,), k, dtype=torch.int64, device=score.device)
+    if extra:  # the (k+1)-th smallest score of each row decides which rows give one more
+        following = torch.cat([score[r0 : r0 + step].kthvalue(k + 1, dim=1).values for r0 in range(0, rows, step)])
+        take[following.topk(extra, largest=False).indices] += 1
+    width = k + (1 if extra else 0)
+    if width:
+        rank = torch.arange(width, device=score.device)[None, :]
+        for r0 in range(0, rows, step):
+            idx = score[r0 : r0 + step].topk(width, dim=1, largest=False).indices  # sorted: the lowest first
+            mask[r0 : r0 + step].scatter_(1, idx, rank < take[r0 : r0 + step, None])
+    return mask
+
+
+def matrix_mask(score: Tensor, sparsity: float, zeros: int | None = None) -> Tensor:
+    """The floor(sparsity * numel) lowest-scoring weights of the whole matrix (exactly `zeros` when given):
+    everything below the k-th smallest score, then as many of the scores equal to it as needed, first in
+    row-major order."""
+    k = int(sparsity * score.numel()) if zeros is None else zeros
     if not k:
         return torch.zeros_like(score, dtype=torch.bool)
     flat = score.flatten()

@@ -111,7 +111,7 @@ class SparseGPT(Pruner):
         return work, dead
 
     @torch.no_grad()
-    def prune(self, weight: Tensor) -> PruneResult:
+    def prune(self, weight: Tensor, zeros: int | None = None) -> PruneResult:
         hinv, dead = self._inverse_factor()
         # Work on W^T (columns, rows): every column of W is then a contiguous row, and the per-column
         # OBS updates touch contiguous memory.
@@ -123,6 +123,8 @@ class SparseGPT(Pruner):
         n, m = self.pattern.n, self.pattern.m
         sweep = None if self.grid is None else _GridSweep(self.grid, cols, rows, self.device, self.xtx is not None)
         blocks = self._blocks(cols)
+        # with `zeros`: each column block removes its share of them exactly (cumulative over the columns)
+        counts = None if zeros is None else {(i1, i2): zeros * i2 // cols - zeros * i1 // cols for i1, i2 in blocks}
         for i1, i2 in blocks:
             W1 = Wt[i1:i2]  # (count, rows), a contiguous view: updated in place
             Hinv1 = hinv[i1:i2, i1:i2]
@@ -130,7 +132,7 @@ class SparseGPT(Pruner):
             Err1 = torch.zeros_like(W1)
             mask1 = mask_t[i1:i2]
             if not self.pattern.structured:
-                mask1.copy_(self._block_mask(W1, d))
+                mask1.copy_(self._block_mask(W1, d, None if counts is None else counts[(i1, i2)]))
             scale = mask1 / d[:, None]  # err = (w - q) / d = w * mask / d, one kernel per column
             for j1, j2 in self._sub_blocks(i1, i2):  # the same lazy batching again, inside the block
                 for i in range(j1, j2):
@@ -143,7 +145,7 @@ class SparseGPT(Pruner):
                     else:  # err = (w - q) / d with q the grid's value of a kept weight, 0 for a removed one
                         c = i1 + i
                         if c % sweep.width == 0:  # the group's grid, from its current weights
-                            sweep.fix(c, *self._group_range(Wt, mask_t, hinv.diagonal(), blocks, c, i2))
+                            sweep.fix(c, *self._group_range(Wt, mask_t, hinv.diagonal(), blocks, c, i2, counts))
                         q = sweep.round(c, W1[i], mask1[i])
                         torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
                     W1[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], Err1[i], alpha=-1.0)  # OBS update, rest of sub-block
@@ -181,7 +183,7 @@ class SparseGPT(Pruner):
         return list(zip(edges[:-1], edges[1:]))
 
     def _group_range(self, Wt: Tensor, mask_t: Tensor, diag: Tensor, blocks: list[tuple[int, int]], c: int,
-                     i2: int) -> tuple[Tensor, Tensor]:
+                     i2: int, counts: dict[tuple[int, int], int] | None = None) -> tuple[Tensor, Tensor]:
         """The range of the weights the group starting at column `c` keeps, from the current weights (all up to
         date at its first column). The masks already chosen (the current block's; N:M: the group of M at `c`)
         exclude exactly; the group's columns whose masks come later (later blocks of a group wider than
@@ -204,15 +206,21 @@ class SparseGPT(Pruner):
                 idx = score.topk(self.pattern.n, dim=1, largest=False).indices
                 provisional = torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True).view_as(x)
             else:
-                provisional = self._block_mask(x, d)
+                provisional = self._block_mask(x, d, None if counts is None else counts[(a, b)])
             lo2, hi2 = kept_range(x, provisional, 0)
             torch.minimum(lo, lo2, out=lo)
             torch.maximum(hi, hi2, out=hi)
         return lo, hi
 
-    def _block_mask(self, W1: Tensor, d: Tensor) -> Tensor:
+    def _block_mask(self, W1: Tensor, d: Tensor, k: int | None = None) -> Tensor:
         """Adaptive selection over one column block (W1 is transposed: (count, rows)): the lowest
-        w^2 / d^2 at the paper's threshold."""
+        w^2 / d^2 at the paper's threshold; exactly the `k` lowest when given."""
+        if k is not None:
+            mask = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                score = (W1**2 / d[:, None] ** 2).flatten()
+                mask.view(-1)[score.topk(k, largest=False).indices] = True
+            return mask
         if self.sparsity == 0:
             return torch.zeros_like(W1, dtype=torch.bool)
         score = W1**2 / d[:, None] ** 2

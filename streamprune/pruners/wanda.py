@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from streamprune.pruners.base import ScorePruner
-from streamprune.pruners.masks import row_mask
+from streamprune.pruners.masks import row_mask, row_mask_exact
 
 
 class Wanda(ScorePruner):
@@ -17,5 +17,5 @@ class Wanda(ScorePruner):
         assert sqnorms is not None, "no calibration batch was added"
         return w.abs().mul_(sqnorms.sqrt()[None, :])
 
-    def unstructured_mask(self, score: Tensor) -> Tensor:
-        return row_mask(score, self.sparsity)
+    def unstructured_mask(self, score: Tensor, zeros: int | None = None) -> Tensor:
+        return row_mask(score, self.sparsity) if zeros is None else row_mask_exact(score, zeros)
