@@ -2,7 +2,8 @@
 
 Prunes the model of bench/tinylm.py (built or found in its cache) as bench/demo.py does (calibration: 64 windows
 of 128 tokens of its training text, seed 0, one thread), with each method at each sparsity, once with
---allocation uniform and once with --allocation owl (the paper's lambda 0.08 and M 5 unless given), and evaluates
+--allocation uniform, once with --allocation owl (the paper's lambda 0.08 and M 5 unless given) and once with owl
+at lambda 0 (the target in every block, each linear's count exact as in an owl run: the control), and evaluates
 every result on the held-out text with `streamprune eval`'s function. Prints the perplexities, the allocation (the
 outlier ratios and block sparsities, the same for every method: they come from the dense model), each run's total
 sparsity, and the time of the "owl" phase against the whole run.
@@ -43,23 +44,27 @@ def main() -> None:
         dense = streamprune.evaluate(model, test, seqlen=SEQLEN, device="cpu").perplexity
         for method in args.methods:
             for sparsity in args.sparsity:
-                for allocation in ("uniform", "owl"):
-                    out = Path(work) / f"{method}-{sparsity}-{allocation}"
+                # "owl, lambda 0": every block at the target, but with the exact per-linear counts of an owl run (Wanda's
+                # uniform rounding removes ceil(sparsity x columns) per row, a little more than the target)
+                for allocation, owl_lambda in (("uniform", args.owl_lambda), ("owl", 0.0), ("owl", args.owl_lambda)):
+                    out = Path(work) / f"{method}-{sparsity}-{allocation}-{owl_lambda}"
                     report = streamprune.prune(model, out, method=method, sparsity=sparsity, calib=train,
                                                nsamples=NSAMPLES, seqlen=SEQLEN, seed=0, device="cpu",
-                                               allocation=allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m)
+                                               allocation=allocation, owl_lambda=owl_lambda, owl_m=args.owl_m)
+                    if allocation == "owl" and owl_lambda != args.owl_lambda:
+                        allocation = "owl, lambda 0"
                     ppl = streamprune.evaluate(out, test, seqlen=SEQLEN, device="cpu").perplexity
                     rows.append((method, sparsity, allocation, ppl, report.total_sparsity, report.phases["owl"],
                                  report.wall_seconds))
-                    if report.allocation is not None:
+                    if allocation == "owl":
                         allocations[sparsity] = report.allocation
                     shutil.rmtree(out)
     print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
           f"training text); dense {dense:.2f}; owl: lambda {args.owl_lambda:g}, M {args.owl_m:g}")
-    print(f"{'method':<10} {'sparsity':>8} {'allocation':>10} {'perplexity':>10} {'increase':>9} {'total sp.':>9} "
+    print(f"{'method':<10} {'sparsity':>8} {'allocation':>13} {'perplexity':>10} {'increase':>9} {'total sp.':>9} "
           f"{'owl s':>6} {'run s':>6}")
     for method, sparsity, allocation, ppl, total, owl_s, wall in rows:
-        print(f"{method:<10} {sparsity:>8.2f} {allocation:>10} {ppl:>10.2f} {ppl - dense:>+9.2f} {total:>9.4f} "
+        print(f"{method:<10} {sparsity:>8.2f} {allocation:>13} {ppl:>10.2f} {ppl - dense:>+9.2f} {total:>9.4f} "
               f"{owl_s:>6.2f} {wall:>6.2f}")
     for sparsity, alloc in allocations.items():
         ratios = ", ".join(f"{r:.5f}" for r in alloc["outlier_ratios"])

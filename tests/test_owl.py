@@ -216,3 +216,16 @@ def test_cli_and_plan(tmp_path, llama):
                                           allocation="owl").consumers)
     key = "calibration activations (input and output buffers)"
     assert plain[key] == 0 and owl[key] == 8 * 64 * 64 * 4
+
+
+def test_owl_with_quantization(tmp_path, llama):
+    """SparseGPT's exact per-block counts also drive the provisional masks that set a group's grid (--wbits)."""
+    src, calib = llama
+    report = streamprune.prune(src, tmp_path / "out", sparsity=0.6, calib=calib, allocation="owl", wbits=4,
+                               group_size=16, blocksize=32, **ARGS)
+    for b, target in enumerate(report.block_sparsity):
+        rows = [lr for lr in report.layers if lr.block == b]
+        zeros = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in rows)
+        # exactly the allocated count removed; a kept weight rounded to the grid's 0 only adds a few zeros
+        assert target * report.allocation["block_weights"][b] - len(rows) <= zeros
+        assert zeros <= (target + 0.01) * report.allocation["block_weights"][b]
