@@ -6,7 +6,7 @@ of 128 tokens of its training text, seed 0, one thread), with each method at eac
 at lambda 0 (the target in every block, each linear's count exact as in an owl run: the control), and evaluates
 every result on the held-out text with `streamprune eval`'s function. Prints the perplexities, the allocation (the
 outlier ratios and block sparsities, the same for every method: they come from the dense model), each run's total
-sparsity, and the time of the "owl" phase against the whole run.
+sparsity, and the time of the "owl" phase (the dense pass) beside the run's "forward" phase and the whole run.
 
     python bench/owl.py                                  # sparsegpt and wanda at 50, 60, 70%
     python bench/owl.py --methods magnitude --sparsity 0.7
@@ -55,17 +55,17 @@ def main() -> None:
                         allocation = "owl, lambda 0"
                     ppl = streamprune.evaluate(out, test, seqlen=SEQLEN, device="cpu").perplexity
                     rows.append((method, sparsity, allocation, ppl, report.total_sparsity, report.phases["owl"],
-                                 report.wall_seconds))
+                                 report.phases["forward"], report.wall_seconds))
                     if allocation == "owl":
                         allocations[sparsity] = report.allocation
                     shutil.rmtree(out)
     print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
           f"training text); dense {dense:.2f}; owl: lambda {args.owl_lambda:g}, M {args.owl_m:g}")
     print(f"{'method':<10} {'sparsity':>8} {'allocation':>13} {'perplexity':>10} {'increase':>9} {'total sp.':>9} "
-          f"{'owl s':>6} {'run s':>6}")
-    for method, sparsity, allocation, ppl, total, owl_s, wall in rows:
+          f"{'owl s':>6} {'fwd s':>6} {'run s':>6}")
+    for method, sparsity, allocation, ppl, total, owl_s, fwd_s, wall in rows:
         print(f"{method:<10} {sparsity:>8.2f} {allocation:>13} {ppl:>10.2f} {ppl - dense:>+9.2f} {total:>9.4f} "
-              f"{owl_s:>6.2f} {wall:>6.2f}")
+              f"{owl_s:>6.2f} {fwd_s:>6.2f} {wall:>6.2f}")
     for sparsity, alloc in allocations.items():
         ratios = ", ".join(f"{r:.5f}" for r in alloc["outlier_ratios"])
         blocks = ", ".join(f"{s:.4f}" for s in alloc["block_sparsity"])

@@ -111,7 +111,7 @@ class AllocationChoice(str, Enum):
 ALLOCATION_HELP = ("Each block's sparsity: 'uniform' (--sparsity everywhere) or 'owl' (outlier-weighted: blocks with more "
                    "outliers among their Wanda scores keep more weights; the mean over all pruned weights stays "
                    "--sparsity; needs --calib and an unstructured pattern).")
-OWL_LAMBDA_HELP = "--allocation owl: block sparsities span at most [sparsity - lambda, sparsity + lambda]."
+OWL_LAMBDA_HELP = "--allocation owl: the block sparsities spread over 2 x lambda around --sparsity (their weighted mean)."
 OWL_M_HELP = "--allocation owl: a weight is an outlier when its Wanda score exceeds M times its block's mean score."
 LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, "
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")

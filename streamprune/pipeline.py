@@ -97,7 +97,7 @@ class PruneOptions:
     eval_seqlen: int | None = None  # their length (default: the model's, as for `streamprune eval`)
     eval_dense: bool = False  # also the dense model's perplexity, from the same reads
     allocation: str = "uniform"  # each block's sparsity: "uniform", or "owl" (from its outlier ratio; see owl.py)
-    owl_lambda: float = OWL_LAMBDA  # owl: the block sparsities span [target - lambda, target + lambda]
+    owl_lambda: float = OWL_LAMBDA  # owl: the block sparsities spread over 2 lambda, their weighted mean the target
     owl_m: float = OWL_M  # owl: an outlier's score exceeds M times its block's mean score
 
 
@@ -885,6 +885,8 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
             profile_memory: sample RSS and GPU memory during the run into OUT_DIR/streamprune_memory.csv.
             format: how the pruned linears are written, "dense" (the input's dtype) or "compressed-tensors"
                 (pack-quantized; needs a quantized run).
+            allocation: each block's sparsity, "uniform" or "owl" (outlier-weighted; see streamprune/owl.py),
+                with owl_lambda (the spread is 2 lambda) and owl_m (an outlier's score over its block's mean).
 
     Returns:
         The run report, also saved as OUT_DIR/streamprune_report.json.
