@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from streamprune.dist import RankLost, Ranks
 from streamprune.errors import StreamPruneError
 from streamprune.formats import FORMATS
 from streamprune.pruners import METHODS
@@ -32,12 +33,20 @@ def _root() -> None:
     """Prune language models one block at a time."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _setup_logging(verbose: bool, rank: int = 0) -> None:
+    """Warnings from rank 0 only (the ranks of a run would repeat each other), errors from every rank."""
+    level = (logging.DEBUG if verbose else logging.WARNING) if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(err: StreamPruneError) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+def _fail(err: StreamPruneError, ranks: Ranks | None = None) -> None:
+    """The one-line message, printed once per job: with several ranks by the first rank that raised it (or rank 0
+    when a rank vanished without one), prefixed with its rank."""
+    ranks = ranks or Ranks()
+    if ranks.claim_report(str(err), lost=isinstance(err, RankLost)):
+        where = f"rank {ranks.rank}: " if ranks.distributed and not isinstance(err, RankLost) else ""
+        console.print(f"[bold red]error:[/] {where}{err}", highlight=False, soft_wrap=True)
+    ranks.close()
     raise typer.Exit(code=2)
 
 
@@ -144,9 +153,11 @@ def run_cmd(
     from streamprune.pipeline import prune
     from streamprune.report import REPORT_NAME, summary_table
 
-    _setup_logging(verbose)
+    ranks = Ranks()
     try:
-        report = prune(model_dir, out_dir, progress=True, method=method.value, sparsity=sparsity, pattern=pattern,
+        ranks = Ranks.from_env()  # several with torchrun: `torchrun --nproc-per-node N -m streamprune run ...`
+        _setup_logging(verbose, ranks.rank)
+        report = prune(model_dir, out_dir, progress=True, ranks=ranks, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
@@ -155,7 +166,13 @@ def run_cmd(
                        group_size=group_size, sym=sym, format=format.value, eval=eval, eval_nsamples=eval_nsamples,
                        eval_seqlen=eval_seqlen, eval_dense=eval_dense)
     except StreamPruneError as e:
-        _fail(e)
+        _fail(e, ranks)
+    except BaseException as e:  # a bug or an interrupt: its traceback is this rank's; the others stay quiet
+        ranks.claim_report(f"{type(e).__name__}: {e}")
+        raise
+    ranks.close()
+    if not ranks.is_writer:
+        return
     Console().print(summary_table(report))
     if report.perplexity is not None:
         dense = "" if report.dense_perplexity is None else f", dense {report.dense_perplexity:.4f}"

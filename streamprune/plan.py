@@ -240,16 +240,17 @@ class Decision:
 
 
 def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gpu_memory: int | None,
-           batch: int, nsamples: int) -> Decision:
+           batch: int, nsamples: int, ranks_per_host: int = 1) -> Decision:
     """Activation placement, windows per forward call, and whether X^T X leaves the GPU during the solve.
 
     The budget is 90% of `max_gpu_memory` (default: the card's memory). The block's weights and the
     solve come first; if the solve does not fit beside X^T X, X^T X waits in host memory meanwhile;
     the activations go to the device only if they fit beside that and one window's forward workspace;
-    the batch then shrinks until the forward fits what is left.
+    the batch then shrinks until the forward fits what is left. `ranks_per_host` processes share the host's
+    memory (each holds its share of the windows: `fp` is one rank's).
     """
     batch = max(1, min(batch, nsamples))
-    host_budget = psutil.virtual_memory().available // 2
+    host_budget = psutil.virtual_memory().available // 2 // ranks_per_host
     if device.type != "cuda":
         return Decision(choose_placement(offload_activations, fp.activations, device, None, host_budget), batch, False)
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory

@@ -12,8 +12,9 @@ REPORT_NAME = "streamprune_report.json"
 # a resumed run; calibrate: forward passes up to the sites being pruned; hessian: accumulating X^T X;
 # solve: choosing masks and updating weights; error: the reconstruction error of the report;
 # forward: the pruned block's outputs for the next block; write: shards and journal.
-# eval: the evaluation streams of --eval (the blocks' forwards and the head).
-PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "write")
+# eval: the evaluation streams of --eval (the blocks' forwards and the head); sync: with several ranks, summing the
+# statistics and receiving the linears other ranks solved (waiting for them included).
+PHASES = ("read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Report:
     perplexity: float | None = None  # with --eval: the pruned model's perplexity on its windows
     dense_perplexity: float | None = None  # with --eval-dense: the input model's, on the same windows
     eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
+    world_size: int = 1  # the ranks of the run (processes launched by torchrun)
+    # with several ranks: each one's {rank, device, windows, wall_seconds, phases, peak_rss_bytes, peak_gpu_bytes}
+    ranks: list[dict[str, Any]] | None = None
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds

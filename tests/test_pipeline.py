@@ -85,7 +85,8 @@ def test_report_contents(tmp_path, calib):
     for layer in saved["layers"]:
         assert layer["sparsity"] >= 0.5 and 0 < layer["rel_error"] < 1 and layer["seconds"] >= 0
         assert layer["damp"] == 0.01
-    assert set(saved["phases"]) == {"read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "write"}
+    assert set(saved["phases"]) == {"read", "replay", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync",
+                                   "write"}
     assert set(saved["block_phases"]) == {"0", "1", "2"}
     assert all(saved["block_phases"]["1"][p] > 0 for p in ("calibrate", "hessian", "solve", "error", "forward"))
     assert saved["peak_rss_bytes"] > 0 and saved["wall_seconds"] > 0
