@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from streamprune.dist import RankLost, Ranks
 from streamprune.errors import StreamPruneError
@@ -45,7 +46,7 @@ def _fail(err: StreamPruneError, ranks: Ranks | None = None) -> None:
     ranks = ranks or Ranks()
     if ranks.claim_report(str(err), lost=isinstance(err, RankLost)):
         where = f"rank {ranks.rank}: " if ranks.distributed and not isinstance(err, RankLost) else ""
-        console.print(f"[bold red]error:[/] {where}{err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(where + str(err))}", highlight=False, soft_wrap=True)
     ranks.close()
     raise typer.Exit(code=2)
 
@@ -157,6 +158,7 @@ def run_cmd(
     try:
         ranks = Ranks.from_env()  # several with torchrun: `torchrun --nproc-per-node N -m streamprune run ...`
         _setup_logging(verbose, ranks.rank)
+        ranks.stop_on_sigterm()
         report = prune(model_dir, out_dir, progress=True, ranks=ranks, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,

@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import pickle
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,18 @@ class Ranks:
             return bytes(store.compare_set(ERROR_KEY, "", mine)) == mine
         except Exception:  # noqa: BLE001 - the store went with the job: say it here
             return self.rank == 0
+
+    def stop_on_sigterm(self) -> None:
+        """With several ranks, SIGTERM (torchrun stopping the job because another rank ended) raises `RankLost`, so
+        that rank 0 says why when no rank has said it yet."""
+        if not self.distributed:
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            raise RankLost("stopped by SIGTERM: another rank ended (torchrun's summary names it); rerun the same "
+                           "command to resume")
+
+        signal.signal(signal.SIGTERM, stop)
 
     def close(self) -> None:
         if self.distributed:
