@@ -203,6 +203,7 @@ def plan_cmd(
     eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
     eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
     eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
+    nproc: Annotated[int, typer.Option(help="Ranks per node (torchrun --nproc-per-node): the plan is one rank's, its share of the windows beside a whole block.")] = 1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -215,10 +216,11 @@ def plan_cmd(
                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                       method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
                       blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
-                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense)
+                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense, nproc=nproc)
     except StreamPruneError as e:
         _fail(e)
-    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")
+    ranks = "" if nproc == 1 else f", per rank of {nproc}"
+    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement}{ranks})")
     table.add_column("consumer")
     table.add_column("MiB", justify="right")
     table.add_column("where")
@@ -226,6 +228,9 @@ def plan_cmd(
         table.add_row(what, f"{nbytes / 2**20:,.1f}", where)
     table.caption = (f"predicted peak: host {result.host_peak / 2**20:,.0f} MiB, "
                      f"GPU {result.device_peak / 2**20:,.0f} MiB; {result.batch} windows per forward call")
+    if nproc > 1:
+        table.caption += (f"\n{nproc} ranks per node: host {nproc * result.host_peak / 2**20:,.0f} MiB in all, "
+                          "each rank on its own GPU")
     if result.offload_hessian:
         table.caption += "\nX^T X waits in host memory while its inverse factor is on the GPU (to fit the budget)"
     Console().print(table)

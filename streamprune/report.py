@@ -116,6 +116,10 @@ def summary_table(report: Report):  # -> rich.table.Table
     phases = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in report.phases.items() if v)
     table.caption = (f"total sparsity {report.total_sparsity:.4f}; wall {report.wall_seconds:.1f}s ({phases}); "
                      f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; peak GPU {report.peak_gpu_bytes / 2**20:.0f} MiB")
+    if report.ranks:
+        table.caption += f"\n{report.world_size} ranks: " + ", ".join(
+            f"rank {r['rank']} {r['windows']} windows, solve {r['phases']['solve']:.1f}s, sync {r['phases']['sync']:.1f}s"
+            for r in report.ranks)
     if report.perplexity is not None and report.eval is not None:
         dense = "" if report.dense_perplexity is None else f" (dense {report.dense_perplexity:.4f})"
         table.caption += (f"\nperplexity {report.perplexity:.4f}{dense} on {report.eval['file']} "

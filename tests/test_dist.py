@@ -53,6 +53,19 @@ def test_shares_and_owners():
     assert [Ranks(0, 2).owners([5], turn) for turn in range(3)] == [[0], [1], [0]]
 
 
+def test_plan_per_rank(tmp_path):
+    """`plan --nproc N`: one rank's memory, its share of the activations beside a whole block."""
+    from streamprune.plan import plan
+
+    src = tiny.build(tmp_path / "model", "llama")
+    one, two = (plan(src, nsamples=16, seqlen=64, device="cpu", nproc=n) for n in (1, 2))
+    acts = [dict((what, b) for what, b, _ in p.consumers)["calibration activations (input and output buffers)"]
+            for p in (one, two)]
+    assert acts[1] * 2 == acts[0] and two.host_peak < one.host_peak and two.nproc == 2
+    with pytest.raises(streamprune.StreamPruneError, match="nproc 0"):
+        plan(src, nproc=0)
+
+
 CASES = [("llama", "sparsegpt"), ("opt", "wanda"), ("bloom", "sparsegpt"), ("mixtral", "sparsegpt")]
 
 
@@ -184,3 +197,20 @@ def test_error_on_every_rank_is_reported_once(tmp_path, calib):
     assert run.returncode != 0
     assert output.count("contains NaN") == 1 and len([x for x in output.splitlines() if x.startswith("error:")]) == 1
     assert "model.layers.1.mlp.up_proj.weight (block 1) contains NaN" in output
+
+
+def test_what_ranks_cannot_share_is_refused_up_front(tmp_path, calib):
+    from streamprune.errors import ArgumentError
+    from streamprune.pipeline import PruneOptions, prepare
+
+    src = tiny.build(tmp_path / "model", "llama")
+    with pytest.raises(ArgumentError, match="1 calibration windows cannot be shared by 2 ranks"):
+        prepare(src, tmp_path / "out", PruneOptions(calib=calib, nsamples=1, seqlen=64), Ranks(0, 2))
+    with pytest.raises(ArgumentError, match="1 --eval windows cannot be shared by 2 ranks"):
+        prepare(src, tmp_path / "out", PruneOptions(calib=calib, nsamples=4, seqlen=64, eval=calib, eval_nsamples=1),
+                Ranks(0, 2))
+    moe = tiny.build(tmp_path / "moe", "mixtral")
+    with pytest.raises(ArgumentError, match="--no-sequential on a Mixture-of-Experts model runs in one process"):
+        prepare(moe, tmp_path / "out", PruneOptions(calib=calib, nsamples=4, seqlen=64, sequential=False), Ranks(1, 2))
+    job = prepare(src, tmp_path / "out", PruneOptions(calib=calib, nsamples=5, seqlen=64), Ranks(1, 2))
+    assert job.windows.shape[0] == 2 and job.work.name == "rank1"  # rank 1 of 2: windows 3 and 4 of 5
