@@ -157,14 +157,13 @@ class Ranks:
         return float(self.all_reduce_sum(torch.tensor([x], dtype=torch.float64, device=self.comm_device)).item())
 
     def broadcast(self, t: Tensor, src: int) -> Tensor:
-        """`t` (contiguous) as rank `src` holds it, on every rank, in place; sent as bytes, whatever its dtype."""
+        """`t` as rank `src` holds it, on every rank, in place; sent as bytes, whatever its dtype."""
         if self.distributed:
             import torch.distributed as dist
 
-            assert t.is_contiguous()
-            on = t if t.device == self.comm_device else t.to(self.comm_device)
+            on = t if t.device == self.comm_device and t.is_contiguous() else t.to(self.comm_device).contiguous()
             self._collective(dist.broadcast, on.view(-1).view(torch.uint8), src)
-            if on is not t:
+            if on is not t and self.rank != src:
                 t.copy_(on)
         return t
 
