@@ -4,6 +4,7 @@
     python bench/dist_speed.py --nproc 1,2,4   # other rank counts (each rank wants its own core)
     python bench/dist_speed.py --predict       # the scaling model for OPT-175B on 1, 2, 4, 8 GPUs (PREDICTED)
     python bench/dist_speed.py --dry-run       # a tiny shape, to check the script runs
+    python bench/dist_speed.py --device cuda --shape mid --nproc 1,2,4,8   # on a GPU node (bench/gpu_check.sh)
 
 Measured: a random checkpoint of `--blocks` blocks is pruned by `python -m torch.distributed.run --standalone
 --nproc-per-node N -m streamprune run ...` (gloo, OMP_NUM_THREADS=1 per rank); the table shows rank 0's phases of
@@ -44,22 +45,22 @@ CPU_SHAPES = {  # name -> (shape, nsamples, seqlen, blocks)
 PHASES = ("calibrate", "hessian", "solve", "error", "forward", "sync", "write")
 
 
-def measure(name: str, nprocs: list[int]) -> None:
-    shape, nsamples, seqlen, blocks = CPU_SHAPES[name]
+def measure(name: str, nprocs: list[int], device: str) -> None:
+    shape, nsamples, seqlen, blocks = CPU_SHAPES[name] if name in CPU_SHAPES else (*SHAPES[name][:3], 3)
     work = Path(tempfile.mkdtemp(prefix="streamprune-dist-speed-"))
     try:
         model, calib = work / "model", work / "calib.npy"
         make_checkpoint(model, shape, blocks, torch.float16)
         np.save(calib, np.random.default_rng(0).integers(0, shape.vocab, nsamples * seqlen * 2))
         print(f"{name} block: {shape.family}, hidden {shape.hidden}, ffn {shape.ffn}; {nsamples} x {seqlen} tokens; "
-              f"sparsegpt; CPU, one thread per rank; rank 0's phases per block (mean of blocks 1..{blocks - 1})")
+              f"sparsegpt; {device}, one thread per rank; rank 0's phases per block (mean of blocks 1..{blocks - 1})")
         print(f"{'ranks':>5} " + " ".join(f"{p:>9}" for p in PHASES) + f" {'block s':>8} {'speedup':>8} {'wall s':>7}")
         base = None
         for n in nprocs:
             out = work / f"out{n}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                    "-m", "streamprune", "run", str(model), str(out), "--calib", str(calib), "--nsamples", str(nsamples),
-                   "--seqlen", str(seqlen), "--device", "cpu"]
+                   "--seqlen", str(seqlen), "--device", device]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
             subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=env)
             report = json.loads((out / "streamprune_report.json").read_text())
@@ -118,11 +119,14 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=50.0, help="--predict: float32 TFLOP/s of one GPU")
     ap.add_argument("--gbps", type=float, default=200.0, help="--predict: collective bus bandwidth, GB/s")
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per rank (NCCL)")
+    ap.add_argument("--shape", choices=sorted({*CPU_SHAPES, *SHAPES} - {"dry"}), default="cpu",
+                    help="the measured block: cpu (hidden 1024), or one of bench/speed.py's shapes")
     args = ap.parse_args()
     if args.predict:
         predict([int(n) for n in (args.nproc or "1,2,4,8").split(",")], args.tflops, args.gbps)
     else:
-        measure("dry" if args.dry_run else "cpu", [int(n) for n in (args.nproc or "1,2").split(",")])
+        measure("dry" if args.dry_run else args.shape, [int(n) for n in (args.nproc or "1,2").split(",")], args.device)
 
 
 if __name__ == "__main__":
