@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one call, a few minutes on one H100:
+# GPU checks and benchmarks in one call, a few minutes on one H100 (step 4 only on a node with several GPUs):
 #   1. the CUDA path against the CPU path on small random checkpoints (bench/cuda_parity.py), then the test
 #      suite's GPU tests (attention on fused kernels, GPU peaks against the plan: tests/test_gpu.py);
 #   2. bench/speed.py on an OPT-175B-shaped block and on a LLaMA-70B-shaped block, with the
@@ -14,6 +14,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   "$PY" bench/cuda_parity.py --device cpu
   "$PY" bench/speed.py --dry-run --device cpu
   "$PY" bench/solve_memory.py --device cpu --rows 64 --cols 256
+  "$PY" bench/dist_speed.py --dry-run
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -22,3 +23,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/speed.py --device cuda --shape opt-175b --blocks 1 --json "${OUT:-.}/speed_opt175b.json"
 "$PY" bench/speed.py --device cuda --shape llama-70b --blocks 1 --json "${OUT:-.}/speed_llama70b.json"
 "$PY" bench/solve_memory.py --device cuda --rows 12288 --cols 49152 --dtype fp16 --tokens 65536 --budget 24GB
+# 4. several GPUs: the same pass with 1, 2, ... ranks, one per GPU (torchrun, NCCL), on a hidden-2048 block:
+#    python -m torch.distributed.run --standalone --nproc-per-node N -m streamprune run ... for each N
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -gt 1 ]; then
+  "$PY" bench/dist_speed.py --device cuda --shape mid --nproc "$(seq -s, 1 "$NGPU" | sed 's/,$//')"
+fi

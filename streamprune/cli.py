@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from streamprune.dist import RankLost, Ranks
 from streamprune.errors import StreamPruneError
 from streamprune.formats import FORMATS
 from streamprune.owl import OWL_LAMBDA, OWL_M
@@ -33,12 +35,20 @@ def _root() -> None:
     """Prune language models one block at a time."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _setup_logging(verbose: bool, rank: int = 0) -> None:
+    """Warnings from rank 0 only (the ranks of a run would repeat each other), errors from every rank."""
+    level = (logging.DEBUG if verbose else logging.WARNING) if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(err: StreamPruneError) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+def _fail(err: StreamPruneError, ranks: Ranks | None = None) -> None:
+    """The one-line message, printed once per job: with several ranks by the first rank that raised it (or rank 0
+    when a rank vanished without one), prefixed with its rank."""
+    ranks = ranks or Ranks()
+    if ranks.claim_report(str(err), lost=isinstance(err, RankLost)):
+        where = f"rank {ranks.rank}: " if ranks.distributed and not isinstance(err, RankLost) else ""
+        console.print(f"[bold red]error:[/] {escape(where + str(err))}", highlight=False, soft_wrap=True)
+    ranks.close()
     raise typer.Exit(code=2)
 
 
@@ -158,9 +168,12 @@ def run_cmd(
     from streamprune.pipeline import prune
     from streamprune.report import REPORT_NAME, summary_table
 
-    _setup_logging(verbose)
+    ranks = Ranks()
     try:
-        report = prune(model_dir, out_dir, progress=True, method=method.value, sparsity=sparsity, pattern=pattern,
+        ranks = Ranks.from_env()  # several with torchrun: `torchrun --nproc-per-node N -m streamprune run ...`
+        _setup_logging(verbose, ranks.rank)
+        ranks.stop_on_sigterm()
+        report = prune(model_dir, out_dir, progress=True, ranks=ranks, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
                        sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
@@ -170,7 +183,13 @@ def run_cmd(
                        eval_seqlen=eval_seqlen, eval_dense=eval_dense, allocation=allocation.value,
                        owl_lambda=owl_lambda, owl_m=owl_m)
     except StreamPruneError as e:
-        _fail(e)
+        _fail(e, ranks)
+    except BaseException as e:  # a bug or an interrupt: its traceback is this rank's; the others stay quiet
+        ranks.claim_report(f"{type(e).__name__}: {e}")
+        raise
+    ranks.close()
+    if not ranks.is_writer:
+        return
     Console().print(summary_table(report))
     if report.perplexity is not None:
         dense = "" if report.dense_perplexity is None else f", dense {report.dense_perplexity:.4f}"
@@ -200,6 +219,7 @@ def plan_cmd(
     eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
     eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
     allocation: Annotated[AllocationChoice, typer.Option(help=ALLOCATION_HELP)] = AllocationChoice.uniform,
+    nproc: Annotated[int, typer.Option(help="Ranks per node (torchrun --nproc-per-node): the plan is one rank's, its share of the windows beside a whole block.")] = 1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
     """Predict the peak host and GPU memory of `streamprune run` without running anything."""
@@ -213,10 +233,11 @@ def plan_cmd(
                       method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
                       blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
                       eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense,
-                      allocation=allocation.value)
+                      allocation=allocation.value, nproc=nproc)
     except StreamPruneError as e:
         _fail(e)
-    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement})")
+    ranks = "" if nproc == 1 else f", per rank of {nproc}"
+    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement}{ranks})")
     table.add_column("consumer")
     table.add_column("MiB", justify="right")
     table.add_column("where")
@@ -224,6 +245,9 @@ def plan_cmd(
         table.add_row(what, f"{nbytes / 2**20:,.1f}", where)
     table.caption = (f"predicted peak: host {result.host_peak / 2**20:,.0f} MiB, "
                      f"GPU {result.device_peak / 2**20:,.0f} MiB; {result.batch} windows per forward call")
+    if nproc > 1:
+        table.caption += (f"\n{nproc} ranks per node: host {nproc * result.host_peak / 2**20:,.0f} MiB in all, "
+                          "each rank on its own GPU")
     if result.offload_hessian:
         table.caption += "\nX^T X waits in host memory while its inverse factor is on the GPU (to fit the budget)"
     Console().print(table)

@@ -115,10 +115,12 @@ def pruned_counts(ckpt: Checkpoint) -> list[int]:
 
 @torch.no_grad()
 def dense_outlier_ratios(ckpt: Checkpoint, x: Activations, pos: LayerPositions, batch: int, device: torch.device,
-                         m: float, progress: Callable[[int], None] = lambda bid: None) -> list[float]:
+                         m: float, progress: Callable[[int], None] = lambda bid: None,
+                         reduce: Callable[[Tensor], Tensor] = lambda t: t) -> list[float]:
     """Every block's outlier ratio, from one forward of the dense model over the embedded windows in `x`
     (updated in place, block by block: it holds the last block's output at the end). Each site's input column
-    norms are accumulated as the block runs (a vector per site, no X^T X); the blocks come from BlockStream."""
+    norms are accumulated as the block runs (a vector per site, no X^T X); the blocks come from BlockStream.
+    `reduce` sums each site's squared norms in place over the processes of a run that share the windows."""
     ratios = []
     for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
         progress(block.bid)
@@ -133,6 +135,8 @@ def dense_outlier_ratios(ckpt: Checkpoint, x: Activations, pos: LayerPositions, 
                 sqnorms[site] = s
 
         forward_block(ckpt, block.w, x, pos.of(block.bid), x, batch, device, tap=tap)
+        for site in sorted(sqnorms, key=lambda site: site.value):  # the same order on every process
+            reduce(sqnorms[site])
         linears = block_linears(ckpt, block.bid)
         ratios.append(outlier_ratio([(block.w[(role, "weight")], sqnorms[site]) for role, (site, _) in linears.items()],
                                     m))

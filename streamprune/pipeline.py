@@ -8,15 +8,17 @@ same command resumes at the first unfinished block.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from streamprune.checkpoint import (
     read_header,
     read_tensor,
 )
+from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
 from streamprune.formats import Layout, make_format, write_quantization_config
 from streamprune.forward import Routes, add_expert, embed_windows, forward_block, routed_rows
@@ -133,8 +136,15 @@ class Job:
     fingerprint: dict[str, Any]
     journal: Journal | None  # a verified journal of the same job to resume, else None
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
-    eval_windows: Tensor | None = None  # --eval: the evaluation token windows (K, T)
+    eval_windows: Tensor | None = None  # --eval: the evaluation token windows (K, T) (this rank's share)
     owl_windows: Tensor | None = None  # --allocation owl: the calibration windows its dense pass reads
+    ranks: Ranks = field(default_factory=Ranks)  # the processes of the run (one by default)
+
+    @property
+    def work(self) -> Path:
+        """This rank's folder for temporary files (activations on disk) inside OUT_DIR."""
+        work = self.out_dir / WORK_DIR
+        return work / f"rank{self.ranks.rank}" if self.ranks.distributed else work
 
     def clock(self) -> float:
         """Seconds, after waiting for queued device work, so phase timings hold on CUDA too."""
@@ -151,7 +161,7 @@ def check_out_dir(model_dir: Path, out_dir: Path) -> None:
     if dst.exists() and not dst.is_dir():
         raise ArgumentError(f"OUT_DIR {str(out_dir)!r} exists and is not a directory")
     parent = dst if dst.exists() else next(p for p in dst.parents if p.exists())
-    probe = parent / ".streamprune-write-probe"
+    probe = parent / f".streamprune-write-probe-{os.getpid()}"  # one per process: ranks probe at once
     try:
         probe.write_bytes(b"")
         probe.unlink()
@@ -204,8 +214,11 @@ def previous_job(out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
     return None, False
 
 
-def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
-    """Validate the whole job; returns the saved report instead when OUT_DIR already holds it, finished."""
+def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | None = None) -> Job | Report:
+    """Validate the whole job; returns the saved report instead when OUT_DIR already holds it, finished. With
+    several `ranks`, every rank validates the same job and keeps its share of the calibration (and --eval) windows;
+    the fingerprint is that of the whole job, the same as with one process."""
+    ranks = ranks or Ranks()
     cls = method(opts.method)
     pattern = Pattern.parse(opts.pattern)
     sparsity = resolve_sparsity(opts.sparsity, pattern)
@@ -243,7 +256,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
         widths.update({name: ckpt.tensors[name].shape[1] for names in ckpt.experts.values()
                        for param, name in names.items() if param[1] == "weight"})
         check_group_size(grid, widths)
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     windows = None
     calib = None if opts.calib is None else Path(opts.calib)
@@ -266,9 +279,11 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
     check_out_dir(model_dir, out_dir)
 
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
-    fp = footprint(ckpt, opts.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
-                   *eval_sizes(ewindows, opts.eval_dense), owl=owl)
-    decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
+    shares = ranks.shares(opts.nsamples, windows, ewindows, bool(cfg.n_experts) and not opts.sequential)
+    fp = footprint(ckpt, shares.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
+                   *eval_sizes(shares.eval_windows, opts.eval_dense), owl=owl)
+    decision = decide(fp, ranks.device(device), opts.offload_activations, opts.max_gpu_memory, opts.batch,
+                      opts.nsamples, ranks.local_world)
     placement, batch = decision.placement, decision.batch
     if batch != min(opts.batch, opts.nsamples):
         logger.info("forward batch %d -> %d windows to fit the GPU budget", opts.batch, batch)
@@ -309,9 +324,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions) -> Job | Report:
             assert journal is not None  # previous_job found it
             journal = journal.verified(out_dir)
 
-    check_disk_space(ckpt, out_dir, journal, fp.activations if placement == "disk" else 0)
-    return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, device, windows, placement, batch,
-               decision.offload_hessian, grid, args, fprint, journal, layout, ewindows, owl_windows)
+    check_disk_space(ckpt, out_dir, journal, ranks.local_world * fp.activations if placement == "disk" else 0)
+    return Job(ckpt, opts, out_dir, pattern, sparsity, errors, knobs, seqlen, ranks.device(device), shares.windows,
+               placement, batch, decision.offload_hessian, grid, args, fprint, journal, layout, shares.eval_windows,
+               None if owl_windows is None else owl_windows[ranks.share(owl_windows.shape[0])], ranks)
 
 
 def check_allocation(opts: PruneOptions, pattern: Pattern) -> bool:
@@ -365,11 +381,16 @@ Put = Callable[[str, Tensor], None]  # writes one pruned tensor, by checkpoint n
 
 class BlockPruner:
     """Prunes the linears of one block, site by site in the order of SEQUENTIAL, then its routed experts one at a
-    time in the order of EXPERT_SEQUENTIAL; each pruned tensor is written as soon as it is final."""
+    time in the order of EXPERT_SEQUENTIAL; each pruned tensor is written as soon as it is final.
+
+    With several ranks, each runs the forwards on its share of the windows, the statistics are summed across ranks
+    before a site is solved (`merge`), each linear is solved by one rank and its stored tensors broadcast from
+    there (`prune_roles`); with one process these steps do nothing."""
 
     def __init__(self, job: Job, report: Report, allocation: Allocation | None = None) -> None:
         self.job, self.report = job, report
-        self.ckpt, self.opts, self.device = job.ckpt, job.opts, job.device
+        self.ckpt, self.opts, self.device, self.ranks = job.ckpt, job.opts, job.device, job.ranks
+        self.turn = 0  # rotates the ranks that solve single-linear sites
         n = self.ckpt.config.n_layers
         self.block_sparsity = [job.sparsity] * n if allocation is None else allocation.block_sparsity
         # each linear's exact count of removed weights when the blocks have their own sparsities (none when uniform:
@@ -377,6 +398,14 @@ class BlockPruner:
         self.zeros: dict[str, int] = {} if allocation is None else linear_zeros(
             [(name, math.prod(self.ckpt.tensors[name].shape), allocation.block_sparsity[b])
              for b in range(n) for _, name in block_linears(self.ckpt, b).values()])
+
+    def merge(self, bid: int, *pruners: Pruner) -> None:
+        """Sum the statistics each rank added from its share of the windows (no-op with one process)."""
+        if self.ranks.distributed:
+            t = self.job.clock()
+            for pruner in pruners:
+                pruner.all_reduce(self.ranks)
+            self.report.add("sync", self.job.clock() - t, bid)
 
     def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], bid: int) -> Pruner:
         columns = w[(roles[0], "weight")].shape[1]
@@ -424,10 +453,11 @@ class BlockPruner:
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
         routes = forward_block(self.ckpt, w, x, pos, None, self.job.batch, self.device, tap=tap,
                                until=None if m_store else last, m_store=m_store)
-        for site, pruner in pruners.items():
-            self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
         self.report.add("hessian", hessian, bid)
         self.report.add("calibrate", clock() - start - hessian, bid)
+        self.merge(bid, *pruners.values())
+        for site, pruner in pruners.items():
+            self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
         return routes
 
     def check_inputs(self, bid: int, pruner: Pruner, names: list[str]) -> None:
@@ -441,10 +471,13 @@ class BlockPruner:
                     names: dict[Role, str], put: Put, **row: Any) -> None:
         """Prune the linears that share `pruner`'s input, then score each: the errors come after the
         solver's state is released, so at most one d x d matrix beside X^T X is ever needed. `row`: extra
-        fields of their report rows (an expert's index and tokens)."""
+        fields of their report rows (an expert's index and tokens). Each linear is solved and scored by its owner
+        rank (`Ranks.owners`), then its stored tensors go from there to every rank (`share`)."""
         clock = self.job.clock
-        done = []
-        for role in roles:
+        owners = self.ranks.owners([w[(role, "weight")].numel() for role in roles], self.turn)
+        self.turn += 1
+        done, solved_parts = [], {}
+        for role in [r for r, owner in zip(roles, owners) if owner == self.ranks.rank]:
             start = clock()
             name = names[role]
             dense = w[(role, "weight")]
@@ -460,28 +493,52 @@ class BlockPruner:
                     "float32 copy")
             info, unrounded, quant, result = result.info, result.unrounded, result.quant, None
             # written through the output format; later sites and blocks see what it decodes (what a loader computes)
-            stored = self.job.layout.format.encode(name, pruned, quant)
-            for part, t in stored.items():
-                put(part, t.cpu())
+            solved_parts[role] = stored = self.job.layout.format.encode(name, pruned, quant)
             pruned = w[(role, "weight")] = self.job.layout.weight(name, stored)
             solved = clock() - start
             self.report.add("solve", solved, bid)
             done.append((role, name, dense, pruned, unrounded, info, solved))
         pruner.release_solver()
         grid = self.job.grid
+        rows = {}
         for role, name, dense, pruned, unrounded, info, solved in done:
             start = clock()
             err = pruner.reconstruction_error(dense, pruned)
             split = None if unrounded is None else pruner.split_errors(dense, unrounded, pruned)
             seconds = clock() - start
             self.report.add("error", seconds, bid)
-            self.report.layers.append(LayerReport(
+            rows[role] = LayerReport(
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
                 sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
                 damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)),
                 sparsity_error=None if split is None else split[0], quant_error=None if split is None else split[1],
-                packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row))
+                packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row)
         pruner.free()
+        self.share(bid, w, roles, owners, names, solved_parts, put)
+        if self.ranks.distributed:
+            rows = {role: r for part in self.ranks.all_gather(rows) for role, r in part.items()}
+        self.report.layers += [rows[role] for role in roles]
+
+    def share(self, bid: int, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], owners: list[int],
+              names: dict[Role, str], solved: dict[Role, dict[str, Tensor]], put: Put) -> None:
+        """Each pruned linear's stored tensors from the rank that solved it (`solved` holds this rank's) to every
+        rank, which uses them from now on; `put` writes them (a no-op outside rank 0)."""
+        t = self.job.clock()
+        for role, owner in zip(roles, owners):
+            name = names[role]
+            stored = solved.get(role)
+            if stored is None:  # another rank's: received into buffers of the stored dtypes and shapes
+                info = self.ckpt.tensors[name]
+                stored = {part: torch.empty(shape, dtype=dtype, device=self.device)
+                          for part, (dtype, shape) in self.job.layout.meta(name, info.torch_dtype, info.shape).items()}
+            for part in stored.values():
+                self.ranks.broadcast(part, owner)
+            for part, tensor in stored.items():
+                put(part, tensor.cpu())
+            if role not in solved:
+                w[(role, "weight")] = self.job.layout.weight(name, stored)
+        if self.ranks.distributed:
+            self.report.add("sync", self.job.clock() - t, bid)
 
     def run_experts(self, block: Block, x: Activations | None, out: Activations | None, pos: Positions | None,
                     shard: ShardFile, dense_routes: Routes | None, before: Callable[[Part], None] = lambda e: None,
@@ -539,6 +596,7 @@ class BlockPruner:
                 hessian += clock() - h0
             self.report.add("hessian", hessian, bid)
             self.report.add("calibrate", clock() - t - hessian, bid)
+            self.merge(bid, p_in) if sequential else self.merge(bid, p_in, p_down)
             (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
             self.check_inputs(bid, p_in, [names[r] for r in in_roles])
             self.prune_roles(bid, we, p_in, in_roles, names, shard.put, **row)
@@ -547,6 +605,7 @@ class BlockPruner:
                 for i, j, token, _ in rows_in:
                     p_down.add_batch(expert_hidden(self.cfg, we, stats.rows(i, j, token, self.device)))
                 self.report.add("hessian", clock() - t, bid)
+                self.merge(bid, p_down)
             self.check_inputs(bid, p_down, [names[r] for r in down_roles])
             self.prune_roles(bid, we, p_down, down_roles, names, shard.put, **row)
             if sequential:
@@ -566,7 +625,7 @@ class BlockPruner:
         """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)
         unless they are fewer than --moe-min-tokens, else every token that enters the MoE layer; with what was
         used and the number routed."""
-        n_routed = sum(int(token.numel()) for _, _, token, _ in rows)
+        n_routed = self.ranks.sum_int(sum(int(token.numel()) for _, _, token, _ in rows))  # on every rank's share
         if self.opts.moe_calibration == "routed" and n_routed >= self.opts.moe_min_tokens:
             return rows, "routed", n_routed
         how = "all" if self.opts.moe_calibration == "all" else f"all (fewer than {self.opts.moe_min_tokens} routed)"
@@ -579,14 +638,23 @@ class BlockPruner:
         return self.ckpt.config
 
 
+class NoShard:
+    """What a rank other than rank 0 writes a block into: nothing."""
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        pass
+
+
 class Run:
     """One execution of a prepared job, resuming from its journal when there is one."""
 
     def __init__(self, job: Job, progress: bool) -> None:
         self.job, self.progress = job, progress
-        self.ckpt, self.cfg = job.ckpt, job.ckpt.config
+        self.ckpt, self.cfg, self.ranks = job.ckpt, job.ckpt.config, job.ranks
         self.writer = ShardWriter(job.out_dir, self.cfg.n_layers + 1)
         env = environment(job.device)
+        if self.ranks.distributed:  # like the thread count: the order of the sums, not the result, depends on it
+            env["world_size"] = self.ranks.world
         self.journal = job.journal or Journal(job.fingerprint, environment=env)
         self.report = Report(args=job.args, model={
             "dir": str(job.ckpt.dir), "model_type": self.cfg.model_type, "n_layers": self.cfg.n_layers,
@@ -607,7 +675,9 @@ class Run:
         self.report.add("write", time.perf_counter() - start, None if idx == 0 else idx - 1)
 
     def record(self, idx: int, path: Path, layers: list[LayerReport]) -> None:
-        """Record shard `idx`, written, flushed, renamed into place and checked, in the journal."""
+        """Record shard `idx`, written, flushed, renamed into place and checked, in the journal (rank 0's)."""
+        if not self.ranks.is_writer:
+            return
         self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(read_header(path)),
                                   "layers": [asdict(lr) for lr in layers]}
         self.journal.save(self.job.out_dir)
@@ -619,14 +689,17 @@ class Run:
         return bid
 
     def execute(self) -> Report:
-        job, cfg, report = self.job, self.cfg, self.report
+        job, cfg, report, ranks = self.job, self.cfg, self.report, self.ranks
         start = time.perf_counter()
         out = job.out_dir
-        if job.journal is None:
-            out.mkdir(parents=True, exist_ok=True)
-            clear_previous_output(out, every_checkpoint_file=job.opts.overwrite)
-        self.journal.save(out)
-        if 0 not in self.journal.done:
+        writer = ranks.is_writer  # rank 0 alone writes the output, the journal and the report
+        if writer:
+            if job.journal is None:
+                out.mkdir(parents=True, exist_ok=True)
+                clear_previous_output(out, every_checkpoint_file=job.opts.overwrite)
+            self.journal.save(out)
+        ranks.barrier()  # OUT_DIR cleared before any rank puts its temporary files there
+        if 0 not in self.journal.done and writer:
             lazy = {n: (info.torch_dtype, info.shape, (lambda info=info: read_tensor(info)))
                     for n in self.ckpt.stored_names(None) for info in [self.ckpt.tensors[n]]}
             self.commit(0, lazy, [])  # copied bit for bit, one tensor in memory at a time
@@ -650,7 +723,7 @@ class Run:
             x = scratch = pos = None
             if job.windows is not None:
                 shape = (job.windows.shape[0], job.seqlen, cfg.hidden_size)
-                x, scratch = (make_store(shape, job.placement, job.device, out / WORK_DIR, f"act{i}") for i in (0, 1))
+                x, scratch = (make_store(shape, job.placement, job.device, job.work, f"act{i}") for i in (0, 1))
                 pos = positions(cfg, job.seqlen).to(job.device, torch.float32)
             allocation = self.allocate(x, pos, phase)  # --allocation owl: each block's sparsity (x is free till now)
             report.block_sparsity = [job.sparsity] * cfg.n_layers if allocation is None else allocation.block_sparsity
@@ -684,7 +757,7 @@ class Run:
                 pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
                           if b == bid and kind == "weight" and role in PRUNABLE}
                 n_before = len(report.layers)
-                with self.writer.open(bid + 1, meta) as shard:
+                with self.writer.open(bid + 1, meta) if writer else contextlib.nullcontext(NoShard()) as shard:
                     t = time.perf_counter()
                     for name, tensor in raw.items():
                         if name not in pruned:
@@ -732,9 +805,10 @@ class Run:
                 self.perplexities(streams)
                 report.add("eval", job.clock() - t)
             phase("finish")
-            copy_side_files(self.ckpt.dir, out)
-            finish_config(self.ckpt, out, job.layout)
-            self.writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
+            if writer:
+                copy_side_files(self.ckpt.dir, out)
+                finish_config(self.ckpt, out, job.layout)
+                self.writer.finish()  # the index last: until now OUT_DIR does not load as a checkpoint
 
         report.read_hidden_seconds = max(0.0, report.read_total_seconds - report.phases["read"])
         pruned = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
@@ -747,6 +821,14 @@ class Run:
         report.process_peak_rss_bytes = os_peak_rss()
         report.peak_gpu_bytes = mem.peak_gpu
         report.peak_rss_phase = mem.peak_phase
+        if ranks.distributed:  # each rank's figures, in rank order, for rank 0's report
+            report.world_size = ranks.world
+            report.ranks = ranks.all_gather({
+                "rank": ranks.rank, "device": str(job.device), "windows": 0 if job.windows is None else len(job.windows),
+                "wall_seconds": time.perf_counter() - start, "phases": report.phases,
+                "peak_rss_bytes": mem.peak_rss, "peak_gpu_bytes": mem.peak_gpu})
+        if not writer:
+            return report
         if job.opts.profile_memory:
             mem.write_csv(out / MEMORY_CSV)
             report.memory_profile = {"csv": MEMORY_CSV, "samples": len(mem.samples), "interval_seconds": mem.interval,
@@ -776,14 +858,16 @@ class Run:
         phase("owl: embed")
         embed_windows(self.ckpt, job.owl_windows, job.device, store, job.batch)
         ratios = dense_outlier_ratios(self.ckpt, store, pos, job.batch, job.device, job.opts.owl_m,
-                                      progress=lambda bid: phase(f"owl: block {bid}"))
+                                      progress=lambda bid: phase(f"owl: block {bid}"),
+                                      reduce=self.ranks.all_reduce_sum)  # every rank's share of the windows
         if store is not x:
             store.close()
         weights = pruned_counts(self.ckpt)
         allocation = Allocation("owl", job.opts.owl_lambda, job.opts.owl_m, ratios, weights,
                                 allocate(ratios, weights, job.sparsity, job.opts.owl_lambda))
         self.journal.allocation = allocation.to_dict()
-        self.journal.save(job.out_dir)
+        if self.ranks.is_writer:
+            self.journal.save(job.out_dir)
         self.report.add("owl", job.clock() - start)
         return allocation
 
@@ -795,7 +879,7 @@ class Run:
         if job.eval_windows is None:
             return {}
         K, T = job.eval_windows.shape
-        shape, work = (K, T, self.cfg.hidden_size), job.out_dir / WORK_DIR
+        shape, work = (K, T, self.cfg.hidden_size), job.work
         names = ["pruned"] + (["dense"] if job.opts.eval_dense else [])
         streams = {}
         for name in names:
@@ -816,14 +900,15 @@ class Run:
         """The report's perplexities: each stream through the final norm and the head."""
         ppl = {}
         for name, stream in streams.items():
-            total, count = stream.nll()
+            total, count = stream.nll()  # this rank's windows: summed over the ranks
+            total, count = self.ranks.sum_float(total), self.ranks.sum_int(count)
             ppl[name] = math.exp(total / count)
             stream.close()
         windows = self.job.eval_windows
         assert windows is not None
         self.report.perplexity, self.report.dense_perplexity = ppl["pruned"], ppl.get("dense")
-        self.report.eval = {"file": str(self.job.opts.eval), "windows": windows.shape[0], "seqlen": windows.shape[1],
-                            "tokens": count}
+        self.report.eval = {"file": str(self.job.opts.eval), "windows": self.ranks.sum_int(windows.shape[0]),
+                            "seqlen": windows.shape[1], "tokens": count}
 
     def replay(self, first: int, x: Activations | None, scratch: Activations | None, pos: LayerPositions | None,
                stream: HiddenStream | None, phase: Callable[[str], None]) -> tuple[Activations | None, Activations | None]:
@@ -859,13 +944,17 @@ class Run:
         return x, scratch
 
 
-def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **options: Any) -> Report:
+def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, ranks: Ranks | None = None,
+          **options: Any) -> Report:
     """Prune a checkpoint block by block and write the result as an ordinary checkpoint.
 
     Args:
         model_dir: Hugging Face model directory (config.json, safetensors shards, tokenizer.json); only read.
         out_dir: where the pruned checkpoint goes; must not be inside `model_dir`.
         progress: show a progress bar per block.
+        ranks: the processes of the run (default: those torchrun describes in the environment, else this one);
+            see `streamprune.dist`. Rank 0 writes OUT_DIR and returns the run's report; other ranks return their
+            own figures.
         **options: fields of `PruneOptions`:
             method: "sparsegpt", "wanda" or "magnitude".
             sparsity: fraction of weights to remove per matrix, in [0, 1) (default 0.5; implied by N:M).
@@ -894,7 +983,9 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
     unknown = set(options) - set(PruneOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
-    job = prepare(Path(model_dir), Path(out_dir), PruneOptions(**options))
+    ranks = Ranks.from_env() if ranks is None else ranks
+    job = prepare(Path(model_dir), Path(out_dir), PruneOptions(**options), ranks)
     if isinstance(job, Report):
         return job
-    return Run(job, progress).execute()
+    ranks.barrier()  # every rank has read OUT_DIR (its journal) before rank 0 writes there
+    return Run(job, progress and ranks.is_writer).execute()

@@ -47,13 +47,14 @@ class MemoryPlan:
     placement: str
     batch: int  # windows per forward call, after fitting the GPU budget
     offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
-    host_peak: int
-    device_peak: int
+    host_peak: int  # of one rank (the only one without --nproc)
+    device_peak: int  # of one rank, on its own GPU
     consumers: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, where)
+    nproc: int = 1  # ranks per node: the node's host memory holds this many times `host_peak`
 
     def to_dict(self) -> dict[str, object]:
         return {"placement": self.placement, "batch": self.batch, "offload_hessian": self.offload_hessian,
-                "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
+                "nproc": self.nproc, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
                 "consumers": [{"what": w, "bytes": b, "where": p} for w, b, p in self.consumers]}
 
 
@@ -249,16 +250,17 @@ class Decision:
 
 
 def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gpu_memory: int | None,
-           batch: int, nsamples: int) -> Decision:
+           batch: int, nsamples: int, ranks_per_host: int = 1) -> Decision:
     """Activation placement, windows per forward call, and whether X^T X leaves the GPU during the solve.
 
     The budget is 90% of `max_gpu_memory` (default: the card's memory). The block's weights and the
     solve come first; if the solve does not fit beside X^T X, X^T X waits in host memory meanwhile;
     the activations go to the device only if they fit beside that and one window's forward workspace;
-    the batch then shrinks until the forward fits what is left.
+    the batch then shrinks until the forward fits what is left. `ranks_per_host` processes share the host's
+    memory (each holds its share of the windows: `fp` is one rank's).
     """
     batch = max(1, min(batch, nsamples))
-    host_budget = psutil.virtual_memory().available // 2
+    host_budget = psutil.virtual_memory().available // 2 // ranks_per_host
     if device.type != "cuda":
         return Decision(choose_placement(offload_activations, fp.activations, device, None, host_budget), batch, False)
     total = max_gpu_memory or torch.cuda.get_device_properties(device).total_memory
@@ -286,7 +288,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
          batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128,
          wbits: int | None = None, group_size: int = 128, sym: bool = True, eval: str | Path | None = None,
          eval_nsamples: int | None = None, eval_seqlen: int | None = None, eval_dense: bool = False,
-         allocation: str = "uniform") -> MemoryPlan:
+         allocation: str = "uniform", nproc: int = 1) -> MemoryPlan:
     """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
 
     Args:
@@ -299,7 +301,11 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
             states (the file is tokenized to count its windows).
         allocation: as for `streamprune run`; "owl" adds the dense pass's activations to magnitude's plan (the other
             methods' runs hold them anyway).
+        nproc: ranks per node (`torchrun --nproc-per-node`): the plan is one rank's, holding its share of the
+            windows (the largest share) beside a whole block, each rank on its own GPU.
     """
+    if nproc < 1:
+        raise ArgumentError(f"nproc {nproc!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
         if not max_gpu_memory:
@@ -311,9 +317,11 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
     grid = None if wbits is None else Grid(wbits, group_size, sym)
     windows = run_eval_windows(ckpt, eval, eval_nsamples, eval_seqlen, eval_dense)
-    fp = footprint(ckpt, nsamples, seqlen, method, sequential, layer_errors, {"blocksize": blocksize}, grid,
-                   *eval_sizes(windows, eval_dense), owl=allocation == "owl")
-    d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples)
+    if windows is not None:  # rank 0's share, the largest
+        windows = windows[: -(-windows.shape[0] // nproc)]
+    fp = footprint(ckpt, -(-nsamples // nproc), seqlen, method, sequential, layer_errors, {"blocksize": blocksize},
+                   grid, *eval_sizes(windows, eval_dense), owl=allocation == "owl")
+    d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples, nproc)
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
     where_act = {"device": compute, "cpu": "host", "disk": "disk"}[d.placement]
@@ -351,4 +359,4 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     ]
     consumers.sort(key=lambda c: -c[1])
     host_peak = HOST_OVERHEAD + fp.calib_ids + max(host_block, host_embed, fp.calib_read)
-    return MemoryPlan(d.placement, d.batch, d.offload_hessian, host_peak, device_peak, consumers)
+    return MemoryPlan(d.placement, d.batch, d.offload_hessian, host_peak, device_peak, consumers, nproc)

@@ -12,9 +12,10 @@ REPORT_NAME = "streamprune_report.json"
 # a resumed run; calibrate: forward passes up to the sites being pruned; hessian: accumulating X^T X;
 # solve: choosing masks and updating weights; error: the reconstruction error of the report;
 # forward: the pruned block's outputs for the next block; write: shards and journal.
-# eval: the evaluation streams of --eval (the blocks' forwards and the head).
+# eval: the evaluation streams of --eval (the blocks' forwards and the head); sync: with several ranks, summing the
+# statistics and receiving the linears other ranks solved (waiting for them included).
 # owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
-PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "write")
+PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Report:
     eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
     block_sparsity: list[float] | None = None  # each block's allocated sparsity (the target everywhere when uniform)
     allocation: dict[str, Any] | None = None  # --allocation owl: its parameters, outlier ratios and block weights
+    world_size: int = 1  # the ranks of the run (processes launched by torchrun)
+    # with several ranks: each one's {rank, device, windows, wall_seconds, phases, peak_rss_bytes, peak_gpu_bytes}
+    ranks: list[dict[str, Any]] | None = None
 
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds
@@ -118,6 +122,10 @@ def summary_table(report: Report):  # -> rich.table.Table
     if report.allocation is not None:
         table.caption += (f"\nallocation owl (lambda {report.allocation['owl_lambda']:g}, M {report.allocation['owl_m']:g}): "
                           f"block sparsity {min(report.block_sparsity or [0]):.4f} to {max(report.block_sparsity or [0]):.4f}")
+    if report.ranks:
+        table.caption += f"\n{report.world_size} ranks: " + ", ".join(
+            f"rank {r['rank']} {r['windows']} windows, solve {r['phases']['solve']:.1f}s, sync {r['phases']['sync']:.1f}s"
+            for r in report.ranks)
     if report.perplexity is not None and report.eval is not None:
         dense = "" if report.dense_perplexity is None else f" (dense {report.dense_perplexity:.4f})"
         table.caption += (f"\nperplexity {report.perplexity:.4f}{dense} on {report.eval['file']} "

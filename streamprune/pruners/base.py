@@ -91,6 +91,15 @@ class Pruner(ABC):
             self.sqnorms.add_(torch.linalg.vector_norm(x, dim=0).square_())
         self.ntokens += x.shape[0]
 
+    def all_reduce(self, ranks: Any) -> None:
+        """Sum the statistics every rank added from its share of the windows (`ranks`: a `streamprune.dist.Ranks`),
+        so that each rank holds those of all the windows: X^T X or the column norms, and the token count that
+        normalises them, as one process would have added them (up to the order of the float32 sums)."""
+        for stat in (self.xtx, self.sqnorms):
+            if stat is not None:
+                ranks.all_reduce_sum(stat)
+        self.ntokens = ranks.sum_int(self.ntokens)
+
     def column_sqnorms(self) -> Tensor | None:
         """||X_j||^2 of every input column (the diagonal of X^T X), on the compute device."""
         return self.sqnorms if self.xtx is None else self.xtx.diagonal().to(self.device)
