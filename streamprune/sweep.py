@@ -178,6 +178,25 @@ def plan_sweep(ckpt: Checkpoint, points: list[Point], opts: PruneOptions, seqlen
     return memory_plan(fp, device, decision, points=len(points))
 
 
+def sweep_plan(model_dir: str | Path, methods: list[str] | tuple[str, ...] = ("sparsegpt", "wanda", "magnitude"),
+               sparsities: list[float] | tuple[float, ...] = (), patterns: list[str] | tuple[str, ...] = (),
+               eval: str | Path | None = None, **options: Any) -> MemoryPlan:
+    """Predicted peak memory of `streamprune sweep` with these arguments (`eval` is tokenized to count its windows;
+    `options` as for `sweep`: nsamples, seqlen, device, offload_activations, max_gpu_memory, batch, sequential,
+    eval_nsamples, eval_seqlen, the methods' knobs); nothing is run or allocated."""
+    from streamprune.plan import planned_device
+
+    if eval is None:
+        raise DataError("a sweep's plan needs its evaluation data: pass --eval FILE")
+    opts = PruneOptions(**options)
+    points = sweep_points(list(methods), list(sparsities), list(patterns))
+    ckpt = Checkpoint(model_dir)
+    seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
+    ewindows = run_eval_windows(ckpt, eval, opts.eval_nsamples, opts.eval_seqlen, False)
+    assert ewindows is not None
+    return plan_sweep(ckpt, points, opts, seqlen, ewindows, planned_device(opts.device, opts.max_gpu_memory))
+
+
 def check_fits(result: MemoryPlan, opts: PruneOptions, device: torch.device, out_dir: Path) -> None:
     """Refuse, with the figures, points whose activations do not fit the placement asked for."""
     import psutil
@@ -276,7 +295,8 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
     return Job(ckpt, popts, out_dir, Pattern.parse(p.pattern), p.sparsity, errors,
                {k: getattr(opts, k) for k in cls.knobs}, seqlen, device,
                windows if cls.accumulates(errors) else None, result.placement, result.batch, result.offload_hessian,
-               None, {**asdict(popts), "seqlen": seqlen, "device": str(device)}, {}, None,
+               None, {**asdict(popts), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen, "device": str(device)},
+               {}, None,
                Layout(make_format("dense", None), frozenset(output_linears(ckpt))), ewindows)
 
 
