@@ -2,10 +2,11 @@
 
 Runs `streamprune sweep` (a subprocess, so that its peak RSS is its own) on the model of bench/tinylm.py:
 magnitude, Wanda and SparseGPT at 9 unstructured levels (10% to 90%) and at 2:4, calibrated on its training
-text as the demo is, evaluated on its held-out text. Then, for every point, a separate `streamprune.prune` of the
-point followed by `streamprune.evaluate` of its output (what a curve took before), on the same threads. Prints and
-writes a markdown table (the sweep's perplexity and the separate one's, their agreement in significant digits,
-the wall times, the sweep's peak RSS against `plan --sweep`) and copies the sweep's plot.
+text as the demo is, evaluated on its held-out text. Then, for every point, what a curve took before: a separate
+`streamprune run` of the point and `streamprune eval` of its output (and `eval` of the dense model), as commands;
+and the same through the Python API in this process. Everything on one thread. Prints and writes a markdown table
+(the sweep's perplexity and the separate commands', their agreement in significant digits, the wall times, the
+sweep's peak RSS against `plan --sweep`) and copies the sweep's plot.
 
     python bench/sweep.py                       # what `make bench-sweep` runs; writes bench/results/sweep.*
     python bench/sweep.py --levels 0.5 --methods magnitude --no-separate   # a quick look
@@ -69,8 +70,26 @@ def main() -> None:
         plan = json.loads(planned.read_text())
         if (out / "sweep.png").is_file():
             shutil.copy(out / "sweep.png", args.out / "sweep.png")
-        separate: dict[str, tuple[float, float]] = {}
+        separate: dict[str, tuple[float, float]] = {}  # label -> (perplexity, seconds): the commands a user runs
+        library: dict[str, tuple[float, float]] = {}  # the same through the Python API, in this process
         if not args.no_separate:
+            test_args = ["--seqlen", str(SEQLEN), "--device", "cpu"]
+            for p in result["points"]:
+                level = ["--sparsity", str(p["sparsity"])] if p["pattern"] == "unstructured" else []
+                dst, res = Path(work) / p["label"], Path(work) / f"{p['label']}.json"
+                t = time.perf_counter()
+                subprocess.run([*cli, "run", str(model), str(dst), "--method", p["method"], "--pattern", p["pattern"],
+                                *level, "--calib", str(train), "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
+                                "--device", "cpu"], check=True, env=env, stdout=subprocess.DEVNULL)
+                subprocess.run([*cli, "eval", str(dst), "--data", str(test), *test_args, "--json", str(res)],
+                               check=True, env=env, stdout=subprocess.DEVNULL)
+                separate[p["label"]] = (json.loads(res.read_text())["perplexity"], time.perf_counter() - t)
+                shutil.rmtree(dst)
+            t = time.perf_counter()
+            dense_json = Path(work) / "dense.json"
+            subprocess.run([*cli, "eval", str(model), "--data", str(test), *test_args, "--json", str(dense_json)],
+                           check=True, env=env, stdout=subprocess.DEVNULL)
+            separate["dense"] = (json.loads(dense_json.read_text())["perplexity"], time.perf_counter() - t)
             with fixed_threads():
                 for p in result["points"]:
                     t = time.perf_counter()
@@ -79,12 +98,11 @@ def main() -> None:
                                       sparsity=p["sparsity"] if p["pattern"] == "unstructured" else None,
                                       nsamples=NSAMPLES, seqlen=SEQLEN, seed=0, device="cpu")
                     ppl = streamprune.evaluate(dst, test, seqlen=SEQLEN, device="cpu").perplexity
-                    separate[p["label"]] = (ppl, time.perf_counter() - t)
+                    library[p["label"]] = (ppl, time.perf_counter() - t)
                     shutil.rmtree(dst)
-            with fixed_threads():
                 t = time.perf_counter()
                 dense = streamprune.evaluate(model, test, seqlen=SEQLEN, device="cpu").perplexity
-                separate["dense"] = (dense, time.perf_counter() - t)
+                library["dense"] = (dense, time.perf_counter() - t)
     lines = [f"`streamprune sweep` of {result['model']['name']} ({result['model']['n_layers']} blocks): "
              f"{len(result['points'])} points, perplexity on {result['eval']['windows']} x {result['eval']['seqlen']}"
              f" held-out tokens; calibration {NSAMPLES} x {SEQLEN} tokens of the training text; {THREADS} thread.",
@@ -108,12 +126,15 @@ def main() -> None:
               f"- sweep wall time: {sweep_wall:.1f} s (its report: {result['wall_seconds']:.1f} s; phases "
               + ", ".join(f"{k} {v:.1f} s" for k, v in result["phases"].items()) + ")"]
     if separate:
-        total = sum(s for _, s in separate.values())
-        lines += [f"- separate runs + evals, summed: {total:.1f} s ({len(separate) - 1} runs and evals, and the "
-                  f"dense eval): the sweep takes {sweep_wall / total:.2f}x their time",
-                  f"- agreement: at least {min(digits):.1f} significant digits over {len(digits)} perplexities"
-                  if digits and not all(math.isinf(d) for d in digits) else
-                  f"- agreement: all {len(digits)} perplexities equal"]
+        total, api = (sum(s for _, s in figures.values()) for figures in (separate, library))
+        lines += [f"- separate `streamprune run` + `streamprune eval` of every point, and `eval` of the dense model, "
+                  f"summed: {total:.1f} s; the sweep takes {sweep_wall / total:.2f}x their time",
+                  f"- the same runs and evals through the Python API in one process (no process starts, and glibc's "
+                  f"default allocator, where the command line serves large buffers from their own mappings): "
+                  f"{api:.1f} s; the sweep takes {sweep_wall / api:.2f}x",
+                  f"- agreement with the separate commands: at least {min(digits):.1f} significant digits over "
+                  f"{len(digits)} perplexities" if digits and not all(math.isinf(d) for d in digits) else
+                  f"- agreement with the separate commands: all {len(digits)} perplexities equal"]
     lines.append(f"- peak RSS of the sweep (the OS's VmHWM): {host_peak / 2**20:.0f} MiB; `plan --sweep` predicted "
                  f"{plan['host_peak_bytes'] / 2**20:.0f} MiB ({host_peak / plan['host_peak_bytes'] - 1:+.0%})")
     text = "\n".join(lines) + "\n"

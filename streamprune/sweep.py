@@ -292,12 +292,14 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
     cls = method(p.method)
     errors = default_errors(cls, opts.layer_errors)
     popts = replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity)
-    return Job(ckpt, popts, out_dir, Pattern.parse(p.pattern), p.sparsity, errors,
-               {k: getattr(opts, k) for k in cls.knobs}, seqlen, device,
-               windows if cls.accumulates(errors) else None, result.placement, result.batch, result.offload_hessian,
-               None, {**asdict(popts), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen, "device": str(device)},
-               {}, None,
-               Layout(make_format("dense", None), frozenset(output_linears(ckpt))), ewindows)
+    return Job(ckpt=ckpt, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
+               errors=errors, knobs={k: getattr(opts, k) for k in cls.knobs}, seqlen=seqlen, device=device,
+               windows=windows if cls.accumulates(errors) else None, placement=result.placement, batch=result.batch,
+               offload_hessian=result.offload_hessian, grid=None,
+               args={**asdict(popts), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen,
+                     "device": str(device)},
+               fingerprint={}, journal=None, layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt))),
+               eval_windows=ewindows)
 
 
 def previous_sweep(out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
