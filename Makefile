@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe clean
+.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe bench-sweep clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: install
 # --moe-calibration routed against all, and SparseGPT's expert errors against magnitude's, on the MoE fixture.
 bench-moe: fixture-moe
 	OMP_NUM_THREADS=1 $(BIN)/python bench/moe_calibration.py
+
+# The bench model's perplexity curve (README, "Sparsity sweep"): `streamprune sweep` of 3 methods x 9 levels + 2:4
+# against the 30 separate runs and evals; writes bench/results/sweep.md and sweep.png.
+bench-sweep: fixture
+	OMP_NUM_THREADS=1 $(BIN)/python bench/sweep.py --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -102,6 +102,46 @@ def choose_placement(placement: str, nbytes_pair: int, device: torch.device, dev
     return "cpu" if nbytes_pair <= host_budget else "disk"
 
 
+def copy_store(src: Activations, dst: Activations, batch: int) -> None:
+    """Copy every window of `src` into `dst` (same shape), `batch` windows at a time."""
+    for i in range(0, src.shape[0], batch):
+        j = min(i + batch, src.shape[0])
+        dst.write(i, j, src.read(i, j, torch.device("cpu")))
+
+
+def save_store(store: Activations, path: Path, batch: int) -> None:
+    """Write a store's windows to `path` (raw float32, window after window) and flush it to the disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        row_bytes = store.shape[1] * store.shape[2] * 4
+        for i in range(0, store.shape[0], batch):
+            j = min(i + batch, store.shape[0])
+            view = memoryview(store.read(i, j, torch.device("cpu")).contiguous().numpy()).cast("B")
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], i * row_bytes + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_store(store: Activations, path: Path, batch: int) -> None:
+    """Fill a store from a file written by `save_store`; a file of another size is refused."""
+    row_bytes = store.shape[1] * store.shape[2] * 4
+    if not path.is_file() or path.stat().st_size != store.shape[0] * row_bytes:
+        raise StreamPruneError(f"{path}: saved activations missing or of the wrong size; rerun with --restart")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in range(0, store.shape[0], batch):
+            j = min(i + batch, store.shape[0])
+            buf = np.empty((j - i, *store.shape[1:]), dtype=np.float32)
+            if read_fully(fd, memoryview(buf).cast("B"), i * row_bytes) != buf.nbytes:
+                raise StreamPruneError(f"{path}: saved activations end early; rerun with --restart")
+            store.write(i, j, torch.from_numpy(buf))
+    finally:
+        os.close(fd)
+
+
 def make_store(shape: tuple[int, int, int], placement: str, device: torch.device, workdir: Path,
                name: str) -> Activations:
     if placement == "disk":

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from streamprune.dist import RankLost, Ranks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import ArgumentError, StreamPruneError
 from streamprune.formats import FORMATS
 from streamprune.owl import OWL_LAMBDA, OWL_M
 from streamprune.pruners import METHODS
@@ -198,6 +198,66 @@ def run_cmd(
     print(f"wrote {out_dir} (report: {out_dir / REPORT_NAME})")
 
 
+SWEEP_METHODS_HELP = "Comma-separated methods, each swept over every level and pattern."
+SPARSITIES_HELP = "Comma-separated unstructured sparsity levels, e.g. 0.1,0.2,0.3."
+PATTERNS_HELP = "Comma-separated N:M patterns swept too, e.g. 2:4,4:8 (default: none)."
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_levels(text: str) -> list[float]:
+    try:
+        return [float(item) for item in split_list(text)]
+    except ValueError as e:
+        raise ArgumentError(f"sparsities {text!r} is not a comma-separated list of numbers") from e
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory to prune (only read).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where sweep.json, sweep.csv and sweep.png are written.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.")],
+    eval: Annotated[Path, typer.Option("--eval", help="Evaluation data, as for run --eval.")],
+    sparsities: Annotated[str, typer.Option(help=SPARSITIES_HELP)] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8",
+    methods: Annotated[str, typer.Option(help=SWEEP_METHODS_HELP)] = "sparsegpt,wanda,magnitude",
+    patterns: Annotated[str, typer.Option(help=PATTERNS_HELP)] = "",
+    save_dir: Annotated[Optional[Path], typer.Option(help="Also write each point's pruned checkpoint into SAVE_DIR/<method>-<level>.")] = None,
+    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")] = True,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
+    damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
+    batch: Annotated[int, typer.Option(help="Windows per forward call.")] = 8,
+    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
+    offload_activations: Annotated[OffloadChoice, typer.Option(help="Where every point's activations live: on the device when they fit, else host memory, else temporary files in OUT_DIR.")] = OffloadChoice.auto,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the sweep may plan for, e.g. 24GiB or 20GB.")] = None,
+    eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help=EVAL_SEQLEN_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the sweep files of a non-empty OUT_DIR that holds no sweep.")] = False,
+    restart: Annotated[bool, typer.Option(help="Start over even if OUT_DIR holds an unfinished sweep with other arguments.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Prune and evaluate many (method, sparsity) points in one read of MODEL_DIR; rerunning resumes."""
+    from streamprune.sweep import SWEEP_NAME, summary_table, sweep
+
+    _setup_logging(verbose)
+    try:
+        result = sweep(model_dir, out_dir, methods=split_list(methods), sparsities=parse_levels(sparsities),
+                       patterns=split_list(patterns), save_dir=save_dir, progress=True, calib=calib, eval=eval,
+                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value, sequential=sequential,
+                       blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
+                       offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
+                       eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, overwrite=overwrite, restart=restart)
+    except StreamPruneError as e:
+        _fail(e)
+    Console().print(summary_table(result))
+    print(f"wrote {out_dir / SWEEP_NAME}, sweep.csv" + (", sweep.png" if (out_dir / "sweep.png").is_file() else ""))
+
+
 @app.command("plan")
 def plan_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory.")],
@@ -220,24 +280,40 @@ def plan_cmd(
     eval_dense: Annotated[bool, typer.Option("--eval-dense", help=EVAL_DENSE_HELP)] = False,
     allocation: Annotated[AllocationChoice, typer.Option(help=ALLOCATION_HELP)] = AllocationChoice.uniform,
     nproc: Annotated[int, typer.Option(help="Ranks per node (torchrun --nproc-per-node): the plan is one rank's, its share of the windows beside a whole block.")] = 1,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Plan `streamprune sweep` with --methods, --sparsities and --patterns (needs --eval) instead of a run.")] = False,
+    methods: Annotated[str, typer.Option(help="--sweep: " + SWEEP_METHODS_HELP)] = "sparsegpt,wanda,magnitude",
+    sparsities: Annotated[str, typer.Option(help="--sweep: " + SPARSITIES_HELP)] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8",
+    patterns: Annotated[str, typer.Option(help="--sweep: " + PATTERNS_HELP)] = "",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON here.")] = None,
 ) -> None:
-    """Predict the peak host and GPU memory of `streamprune run` without running anything."""
+    """Predict the peak host and GPU memory of `streamprune run` (or, with --sweep, `streamprune sweep`) without
+    running anything."""
     from rich.table import Table
 
     from streamprune.plan import plan
+    from streamprune.sweep import sweep_plan
 
     try:
-        result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
-                      offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
-                      method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
-                      blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
-                      eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense,
-                      allocation=allocation.value, nproc=nproc)
+        if sweep:
+            if nproc != 1:
+                raise ArgumentError("--sweep plans one process; drop --nproc")
+            result = sweep_plan(model_dir, split_list(methods), parse_levels(sparsities), split_list(patterns), eval,
+                                nsamples=nsamples, seqlen=seqlen, device=device.value,
+                                offload_activations=offload_activations.value,
+                                max_gpu_memory=parse_size(max_gpu_memory), batch=batch, sequential=sequential,
+                                blocksize=blocksize, eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen)
+        else:
+            result = plan(model_dir, nsamples=nsamples, seqlen=seqlen, device=device.value,
+                          offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
+                          method=method.value, batch=batch, sequential=sequential, layer_errors=layer_errors,
+                          blocksize=blocksize, wbits=wbits, group_size=group_size, sym=sym, eval=eval,
+                          eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, eval_dense=eval_dense,
+                          allocation=allocation.value, nproc=nproc)
     except StreamPruneError as e:
         _fail(e)
+    what = "sweep" if sweep else "run"
     ranks = "" if nproc == 1 else f", per rank of {nproc}"
-    table = Table(title=f"memory plan for {model_dir} (activations: {result.placement}{ranks})")
+    table = Table(title=f"memory plan of the {what} of {model_dir} (activations: {result.placement}{ranks})")
     table.add_column("consumer")
     table.add_column("MiB", justify="right")
     table.add_column("where")

@@ -54,11 +54,13 @@ class HiddenStream:
     feeds it each block's weights as they become final, one routed expert at a time as it is pruned."""
 
     def __init__(self, ckpt: Checkpoint, windows: Tensor, device: torch.device, batch: int, store: Activations,
-                 scratch: Activations | None = None) -> None:
+                 scratch: Activations | None = None, embed: bool = True) -> None:
+        """`embed`: fill `store` with the windows' embeddings (else the caller fills it, e.g. with another stream's)."""
         self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
         self.x, self.scratch = store, scratch
         self.routes: Routes | None = None  # of the MoE block entered, else None
-        embed_windows(ckpt, windows, device, store, batch)
+        if embed:
+            embed_windows(ckpt, windows, device, store, batch)
         self.pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
 
     @torch.no_grad()

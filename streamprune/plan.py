@@ -12,6 +12,7 @@ the data file (see calib.py), after which only the windows' token ids stay.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,20 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
 
+def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any]]], nsamples: int, seqlen: int,
+                    sequential: bool, eval_windows: int, eval_seqlen: int) -> Footprint:
+    """The sizes a sweep is made of: the block's weights once (each point prunes its own copy, one point at a time,
+    so the workspaces are the largest point's), and every point's activations: its calibration buffers (none for
+    magnitude without statistics) and its evaluation stream, plus the dense model's evaluation stream. `points`:
+    (method, knobs) of each point."""
+    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1)
+           for method, knobs in points]
+    dense_eval = fps[0].eval_activations  # one stream's buffers, the dense model's
+    largest = {f.name: max(getattr(fp, f.name) for fp in fps) for f in dataclasses.fields(Footprint)}
+    return Footprint(**(largest | {"activations": sum(fp.activations for fp in fps) + dense_eval,
+                                   "eval_activations": sum(fp.eval_activations for fp in fps) + dense_eval}))
+
+
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     """The sizes an evaluation is made of: the block, one activation buffer (updated in place) and the forward."""
     raw_block, expert, linears, _ = block_sizes(ckpt)
@@ -307,13 +322,7 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
     if nproc < 1:
         raise ArgumentError(f"nproc {nproc!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        if not max_gpu_memory:
-            raise ArgumentError(f"device {device!r}: no CUDA device is available here; pass --max-gpu-memory "
-                                "(the card's size) to plan a GPU run on this machine")
-        dev = torch.device(device)  # planning only: nothing is allocated
-    else:
-        dev = resolve_device(device)
+    dev = planned_device(device, max_gpu_memory)
     seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
     grid = None if wbits is None else Grid(wbits, group_size, sym)
     windows = run_eval_windows(ckpt, eval, eval_nsamples, eval_seqlen, eval_dense)
@@ -321,7 +330,24 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         windows = windows[: -(-windows.shape[0] // nproc)]
     fp = footprint(ckpt, -(-nsamples // nproc), seqlen, method, sequential, layer_errors, {"blocksize": blocksize},
                    grid, *eval_sizes(windows, eval_dense), owl=allocation == "owl")
-    d = decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples, nproc)
+    return memory_plan(fp, dev, decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples, nproc),
+                       nproc=nproc)
+
+
+def planned_device(device: str, max_gpu_memory: int | None) -> torch.device:
+    """The device a plan is for: a GPU run can be planned on a machine without one when the card's size is given."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if not max_gpu_memory:
+            raise ArgumentError(f"device {device!r}: no CUDA device is available here; pass --max-gpu-memory "
+                                "(the card's size) to plan a GPU run on this machine")
+        return torch.device(device)  # planning only: nothing is allocated
+    return resolve_device(device)
+
+
+def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, nproc: int = 1) -> MemoryPlan:
+    """The peak host and device memory of a run made of `fp` (one rank's, of `nproc` per node), placed as `d`
+    decided, with its consumers (`points`: the pruning points of a sweep, whose activations `fp` sums)."""
+    of = f", {points} points" if points > 1 else ""
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
     where_act = {"device": compute, "cpu": "host", "disk": "disk"}[d.placement]
@@ -350,8 +376,9 @@ def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, 
         ("largest linear while pruned, and its site's dense weights", fp.linear_solve + fp.site_dense, compute),
         ("the site's weights before rounding (--wbits), until their errors", fp.site_unrounded, compute),
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
-        ("calibration activations (input and output buffers)", fp.activations - fp.eval_activations, where_act),
-        ("evaluation hidden states (--eval, --eval-dense)", fp.eval_activations, where_act),
+        (f"calibration activations (input and output buffers{of})", fp.activations - fp.eval_activations, where_act),
+        (f"evaluation hidden states (--eval, --eval-dense{of} and the dense model)" if of else
+         "evaluation hidden states (--eval, --eval-dense)", fp.eval_activations, where_act),
         ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
         ("calibration token ids", fp.calib_ids, "host"),

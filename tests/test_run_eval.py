@@ -35,7 +35,8 @@ def check(report, out, src, data, dense: bool = True) -> None:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "gemma2", "phi3", "mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral", "qwen2", "qwen3", "opt", "bloom", "gemma2", "gemma3", "phi3",
+                                     "mixtral", "qwen2-moe", "qwen3-moe"])  # every family
 def test_run_eval_matches_evaluate_of_the_output(tmp_path, data, variant, sequential):
     src = tiny.build(tmp_path / "m", variant)
     out = tmp_path / "out"
