@@ -4,7 +4,7 @@ Runs `streamprune sweep` (a subprocess, so that its peak RSS is its own) on the 
 magnitude, Wanda and SparseGPT at 9 unstructured levels (10% to 90%) and at 2:4, calibrated on its training
 text as the demo is, evaluated on its held-out text. Then, for every point, what a curve took before: a separate
 `streamprune run` of the point and `streamprune eval` of its output (and `eval` of the dense model), as commands;
-and the same through the Python API in this process. Everything on one thread. Prints and writes a markdown table
+and the same through the Python API in this process, beside the sweep through the API. Everything on one thread. Prints and writes a markdown table
 (the sweep's perplexity and the separate commands', their agreement in significant digits, the wall times, the
 sweep's peak RSS against `plan --sweep`) and copies the sweep's plot.
 
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
+import streamprune.sweep  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
 from bench.tinylm import THREADS, build_tiny_lm, fixed_threads  # noqa: E402
 
@@ -91,6 +92,13 @@ def main() -> None:
                            check=True, env=env, stdout=subprocess.DEVNULL)
             separate["dense"] = (json.loads(dense_json.read_text())["perplexity"], time.perf_counter() - t)
             with fixed_threads():
+                t = time.perf_counter()
+                api_sweep = streamprune.sweep.sweep(
+                    model, Path(work) / "api-sweep", methods=args.methods.split(","),
+                    sparsities=[float(v) for v in args.levels.split(",")], patterns=[p for p in args.patterns.split(",") if p],
+                    calib=train, eval=test, nsamples=NSAMPLES, seqlen=SEQLEN, eval_seqlen=SEQLEN, device="cpu")
+                library["sweep"] = (api_sweep.dense_perplexity, time.perf_counter() - t)
+                assert [p["perplexity"] for p in api_sweep.points] == [p["perplexity"] for p in result["points"]]
                 for p in result["points"]:
                     t = time.perf_counter()
                     dst = Path(work) / p["label"]
@@ -126,12 +134,14 @@ def main() -> None:
               f"- sweep wall time: {sweep_wall:.1f} s (its report: {result['wall_seconds']:.1f} s; phases "
               + ", ".join(f"{k} {v:.1f} s" for k, v in result["phases"].items()) + ")"]
     if separate:
+        api_sweep_seconds = library.pop("sweep")[1]
         total, api = (sum(s for _, s in figures.values()) for figures in (separate, library))
         lines += [f"- separate `streamprune run` + `streamprune eval` of every point, and `eval` of the dense model, "
                   f"summed: {total:.1f} s; the sweep takes {sweep_wall / total:.2f}x their time",
                   f"- the same runs and evals through the Python API in one process (no process starts, and glibc's "
                   f"default allocator, where the command line serves large buffers from their own mappings): "
-                  f"{api:.1f} s; the sweep takes {sweep_wall / api:.2f}x",
+                  f"{api:.1f} s; the same sweep through the API in that process: {api_sweep_seconds:.1f} s, "
+                  f"{api_sweep_seconds / api:.2f}x their time",
                   f"- agreement with the separate commands: at least {min(digits):.1f} significant digits over "
                   f"{len(digits)} perplexities" if digits and not all(math.isinf(d) for d in digits) else
                   f"- agreement with the separate commands: all {len(digits)} perplexities equal"]
