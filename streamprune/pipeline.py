@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,9 +554,21 @@ class BlockPruner:
         runs forward once every expert is written, reading them back from the shard.
 
         `before` sees each expert as read (dense), `after` as pruned (the evaluation streams of --eval)."""
-        bid, w = block.bid, block.w
+        steps = self.expert_steps(block.bid, block.w, x, out, pos, shard, dense_routes, before, after)
+        next(steps)
+        for expert in block.experts():
+            steps.send(expert)
+        with contextlib.suppress(StopIteration):
+            steps.send(None)
+
+    def expert_steps(self, bid: int, w: dict[Param, Tensor], x: Activations | None, out: Activations | None,
+                     pos: Positions | None, shard: ShardFile, dense_routes: Routes | None,
+                     before: Callable[[Part], None], after: Callable[[Part], None]) -> Generator[None, Part | None, None]:
+        """`run_experts` as a coroutine: primed with `next` (the first pass), then sent each routed expert as read,
+        then None, after which it finishes the block (without --sequential, the pruned block's forward). A sweep
+        sends each expert it reads to every point's steps; an expert's `w` is pruned in place."""
         if x is None:  # magnitude without calibration data
-            for expert in block.experts():
+            while (expert := (yield)) is not None:
                 before(expert)
                 names = {param[0]: name for param, name in self.ckpt.experts[(bid, expert.xid)].items()}
                 for _, roles in EXPERT_SEQUENTIAL:
@@ -575,7 +587,7 @@ class BlockPruner:
         else:
             assert dense_routes is not None
             stats, routes = out, dense_routes
-        for expert in block.experts():
+        while (expert := (yield)) is not None:
             xid, we = expert.xid, expert.w
             expert.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
             self.report.add("read", expert.wait_seconds, bid)
