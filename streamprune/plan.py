@@ -220,8 +220,17 @@ def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any]]], 
            for method, knobs in points]
     dense_eval = fps[0].eval_activations  # one stream's buffers, the dense model's
     largest = {f.name: max(getattr(fp, f.name) for fp in fps) for f in dataclasses.fields(Footprint)}
-    return Footprint(**(largest | {"activations": sum(fp.activations for fp in fps) + dense_eval,
-                                   "eval_activations": sum(fp.eval_activations for fp in fps) + dense_eval}))
+    summed = {"activations": sum(fp.activations for fp in fps) + dense_eval,
+              "eval_activations": sum(fp.eval_activations for fp in fps) + dense_eval}
+    cfg = ckpt.config
+    if cfg.n_experts:  # while a block's experts go round the points, every point holds its routes (calibration and
+        # evaluation tokens', the dense stream's too) and, without --sequential, its pruned block outside the experts
+        eval_routes = routes_bytes(cfg, eval_windows * eval_seqlen)
+        summed["routes"] = (sum(routes_bytes(cfg, nsamples * seqlen) for fp in fps if fp.calib_ids)
+                            + (len(fps) + 1) * eval_routes)
+        if not sequential:
+            summed["pruned_stored"] = sum(fp.pruned_stored for fp in fps)
+    return Footprint(**(largest | summed))
 
 
 def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:

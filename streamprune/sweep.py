@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from streamprune.activations import Activations, copy_store, load_store, make_store, save_store
 from streamprune.arch import PRUNABLE
-from streamprune.arch.block import positions
+from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows
 from streamprune.checkpoint import Checkpoint, ShardFile, ShardWriter, copy_side_files, read_tensor
 from streamprune.errors import ArgumentError, DataError
@@ -51,7 +51,7 @@ from streamprune.plan import MemoryPlan, decide, memory_plan, run_eval_windows, 
 from streamprune.formats import Layout, make_format
 from streamprune.pruners import Pattern, default_errors, method, resolve_sparsity
 from streamprune.report import LayerReport, Report
-from streamprune.stream import BlockStream
+from streamprune.stream import BlockStream, Part
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +236,6 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions, points: li
         raise ArgumentError(f"batch {opts.batch!r} must be at least 1")
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    if cfg.n_experts:
-        raise ArgumentError(f"sweep: {str(model_dir)!r} has routed experts, which a sweep does not stream yet; "
-                            "run each point with `streamprune run --eval`")
     if ckpt.layout.encoded:
         raise ArgumentError(f"{str(model_dir)!r} is stored {ckpt.layout.format.name} (packed integer weights); "
                             "prune its unquantized original")
@@ -356,10 +353,13 @@ class Sweep:
                     self.reads[bid] = {"block": bid, "reads": self.reads.get(bid, {}).get("reads", 0) + 1,
                                        "bytes": sum(t.nbytes for t in block.raw.values()),
                                        "seconds": block.read_seconds}
-                    dense.enter(bid, block.w)
-                    dense.leave()
-                    for lane in lanes:
-                        self.prune_lane(lane, block, pos.of(bid))
+                    if self.ckpt.n_experts(bid):
+                        self.moe_block(block, dense, lanes, pos.of(bid))
+                    else:
+                        dense.enter(bid, block.w)
+                        dense.leave()
+                        for i, lane in enumerate(lanes):
+                            self.prune_lane(i, lane, block, pos.of(bid))
                     self.save_state(bid + 1, dense, lanes)
                     del block
                     release_freed_memory()
@@ -405,7 +405,12 @@ class Sweep:
         def store(shape: tuple[int, int, int], name: str) -> Activations:
             return make_store(shape, job.placement, job.device, work, name)
 
-        dense = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, store((K, T, D), "eval-dense"),
+        moe = bool(cfg.n_experts)  # an MoE block writes its output into a second buffer
+
+        def eval_stores(name: str) -> tuple[Activations, Activations | None]:
+            return store((K, T, D), f"{name}0"), store((K, T, D), f"{name}1") if moe else None
+
+        dense = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *eval_stores("eval-dense"),
                              embed=job.state is None)
         calib = None
         if job.state is None and any(j.windows is not None for j in job.jobs):
@@ -419,7 +424,7 @@ class Sweep:
                 x, scratch = store((N, S, D), f"p{i}-calib0"), store((N, S, D), f"p{i}-calib1")
                 if calib is not None:
                     copy_store(calib, x, SAVE_BATCH)
-            stream = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, store((K, T, D), f"p{i}-eval"),
+            stream = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *eval_stores(f"p{i}-eval"),
                                   embed=False)
             if job.state is None:
                 copy_store(dense.x, stream.x, SAVE_BATCH)
@@ -436,20 +441,15 @@ class Sweep:
         self.phases["embed"] += time.perf_counter() - t
         return dense, lanes
 
-    def prune_lane(self, lane: Lane, block: Any, pos: Any) -> None:
-        """One point's block: its copy of the weights pruned (written with --save-dir), then its streams through it."""
+    def prune_lane(self, i: int, lane: Lane, block: Part, pos: Positions) -> None:
+        """One point's dense block: its copy of the weights pruned (written with --save-dir), then its streams
+        through it."""
         job, bid = lane.job, block.bid
         clock = job.clock
         t = clock()
         w = dict(block.w)  # the pruners replace the entries they prune; the block's own tensors stay dense
-        with self.shard(lane, bid) as put:
-            BlockPruner(job, lane.report).run(bid, w, lane.x, pos, put)
-            if put is not None and lane.writer is not None:
-                pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
-                          if b == bid and kind == "weight" and role in PRUNABLE}
-                for name, tensor in block.raw.items():
-                    if name not in pruned:
-                        put(name, tensor)
+        with self.shard(i, lane, block) as shard:
+            BlockPruner(job, lane.report).run(bid, w, lane.x, pos, shard.put)
         if lane.x is not None:
             assert lane.scratch is not None
             f = clock()
@@ -462,14 +462,80 @@ class Sweep:
         lane.report.add("eval", clock() - e, bid)
         lane.seconds += clock() - t
 
+    def moe_block(self, block: Part, dense: HiddenStream, lanes: list[Lane], pos: Positions) -> None:
+        """A block with routed experts: every point prunes its copy of the block outside the experts (and, with
+        --sequential, runs its first pass), then each expert, read once, goes to every point in turn (pruned, its
+        output added to the point's calibration and evaluation streams), as `run` does for one point."""
+        bid = block.bid
+        dense.enter(bid, block.w)
+        sequential = self.job.jobs[0].opts.sequential
+        with ExitStack() as shards:
+            steps = []
+            for i, lane in enumerate(lanes):
+                t = lane.job.clock()
+                w = dict(block.w)
+                shard = shards.enter_context(self.shard(i, lane, block, read_back=not sequential))
+                pruner = BlockPruner(lane.job, lane.report)
+                m_store = lane.scratch if lane.x is not None and not sequential else None
+                routes = pruner.run(bid, w, lane.x, pos, shard.put, m_store=m_store)
+                e = lane.job.clock()
+                lane.eval.enter(bid, w)
+                lane.report.add("eval", lane.job.clock() - e, bid)
+                step = pruner.expert_steps(bid, w, lane.x, lane.scratch, pos, shard, routes, lambda e: None,
+                                           self.timed(lane, lane.eval.expert))
+                next(step)
+                steps.append(step)
+                lane.seconds += lane.job.clock() - t
+            for expert in block.experts():
+                self.reads[bid]["bytes"] += sum(t.nbytes for t in expert.raw.values())
+                self.reads[bid]["seconds"] += expert.read_seconds
+                self.phases["read"] += expert.wait_seconds
+                dense.expert(expert)
+                for lane, step in zip(lanes, steps):
+                    t = lane.job.clock()
+                    step.send(Part(bid, {}, dict(expert.w), 0.0, 0.0, expert.xid))  # its own copy to prune
+                    lane.seconds += lane.job.clock() - t
+                del expert
+            for lane, step in zip(lanes, steps):
+                t = lane.job.clock()
+                with suppress(StopIteration):
+                    step.send(None)  # without --sequential: the pruned block's forward, its experts read back
+                lane.seconds += lane.job.clock() - t
+        dense.leave()
+        for lane in lanes:
+            lane.eval.leave()
+            if lane.x is not None:
+                lane.x, lane.scratch = lane.scratch, lane.x
+
+    @staticmethod
+    def timed(lane: Lane, step: Any) -> Any:
+        def run(part: Part) -> None:
+            t = lane.job.clock()
+            step(part)
+            lane.report.add("eval", lane.job.clock() - t, part.bid)
+        return run
+
     @contextmanager
-    def shard(self, lane: Lane, bid: int) -> Iterator[Any]:
-        """`put` for the pruned tensors: into the point's checkpoint with --save-dir, else nowhere."""
-        if lane.writer is None:
-            yield lambda name, tensor: None
+    def shard(self, i: int, lane: Lane, block: Part, read_back: bool = False) -> Iterator[Any]:
+        """Where a point's pruned tensors go: its checkpoint's shard with --save-dir (the block's other tensors put
+        now); with `read_back` (an MoE block's pruned experts, read back by the forward without --sequential) a
+        temporary shard in the work folder, removed after the block; else nowhere."""
+        bid = block.bid
+        meta = block_meta(self.ckpt, bid, lane.job.layout)
+        if lane.writer is not None:
+            context = lane.writer.open(bid + 1, meta)
+        elif read_back:
+            context = temporary_shard(self.job.out_dir / WORK_DIR / f"p{i}-block.safetensors", meta)
+        else:
+            yield Discard()
             return
-        with lane.writer.open(bid + 1, block_meta(self.ckpt, bid, lane.job.layout)) as shard:
-            yield shard.put
+        with context as shard:
+            pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
+                      if b == bid and kind == "weight" and role in PRUNABLE}
+            for name, tensor in block.raw.items():
+                if name not in pruned:
+                    shard.put(name, tensor)
+            yield shard
 
     def start_checkpoints(self, lanes: list[Lane]) -> None:
         """--save-dir: each point's folder, cleared of a previous sweep's files, and its first shard (the tensors
@@ -546,6 +612,24 @@ class Sweep:
                 "perplexity": ppl, "total_sparsity": total_sparsity(report.layers), "seconds": lane.seconds,
                 "phases": {k: v for k, v in report.phases.items() if v},
                 "checkpoint": None if lane.writer is None else str(lane.writer.dir)}
+
+
+class Discard:
+    """A shard that keeps nothing: a point's pruned tensors when no checkpoint of it is asked for."""
+
+    path = None
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+
+@contextmanager
+def temporary_shard(path: Path, meta: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> Iterator[ShardFile]:
+    try:
+        with ShardFile(path, meta) as shard:
+            yield shard
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def total_sparsity(layers: list[LayerReport]) -> float:
