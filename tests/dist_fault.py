@@ -17,11 +17,11 @@ if int(os.environ["RANK"]) == rank:
     real = SparseGPT.prune
     calls = [0]
 
-    def failing(self, weight):
+    def failing(self, weight, *args):
         calls[0] += 1
         if calls[0] >= nth:
             raise StreamPruneError(f"injected fault in solve {calls[0]}")
-        return real(self, weight)
+        return real(self, weight, *args)
 
     SparseGPT.prune = failing
 
