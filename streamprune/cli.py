@@ -127,6 +127,16 @@ LAYER_ERRORS_HELP = ("Compute each pruned linear's reconstruction error for the 
                      "which holds X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).")
 
 
+# Options that run, sweep and plan share
+Nsamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
+Seqlen = Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")]
+Seed = Annotated[int, typer.Option(help="Seed for drawing calibration windows.")]
+Sequential = Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")]
+Blocksize = Annotated[int, typer.Option(help="SparseGPT column block size.")]
+Damp = Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")]
+LayerErrors = Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)]
+
+
 @app.command("run")
 def run_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory to prune (only read).")],
@@ -135,15 +145,15 @@ def run_cmd(
     method: Annotated[MethodChoice, typer.Option(help="Pruning method.")] = MethodChoice.sparsegpt,
     pattern: Annotated[str, typer.Option(help="'unstructured' or N:M such as 2:4 or 4:8.")] = "unstructured",
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.")] = None,
-    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
+    nsamples: Nsamples = 128,
+    seqlen: Seqlen = None,
+    seed: Seed = 0,
     device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
-    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")] = True,
-    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
-    damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
+    sequential: Sequential = True,
+    blocksize: Blocksize = 128,
+    damp: Damp = 0.01,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
-    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
+    layer_errors: LayerErrors = None,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Where calibration activations live: on the device when they fit, else host memory, else a temporary file in OUT_DIR.")] = OffloadChoice.auto,
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB or 20GB.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the checkpoint files of a non-empty OUT_DIR that holds no run of this job.")] = False,
@@ -224,15 +234,15 @@ def sweep_cmd(
     methods: Annotated[str, typer.Option(help=SWEEP_METHODS_HELP)] = "sparsegpt,wanda,magnitude",
     patterns: Annotated[str, typer.Option(help=PATTERNS_HELP)] = "",
     save_dir: Annotated[Optional[Path], typer.Option(help="Also write each point's pruned checkpoint into SAVE_DIR/<method>-<level>.")] = None,
-    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
+    nsamples: Nsamples = 128,
+    seqlen: Seqlen = None,
+    seed: Seed = 0,
     device: Annotated[DeviceChoice, typer.Option(help="Where to compute.")] = DeviceChoice.auto,
-    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")] = True,
-    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
-    damp: Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")] = 0.01,
+    sequential: Sequential = True,
+    blocksize: Blocksize = 128,
+    damp: Damp = 0.01,
     batch: Annotated[int, typer.Option(help="Windows per forward call.")] = 8,
-    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
+    layer_errors: LayerErrors = None,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Where every point's activations live: on the device when they fit, else host memory, else temporary files in OUT_DIR.")] = OffloadChoice.auto,
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the sweep may plan for, e.g. 24GiB or 20GB.")] = None,
     eval_nsamples: Annotated[Optional[int], typer.Option(help=EVAL_NSAMPLES_HELP)] = None,
@@ -261,16 +271,16 @@ def sweep_cmd(
 @app.command("plan")
 def plan_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory.")],
-    nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[Optional[int], typer.Option(help="Calibration window length (default: the model's maximum, at most 2048).")] = None,
+    nsamples: Nsamples = 128,
+    seqlen: Seqlen = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where the run would compute.")] = DeviceChoice.auto,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Activation placement, as for run.")] = OffloadChoice.auto,
     max_gpu_memory: Annotated[Optional[str], typer.Option(help="GPU memory the run may plan for, e.g. 24GiB.")] = None,
     method: Annotated[MethodChoice, typer.Option(help="Pruning method.")] = MethodChoice.sparsegpt,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
     sequential: Annotated[bool, typer.Option("--sequential/--no-sequential", help="As for run: --no-sequential holds every site's X^T X at once.")] = True,
-    layer_errors: Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)] = None,
-    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size.")] = 128,
+    layer_errors: LayerErrors = None,
+    blocksize: Blocksize = 128,
     wbits: Annotated[Optional[int], typer.Option(help=WBITS_HELP)] = None,
     group_size: Annotated[int, typer.Option(help=GROUP_SIZE_HELP)] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help=SYM_HELP)] = True,
