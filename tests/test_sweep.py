@@ -186,6 +186,10 @@ def test_sweep_refusals(tmp_path, data):
         sweep(src, tmp_path / "a", methods=["wanda"], patterns=["unstructured"], **args)
     with pytest.raises(TypeError, match="wbits"):
         sweep(src, tmp_path / "a", methods=["wanda"], sparsities=[0.5], wbits=4, **args)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ArgumentError, match="without torchrun"):
+            sweep(src, tmp_path / "a", methods=["wanda"], sparsities=[0.5], **args)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("keep")
     with pytest.raises(ArgumentError, match="holds no sweep"):
