@@ -77,6 +77,8 @@ class PruneOptions:
     sequential: bool = True
     blocksize: int = 128
     damp: float = 0.01
+    admm_iterations: int = 8
+    admm_rho: float = 0.3
     batch: int = 8
     layer_errors: bool | None = None  # None: where the method holds X^T X anyway (SparseGPT)
     offload_activations: str = "auto"
@@ -440,6 +442,9 @@ class BlockPruner:
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
                 sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
                 damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)),
+                iterations=None if "iterations" not in info else int(info["iterations"]),
+                cg_iterations=None if "cg_iterations" not in info else int(info["cg_iterations"]),
+                cg_residual=info.get("residual"),
                 sparsity_error=None if split is None else split[0], quant_error=None if split is None else split[1],
                 packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row))
         pruner.free()

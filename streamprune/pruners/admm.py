@@ -1,0 +1,223 @@
+"""ADMM pruning with gradual sparsity (Boža, 2024), finished by an exact solve of the kept weights (as ALPS).
+
+Each row w of a linear minimizes (w - w0) H (w - w0)^T (H = 2 X^T X / n, damped as for SparseGPT) subject to its
+mask. The problem is solved in the column scaling that gives H a unit diagonal (w_j * sqrt(H_jj): the magnitude of a
+scaled weight is Wanda's score), by ADMM on the split W = Z, Z sparse:
+
+    W <- argmin (W - W0) H (W - W0)^T + rho ||W - Z + U||^2  =  W0 + rho (Z - U - W0) (H + rho I)^-1
+    Z <- the largest entries of W + U (per row, or per N:M group), at a sparsity raised along a cubic ramp
+    U <- U + W - Z
+
+so that each iteration is one GEMM with (H + rho I)^-1, factored once per input and shared by the linears that read
+it. Masks settle while the sparsity grows; the last iterations keep the full sparsity. The kept weights of the final
+mask are then solved exactly (to float32 precision) by conjugate gradients, batched over the rows, each row on its own
+support, warm-started from the ADMM iterate: rows leave the batch as they converge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from streamprune.errors import ArgumentError, StreamPruneError
+from streamprune.pruners.base import LIBRARY_WORKSPACE, Pruner, PruneResult, quantized_bytes
+from streamprune.pruners.factor import WORKSPACE_BYTES, cholesky_lower_
+from streamprune.pruners.masks import Pattern, nm_mask, row_mask
+from streamprune.pruners.quant import Grid, round_to_nearest
+
+logger = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10, as for SparseGPT
+DEFAULT_ITERATIONS = 8
+DEFAULT_RHO = 0.3
+RAMP = 0.75  # the share of the iterations over which the sparsity rises to its target
+CG_TOLERANCE = 1e-6  # relative residual ||g_S|| / ||(W0 H)_S|| at which a row's exact solve stops
+CG_MAX_ITERATIONS = 200
+# Per element of the linear being pruned: float32 W0, W, U and the GEMM's operand, the mask, and the CG's (at most
+# as many) search directions, residuals, products and iterate, reusing those buffers.
+BYTES_PER_ELEMENT = 17
+
+
+class ADMM(Pruner):
+    """Mask and weights found together by ADMM with a gradually increasing sparsity, then the kept weights solved
+    exactly for the final mask. Unstructured masks keep the same count in every row; N:M masks keep N of every M."""
+
+    knobs = ("damp", "admm_iterations", "admm_rho")
+    # the damped, unit-diagonal H (in X^T X's own buffer when it is offloaded) and (H + rho I)^-1
+    solver_matrices = 2
+    solve_bytes_per_element = BYTES_PER_ELEMENT
+
+    def __init__(self, columns: int, device: torch.device, sparsity: float, pattern: Pattern,
+                 offload_hessian: bool = False, errors: bool = True, grid: Grid | None = None,
+                 damp: float = 0.01, admm_iterations: int = DEFAULT_ITERATIONS, admm_rho: float = DEFAULT_RHO) -> None:
+        super().__init__(columns, device, sparsity, pattern, offload_hessian, errors, grid)
+        self.damp = damp
+        self.iterations = admm_iterations
+        self.rho = admm_rho
+        self._h: Tensor | None = None  # damped H with a unit diagonal
+        self._p: Tensor | None = None  # (H + rho I)^-1
+        self._scale: Tensor | None = None  # sqrt of the damped H's diagonal: scaled weights are w * scale
+        self._dead: Tensor | None = None
+        self.damp_used = damp
+        self.retries = 0
+
+    @classmethod
+    def check(cls, knobs: dict[str, Any], pattern: Pattern) -> None:
+        if not knobs["damp"] > 0:
+            raise ArgumentError(f"damp {knobs['damp']!r} must be positive")
+        if knobs["admm_iterations"] < 1:
+            raise ArgumentError(f"admm-iterations {knobs['admm_iterations']!r} must be at least 1")
+        if not knobs["admm_rho"] > 0:
+            raise ArgumentError(f"admm-rho {knobs['admm_rho']!r} must be positive")
+
+    @classmethod
+    def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any], grid: Grid | None = None) -> int:
+        """The iterations' matrices of the linear and its mask scores' row chunks, or the inversion's copy of the
+        factor (for the widest input), whichever is larger."""
+        chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)
+        solve = cls.solve_bytes_per_element * rows * cols + chunks
+        if grid is not None:
+            solve += quantized_bytes(rows, cols, grid) + 3 * min(WORKSPACE_BYTES, rows * cols * 4)
+        return max(solve, widest * widest * 4) + LIBRARY_WORKSPACE
+
+    @torch.no_grad()
+    def _factor(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The damped unit-diagonal H, (H + rho I)^-1, the column scale and the dead-input mask; once per input.
+        A failed Cholesky factorization is retried with ten times the damping, as SparseGPT does."""
+        if self._p is not None:
+            assert self._h is not None and self._scale is not None and self._dead is not None
+            return self._h, self._p, self._scale, self._dead
+        assert self.xtx is not None and self.ntokens, "no calibration batch was added"
+        source = self.xtx
+        if self.offload_hessian:  # X^T X waits in host memory; its device buffer becomes H
+            self.xtx = source.to("cpu", copy=True)
+            h = source
+        else:
+            h = torch.empty_like(source)
+        p = torch.empty_like(h)
+        dead = (self.xtx.diagonal() == 0).to(self.device)
+        damp = self.damp
+        for attempt in range(MAX_DAMP_RETRIES + 1):
+            h.copy_(self.xtx)
+            h.mul_(2.0 / self.ntokens)  # H = 2 X^T X / n
+            diag = h.diagonal()
+            diag[dead] = 1.0
+            diag.add_(damp * diag.mean())
+            scale = diag.sqrt()
+            h.div_(scale[:, None]).div_(scale[None, :])
+            h.diagonal().fill_(1.0)
+            p.copy_(h)
+            p.diagonal().add_(self.rho)
+            if torch.isfinite(scale).all() and cholesky_lower_(p) == 0:
+                break
+            logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
+            damp *= 10
+        else:
+            raise StreamPruneError(
+                f"the Hessian is not positive definite even with damping {damp / 10:g}; "
+                "the calibration activations may contain NaN or Inf"
+            )
+        torch.cholesky_inverse(p, out=p)  # p held the lower factor L of H + rho I (row-major view: L)
+        self.damp_used, self.retries = damp, attempt
+        self._h, self._p, self._scale, self._dead = h, p, scale, dead
+        return h, p, scale, dead
+
+    def _mask(self, v: Tensor, sparsity: float) -> Tensor:
+        """The weights to remove from the scaled weights `v` at `sparsity`: the smallest |v| of each row, or for N:M
+        the smallest of the N lowest of each group of M (all of them at the target sparsity)."""
+        score = v.abs()
+        if not self.pattern.structured:
+            return row_mask(score, sparsity)
+        candidates = nm_mask(score, self.pattern.n, self.pattern.m)
+        if sparsity >= self.sparsity:
+            return candidates
+        return row_mask(score.masked_fill_(~candidates, math.inf), sparsity)
+
+    def _schedule(self, t: int) -> float:
+        """The sparsity at iteration t (0-based): a cubic ramp reaching the target after RAMP of the iterations."""
+        ramp = max(1, round(RAMP * self.iterations))
+        if t + 1 >= ramp:
+            return self.sparsity
+        return self.sparsity * (1.0 - (1.0 - (t + 1) / ramp) ** 3)
+
+    @torch.no_grad()
+    def prune(self, weight: Tensor) -> PruneResult:
+        h, p, scale, dead = self._factor()
+        w0 = weight.to(self.device, torch.float32, copy=True)
+        w0.mul_(scale)  # scaled weights: the objective is (w - w0) h (w - w0)^T
+        w0[:, dead] = 0
+        u = torch.zeros_like(w0)  # the scaled dual U
+        t = torch.zeros_like(w0)  # Z - U - W0
+        w = w0.clone()  # the first W-update, from Z = W0 and U = 0
+        mask = torch.zeros_like(w0, dtype=torch.bool)
+        if self.sparsity > 0:
+            for i in range(self.iterations):
+                if i:
+                    torch.addmm(w0, t, p, alpha=self.rho, out=w)  # W = W0 + rho (Z - U - W0) P
+                u.add_(w)  # V = W + U
+                mask = self._mask(u, self._schedule(i))
+                torch.where(mask, u.neg(), u, out=t).sub_(w0)  # Z - U - W0 with Z = V where kept, U = V elsewhere
+                u.masked_fill_(~mask, 0.0)
+        del u, t
+        mask[:, dead] = True
+        x = w.masked_fill_(mask, 0.0)  # warm start: the last W on the final mask
+        cg_iterations, residual = self._exact(x, w0, h, mask)
+        x.div_(scale)
+        info = {"damp": self.damp_used, "damp_retries": self.retries, "iterations": self.iterations,
+                "cg_iterations": cg_iterations, "residual": residual}
+        if self.grid is None:
+            return PruneResult(x, mask, info)
+        unrounded = x.clone() if self.xtx is not None else None
+        return PruneResult(x, mask, info, quant=round_to_nearest(x, mask, self.grid), unrounded=unrounded)
+
+    def _exact(self, x: Tensor, w0: Tensor, h: Tensor, mask: Tensor) -> tuple[int, float]:
+        """Solve in place, row by row on its kept support, (x - w0) h = 0 on the support, by conjugate gradients
+        batched over the rows (x: the warm start, 0 off the support). Returns the iterations and the largest
+        relative residual reached."""
+        keep = ~mask
+        b = (w0 @ h).masked_fill_(mask, 0.0)  # the right-hand side (W0 H)_S
+        bnorm = torch.linalg.vector_norm(b, dim=1).clamp_min_(torch.finfo(torch.float32).tiny)
+        r = b.sub_(x @ h).masked_fill_(mask, 0.0)  # residual, in b's buffer
+        rows = torch.arange(x.shape[0], device=x.device)
+        rs = r.square().sum(1)
+        active = torch.sqrt(rs) > CG_TOLERANCE * bnorm
+        worst = float((torch.sqrt(rs) / bnorm).max()) if x.shape[0] else 0.0
+        it = 0
+        if bool(active.any()):
+            idx = rows[active]
+            r_a, x_a, keep_a, bn_a, rs_a = r[idx], x[idx], keep[idx], bnorm[idx], rs[idx]
+            p_a = r_a.clone()
+            for it in range(1, CG_MAX_ITERATIONS + 1):
+                ap = (p_a @ h).mul_(keep_a)
+                alpha = rs_a / (p_a * ap).sum(1)
+                x_a.addcmul_(alpha[:, None], p_a)
+                r_a.addcmul_(alpha[:, None], ap, value=-1.0)
+                rs_new = r_a.square().sum(1)
+                rel = torch.sqrt(rs_new) / bn_a
+                going = rel > CG_TOLERANCE
+                done = ~going
+                if bool(done.any()):
+                    x[idx[done]] = x_a[done]
+                if not bool(going.any()):
+                    worst = 0.0
+                    break
+                p_a.mul_((rs_new / rs_a)[:, None]).add_(r_a)
+                if not bool(going.all()):  # converged rows leave the batch
+                    idx, r_a, x_a, keep_a, bn_a, p_a = idx[going], r_a[going], x_a[going], keep_a[going], bn_a[going], p_a[going]
+                    rs_new = rs_new[going]
+                rs_a = rs_new
+            else:
+                x[idx] = x_a
+            worst = float(rel.max())
+        return it, worst
+
+    def release_solver(self) -> None:
+        self._p = self._h = None
+
+    def free(self) -> None:
+        super().free()
+        self._p = self._h = self._scale = self._dead = None
