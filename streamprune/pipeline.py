@@ -797,14 +797,16 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, **
         out_dir: where the pruned checkpoint goes; must not be inside `model_dir`.
         progress: show a progress bar per block.
         **options: fields of `PruneOptions`:
-            method: "sparsegpt", "wanda" or "magnitude".
+            method: "sparsegpt", "admm", "wanda" or "magnitude".
             sparsity: fraction of weights to remove per matrix, in [0, 1) (default 0.5; implied by N:M).
             pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8").
             calib: calibration data (.txt, .jsonl with "text", or .npy token ids); optional for magnitude.
             nsamples, seqlen, seed: calibration windows (count, length, random seed).
             device: "auto", "cpu" or "cuda".
             sequential: compute later sub-layers' statistics from already pruned earlier ones.
-            blocksize, damp: SparseGPT's column block size and relative Hessian damping.
+            blocksize, damp: SparseGPT's column block size and relative Hessian damping (damp: ADMM's too).
+            admm_iterations, admm_rho: ADMM's iterations and penalty (relative to the scaled Hessian's unit
+                diagonal).
             batch: calibration windows per forward call.
             layer_errors: compute each pruned linear's reconstruction error for the report (None: where the
                 method holds X^T X anyway, i.e. SparseGPT; Wanda and magnitude would keep it for this alone).

@@ -35,8 +35,9 @@ MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10, as for SparseGP
 DEFAULT_ITERATIONS = 8
 DEFAULT_RHO = 0.3
 RAMP = 0.75  # the share of the iterations over which the sparsity rises to its target
-CG_TOLERANCE = 1e-6  # relative residual ||g_S|| / ||(W0 H)_S|| at which a row's exact solve stops
-CG_MAX_ITERATIONS = 200
+CG_TOLERANCE = 2e-6  # a row's exact solve stops when its last STALL steps lowered its objective by less than this
+STALL = 4
+CG_MAX_ITERATIONS = 500
 # Per element of the linear being pruned: float32 W0, W, U and the GEMM's operand, the mask, and the CG's (at most
 # as many) search directions, residuals, products and iterate, reusing those buffers.
 BYTES_PER_ELEMENT = 17
@@ -175,45 +176,50 @@ class ADMM(Pruner):
         return PruneResult(x, mask, info, quant=round_to_nearest(x, mask, self.grid), unrounded=unrounded)
 
     def _exact(self, x: Tensor, w0: Tensor, h: Tensor, mask: Tensor) -> tuple[int, float]:
-        """Solve in place, row by row on its kept support, (x - w0) h = 0 on the support, by conjugate gradients
-        batched over the rows (x: the warm start, 0 off the support). Returns the iterations and the largest
-        relative residual reached."""
+        """Solve in place, row by row on its kept support, min (x - w0) h (x - w0)^T, by conjugate gradients batched
+        over the rows (x: the warm start, 0 off the support). Each step lowers a row's objective f by alpha (r.r);
+        a row stops once its last STALL steps lowered f by less than CG_TOLERANCE f in all (CG's own estimate of
+        the gap to the optimum), or its residual vanishes. Returns the iterations and the largest estimated gap
+        relative to f."""
         keep = ~mask
-        b = (w0 @ h).masked_fill_(mask, 0.0)  # the right-hand side (W0 H)_S
-        bnorm = torch.linalg.vector_norm(b, dim=1).clamp_min_(torch.finfo(torch.float32).tiny)
-        r = b.sub_(x @ h).masked_fill_(mask, 0.0)  # residual, in b's buffer
-        rows = torch.arange(x.shape[0], device=x.device)
+        r = w0 @ h  # (W0 H), then the residual (W0 H - X H) on the support
+        xh = x @ h
+        f = ((xh - r) * (x - w0)).sum(1)  # the objective of each row at the warm start
+        r.sub_(xh).masked_fill_(mask, 0.0)
+        del xh
         rs = r.square().sum(1)
-        active = torch.sqrt(rs) > CG_TOLERANCE * bnorm
-        worst = float((torch.sqrt(rs) / bnorm).max()) if x.shape[0] else 0.0
+        tiny = torch.finfo(torch.float32).tiny
+        idx = torch.nonzero(rs > tiny * f.clamp_min(tiny)).squeeze(1)  # rows not already at their optimum
+        x_a, r_a, keep_a, f_a, rs_a = x[idx], r[idx], keep[idx], f[idx], rs[idx]
+        del r, f
+        p_a = r_a.clone()
+        recent = torch.zeros(STALL, idx.numel(), device=x.device)  # the last STALL decreases of f
+        gap = 0.0
         it = 0
-        if bool(active.any()):
-            idx = rows[active]
-            r_a, x_a, keep_a, bn_a, rs_a = r[idx], x[idx], keep[idx], bnorm[idx], rs[idx]
-            p_a = r_a.clone()
-            for it in range(1, CG_MAX_ITERATIONS + 1):
-                ap = (p_a @ h).mul_(keep_a)
-                alpha = rs_a / (p_a * ap).sum(1)
-                x_a.addcmul_(alpha[:, None], p_a)
-                r_a.addcmul_(alpha[:, None], ap, value=-1.0)
-                rs_new = r_a.square().sum(1)
-                rel = torch.sqrt(rs_new) / bn_a
-                going = rel > CG_TOLERANCE
-                done = ~going
-                if bool(done.any()):
-                    x[idx[done]] = x_a[done]
-                if not bool(going.any()):
-                    worst = 0.0
-                    break
-                p_a.mul_((rs_new / rs_a)[:, None]).add_(r_a)
-                if not bool(going.all()):  # converged rows leave the batch
-                    idx, r_a, x_a, keep_a, bn_a, p_a = idx[going], r_a[going], x_a[going], keep_a[going], bn_a[going], p_a[going]
-                    rs_new = rs_new[going]
-                rs_a = rs_new
-            else:
-                x[idx] = x_a
-            worst = float(rel.max())
-        return it, worst
+        while idx.numel() and it < CG_MAX_ITERATIONS:
+            it += 1
+            ap = (p_a @ h).mul_(keep_a)
+            alpha = rs_a / (p_a * ap).sum(1).clamp_min_(tiny)
+            x_a.addcmul_(alpha[:, None], p_a)
+            r_a.addcmul_(alpha[:, None], ap, value=-1.0)
+            decrease = alpha * rs_a
+            f_a.sub_(decrease)
+            recent[it % STALL] = decrease
+            rs_new = r_a.square().sum(1)
+            estimate = recent.sum(0) / f_a.clamp_min(tiny)
+            going = (estimate > CG_TOLERANCE) | (it < STALL)
+            going &= rs_new > tiny * f_a.clamp_min(tiny)
+            gap = max(gap, float(estimate[~going].max())) if bool((~going).any()) else gap
+            if not bool(going.all()):  # converged rows leave the batch
+                x[idx[~going]] = x_a[~going]
+                idx, x_a, r_a, keep_a, f_a, p_a = idx[going], x_a[going], r_a[going], keep_a[going], f_a[going], p_a[going]
+                rs_a, rs_new, recent = rs_a[going], rs_new[going], recent[:, going]
+            p_a.mul_((rs_new / rs_a.clamp_min(tiny))[:, None]).add_(r_a)
+            rs_a = rs_new
+        if idx.numel():  # the iteration cap: what was reached
+            x[idx] = x_a
+            gap = max(gap, float((recent.sum(0) / f_a.clamp_min(tiny)).max()))
+        return it, gap
 
     def release_solver(self) -> None:
         self._p = self._h = None
