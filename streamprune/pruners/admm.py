@@ -127,16 +127,23 @@ class ADMM(Pruner):
         self._h, self._p, self._scale, self._dead = h, p, scale, dead
         return h, p, scale, dead
 
-    def _mask(self, v: Tensor, sparsity: float) -> Tensor:
+    def _mask(self, v: Tensor, sparsity: float, exact: bool) -> Tensor:
         """The weights to remove from the scaled weights `v` at `sparsity`: the smallest |v| of each row, or for N:M
-        the smallest of the N lowest of each group of M (all of them at the target sparsity)."""
+        the smallest of the N lowest of each group of M (all of them at the target sparsity). Unless `exact`, a row
+        may lose more than its share where scores tie with its threshold (a faster selection, for the iterations
+        whose mask is not final)."""
         score = v.abs()
-        if not self.pattern.structured:
+        if self.pattern.structured:
+            candidates = nm_mask(score, self.pattern.n, self.pattern.m)
+            if sparsity >= self.sparsity:
+                return candidates
+            score.masked_fill_(~candidates, math.inf)
+        if exact:
             return row_mask(score, sparsity)
-        candidates = nm_mask(score, self.pattern.n, self.pattern.m)
-        if sparsity >= self.sparsity:
-            return candidates
-        return row_mask(score.masked_fill_(~candidates, math.inf), sparsity)
+        k = math.ceil(sparsity * score.shape[1] - 1e-9)
+        if not k:
+            return torch.zeros_like(score, dtype=torch.bool)
+        return score <= score.kthvalue(k, dim=1, keepdim=True).values
 
     def _schedule(self, t: int) -> float:
         """The sparsity at iteration t (0-based): a cubic ramp reaching the target after RAMP of the iterations."""
@@ -160,7 +167,7 @@ class ADMM(Pruner):
                 if i:
                     torch.addmm(w0, t, p, alpha=self.rho, out=w)  # W = W0 + rho (Z - U - W0) P
                 u.add_(w)  # V = W + U
-                mask = self._mask(u, self._schedule(i))
+                mask = self._mask(u, self._schedule(i), exact=i == self.iterations - 1)
                 torch.where(mask, u.neg(), u, out=t).sub_(w0)  # Z - U - W0 with Z = V where kept, U = V elsewhere
                 u.masked_fill_(~mask, 0.0)
         del u, t
