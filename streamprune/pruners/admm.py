@@ -38,6 +38,9 @@ RAMP = 0.75  # the share of the iterations over which the sparsity rises to its 
 CG_TOLERANCE = 2e-6  # a row's exact solve stops when its last STALL steps lowered its objective by less than this
 STALL = 4
 CG_MAX_ITERATIONS = 500
+DEFLATED_MAX = 64  # the preconditioner's eigenpairs, at most
+OVERSAMPLE = 8  # extra vectors of the subspace iteration
+SUBSPACE_STEPS = 8
 # Per element of the linear being pruned: float32 W0, W, U and the GEMM's operand, the mask, and the CG's (at most
 # as many) search directions, residuals, products and iterate, reusing those buffers.
 BYTES_PER_ELEMENT = 17
@@ -63,6 +66,7 @@ class ADMM(Pruner):
         self._p: Tensor | None = None  # (H + rho I)^-1
         self._scale: Tensor | None = None  # sqrt of the damped H's diagonal: scaled weights are w * scale
         self._dead: Tensor | None = None
+        self._top: tuple[Tensor, Tensor, float] | None = None  # H's largest eigenpairs and the level of the rest
         self.damp_used = damp
         self.retries = 0
 
@@ -77,10 +81,12 @@ class ADMM(Pruner):
 
     @classmethod
     def workspace(cls, rows: int, cols: int, widest: int, knobs: dict[str, Any], grid: Grid | None = None) -> int:
-        """The iterations' matrices of the linear and its mask scores' row chunks, or the inversion's copy of the
-        factor (for the widest input), whichever is larger."""
+        """The iterations' matrices of the linear, its mask scores' row chunks and the exact solve's preconditioner,
+        or the inversion's copy of the factor (for the widest input), whichever is larger."""
         chunks = 4 * min(WORKSPACE_BYTES, rows * cols * 4)
-        solve = cls.solve_bytes_per_element * rows * cols + chunks
+        k = deflated(cols)
+        preconditioner = 2 * rows * k * k * 4 + 2 * cols * k * 4  # per-row k x k matrices and factors; V V_a
+        solve = cls.solve_bytes_per_element * rows * cols + chunks + preconditioner
         if grid is not None:
             solve += quantized_bytes(rows, cols, grid) + 3 * min(WORKSPACE_BYTES, rows * cols * 4)
         return max(solve, widest * widest * 4) + LIBRARY_WORKSPACE
@@ -125,6 +131,7 @@ class ADMM(Pruner):
         torch.cholesky_inverse(p, out=p)  # p held the lower factor L of H + rho I (row-major view: L)
         self.damp_used, self.retries = damp, attempt
         self._h, self._p, self._scale, self._dead = h, p, scale, dead
+        self._top = top_eigenpairs(h, deflated(h.shape[0]))
         return h, p, scale, dead
 
     def _mask(self, v: Tensor, sparsity: float, exact: bool) -> Tensor:
@@ -183,54 +190,105 @@ class ADMM(Pruner):
         return PruneResult(x, mask, info, quant=round_to_nearest(x, mask, self.grid), unrounded=unrounded)
 
     def _exact(self, x: Tensor, w0: Tensor, h: Tensor, mask: Tensor) -> tuple[int, float]:
-        """Solve in place, row by row on its kept support, min (x - w0) h (x - w0)^T, by conjugate gradients batched
-        over the rows (x: the warm start, 0 off the support). Each step lowers a row's objective f by alpha (r.r);
-        a row stops once its last STALL steps lowered f by less than CG_TOLERANCE f in all (CG's own estimate of
-        the gap to the optimum), or its residual vanishes. Returns the iterations and the largest estimated gap
-        relative to f."""
+        """Solve in place, row by row on its kept support, min (x - w0) h (x - w0)^T, by preconditioned conjugate
+        gradients batched over the rows (x: the warm start, 0 off the support). Each step lowers a row's objective f
+        by alpha (r.z); a row stops once its last STALL steps lowered f by less than CG_TOLERANCE f in all (CG's own
+        estimate of the gap to the optimum), or its residual vanishes. Returns the iterations and the largest
+        estimated gap relative to f."""
+        assert self._top is not None
         keep = ~mask
         r = w0 @ h  # (W0 H), then the residual (W0 H - X H) on the support
         xh = x @ h
         f = ((xh - r) * (x - w0)).sum(1)  # the objective of each row at the warm start
         r.sub_(xh).masked_fill_(mask, 0.0)
         del xh
-        rs = r.square().sum(1)
         tiny = torch.finfo(torch.float32).tiny
-        idx = torch.nonzero(rs > tiny * f.clamp_min(tiny)).squeeze(1)  # rows not already at their optimum
-        x_a, r_a, keep_a, f_a, rs_a = x[idx], r[idx], keep[idx], f[idx], rs[idx]
+        idx = torch.nonzero(r.square().sum(1) > tiny * f.clamp_min(tiny)).squeeze(1)  # rows not at their optimum
+        x_a, r_a, keep_a, f_a = x[idx], r[idx], keep[idx], f[idx]
         del r, f
-        p_a = r_a.clone()
+        pre = Deflation(*self._top, keep_a)
+        z_a = pre.apply(r_a, keep_a)
+        rz_a = (r_a * z_a).sum(1)
+        p_a = z_a
         recent = torch.zeros(STALL, idx.numel(), device=x.device)  # the last STALL decreases of f
         gap = 0.0
         it = 0
         while idx.numel() and it < CG_MAX_ITERATIONS:
             it += 1
             ap = (p_a @ h).mul_(keep_a)
-            alpha = rs_a / (p_a * ap).sum(1).clamp_min_(tiny)
+            alpha = rz_a / (p_a * ap).sum(1).clamp_min_(tiny)
             x_a.addcmul_(alpha[:, None], p_a)
             r_a.addcmul_(alpha[:, None], ap, value=-1.0)
-            decrease = alpha * rs_a
+            decrease = alpha * rz_a
             f_a.sub_(decrease)
             recent[it % STALL] = decrease
-            rs_new = r_a.square().sum(1)
+            z_a = pre.apply(r_a, keep_a)
+            rz_new = (r_a * z_a).sum(1)
             estimate = recent.sum(0) / f_a.clamp_min(tiny)
             going = (estimate > CG_TOLERANCE) | (it < STALL)
-            going &= rs_new > tiny * f_a.clamp_min(tiny)
-            gap = max(gap, float(estimate[~going].max())) if bool((~going).any()) else gap
+            going &= rz_new > tiny * f_a.clamp_min(tiny)
             if not bool(going.all()):  # converged rows leave the batch
+                gap = max(gap, float(estimate[~going].max()))
                 x[idx[~going]] = x_a[~going]
                 idx, x_a, r_a, keep_a, f_a, p_a = idx[going], x_a[going], r_a[going], keep_a[going], f_a[going], p_a[going]
-                rs_a, rs_new, recent = rs_a[going], rs_new[going], recent[:, going]
-            p_a.mul_((rs_new / rs_a.clamp_min(tiny))[:, None]).add_(r_a)
-            rs_a = rs_new
+                z_a, rz_a, rz_new, recent = z_a[going], rz_a[going], rz_new[going], recent[:, going]
+                pre.select(going)
+            p_a.mul_((rz_new / rz_a.clamp_min(tiny))[:, None]).add_(z_a)
+            rz_a = rz_new
         if idx.numel():  # the iteration cap: what was reached
             x[idx] = x_a
             gap = max(gap, float((recent.sum(0) / f_a.clamp_min(tiny)).max()))
         return it, gap
 
     def release_solver(self) -> None:
-        self._p = self._h = None
+        self._p = self._h = self._top = None
 
     def free(self) -> None:
         super().free()
-        self._p = self._h = self._scale = self._dead = None
+        self._p = self._h = self._scale = self._dead = self._top = None
+
+
+def deflated(columns: int) -> int:
+    """How many of H's largest eigenpairs the exact solve's preconditioner takes: a quarter of the columns, at most
+    DEFLATED_MAX (its per-row setup costs rows x columns x k^2, k^2 / columns GEMMs with H)."""
+    return max(1, min(DEFLATED_MAX, columns // 4, columns - 1))
+
+
+def top_eigenpairs(h: Tensor, k: int) -> tuple[Tensor, Tensor, float]:
+    """The k largest eigenvalues of the symmetric h (unit diagonal) and their eigenvectors (columns, k), by subspace
+    iteration from a fixed start (deterministic), and sigma, the level the other eigenvalues are taken at (the next
+    Ritz value). Only the preconditioner reads them: an inexact pair slows the solve, it does not change its result."""
+    n = h.shape[0]
+    width = min(n, k + 1 + OVERSAMPLE)
+    g = torch.Generator(device=h.device).manual_seed(0)
+    y = torch.randn(n, width, generator=g, device=h.device)
+    for _ in range(SUBSPACE_STEPS):
+        y = torch.linalg.qr(h @ y).Q
+    values, vectors = torch.linalg.eigh(y.T @ h @ y)  # Rayleigh-Ritz, ascending
+    values, vectors = values.flip(0), (y @ vectors).flip(1)
+    return values[:k].clamp_min(0.0), vectors[:, :k].contiguous(), float(values[k].clamp_min(1e-6))
+
+
+class Deflation:
+    """The preconditioner of the rows' masked systems: with H ~ sigma I + V D V^T (V: H's k largest eigenvectors,
+    D = their eigenvalues - sigma), each row's kept block H_SS ~ sigma I + V_S D V_S^T, inverted exactly by
+    Woodbury: (I - V_S (sigma D^-1 + V_S^T V_S)^-1 V_S^T) / sigma, with one k x k Cholesky factor per row."""
+
+    def __init__(self, values: Tensor, vectors: Tensor, sigma: float, keep: Tensor) -> None:
+        self.v, self.sigma = vectors, sigma
+        k = vectors.shape[1]
+        inner = torch.empty(keep.shape[0], k, k, device=vectors.device)
+        kept = keep.to(torch.float32)
+        for a in range(k):  # V_S^T V_S of every row at once: row a of each k x k block
+            torch.matmul(kept, vectors * vectors[:, a : a + 1], out=inner[:, a])
+        inner.diagonal(dim1=1, dim2=2).add_(sigma / (values - sigma).clamp_min(1e-6 * sigma))
+        self.factor = torch.linalg.cholesky_ex(inner).L
+        self.factor[~torch.isfinite(self.factor).all(2).all(1)] = 0.0  # never: the matrices are SPD by construction
+
+    def apply(self, r: Tensor, keep: Tensor) -> Tensor:
+        """M^-1 r for rows r (zero off their supports)."""
+        y = torch.cholesky_solve((r @ self.v)[:, :, None], self.factor)[:, :, 0]
+        return torch.addmm(r, y, self.v.T, alpha=-1.0).mul_(keep).div_(self.sigma)
+
+    def select(self, rows: Tensor) -> None:
+        self.factor = self.factor[rows]
