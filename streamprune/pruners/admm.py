@@ -41,9 +41,11 @@ CG_MAX_ITERATIONS = 500
 DEFLATED_MAX = 64  # the preconditioner's eigenpairs, at most
 OVERSAMPLE = 8  # extra vectors of the subspace iteration
 SUBSPACE_STEPS = 8
-# Per element of the linear being pruned: float32 W0, W, U and the GEMM's operand, the mask, and the CG's (at most
-# as many) search directions, residuals, products and iterate, reusing those buffers.
-BYTES_PER_ELEMENT = 17
+# Per element of the linear being pruned, at the exact solve's peak: float32 W0 and the iterate, the mask and its
+# complement, the right-hand side, and the active rows' iterate, residual, direction, preconditioned residual,
+# product and one temporary, with their mask (the iterations before hold less: W0, W, U, Z - U - W0, the mask and
+# two temporaries).
+BYTES_PER_ELEMENT = 39
 
 
 class ADMM(Pruner):
