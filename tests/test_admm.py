@@ -157,3 +157,32 @@ def test_full_run_reports_iterations_and_errors(tmp_path, calib):
     quant = streamprune.prune(src, tmp_path / "q", method="admm", pattern="2:4", calib=calib, nsamples=8,
                               seqlen=64, wbits=4, group_size=32, device="cpu")
     assert all(l.quant_error is not None and l.sparsity >= 0.5 for l in quant.layers)
+
+
+def test_offloaded_hessian_gives_identical_results():
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(12))
+    X = correlated_inputs(800, 128, seed=6)
+    out = []
+    for offload in (False, True):
+        p = make_pruner("admm", 128, torch.device("cpu"), 0.5, Pattern(), offload_hessian=offload)
+        p.add_batch(X)
+        res = p.prune(W)
+        second = p.prune(W[:20])  # a second linear reading the same input reuses the factorization
+        out.append((res.weight, second.weight, p.reconstruction_error(W, res.weight)))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]) and out[0][2] == out[1][2]
+
+
+def test_cli_runs_admm_with_its_knobs(tmp_path, calib):
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    src = tiny.build(tmp_path / "in", "llama-gqa")
+    result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), "--method", "admm", "--pattern", "2:4",
+                                      "--admm-iterations", "4", "--admm-rho", "0.5", "--calib", str(calib),
+                                      "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "streamprune_report.json").read_text())
+    assert saved["args"]["admm_rho"] == 0.5 and {l["iterations"] for l in saved["layers"]} == {4}
+    plan = CliRunner().invoke(app, ["plan", str(src), "--method", "admm", "--nsamples", "4", "--seqlen", "32"])
+    assert plan.exit_code == 0, plan.output

@@ -240,6 +240,8 @@ class ADMM(Pruner):
         if idx.numel():  # the iteration cap: what was reached
             x[idx] = x_a
             gap = max(gap, float((recent.sum(0) / f_a.clamp_min(tiny)).max()))
+            logger.warning("exact solve: %d rows stopped at %d conjugate-gradient steps, estimated gap %.3g",
+                           idx.numel(), it, gap)
         return it, gap
 
     def release_solver(self) -> None:
