@@ -58,14 +58,17 @@ def gemm_rate(device: torch.device, n: int) -> float:
     return 2 * n**3 / best
 
 
-def floors(shape: Shape, tokens: int, seqlen: int, method: str) -> dict[str, float]:
-    """FLOPs of each compute phase for one block."""
+def floors(shape: Shape, tokens: int, seqlen: int, method: str, iterations: int = 8) -> dict[str, float]:
+    """FLOPs of each compute phase for one block (ADMM: its `iterations` GEMMs per linear, less the first, and the
+    two GEMMs that start the exact solve; the conjugate-gradient steps, as many as the data need, are not counted)."""
     linears = [s for n, s in block_tensors(shape, 0).items() if n.endswith(".weight") and len(s) == 2]
     params = sum(r * c for r, c in linears)
     widths = [shape.hidden, shape.heads * shape.head_dim, shape.hidden, shape.ffn]  # distinct inputs
     forward = 2 * tokens * params + 2 * tokens * seqlen * shape.heads * shape.head_dim
     sweep = sum(r * c * c for r, c in linears) if method == "sparsegpt" else sum(r * c for r, c in linears)
-    chol = sum(d**3 for d in widths) if method == "sparsegpt" else 0
+    if method == "admm":
+        sweep = sum((iterations + 1) * 2 * r * c * c for r, c in linears)
+    chol = sum(d**3 for d in widths) if method in ("sparsegpt", "admm") else 0
     return {"calibrate": forward, "hessian": sum(2 * tokens * d * d for d in widths), "solve": chol + sweep,
             "error": sum(4 * r * c * c for r, c in linears), "forward": forward}
 
@@ -100,7 +103,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     last = report.block_phases[str(args.blocks - 1)]
-    flops = floors(shape, nsamples * seqlen, seqlen, args.method)
+    flops = floors(shape, nsamples * seqlen, seqlen, args.method, report.args.get("admm_iterations", 8))
     block_bytes = sum(np.prod(s) * 2 for s in block_tensors(shape, 0).values())
     rows = []
     for phase in ("read", "calibrate", "hessian", "solve", "error", "forward", "write"):
@@ -122,6 +125,10 @@ def main() -> None:
           f"{report.read_total_seconds:.2f}s reading hidden behind compute")
     print(f"extrapolated: {full_depth} blocks x {total:.1f}s = {full_depth * total / 60:.1f} min "
           f"(peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB, peak RSS {report.process_peak_rss_bytes / 2**30:.1f} GiB)")
+    if args.method == "admm":
+        rows_last = [lr for lr in report.layers if lr.block == args.blocks - 1]
+        print("admm: " + ", ".join(f"{lr.role} {lr.iterations}+{lr.cg_iterations} CG" for lr in rows_last)
+              + " iterations (last block)")
     if args.json:
         args.json.write_text(json.dumps({"shape": name, "device": dev_name, "gemm_flops": rate, "phases": [
             {"phase": p, "measured": m, "floor": f} for p, m, f in rows], "block_seconds": total,

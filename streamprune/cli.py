@@ -133,7 +133,9 @@ Seqlen = Annotated[Optional[int], typer.Option(help="Calibration window length (
 Seed = Annotated[int, typer.Option(help="Seed for drawing calibration windows.")]
 Sequential = Annotated[bool, typer.Option("--sequential/--no-sequential", help="Statistics of later sub-layers come from already pruned earlier ones.")]
 Blocksize = Annotated[int, typer.Option(help="SparseGPT column block size.")]
-Damp = Annotated[float, typer.Option(help="SparseGPT Hessian damping, relative to its mean diagonal.")]
+Damp = Annotated[float, typer.Option(help="SparseGPT and ADMM Hessian damping, relative to its mean diagonal.")]
+AdmmIterations = Annotated[int, typer.Option(help="ADMM: iterations of the joint mask and weight search (the sparsity rises over the first three quarters).")]
+AdmmRho = Annotated[float, typer.Option(help="ADMM: penalty rho, relative to the Hessian's unit diagonal after scaling.")]
 LayerErrors = Annotated[Optional[bool], typer.Option("--layer-errors/--no-layer-errors", help=LAYER_ERRORS_HELP, show_default=False)]
 
 
@@ -152,6 +154,8 @@ def run_cmd(
     sequential: Sequential = True,
     blocksize: Blocksize = 128,
     damp: Damp = 0.01,
+    admm_iterations: AdmmIterations = 8,
+    admm_rho: AdmmRho = 0.3,
     batch: Annotated[int, typer.Option(help="Calibration windows per forward call.")] = 8,
     layer_errors: LayerErrors = None,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Where calibration activations live: on the device when they fit, else host memory, else a temporary file in OUT_DIR.")] = OffloadChoice.auto,
@@ -185,7 +189,8 @@ def run_cmd(
         ranks.stop_on_sigterm()
         report = prune(model_dir, out_dir, progress=True, ranks=ranks, method=method.value, sparsity=sparsity, pattern=pattern,
                        calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value,
-                       sequential=sequential, blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
+                       sequential=sequential, blocksize=blocksize, damp=damp, admm_iterations=admm_iterations,
+                       admm_rho=admm_rho, batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        overwrite=overwrite, restart=restart, profile_memory=profile_memory,
                        moe_calibration=moe_calibration.value, moe_min_tokens=moe_min_tokens, wbits=wbits,
@@ -241,6 +246,8 @@ def sweep_cmd(
     sequential: Sequential = True,
     blocksize: Blocksize = 128,
     damp: Damp = 0.01,
+    admm_iterations: AdmmIterations = 8,
+    admm_rho: AdmmRho = 0.3,
     batch: Annotated[int, typer.Option(help="Windows per forward call.")] = 8,
     layer_errors: LayerErrors = None,
     offload_activations: Annotated[OffloadChoice, typer.Option(help="Where every point's activations live: on the device when they fit, else host memory, else temporary files in OUT_DIR.")] = OffloadChoice.auto,
@@ -259,7 +266,8 @@ def sweep_cmd(
         result = sweep(model_dir, out_dir, methods=split_list(methods), sparsities=parse_levels(sparsities),
                        patterns=split_list(patterns), save_dir=save_dir, progress=True, calib=calib, eval=eval,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device.value, sequential=sequential,
-                       blocksize=blocksize, damp=damp, batch=batch, layer_errors=layer_errors,
+                       blocksize=blocksize, damp=damp, admm_iterations=admm_iterations, admm_rho=admm_rho,
+                       batch=batch, layer_errors=layer_errors,
                        offload_activations=offload_activations.value, max_gpu_memory=parse_size(max_gpu_memory),
                        eval_nsamples=eval_nsamples, eval_seqlen=eval_seqlen, overwrite=overwrite, restart=restart)
     except StreamPruneError as e:

@@ -82,6 +82,8 @@ class PruneOptions:
     sequential: bool = True
     blocksize: int = 128
     damp: float = 0.01
+    admm_iterations: int = 8
+    admm_rho: float = 0.3
     batch: int = 8
     layer_errors: bool | None = None  # None: where the method holds X^T X anyway (SparseGPT)
     offload_activations: str = "auto"
@@ -511,6 +513,9 @@ class BlockPruner:
                 block=bid, role=role.value, name=name, shape=list(pruned.shape),
                 sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=solved + seconds,
                 damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)),
+                iterations=None if "iterations" not in info else int(info["iterations"]),
+                cg_iterations=None if "cg_iterations" not in info else int(info["cg_iterations"]),
+                cg_residual=info.get("residual"),
                 sparsity_error=None if split is None else split[0], quant_error=None if split is None else split[1],
                 packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row)
         pruner.free()
@@ -968,14 +973,16 @@ def prune(model_dir: str | Path, out_dir: str | Path, progress: bool = False, ra
             see `streamprune.dist`. Rank 0 writes OUT_DIR and returns the run's report; other ranks return their
             own figures.
         **options: fields of `PruneOptions`:
-            method: "sparsegpt", "wanda" or "magnitude".
+            method: "sparsegpt", "admm", "wanda" or "magnitude".
             sparsity: fraction of weights to remove per matrix, in [0, 1) (default 0.5; implied by N:M).
             pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8").
             calib: calibration data (.txt, .jsonl with "text", or .npy token ids); optional for magnitude.
             nsamples, seqlen, seed: calibration windows (count, length, random seed).
             device: "auto", "cpu" or "cuda".
             sequential: compute later sub-layers' statistics from already pruned earlier ones.
-            blocksize, damp: SparseGPT's column block size and relative Hessian damping.
+            blocksize, damp: SparseGPT's column block size and relative Hessian damping (damp: ADMM's too).
+            admm_iterations, admm_rho: ADMM's iterations and penalty (relative to the scaled Hessian's unit
+                diagonal).
             batch: calibration windows per forward call.
             layer_errors: compute each pruned linear's reconstruction error for the report (None: where the
                 method holds X^T X anyway, i.e. SparseGPT; Wanda and magnitude would keep it for this alone).

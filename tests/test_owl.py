@@ -118,7 +118,7 @@ def transformers_ratios(src, calib, m: float) -> list[float]:
     return ratios
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "admm"])
 def test_owl_run_prunes_each_block_as_allocated(tmp_path, llama, method):
     src, calib = llama
     report = streamprune.prune(src, tmp_path / "out", method=method, sparsity=0.7, calib=calib, allocation="owl",

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from streamprune.errors import ArgumentError
+from streamprune.pruners.admm import ADMM
 from streamprune.pruners.base import Pruner, PruneResult
 from streamprune.pruners.magnitude import Magnitude
 from streamprune.pruners.masks import Pattern, resolve_sparsity
@@ -14,7 +15,7 @@ from streamprune.pruners.quant import Grid, Quantized
 from streamprune.pruners.sparsegpt import SparseGPT
 from streamprune.pruners.wanda import Wanda
 
-METHODS: dict[str, type[Pruner]] = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude}
+METHODS: dict[str, type[Pruner]] = {"sparsegpt": SparseGPT, "admm": ADMM, "wanda": Wanda, "magnitude": Magnitude}
 
 
 def method(name: str) -> type[Pruner]:

@@ -1,0 +1,58 @@
+"""SparseGPT against ADMM on the demo model, at 50%, 60%, 70% unstructured and 2:4.
+
+The same model, calibration (64 x 128 tokens of the training text) and held-out evaluation as bench/demo.py, on one
+thread. Prints each perplexity, its increase over the dense model, ADMM's increase as a share of SparseGPT's, and
+the solve phase of each run.
+
+    python bench/admm_demo.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import streamprune  # noqa: E402
+from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
+from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+
+SETTINGS = ("0.5", "0.6", "0.7", "2:4")
+METHODS = ("sparsegpt", "admm")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    args = ap.parse_args()
+    model = build_tiny_lm(args.cache_dir)
+    test, train = model / "test.txt", model / "train.txt"
+    ppl: dict[tuple[str, str], float] = {}
+    solve: dict[tuple[str, str], float] = {}
+    with fixed_threads(), tempfile.TemporaryDirectory(prefix="streamprune-admm-") as work:
+        dense = streamprune.evaluate(model, test, seqlen=SEQLEN, device="cpu").perplexity
+        for setting in SETTINGS:
+            shape = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
+            for method in METHODS:
+                out = Path(work) / f"{method}-{setting.replace(':', 'of')}"
+                report = streamprune.prune(model, out, method=method, calib=train, nsamples=NSAMPLES, seqlen=SEQLEN,
+                                           seed=0, device="cpu", **shape)
+                ppl[(method, setting)] = streamprune.evaluate(out, test, seqlen=SEQLEN, device="cpu").perplexity
+                solve[(method, setting)] = report.phases["solve"]
+    print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
+          f"training text); dense {dense:.2f}; increase over dense in brackets; solve phase in seconds")
+    print(f"{'setting':<8} {'sparsegpt':>18} {'admm':>18} {'admm/sparsegpt':>15} {'solve s':>13}")
+    for setting in SETTINGS:
+        label = setting if ":" in setting else f"{float(setting):.0%}"
+        cells = [f"{ppl[(m, setting)]:8.2f} ({ppl[(m, setting)] - dense:+6.2f})" for m in METHODS]
+        ratio = (ppl[("admm", setting)] - dense) / (ppl[("sparsegpt", setting)] - dense)
+        times = f"{solve[('sparsegpt', setting)]:5.2f} / {solve[('admm', setting)]:5.2f}"
+        print(f"{label:<8} {cells[0]:>18} {cells[1]:>18} {ratio:15.2f} {times:>13}")
+
+
+if __name__ == "__main__":
+    main()
