@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe bench-sweep clean
+.PHONY: install fixture fixture-moe test test-fast demo bench bench-moe bench-sweep bench-high-sparsity clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ bench-moe: fixture-moe
 # against the 30 separate runs and evals; writes bench/results/sweep.md and sweep.png.
 bench-sweep: fixture
 	OMP_NUM_THREADS=1 $(BIN)/python bench/sweep.py --out bench/results
+
+# Every method, uniform and with OWL, at 50/60/70% and 2:4 on the bench model (README, "Beyond SparseGPT").
+bench-high-sparsity: fixture
+	OMP_NUM_THREADS=1 $(BIN)/python bench/high_sparsity.py --out bench/results/high_sparsity.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
