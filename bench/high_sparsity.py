@@ -72,14 +72,16 @@ def checks(dense: float, results: dict[tuple[str, str, str], tuple[float, float]
     sgpt70, sgpt24 = rise[("sparsegpt", "uniform", "0.7")], rise[("sparsegpt", "uniform", "2:4")]
     best70 = min((rise[k], k) for k in [("admm", "uniform", "0.7"), ("sparsegpt", "owl", "0.7"), ("admm", "owl", "0.7")])
     admm24 = rise[("admm", "uniform", "2:4")]
-    worse50 = [f"{m}/{a}" for (m, a, level), r in rise.items()
-               if level == "0.5" and (m == "admm" or a == "owl") and r > rise[("sparsegpt", "uniform", "0.5")]]
+    added = [("admm", "uniform"), ("sparsegpt", "owl"), ("admm", "owl")]  # what this comparison is about
+    worse50 = [f"{m}+{a}" for m, a in added if rise[(m, a, "0.5")] > rise[("sparsegpt", "uniform", "0.5")]]
+    owl_worse = [f"{m} at {level}" for (m, a, level), r in rise.items() if a == "owl" and r > rise[(m, "uniform", level)]]
     return [
         f"- 70%: best of admm, sparsegpt+owl, admm+owl is {best70[1][0]}+{best70[1][1]}, increase {best70[0]:+.2f} = "
         f"{best70[0] / sgpt70:.2f}x SparseGPT's {sgpt70:+.2f} (target <= 0.75x): {'holds' if best70[0] <= 0.75 * sgpt70 else 'does not hold'}",
         f"- 2:4: admm's increase {admm24:+.2f} = {admm24 / sgpt24:.2f}x SparseGPT's {sgpt24:+.2f} (target <= 0.9x): "
         f"{'holds' if admm24 <= 0.9 * sgpt24 else 'does not hold'}",
-        f"- 50%: methods added here worse than SparseGPT: {', '.join(worse50) if worse50 else 'none'}",
+        f"- 50%: of admm, sparsegpt+owl and admm+owl, worse than SparseGPT: {', '.join(worse50) if worse50 else 'none'}",
+        f"- OWL worse than uniform allocation for the same method: {', '.join(owl_worse) if owl_worse else 'nowhere'}",
     ]
 
 
