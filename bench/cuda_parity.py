@@ -70,7 +70,7 @@ def main() -> None:
             ok = diff <= LOGITS_ATOL
             failures += not ok
             print(f"{family:6} logits {args.device} vs cpu: max abs diff {diff:.2e} {verdict(ok, args.device)}")
-            for method in ("sparsegpt", "wanda"):
+            for method in ("sparsegpt", "wanda", "admm"):
                 outs = {}
                 for dev in (args.device, "cpu"):
                     outs[dev] = work / f"{family}-{method}-{dev}"
