@@ -69,9 +69,10 @@ class Point:
 
     @property
     def label(self) -> str:
-        """A folder-safe name: "sparsegpt-0.50", "wanda-2of4"."""
+        """A folder-safe name: "sparsegpt-0.50", "sparsegpt-0.125", "wanda-2of4"."""
         if self.pattern == "unstructured":
-            return f"{self.method}-{self.sparsity:.2f}"
+            level = f"{self.sparsity:.2f}"
+            return f"{self.method}-{level if float(level) == self.sparsity else repr(self.sparsity)}"
         return f"{self.method}-{self.pattern.replace(':', 'of')}"
 
 
@@ -257,7 +258,7 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions, points: li
     args = {**asdict(opts), "calib": str(calib), "seqlen": seqlen, "device": str(device), "eval": str(opts.eval),
             "eval_seqlen": ewindows.shape[1], "offload_activations": result.placement, "batch": result.batch,
             "points": [asdict(p) for p in points], "save_dir": None if save_dir is None else str(save_dir)}
-    for key in ("method", "sparsity", "pattern", "eval_dense", "wbits", "format", "layer_errors"):
+    for key in ("method", "sparsity", "pattern", "eval_dense", "wbits", "format", "allocation"):
         args.pop(key)  # per point, or not for a sweep
     knobs = sorted({k for p in points for k in method(p.method).knobs})
     fprint = fingerprint(ckpt, calib_digest(calib, windows),
@@ -366,9 +367,8 @@ class Sweep:
                     bar.advance(task)
                 bar.update(task, description="head")
                 t = time.perf_counter()
-                ppl = {"dense": perplexity(dense)}
-                for lane in lanes:
-                    ppl[lane.point.label] = perplexity(lane.eval)
+                dense_ppl = perplexity(dense)
+                ppl = [perplexity(lane.eval) for lane in lanes]
                 self.phases["head"] += time.perf_counter() - t
             finally:
                 dense.close()
@@ -380,8 +380,8 @@ class Sweep:
         result = SweepResult(
             model={"dir": str(self.ckpt.dir), "model_type": cfg.model_type, "n_layers": cfg.n_layers,
                    "name": self.ckpt.dir.resolve().name},
-            args=job.args, dense_perplexity=ppl["dense"],
-            points=[self.point_row(lane, ppl[lane.point.label]) for lane in lanes],
+            args=job.args, dense_perplexity=dense_ppl,
+            points=[self.point_row(lane, p) for lane, p in zip(lanes, ppl)],
             eval={"file": str(job.args["eval"]), "windows": job.eval_windows.shape[0],
                   "seqlen": job.eval_windows.shape[1]},
             reads=[self.reads[b] for b in sorted(self.reads)], wall_seconds=time.perf_counter() - start,
@@ -717,7 +717,9 @@ def sweep(model_dir: str | Path, out_dir: str | Path, methods: list[str] | tuple
             offload_activations, max_gpu_memory, eval, eval_nsamples, eval_seqlen, overwrite, restart, and the
             methods' own knobs.
     """
-    not_sweep = {"method", "sparsity", "pattern", "wbits", "format", "eval_dense", "profile_memory"}
+    # per point (the first three), or what a sweep does not vary: quantization, OWL's allocation (a run's options)
+    not_sweep = {"method", "sparsity", "pattern", "wbits", "group_size", "sym", "format", "eval_dense", "profile_memory",
+                 "allocation", "owl_lambda", "owl_m"}
     unknown = set(options) - (set(PruneOptions.__dataclass_fields__) - not_sweep)
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")

@@ -19,7 +19,7 @@ def test_gpu_check_dry_run():
     out = result.stdout
     # the dry run of cuda_parity.py compares the CPU path with itself: it proves the script runs and reports, no more
     parity = [line for line in out.splitlines() if line.endswith("(dry run: cpu against itself)")]
-    assert len(parity) == 6 and "FAIL" not in out, out  # logits, then sparsegpt and wanda, per family
+    assert len(parity) == 8 and "FAIL" not in out, out  # logits, then sparsegpt, wanda and admm, per family
     assert all(re.search(r"max abs diff \d\.\d\de[-+]\d+ " if " logits " in line else
                          r"masks agree [\d.]+% \(block 0\), [\d.]+% \(all\), perplexity [\d.]+ vs [\d.]+", line)
                for line in parity), parity

@@ -178,6 +178,8 @@ def test_sweep_refusals(tmp_path, data):
     args = dict(calib=data, eval=data, device="cpu", **CALIB)
     with pytest.raises(DataError, match="--eval FILE"):
         sweep(src, tmp_path / "a", methods=["wanda"], sparsities=[0.5], calib=data)
+    assert [p.label for p in sweep_module.sweep_points(["wanda"], [0.12, 0.125, 0.5], ["2:4"])] == [
+        "wanda-0.12", "wanda-0.125", "wanda-0.50", "wanda-2of4"]
     with pytest.raises(ArgumentError, match="given twice"):
         sweep(src, tmp_path / "a", methods=["wanda", "wanda"], sparsities=[0.5], **args)
     with pytest.raises(ArgumentError, match="not one of"):
@@ -186,6 +188,8 @@ def test_sweep_refusals(tmp_path, data):
         sweep(src, tmp_path / "a", methods=["wanda"], patterns=["unstructured"], **args)
     with pytest.raises(TypeError, match="wbits"):
         sweep(src, tmp_path / "a", methods=["wanda"], sparsities=[0.5], wbits=4, **args)
+    with pytest.raises(TypeError, match="allocation"):
+        sweep(src, tmp_path / "a", methods=["wanda"], sparsities=[0.5], allocation="owl", **args)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WORLD_SIZE", "2")
         with pytest.raises(ArgumentError, match="without torchrun"):
