@@ -23,15 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamprune.errors import ArgumentError, StreamPruneError
-from streamprune.pruners.base import LIBRARY_WORKSPACE, Pruner, PruneResult, quantized_bytes
+from streamprune.errors import ArgumentError
+from streamprune.pruners.base import (
+    LIBRARY_WORKSPACE,
+    Pruner,
+    PruneResult,
+    damped_hessian_,
+    quantized_bytes,
+    with_damping_retries,
+)
 from streamprune.pruners.factor import WORKSPACE_BYTES, cholesky_lower_
 from streamprune.pruners.masks import Pattern, nm_mask, row_mask, row_mask_exact
 from streamprune.pruners.quant import Grid, round_to_nearest
 
 logger = logging.getLogger(__name__)
 
-MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10, as for SparseGPT
 DEFAULT_ITERATIONS = 8
 DEFAULT_RHO = 0.3
 RAMP = 0.75  # the share of the iterations over which the sparsity rises to its target
@@ -109,27 +115,20 @@ class ADMM(Pruner):
             h = torch.empty_like(source)
         p = torch.empty_like(h)
         dead = (self.xtx.diagonal() == 0).to(self.device)
-        damp = self.damp
-        for attempt in range(MAX_DAMP_RETRIES + 1):
-            h.copy_(self.xtx)
-            h.mul_(2.0 / self.ntokens)  # H = 2 X^T X / n
-            diag = h.diagonal()
-            diag[dead] = 1.0
-            diag.add_(damp * diag.mean())
-            scale = diag.sqrt()
-            h.div_(scale[:, None]).div_(scale[None, :])
+        xtx, scales = self.xtx, []
+
+        def factor(damp: float, attempt: int) -> bool:
+            h.copy_(xtx)
+            scale = damped_hessian_(h, self.ntokens, dead, damp).diagonal().sqrt()
+            h.div_(scale[:, None]).div_(scale[None, :])  # the unit-diagonal scaling
             h.diagonal().fill_(1.0)
             p.copy_(h)
             p.diagonal().add_(self.rho)
-            if torch.isfinite(scale).all() and cholesky_lower_(p) == 0:
-                break
-            logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
-            damp *= 10
-        else:
-            raise StreamPruneError(
-                f"the Hessian is not positive definite even with damping {damp / 10:g}; "
-                "the calibration activations may contain NaN or Inf"
-            )
+            scales[:] = [scale]
+            return bool(torch.isfinite(scale).all()) and cholesky_lower_(p) == 0
+
+        damp, attempt = with_damping_retries(self.damp, factor)
+        scale = scales[0]
         torch.cholesky_inverse(p, out=p)  # p held the lower factor L of H + rho I (row-major view: L)
         self.damp_used, self.retries = damp, attempt
         self._h, self._p, self._scale, self._dead = h, p, scale, dead

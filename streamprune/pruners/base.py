@@ -3,7 +3,9 @@ declares what it needs (calibration data, which statistics), its own knobs and i
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,9 +14,35 @@ from torch import Tensor
 
 from streamprune.pruners.factor import WORKSPACE_BYTES, rows_per_chunk
 from streamprune.pruners.masks import Pattern, nm_mask
+from streamprune.errors import StreamPruneError
 from streamprune.pruners.quant import Grid, Quantized, round_to_nearest
 
+logger = logging.getLogger(__name__)
+
 LIBRARY_WORKSPACE = 32 * 2**20  # what BLAS, LAPACK or cuSOLVER allocate for themselves during a solve
+MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
+
+
+def damped_hessian_(h: Tensor, ntokens: int, dead: Tensor, damp: float) -> Tensor:
+    """X^T X in `h` made the damped Hessian in place: H = 2 X^T X / n, the dead inputs' diagonal 1, plus `damp`
+    times the mean diagonal."""
+    h.mul_(2.0 / ntokens)
+    diag = h.diagonal()
+    diag[dead] = 1.0
+    diag.add_(damp * diag.mean())
+    return h
+
+
+def with_damping_retries(damp: float, factor: Callable[[float, int], bool]) -> tuple[float, int]:
+    """Call `factor(damp, attempt)` until it succeeds, multiplying the damping by 10 after each failure (at most
+    MAX_DAMP_RETRIES times); returns the damping that worked and the number of retries."""
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        if factor(damp, attempt):
+            return damp, attempt
+        logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
+        damp *= 10
+    raise StreamPruneError(f"the Hessian is not positive definite even with damping {damp / 10:g}; "
+                           "the calibration activations may contain NaN or Inf")
 
 
 @dataclass

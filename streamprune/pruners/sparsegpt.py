@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from streamprune.errors import ArgumentError, StreamPruneError
-from streamprune.pruners.base import LIBRARY_WORKSPACE, Pruner, PruneResult, quantized_bytes
+from streamprune.errors import ArgumentError
+from streamprune.pruners.base import (
+    LIBRARY_WORKSPACE,
+    Pruner,
+    PruneResult,
+    damped_hessian_,
+    quantized_bytes,
+    with_damping_retries,
+)
 from streamprune.pruners.factor import INVERSE_BLOCK, WORKSPACE_BYTES, inverse_factor_
 from streamprune.pruners.masks import Pattern, kth_smallest
 from streamprune.pruners.quant import Grid, Quantized, kept_range
 
-logger = logging.getLogger(__name__)
-
-MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 INNER_COLUMNS = 16
 DEFAULT_BLOCKSIZE = 128
 # The sweep's per-column-block temporaries, in units of (rows * blocksize): errors, scales, scores and mask.
@@ -89,24 +92,14 @@ class SparseGPT(Pruner):
         else:
             work = torch.empty_like(source)
         dead = (self.xtx.diagonal() == 0).to(self.device)
-        damp = self.damp
-        for attempt in range(MAX_DAMP_RETRIES + 1):
-            if attempt or not self.offload_hessian:
-                work.copy_(self.xtx)
-            work.mul_(2.0 / self.ntokens)  # H = 2 X^T X / n
-            diag = work.diagonal()
-            diag[dead] = 1.0
-            diag.add_(damp * diag.mean())
-            if inverse_factor_(work) == 0:
-                break
-            logger.warning("Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
-            damp *= 10
-        else:
-            raise StreamPruneError(
-                f"the Hessian is not positive definite even with damping {damp / 10:g}; "
-                "the calibration activations may contain NaN or Inf"
-            )
-        self.damp_used, self.retries = damp, attempt
+        xtx = self.xtx
+
+        def factor(damp: float, attempt: int) -> bool:
+            if attempt or not self.offload_hessian:  # offloaded, the device buffer holds X^T X the first time
+                work.copy_(xtx)
+            return inverse_factor_(damped_hessian_(work, self.ntokens, dead, damp)) == 0
+
+        self.damp_used, self.retries = with_damping_retries(self.damp, factor)
         self._hinv, self._dead = work, dead
         return work, dead
 
