@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, expert_params, resolve
-from streamprune.arch.roles import BLOCK_ROLES
+from streamprune.arch.roles import BLOCK_ROLES, PRUNABLE
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.formats import Layout, format_of
 
@@ -363,6 +363,11 @@ class Checkpoint:
     def block_names(self, bid: int) -> list[str]:
         """The stored tensors of block `bid` other than its routed experts' (those stream one expert at a time)."""
         return [name for name in self.stored_names(bid) if name not in self.expert_of]
+
+    def pruned_linears(self, bid: int) -> dict[Role, str]:
+        """The linears a run prunes in block `bid` outside its routed experts: role -> checkpoint name."""
+        return {role: name for ((role, kind), b), name in self.names.items()
+                if b == bid and kind == "weight" and role in PRUNABLE}
 
     def n_experts(self, bid: int) -> int:
         return self.config.n_experts if self.config.is_moe(bid) else 0

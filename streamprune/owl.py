@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from streamprune.activations import Activations
-from streamprune.arch import PRUNABLE, SEQUENTIAL, Role, Site
+from streamprune.arch import SEQUENTIAL, Role, Site
 from streamprune.arch.block import LayerPositions
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
@@ -103,8 +103,7 @@ def linear_zeros(linears: list[tuple[str, int, float]]) -> dict[str, int]:
 def block_linears(ckpt: Checkpoint, bid: int) -> dict[Role, tuple[Site, str]]:
     """The pruned linears of dense block `bid`: role -> (the site whose input it reads, checkpoint name)."""
     site_of = {role: site for site, roles in SEQUENTIAL for role in roles}
-    return {role: (site_of[role], name) for ((role, kind), b), name in ckpt.names.items()
-            if b == bid and kind == "weight" and role in PRUNABLE}
+    return {role: (site_of[role], name) for role, name in ckpt.pruned_linears(bid).items()}
 
 
 def pruned_counts(ckpt: Checkpoint) -> list[int]:

@@ -419,8 +419,7 @@ class BlockPruner:
         """Prune every linear of block `bid` outside its routed experts, in place in `w`, writing each with `put`.
         Without --sequential, an MoE block's calibration forward also keeps the dense MoE input in `m_store` and
         returns its routes, for the experts' statistics."""
-        names = {role: self.ckpt.names[((role, "weight"), bid)] for (role, kind), b in self.ckpt.names
-                 if b == bid and kind == "weight" and role in PRUNABLE}
+        names = self.ckpt.pruned_linears(bid)
         groups = [(site, [r for r in roles if r in names]) for site, roles in SEQUENTIAL]
         groups = [(site, roles) for site, roles in groups if roles]
         if x is None:  # magnitude without calibration data: no statistics needed
@@ -656,7 +655,10 @@ class BlockPruner:
 
 
 class NoShard:
-    """What a rank other than rank 0 writes a block into: nothing."""
+    """A shard that keeps nothing: what a rank other than rank 0 writes a block into, and a sweep's point whose
+    checkpoint is not asked for."""
+
+    path = None
 
     def put(self, name: str, tensor: Tensor) -> None:
         pass
@@ -771,8 +773,7 @@ class Run:
                 # the block's shard has the input's tensors, names, dtypes and shapes: its header is written first, and
                 # each tensor as soon as it is final (the pruned ones as they are solved, the others now)
                 meta = block_meta(self.ckpt, bid, job.layout)
-                pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
-                          if b == bid and kind == "weight" and role in PRUNABLE}
+                pruned = set(self.ckpt.pruned_linears(bid).values())
                 n_before = len(report.layers)
                 with self.writer.open(bid + 1, meta) if writer else contextlib.nullcontext(NoShard()) as shard:
                     t = time.perf_counter()

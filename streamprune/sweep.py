@@ -28,7 +28,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from streamprune.activations import Activations, copy_store, load_store, make_store, save_store
-from streamprune.arch import PRUNABLE
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows
 from streamprune.checkpoint import Checkpoint, ShardFile, ShardWriter, copy_side_files, read_tensor
@@ -41,6 +40,7 @@ from streamprune.pipeline import (
     RESULT_OPTIONS,
     BlockPruner,
     Job,
+    NoShard,
     PruneOptions,
     block_meta,
     check_out_dir,
@@ -527,11 +527,10 @@ class Sweep:
         elif read_back:
             context = temporary_shard(self.job.out_dir / WORK_DIR / f"p{i}-block.safetensors", meta)
         else:
-            yield Discard()
+            yield NoShard()
             return
         with context as shard:
-            pruned = {name for ((role, kind), b), name in self.ckpt.names.items()
-                      if b == bid and kind == "weight" and role in PRUNABLE}
+            pruned = set(self.ckpt.pruned_linears(bid).values())
             for name, tensor in block.raw.items():
                 if name not in pruned:
                     shard.put(name, tensor)
@@ -612,15 +611,6 @@ class Sweep:
                 "perplexity": ppl, "total_sparsity": total_sparsity(report.layers), "seconds": lane.seconds,
                 "phases": {k: v for k, v in report.phases.items() if v},
                 "checkpoint": None if lane.writer is None else str(lane.writer.dir)}
-
-
-class Discard:
-    """A shard that keeps nothing: a point's pruned tensors when no checkpoint of it is asked for."""
-
-    path = None
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        pass
 
 
 @contextmanager
