@@ -47,11 +47,10 @@ CG_MAX_ITERATIONS = 500
 DEFLATED_MAX = 64  # the preconditioner's eigenpairs, at most
 OVERSAMPLE = 8  # extra vectors of the subspace iteration
 SUBSPACE_STEPS = 8
-# Per element of the linear being pruned, at the exact solve's peak: float32 W0 and the iterate, the mask and its
-# complement, the right-hand side, and the active rows' iterate, residual, direction, preconditioned residual,
-# product and one temporary, with their mask (the iterations before hold less: W0, W, U, Z - U - W0, the mask and
-# two temporaries).
-BYTES_PER_ELEMENT = 39
+# Per element of the linear being pruned, at the exact solve's peak: float32 W0 and the iterate, the mask, and the
+# active rows' iterate, residual, float mask, direction, preconditioned residual and product, with one of them copied
+# while the batch is compacted (the iterations before hold less: W0, W, U, Z - U - W0, the mask and two temporaries).
+BYTES_PER_ELEMENT = 37
 
 
 class ADMM(Pruner):
@@ -196,53 +195,66 @@ class ADMM(Pruner):
         """Solve in place, row by row on its kept support, min (x - w0) h (x - w0)^T, by preconditioned conjugate
         gradients batched over the rows (x: the warm start, 0 off the support). Each step lowers a row's objective f
         by alpha (r.z); a row stops once its last STALL steps lowered f by less than CG_TOLERANCE f in all (CG's own
-        estimate of the gap to the optimum), or its residual vanishes. Returns the iterations and the largest
+        estimate of the gap to the optimum), or its residual vanishes. A stopped row stays in the batch, frozen,
+        until a quarter of the batch has stopped; then the batch is compacted. Returns the iterations and the largest
         estimated gap relative to f."""
         assert self._top is not None
-        keep = ~mask
-        r = w0 @ h  # (W0 H), then the residual (W0 H - X H) on the support
-        xh = x @ h
-        f = ((xh - r) * (x - w0)).sum(1)  # the objective of each row at the warm start
-        r.sub_(xh).masked_fill_(mask, 0.0)
-        del xh
+        e = torch.sub(w0, x)
+        r = e @ h  # the residual (W0 - X) H, on the support below
+        f = dot(r, e)  # the objective of each row at the warm start
+        del e
+        r.masked_fill_(mask, 0.0)
         tiny = torch.finfo(torch.float32).tiny
-        idx = torch.nonzero(r.square().sum(1) > tiny * f.clamp_min(tiny)).squeeze(1)  # rows not at their optimum
-        x_a, r_a, keep_a, f_a = x[idx], r[idx], keep[idx], f[idx]
+        idx = torch.nonzero(dot(r, r) > tiny * f.clamp_min(tiny)).squeeze(1)  # rows not at their optimum
+        x_a, r_a, f_a = x[idx], r[idx], f[idx]
         del r, f
+        keep_a = mask[idx].logical_not_().to(torch.float32)  # float: multiplying by a bool mask is several x slower
         pre = Deflation(*self._top, keep_a)
         z_a = pre.apply(r_a, keep_a)
-        rz_a = (r_a * z_a).sum(1)
+        rz_a = dot(r_a, z_a)
         p_a = z_a
         recent = torch.zeros(STALL, idx.numel(), device=x.device)  # the last STALL decreases of f
+        live = torch.ones(idx.numel(), dtype=torch.bool, device=x.device)
         gap = 0.0
         it = 0
         while idx.numel() and it < CG_MAX_ITERATIONS:
             it += 1
             ap = (p_a @ h).mul_(keep_a)
-            alpha = rz_a / (p_a * ap).sum(1).clamp_min_(tiny)
+            alpha = (rz_a / dot(p_a, ap).clamp_min_(tiny)).mul_(live)  # frozen rows do not move
             x_a.addcmul_(alpha[:, None], p_a)
             r_a.addcmul_(alpha[:, None], ap, value=-1.0)
+            del ap
             decrease = alpha * rz_a
             f_a.sub_(decrease)
             recent[it % STALL] = decrease
             z_a = pre.apply(r_a, keep_a)
-            rz_new = (r_a * z_a).sum(1)
+            rz_new = dot(r_a, z_a)
             estimate = recent.sum(0) / f_a.clamp_min(tiny)
             going = (estimate > CG_TOLERANCE) | (it < STALL)
             going &= rz_new > tiny * f_a.clamp_min(tiny)
-            if not bool(going.all()):  # converged rows leave the batch
-                gap = max(gap, float(estimate[~going].max()))
-                x[idx[~going]] = x_a[~going]
-                idx, x_a, r_a, keep_a, f_a, p_a = idx[going], x_a[going], r_a[going], keep_a[going], f_a[going], p_a[going]
-                z_a, rz_a, rz_new, recent = z_a[going], rz_a[going], rz_new[going], recent[:, going]
-                pre.select(going)
+            stopped = live & ~going
+            if bool(stopped.any()):
+                gap = max(gap, float(estimate[stopped].max()))
+                live &= going
+                if not bool(live.any()):
+                    break
+                if 4 * int(live.sum()) <= 3 * live.numel():  # a quarter frozen: compact, one array at a time
+                    x[idx[~live]] = x_a[~live]
+                    x_a = x_a[live]
+                    r_a = r_a[live]
+                    keep_a = keep_a[live]
+                    p_a = p_a[live]
+                    z_a = z_a[live]
+                    idx, f_a, rz_a, rz_new, recent = idx[live], f_a[live], rz_a[live], rz_new[live], recent[:, live]
+                    pre.select(live)
+                    live = live[live]
             p_a.mul_((rz_new / rz_a.clamp_min(tiny))[:, None]).add_(z_a)
             rz_a = rz_new
-        if idx.numel():  # the iteration cap: what was reached
-            x[idx] = x_a
-            gap = max(gap, float((recent.sum(0) / f_a.clamp_min(tiny)).max()))
+        x[idx] = x_a
+        if bool(live.any()) and it >= CG_MAX_ITERATIONS:  # the iteration cap: what was reached
+            gap = max(gap, float((recent.sum(0) / f_a.clamp_min(tiny))[live].max()))
             logger.warning("exact solve: %d rows stopped at %d conjugate-gradient steps, estimated gap %.3g",
-                           idx.numel(), it, gap)
+                           int(live.sum()), it, gap)
         return it, gap
 
     def release_solver(self) -> None:
@@ -251,6 +263,11 @@ class ADMM(Pruner):
     def free(self) -> None:
         super().free()
         self._p = self._h = self._scale = self._dead = self._top = None
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """The row-wise dot products of a and b, without an a * b temporary (einsum runs them as a batched GEMM)."""
+    return torch.einsum("ij,ij->i", a, b)
 
 
 def deflated(columns: int) -> int:
@@ -293,7 +310,7 @@ class Deflation:
     def apply(self, r: Tensor, keep: Tensor) -> Tensor:
         """M^-1 r for rows r (zero off their supports)."""
         y = torch.cholesky_solve((r @ self.v)[:, :, None], self.factor)[:, :, 0]
-        return torch.addmm(r, y, self.v.T, alpha=-1.0).mul_(keep).div_(self.sigma)
+        return torch.addmm(r, y, self.v.T, alpha=-1.0).mul_(keep).div_(self.sigma)  # keep: float, 0 or 1
 
     def select(self, rows: Tensor) -> None:
         self.factor = self.factor[rows]
