@@ -8,6 +8,7 @@ by this device's measured float32 GEMM rate) and their ratio, then the whole-mod
     python bench/speed.py --device cuda --shape opt-175b  # hidden 12288, ffn 49152, 128 x 2048 tokens
     python bench/speed.py --device cuda --shape llama-70b # hidden 8192, ffn 28672, GQA 64/8
     python bench/speed.py --dry-run                       # a tiny shape, to check the script runs
+    python bench/speed.py --method admm --admm-iterations 1   # ADMM's exact solve alone, on the mask of the scores
 
 FLOPs counted per block, with T calibration tokens: Hessians 2*T*d^2 per distinct input width d;
 forward 2*T*params plus attention 2*T*seqlen*hidden (causal half of QK^T and PV), once for the
@@ -60,14 +61,14 @@ def gemm_rate(device: torch.device, n: int) -> float:
 
 def floors(shape: Shape, tokens: int, seqlen: int, method: str, iterations: int = 8) -> dict[str, float]:
     """FLOPs of each compute phase for one block (ADMM: its `iterations` GEMMs per linear, less the first, and the
-    two GEMMs that start the exact solve; the conjugate-gradient steps, as many as the data need, are not counted)."""
+    GEMM that starts the exact solve; the conjugate-gradient steps, as many as the data need, are not counted)."""
     linears = [s for n, s in block_tensors(shape, 0).items() if n.endswith(".weight") and len(s) == 2]
     params = sum(r * c for r, c in linears)
     widths = [shape.hidden, shape.heads * shape.head_dim, shape.hidden, shape.ffn]  # distinct inputs
     forward = 2 * tokens * params + 2 * tokens * seqlen * shape.heads * shape.head_dim
     sweep = sum(r * c * c for r, c in linears) if method == "sparsegpt" else sum(r * c for r, c in linears)
     if method == "admm":
-        sweep = sum((iterations + 1) * 2 * r * c * c for r, c in linears)
+        sweep = sum(iterations * 2 * r * c * c for r, c in linears)
     chol = sum(d**3 for d in widths) if method in ("sparsegpt", "admm") else 0
     return {"calibrate": forward, "hessian": sum(2 * tokens * d * d for d in widths), "solve": chol + sweep,
             "error": sum(4 * r * c * c for r, c in linears), "forward": forward}
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     ap.add_argument("--method", default="sparsegpt")
+    ap.add_argument("--admm-iterations", type=int, default=None,
+                    help="ADMM only; 1 scores the mask once (|W| scaled by the input norms) and leaves only the exact solve")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--blocks", type=int, default=2, help="blocks in the generated checkpoint; the last is timed")
@@ -97,8 +100,9 @@ def main() -> None:
         make_checkpoint(model, shape, args.blocks, torch.float16)
         np.save(calib, np.random.default_rng(0).integers(0, shape.vocab, nsamples * seqlen * 2))
         rate = gemm_rate(device, 512 if name == "dry" else (8192 if device.type == "cuda" else 4096))
+        knobs = {} if args.admm_iterations is None else {"admm_iterations": args.admm_iterations}
         report = streamprune.prune(model, out, method=args.method, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                   device=args.device, progress=False)
+                                   device=args.device, progress=False, **knobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
