@@ -13,6 +13,7 @@ PY=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ]; then
   "$PY" bench/cuda_parity.py --device cpu
   "$PY" bench/speed.py --dry-run --device cpu
+  "$PY" bench/speed.py --dry-run --device cpu --method admm --admm-iterations 1
   "$PY" bench/solve_memory.py --device cpu --rows 64 --cols 256
   "$PY" bench/dist_speed.py --dry-run
   exit 0
@@ -22,9 +23,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" -m pytest -q -m gpu tests/
 "$PY" bench/speed.py --device cuda --shape opt-175b --blocks 1 --json "${OUT:-.}/speed_opt175b.json"
 "$PY" bench/speed.py --device cuda --shape llama-70b --blocks 1 --json "${OUT:-.}/speed_llama70b.json"
-# 2b. ADMM's solve against SparseGPT's on the CPU bench's block shape (the solve phase's 3x target), and a sweep
+# 2b. ADMM's solve against SparseGPT's on the CPU bench's block shape (the solve phase's 3x target), then its
+#     exact solve alone (one iteration: the mask of the scores)
 "$PY" bench/speed.py --device cuda --shape mid --method sparsegpt --json "${OUT:-.}/speed_mid_sparsegpt.json"
 "$PY" bench/speed.py --device cuda --shape mid --method admm --json "${OUT:-.}/speed_mid_admm.json"
+"$PY" bench/speed.py --device cuda --shape mid --method admm --admm-iterations 1 --json "${OUT:-.}/speed_mid_admm1.json"
 "$PY" bench/solve_memory.py --device cuda --rows 12288 --cols 49152 --dtype fp16 --tokens 65536 --budget 24GB
 # 4. several GPUs: the same pass with 1, 2, ... ranks, one per GPU (torchrun, NCCL), on a hidden-2048 block:
 #    python -m torch.distributed.run --standalone --nproc-per-node N -m streamprune run ... for each N
