@@ -120,8 +120,10 @@ def test_beats_sparsegpt_on_correlated_inputs():
 def test_damping_is_raised_until_the_factorization_succeeds():
     X = correlated_inputs(8, 64)  # rank 8: with almost no damping and penalty the factorization fails
     p = pruner(X, 0.5, damp=1e-12, admm_rho=1e-9)
-    res = p.prune(torch.randn(16, 64))
-    assert res.info["damp_retries"] > 0 and res.info["damp"] > 1e-12 and torch.isfinite(res.weight).all()
+    for seed in range(32):  # the nearly singular solve, on many weights: every result finite
+        res = p.prune(torch.randn(16, 64, generator=torch.Generator().manual_seed(seed)))
+        assert torch.isfinite(res.weight).all(), seed
+    assert res.info["damp_retries"] > 0 and res.info["damp"] > 1e-12
     bad = pruner(X.masked_fill(X > 1, float("nan")), 0.5)
     with pytest.raises(StreamPruneError, match="not positive definite"):
         bad.prune(torch.randn(16, 64))

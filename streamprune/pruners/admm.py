@@ -220,7 +220,7 @@ class ADMM(Pruner):
         while idx.numel() and it < CG_MAX_ITERATIONS:
             it += 1
             ap = (p_a @ h).mul_(keep_a)
-            alpha = (rz_a / dot(p_a, ap).clamp_min_(tiny)).mul_(live)  # frozen rows do not move
+            alpha = torch.where(live, rz_a / dot(p_a, ap).clamp_min_(tiny), 0.0)  # frozen rows do not move
             x_a.addcmul_(alpha[:, None], p_a)
             r_a.addcmul_(alpha[:, None], ap, value=-1.0)
             del ap
@@ -248,7 +248,7 @@ class ADMM(Pruner):
                     idx, f_a, rz_a, rz_new, recent = idx[live], f_a[live], rz_a[live], rz_new[live], recent[:, live]
                     pre.select(live)
                     live = live[live]
-            p_a.mul_((rz_new / rz_a.clamp_min(tiny))[:, None]).add_(z_a)
+            p_a.mul_(torch.where(live, rz_new / rz_a.clamp_min(tiny), 0.0)[:, None]).add_(z_a)  # frozen: p = z, finite
             rz_a = rz_new
         x[idx] = x_a
         if bool(live.any()) and it >= CG_MAX_ITERATIONS:  # the iteration cap: what was reached
