@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamprune.checkpoint import read_fully
+from streamprune.fileio import read_fully, write_fully
 from streamprune.errors import ArgumentError, StreamPruneError
 
 PLACEMENTS = ("auto", "device", "cpu", "disk")
@@ -78,10 +78,7 @@ class DiskActivations(Activations):
 
     def write(self, i: int, j: int, value: Tensor) -> None:
         arr = value.detach().to("cpu", torch.float32).contiguous().numpy()
-        view = memoryview(arr).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], i * self.row_bytes + done)
+        write_fully(self.fd, memoryview(arr).cast("B"), i * self.row_bytes)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -117,9 +114,7 @@ def save_store(store: Activations, path: Path, batch: int) -> None:
         for i in range(0, store.shape[0], batch):
             j = min(i + batch, store.shape[0])
             view = memoryview(store.read(i, j, torch.device("cpu")).contiguous().numpy()).cast("B")
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], i * row_bytes + done)
+            write_fully(fd, view, i * row_bytes)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -26,6 +26,7 @@ from torch import Tensor
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, expected_params, expert_params, resolve
 from streamprune.arch.roles import BLOCK_ROLES, PRUNABLE
 from streamprune.errors import ArgumentError, CheckpointError
+from streamprune.fileio import atomic_write, read_fully, write_fully
 from streamprune.formats import Layout, format_of
 
 logger = logging.getLogger(__name__)
@@ -135,19 +136,6 @@ def _tensor_info(path: Path, name: str, meta: Any, data_start: int, size: int) -
             f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} bytes"
         )
     return TensorInfo(name, path, dtype, tuple(shape), start, end)
-
-
-def read_fully(fd: int, buf: memoryview, offset: int) -> int:
-    """Fill `buf` from byte `offset` of the open file `fd`, looping on short reads (one read returns at most
-    about 2 GiB on Linux); returns the bytes read, fewer than asked only at the end of the file."""
-    os.lseek(fd, offset, os.SEEK_SET)
-    done = 0
-    while done < len(buf):
-        got = os.readv(fd, [buf[done:]])
-        if got == 0:
-            break
-        done += got
-    return done
 
 
 def read_tensor(info: TensorInfo) -> Tensor:
@@ -463,15 +451,10 @@ class ShardFile:
         self.written: set[str] = set()
         try:
             os.ftruncate(self.fd, len(header) + size)
-            self._pwrite(memoryview(header), 0)
+            write_fully(self.fd, memoryview(header), 0)
         except BaseException:
             os.close(self.fd)
             raise
-
-    def _pwrite(self, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
 
     def put(self, name: str, t: Tensor) -> None:
         dtype, shape = self.meta[name]
@@ -479,7 +462,7 @@ class ShardFile:
             raise CheckpointError(f"{self.path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
         # flattened before the byte view: a contiguous tensor with a size-1 dimension may keep an odd stride there
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(memoryview(data), self.offsets[name])
+        write_fully(self.fd, memoryview(data), self.offsets[name])
         self.written.add(name)
 
     def close(self) -> None:
@@ -487,7 +470,6 @@ class ShardFile:
         try:
             if missing:
                 raise CheckpointError(f"{self.path}: {len(missing)} tensor(s) were never written, e.g. {missing[0]}")
-            os.fsync(self.fd)
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -539,20 +521,14 @@ class ShardWriter:
         """Shard `idx` under a temporary name, its tensors put as they are ready; on leaving the block it is flushed,
         renamed into place and its header checked (on an error, the temporary file is removed)."""
         final = self.dir / self.shard_name(idx)
-        tmp = self.dir / (final.name + ".tmp")
         try:
-            with ShardFile(tmp, meta) as shard:
+            with atomic_write(final) as tmp, ShardFile(tmp, meta) as shard:
                 yield shard
-            os.replace(tmp, final)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise CheckpointError(
                 f"{final}: write failed ({e.strerror or e}); OUT_DIR stays resumable: fix the cause and rerun "
                 "the same command"
             ) from e
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         if set(read_header(final)) != set(meta):
             raise CheckpointError(f"{final}: written shard does not hold the expected tensors")
 
@@ -565,9 +541,5 @@ class ShardWriter:
                 weight_map[name] = info.path.name
                 total += info.nbytes
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        tmp = self.dir / (INDEX_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(index, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / INDEX_NAME)
+        with atomic_write(self.dir / INDEX_NAME) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")

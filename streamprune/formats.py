@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor
 
 from streamprune.errors import ArgumentError, CheckpointError
+from streamprune.fileio import atomic_write
 
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
 
@@ -311,9 +311,8 @@ def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable
     path = out_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["quantization_config"] = qc
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 FORMATS = ("dense", "compressed-tensors")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,29 +17,11 @@ import torch
 from torch import Tensor
 
 from streamprune.checkpoint import Checkpoint, read_header
+from streamprune.fileio import atomic_write
 from streamprune.memory import device_name
 
 WORK_DIR = ".streamprune"
 JOURNAL_NAME = "journal.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary name, flush it, rename it over `path`, flush the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def calib_digest(path: Path, windows: Tensor) -> str:
@@ -113,8 +94,8 @@ class Journal:
         state = {"fingerprint": self.fingerprint, "done": self.done, "environment": self.environment}
         if self.allocation is not None:
             state["allocation"] = self.allocation
-        text = json.dumps(state, indent=1)
-        write_atomic(out_dir / WORK_DIR / JOURNAL_NAME, text)
+        with atomic_write(out_dir / WORK_DIR / JOURNAL_NAME) as tmp:
+            tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
 
     def verified(self, out_dir: Path) -> Journal:
         """Keep only the entries whose shard is present with the recorded size and a sound header."""

@@ -17,6 +17,7 @@ import psutil
 import torch
 
 from streamprune.errors import ArgumentError
+from streamprune.fileio import atomic_write
 
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -143,7 +144,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def write_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["seconds", "rss_bytes", "gpu_allocated_bytes", "phase"])
             out.writerows((f"{t:.3f}", rss, gpu, phase) for t, rss, gpu, phase in self.samples)

@@ -188,7 +188,7 @@ def check_disk_space(ckpt: Checkpoint, out_dir: Path, journal: Journal | None, a
 
 
 OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.tmp)?")
-OWN_FILES = {INDEX_NAME, INDEX_NAME + ".tmp", REPORT_NAME, REPORT_NAME + ".tmp", MEMORY_CSV}
+OWN_FILES = {name + suffix for name in (INDEX_NAME, REPORT_NAME, MEMORY_CSV) for suffix in ("", ".tmp")}
 
 
 def clear_previous_output(out_dir: Path, every_checkpoint_file: bool) -> None:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamprune.fileio import atomic_write
+
 REPORT_NAME = "streamprune_report.json"
 # read: waiting for a block's tensors (what the read-ahead did not hide); replay: rebuilding the inputs of
 # a resumed run; calibrate: forward passes up to the sites being pruned; hessian: accumulating X^T X;
@@ -83,9 +85,8 @@ class Report:
 
     def save(self, out_dir: Path) -> Path:
         path = out_dir / REPORT_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
 

@@ -34,7 +34,8 @@ from streamprune.checkpoint import Checkpoint, ShardFile, ShardWriter, copy_side
 from streamprune.errors import ArgumentError, DataError
 from streamprune.evaluate import HiddenStream
 from streamprune.forward import embed_windows, forward_block
-from streamprune.journal import WORK_DIR, calib_digest, describe_difference, fingerprint, write_atomic
+from streamprune.fileio import atomic_write
+from streamprune.journal import WORK_DIR, calib_digest, describe_difference, fingerprint
 from streamprune.memory import PeakMemory, os_peak_rss, release_freed_memory, resolve_device
 from streamprune.pipeline import (
     RESULT_OPTIONS,
@@ -120,8 +121,9 @@ class SweepResult:
         return asdict(self)
 
     def save(self, out_dir: Path) -> None:
-        write_atomic(out_dir / SWEEP_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
-        with open(out_dir / "sweep.csv", "w", newline="") as f:
+        with atomic_write(out_dir / SWEEP_NAME) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        with atomic_write(out_dir / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
             fields = ["method", "pattern", "sparsity", "total_sparsity", "perplexity", "seconds"]
             out = csv.writer(f)
             out.writerow(fields)
@@ -548,14 +550,12 @@ class Sweep:
             writer.dir.mkdir(parents=True, exist_ok=True)
             for path in writer.dir.glob("*.safetensors*"):
                 path.unlink()
-        files = [ShardFile(w.dir / (w.shard_name(0) + ".tmp"), meta) for w in writers]
-        for name in sorted(names):
-            tensor = read_tensor(self.ckpt.tensors[name])
-            for f in files:
-                f.put(name, tensor)
-        for f, w in zip(files, writers):
-            f.close()
-            (w.dir / (w.shard_name(0) + ".tmp")).replace(w.dir / w.shard_name(0))
+        with ExitStack() as stack:
+            files = [stack.enter_context(w.open(0, meta)) for w in writers]
+            for name in sorted(names):
+                tensor = read_tensor(self.ckpt.tensors[name])
+                for f in files:
+                    f.put(name, tensor)
 
     def finish_checkpoint(self, lane: Lane) -> None:
         assert lane.writer is not None
@@ -580,7 +580,8 @@ class Sweep:
                  "points": [{"layers": [asdict(lr) for lr in lane.report.layers], "phases": lane.report.phases,
                              "seconds": lane.seconds} for lane in lanes],
                  "reads": self.reads, "phases": self.phases}
-        write_atomic(self.job.out_dir / WORK_DIR / STATE, json.dumps(state))
+        with atomic_write(self.job.out_dir / WORK_DIR / STATE) as tmp:
+            tmp.write_text(json.dumps(state))
         self.phases["save"] += time.perf_counter() - t
 
     def load_state(self, dense: HiddenStream, lanes: list[Lane]) -> None:
