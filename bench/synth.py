@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from streamprune.checkpoint import safetensors_header, write_safetensors
+from streamprune.tensorfile import safetensors_header
+from streamprune.writer import write_safetensors
 
 
 @dataclass(frozen=True)

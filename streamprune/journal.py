@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamprune.checkpoint import Checkpoint, read_header
+from streamprune.checkpoint import Checkpoint
 from streamprune.fileio import atomic_write
 from streamprune.memory import device_name
+from streamprune.tensorfile import read_header
 
 WORK_DIR = ".streamprune"
 JOURNAL_NAME = "journal.json"

@@ -30,17 +30,7 @@ from streamprune.activations import Activations, make_store
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Param, Role, Site
 from streamprune.arch.block import LayerPositions, Positions, expert_hidden, positions
 from streamprune.calib import calib_windows
-from streamprune.checkpoint import (
-    INDEX_NAME,
-    Checkpoint,
-    ShardFile,
-    ShardWriter,
-    all_finite,
-    copy_side_files,
-    eager,
-    read_header,
-    read_tensor,
-)
+from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
 from streamprune.formats import Layout, make_format, write_quantization_config
@@ -61,6 +51,8 @@ from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
 from streamprune.report import REPORT_NAME, LayerReport, Report, quantization_summary
 from streamprune.stream import Block, BlockStream, Part, Raw
+from streamprune.tensorfile import ShardFile, all_finite, read_header, read_tensor
+from streamprune.writer import ShardWriter, copy_side_files, eager
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.calib import eval_windows, load_tokens, read_workspace
-from streamprune.checkpoint import Checkpoint, TensorInfo
+from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.memory import resolve_device
 from streamprune.pruners import default_errors
 from streamprune.pruners import Grid
 from streamprune.pruners import method as pruner_method
+from streamprune.tensorfile import TensorInfo
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
 HOST_OVERHEAD = 250 * 2**20

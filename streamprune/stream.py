@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from streamprune.arch import Param
-from streamprune.checkpoint import Checkpoint, CheckpointError, TensorInfo, all_finite, read_header, read_tensor
+from streamprune.checkpoint import Checkpoint
+from streamprune.errors import CheckpointError
 from streamprune.formats import Layout
+from streamprune.tensorfile import TensorInfo, all_finite, read_header, read_tensor
 
 Raw = dict[str, Tensor]  # stored tensors of one block, by checkpoint name, in their stored dtype
 K = TypeVar("K")

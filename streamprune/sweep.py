@@ -30,7 +30,7 @@ from rich.table import Table
 from streamprune.activations import Activations, copy_store, load_store, make_store, save_store
 from streamprune.arch.block import Positions, positions
 from streamprune.calib import calib_windows
-from streamprune.checkpoint import Checkpoint, ShardFile, ShardWriter, copy_side_files, read_tensor
+from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
 from streamprune.evaluate import HiddenStream
 from streamprune.forward import embed_windows, forward_block
@@ -53,6 +53,8 @@ from streamprune.formats import Layout, make_format
 from streamprune.pruners import Pattern, default_errors, method, resolve_sparsity
 from streamprune.report import LayerReport, Report
 from streamprune.stream import BlockStream, Part
+from streamprune.tensorfile import ShardFile, read_tensor
+from streamprune.writer import ShardWriter, copy_side_files
 
 logger = logging.getLogger(__name__)
 

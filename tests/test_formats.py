@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from streamprune.checkpoint import Checkpoint, ShardWriter, copy_side_files, read_tensor
+from streamprune.checkpoint import Checkpoint, read_tensor
+from streamprune.writer import ShardWriter, copy_side_files
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.evaluate import logits
 from streamprune.formats import CompressedTensorsFormat, Layout, format_of, make_format

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import streamprune
-from streamprune import checkpoint
+from streamprune import tensorfile
 from streamprune.cli import app
 from streamprune.errors import StreamPruneError
 from streamprune.pipeline import load_report
@@ -46,7 +46,7 @@ def checkpoint_files(out: Path) -> dict[str, bytes]:
 
 def fail_writes_after(monkeypatch, n: int) -> None:
     """Every shard after the first `n` fails when its data is flushed (after its tensors were written)."""
-    real = checkpoint.ShardFile.close
+    real = tensorfile.ShardFile.close
     calls = {"n": 0}
 
     def flaky(self):
@@ -57,7 +57,7 @@ def fail_writes_after(monkeypatch, n: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self)
 
-    monkeypatch.setattr(checkpoint.ShardFile, "close", flaky)
+    monkeypatch.setattr(tensorfile.ShardFile, "close", flaky)
 
 
 @pytest.mark.parametrize("fail_after", [0, 1, 3])

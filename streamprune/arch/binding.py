@@ -1,0 +1,156 @@
+"""Binding a family's role table to the tensors a checkpoint holds.
+
+Every parameter the config implies maps to exactly one stored tensor (or, for a linear the checkpoint stores in a
+quantized format, to that format's parts); a missing, misshapen or unknown tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamprune.arch.config import ModelConfig
+from streamprune.arch.roles import BLOCK_ROLES, Role
+from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
+from streamprune.errors import ArgumentError, CheckpointError
+from streamprune.formats import Layout, OutputFormat
+from streamprune.tensorfile import DTYPE_NAMES, TensorInfo
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class Binding:
+    """Where each role of each block lies in one checkpoint."""
+
+    spec: ArchSpec
+    prefix: str  # in front of the base model's names
+    head_prefix: str  # in front of the unprefixed roles (lm_head)
+    layout: Layout  # the checkpoint's format over the linears it encodes
+    names: dict[tuple[Param, int | None], str] = field(default_factory=dict)  # (param, block or None) -> name
+    experts: dict[tuple[int, int], dict[Param, str]] = field(default_factory=dict)  # (block, expert) -> its tensors
+    decoded: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # an encoded linear, decoded
+    location: dict[str, int | None] = field(default_factory=dict)  # stored tensor -> its block (None: outside)
+    expert_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # an expert's stored tensor -> (block, expert)
+
+    def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
+        prefix = self.head_prefix if role in self.spec.unprefixed else self.prefix
+        return prefix + self.spec.tensors[role].format(bid=bid, xid=xid) + "." + kind
+
+
+def detect_prefix(spec: ArchSpec, tensors: dict[str, TensorInfo], where: Path) -> tuple[str, str]:
+    """The prefix of the base model's names and that of the unprefixed roles (lm_head) in this checkpoint."""
+    embed = spec.tensors[Role.TOKEN_EMBD] + ".weight"
+    layouts = spec.layouts or ((spec.base_prefix, ""), ("", ""))
+    for prefix, head_prefix in layouts:
+        if prefix + embed in tensors:
+            return prefix, head_prefix
+    raise CheckpointError(f"{where}: missing tensor {layouts[0][0] + embed!r} (the token embedding)")
+
+
+class _Checks:
+    """What binding found wrong, reported together once every parameter was looked up."""
+
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.bad: list[str] = []
+
+    def raise_any(self, where: Path) -> None:
+        if self.missing:
+            shown = ", ".join(self.missing[:8]) + (f" and {len(self.missing) - 8} more" if len(self.missing) > 8 else "")
+            raise CheckpointError(f"{where}: missing {len(self.missing)} tensor(s): {shown}")
+        if self.bad:
+            more = f" (and {len(self.bad) - 1} more)" if len(self.bad) > 1 else ""
+            raise CheckpointError(f"{where}: {self.bad[0]}" + more)
+
+
+def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo], fmt: OutputFormat,
+               where: Path) -> Binding:
+    """Map every expected parameter of `cfg` to a tensor of `tensors` (stored in format `fmt`); name the missing, the
+    misshapen and the unknown. The config's embedding scale is rounded to the weights' dtype on the way."""
+    binding = Binding(spec, *detect_prefix(spec, tensors, where), Layout(fmt))
+    dtype = tensors[binding.name_of(Role.TOKEN_EMBD, "weight")].torch_dtype
+    checks, encoded = _Checks(), set()
+
+    def bind(param: Param, shape: tuple[int, ...], bid: int | None, xid: int | None = None) -> str | None:
+        name = binding.name_of(*param, bid, xid)
+        info = tensors.get(name)
+        if info is None and param[1] == "weight" and fmt.name != "dense" and fmt.names(name)[0] in tensors:
+            encoded.add(name)  # a linear stored by the checkpoint's format (packed): its parts are checked
+            binding.decoded[name] = (dtype, tuple(shape))
+            check_encoded(fmt, name, dtype, shape, tensors, checks)
+            return name
+        if info is None:
+            checks.missing.append(name)
+            return None
+        if info.shape != shape:
+            checks.bad.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+        if info.dtype not in FLOAT_DTYPES:
+            checks.bad.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+        return name
+
+    for param, shape in expected_params(cfg).items():
+        if param[0] not in BLOCK_ROLES and (name := bind(param, shape, None)):
+            binding.names[(param, None)] = name
+    for bid in range(cfg.n_layers):
+        for param, shape in expected_params(cfg, moe=cfg.is_moe(bid)).items():
+            if param[0] in BLOCK_ROLES and (name := bind(param, shape, bid)):
+                binding.names[(param, bid)] = name
+        for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
+            binding.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
+                                           if (name := bind(param, shape, bid, xid))}
+    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3)
+    if stacked:
+        raise CheckpointError(
+            f"{where}: {stacked[0]} holds every expert of a block in one 3-D tensor {list(tensors[stacked[0]].shape)}; "
+            "streamprune reads one tensor per expert, the layout published checkpoints and transformers' "
+            "save_pretrained write")
+    checks.raise_any(where)
+    binding.layout = Layout(fmt, frozenset(encoded))
+    locate(binding, cfg, tensors, where)
+    if cfg.embed_scale != 1.0:  # Gemma multiplies by the scale as a tensor of the weights' dtype
+        cfg.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype))
+    return binding
+
+
+def check_encoded(fmt: OutputFormat, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                  tensors: dict[str, TensorInfo], checks: _Checks) -> None:
+    """The stored parts of linear `name` (dense `dtype` `shape`), as format `fmt` stores it."""
+    try:
+        parts = fmt.tensors(name, dtype, shape)
+    except (ArgumentError, CheckpointError) as e:
+        checks.bad.append(str(e))
+        return
+    for part, (part_dtype, part_shape) in parts.items():
+        got = tensors.get(part)
+        if got is None:
+            checks.missing.append(part)
+        elif got.torch_dtype != part_dtype or got.shape != part_shape:
+            checks.bad.append(f"{part} is {got.dtype} {list(got.shape)}, {fmt.name} stores "
+                              f"{DTYPE_NAMES[part_dtype]} {list(part_shape)} for {list(shape)}")
+
+
+def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], where: Path) -> None:
+    """Where each stored tensor belongs: its block index, or None for the globals; a tensor that belongs nowhere is
+    refused."""
+    layout, spec = binding.layout, binding.spec
+    binding.location = {stored: bid for (_, bid), name in binding.names.items() for stored in layout.stored(name)}
+    binding.expert_of = {stored: key for key, names in binding.experts.items()
+                         for name in names.values() for stored in layout.stored(name)}
+    binding.location.update({name: bid for name, (bid, _) in binding.expert_of.items()})
+    for role in spec.optional & set(spec.tensors):
+        for bid in range(cfg.n_layers):
+            name = binding.name_of(role, "inv_freq", bid)
+            if name in tensors:
+                binding.location[name] = bid
+    tied_head = binding.name_of(Role.OUTPUT, "weight")
+    if cfg.tie_word_embeddings and tied_head in tensors:
+        binding.location[tied_head] = None
+    for name in tensors:  # a vision tower's tensors: copied as they are, never read as roles
+        if name.startswith(spec.passthrough) and name not in binding.location:
+            binding.location[name] = None
+    unknown = sorted(set(tensors) - set(binding.location))
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} tensor(s) match no role of {spec.name}: {', '.join(unknown[:5])}")
