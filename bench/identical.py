@@ -87,17 +87,20 @@ COMMANDS: list[tuple[str, list[str], int, int]] = [
 MODEL_OF = {"resume-llama-killed": "llama", "ranks2-llama": "llama"}  # the others: mixtral
 
 # The process that runs a command line, killed with SIGKILL as it closes its Nth shard file (the class is patched
-# where it is defined, so every module that imported it sees the patch).
+# where it is defined, so every module that imported it sees the patch; a module found outside the tree, e.g. through
+# an editable install of another checkout, is not the tree's).
 KILLER = """
 import importlib, os, signal, sys
-sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+tree = Path(sys.argv[1]).resolve()
+sys.path.insert(0, str(tree))
 kill_at = int(sys.argv[2])
-for name in ("streamprune.writer", "streamprune.checkpoint"):
+for name in ("streamprune.tensorfile", "streamprune.checkpoint"):
     try:
         module = importlib.import_module(name)
     except ImportError:
         continue
-    if hasattr(module, "ShardFile"):
+    if hasattr(module, "ShardFile") and Path(module.__file__).resolve().is_relative_to(tree):
         real, calls = module.ShardFile.close, [0]
         def close(self, real=real, calls=calls):
             calls[0] += 1
@@ -148,7 +151,11 @@ def record(tree: Path, models: Path, data: Path, work: Path) -> dict[str, Any]:
 
     import streamprune
     from streamprune.evaluate import evaluate
-    from streamprune.sweep import sweep
+
+    try:
+        from streamprune.pipeline import sweep
+    except ImportError:  # where the sweep lived before the block loop was redesigned
+        from streamprune.sweep import sweep
 
     assert Path(streamprune.__file__).resolve().is_relative_to(tree.resolve()), streamprune.__file__
     torch.set_num_threads(1)
@@ -173,7 +180,7 @@ def record(tree: Path, models: Path, data: Path, work: Path) -> dict[str, Any]:
                 out[name]["report"][point.name] = report_fields(point)
     for name, model in EVALS:
         folder = work / model.removeprefix("run:") if model.startswith("run:") else models / model
-        out[name] = {"files": {}, "report": {"perplexity": evaluate(folder, data, 48, 3, device="cpu").perplexity}}
+        out[name] = {"files": {}, "report": {"perplexity": evaluate(folder, data, seqlen=48, nsamples=3, device="cpu").perplexity}}
     return out
 
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import streamprune  # noqa: E402
 from bench.synth import Shape, make_checkpoint  # noqa: E402
 from streamprune.checkpoint import Checkpoint  # noqa: E402
-from streamprune.pipeline import output_linears  # noqa: E402
+from streamprune.writer import output_linears  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
-import streamprune.sweep  # noqa: E402
+from streamprune.pipeline import sweep  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
 from bench.tinylm import THREADS, build_tiny_lm, fixed_threads  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
             separate["dense"] = (json.loads(dense_json.read_text())["perplexity"], time.perf_counter() - t)
             with fixed_threads():
                 t = time.perf_counter()
-                api_sweep = streamprune.sweep.sweep(
+                api_sweep = sweep(
                     model, Path(work) / "api-sweep", methods=args.methods.split(","),
                     sparsities=[float(v) for v in args.levels.split(",")], patterns=[p for p in args.patterns.split(",") if p],
                     calib=train, eval=test, nsamples=NSAMPLES, seqlen=SEQLEN, eval_seqlen=SEQLEN, device="cpu")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from streamprune.tensorfile import safetensors_header
-from streamprune.writer import write_safetensors
+from streamprune.tensorfile import safetensors_header, write_safetensors
 
 
 @dataclass(frozen=True)

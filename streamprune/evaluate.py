@@ -8,18 +8,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from rich.progress import Progress
 from torch import Tensor
 
 from streamprune.activations import Activations, make_store
-from streamprune.arch.block import Weights, head, positions
+from streamprune.arch.block import LayerPositions, head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
-from streamprune.errors import ArgumentError
 from streamprune.forward import Routes, add_expert, embed_windows, forward_block, head_nll, head_weights, routed_rows
+from streamprune.loop import Status, tracked, walk
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
+from streamprune.options import EvalOptions
 from streamprune.plan import decide, eval_footprint
 from streamprune.stream import BlockStream, Part
 
@@ -47,46 +48,51 @@ class EvalResult:
 
 
 class HiddenStream:
-    """Hidden states of token windows (K, T) pushed through the blocks as a consumer holds each one: `enter` runs a
-    block's weights outside its routed experts (a dense block entirely, in place), `expert` adds one routed expert's
-    weighted output for the tokens routed to it, `leave` ends the block. An MoE block writes into `scratch` (needed
-    for MoE models), and the two buffers swap roles. `evaluate` feeds it whole blocks (`block`); a run with --eval
-    feeds it each block's weights as they become final, one routed expert at a time as it is pruned."""
+    """Hidden states of token windows (K, T) pushed through the blocks, a consumer of the block loop (`loop.walk`):
+    `enter` runs a block's weights outside its routed experts (a dense block entirely, in place), `expert` adds one
+    routed expert's weighted output for the tokens routed to it, `leave` ends the block. An MoE block writes into
+    `scratch` (needed for MoE models), and the two buffers swap roles. `eval` is one stream over the checkpoint's
+    blocks; a run's lane feeds its streams each block's weights as they become final, one routed expert at a time
+    as it is pruned."""
 
     def __init__(self, ckpt: Checkpoint, windows: Tensor, device: torch.device, batch: int, store: Activations,
-                 scratch: Activations | None = None, embed: bool = True) -> None:
-        """`embed`: fill `store` with the windows' embeddings (else the caller fills it, e.g. with another stream's)."""
+                 scratch: Activations | None = None, embed: bool = True, pos: LayerPositions | None = None) -> None:
+        """`embed`: fill `store` with the windows' embeddings now (else later with `embed`, or by the caller); `pos`:
+        the position tables of the windows' length, when another stream of that length has them."""
         self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
         self.x, self.scratch = store, scratch
         self.routes: Routes | None = None  # of the MoE block entered, else None
         if embed:
-            embed_windows(ckpt, windows, device, store, batch)
-        self.pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32)
+            self.embed()
+        self.pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32) if pos is None else pos
+
+    def embed(self) -> None:
+        """The windows' embeddings: the hidden states entering block 0."""
+        embed_windows(self.ckpt, self.windows, self.device, self.x, self.batch)
 
     @torch.no_grad()
-    def enter(self, bid: int, w: Weights) -> None:
+    def enter(self, block: Part) -> None:
+        bid = block.bid
         if self.ckpt.n_experts(bid):
             assert self.scratch is not None, "an MoE block needs a second activation buffer"
-            self.routes = forward_block(self.ckpt, w, self.x, self.pos.of(bid), self.scratch, self.batch, self.device)
+            self.routes = forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.scratch, self.batch,
+                                        self.device)
         else:
-            forward_block(self.ckpt, w, self.x, self.pos.of(bid), self.x, self.batch, self.device)
+            forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.x, self.batch, self.device)
 
     def expert(self, part: Part) -> None:
         assert self.routes is not None and self.scratch is not None, "an expert outside an MoE block"
         add_expert(self.ckpt, part.w, routed_rows(self.routes, part.xid), self.x, self.scratch, self.device)
 
-    def leave(self) -> None:
+    def leave(self, block: Part) -> None:
         if self.routes is not None:
-            assert self.scratch is not None
-            self.x, self.scratch, self.routes = self.scratch, self.x, None
+            self.swap()
+            self.routes = None
 
-    def block(self, part: Part) -> None:
-        """One whole block as streamed, its routed experts one at a time."""
-        self.enter(part.bid, part.w)
-        if self.routes is not None:
-            for expert in part.experts():
-                self.expert(expert)
-        self.leave()
+    def swap(self) -> None:
+        """The output buffer becomes the next block's input."""
+        assert self.scratch is not None
+        self.x, self.scratch = self.scratch, self.x
 
     def nll(self) -> tuple[float, int]:
         """Summed next-token NLL after the last block (the final norm and head), and the predicted tokens."""
@@ -99,16 +105,11 @@ class HiddenStream:
 
 
 def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store: Activations, batch: int,
-                 progress: bool = False, scratch: Activations | None = None) -> Activations:
+                 scratch: Activations | None = None, status: Status | None = None) -> Activations:
     """Hidden states after the last block for (K, T) token windows, in `store` (K, T, D), one block at a time (see
     `HiddenStream`; `scratch` is needed for MoE models). Returns the buffer that holds the result."""
     stream = HiddenStream(ckpt, windows, device, batch, store, scratch)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("blocks", total=ckpt.config.n_layers)
-        for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
-            stream.block(block)
-            del block
-            bar.advance(task)
+    walk(BlockStream(ckpt, device, range(ckpt.config.n_layers)), [stream], status)
     return stream.x
 
 
@@ -123,68 +124,45 @@ def logits(model_dir: str | Path, ids: Tensor, device: str = "cpu", batch: int =
         return head(ckpt.config, head_weights(ckpt, dev), store.data)
 
 
-def evaluate(
-    model_dir: str | Path,
-    data: str | Path,
-    seqlen: int | None = None,
-    nsamples: int | None = None,
-    device: str = "auto",
-    progress: bool = False,
-    offload_activations: str = "auto",
-    max_gpu_memory: int | None = None,
-    batch: int = 8,
-) -> EvalResult:
+def evaluate(model_dir: str | Path, data: str | Path, progress: bool = False, **options: Any) -> EvalResult:
     """Perplexity of a checkpoint on a local data file, holding one block's weights at a time.
 
     Args:
         model_dir: Hugging Face model directory (config.json, safetensors, tokenizer.json).
         data: plain text, .jsonl with a "text" field, or .npy token ids.
-        seqlen: window length; default is the model's maximum positions capped at 2048.
-        nsamples: use at most this many windows (from the start of the data).
-        device: "auto", "cpu" or "cuda".
         progress: show a progress bar over blocks.
-        offload_activations, max_gpu_memory, batch: as for `prune`: the windows' hidden states live on the
-            device when they fit, else in host memory, else in a temporary file (in the system's temporary
-            folder, $TMPDIR); the batch shrinks to fit the GPU budget.
+        **options: fields of `streamprune.options.EvalOptions`: seqlen (default: the model's maximum positions
+            capped at 2048), nsamples (at most this many windows, from the start of the data), device, batch,
+            offload_activations, max_gpu_memory (as for `prune`: the windows' hidden states live on the device
+            when they fit, else in host memory, else in a temporary file in $TMPDIR; the batch shrinks to fit the
+            GPU budget).
 
     Returns:
         An `EvalResult`: perplexity, mean NLL, predicted tokens, windows, seqlen, time, peak memory, and the
         placement and batch used.
     """
     start = time.perf_counter()
-    if batch < 1:
-        raise ArgumentError(f"batch {batch!r} must be at least 1")
+    opts = EvalOptions.of(options)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    seqlen = cfg.default_seqlen if seqlen is None else seqlen
+    seqlen = cfg.default_seqlen if opts.seqlen is None else opts.seqlen
     cfg.check_seqlen(seqlen)
-    dev = resolve_device(device)
-    tokens = load_tokens(data, model_dir, cfg.vocab_size)
-    windows = eval_windows(tokens, seqlen, nsamples, source=str(data))
+    dev = resolve_device(opts.device)
+    windows = eval_windows(load_tokens(data, model_dir, cfg.vocab_size), seqlen, opts.nsamples, source=str(data))
     K = windows.shape[0]
-    decision = decide(eval_footprint(ckpt, K, seqlen), dev, offload_activations, max_gpu_memory, batch, K)
-    with tempfile.TemporaryDirectory(prefix="streamprune-eval-") as work, PeakMemory(dev) as mem:
+    decision = decide(eval_footprint(ckpt, K, seqlen), dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, K)
+    with tempfile.TemporaryDirectory(prefix="streamprune-eval-") as work, PeakMemory(dev) as mem, \
+            tracked(mem, cfg.n_layers, progress=progress) as status:
         stores = [make_store((K, seqlen, cfg.hidden_size), decision.placement, dev, Path(work), f"hidden{i}")
                   for i in range(2 if cfg.n_experts else 1)]  # an MoE block writes into a second buffer
         try:
-            store = final_hidden(ckpt, windows, dev, stores[0], decision.batch, progress, (stores + [None])[1])
+            store = final_hidden(ckpt, windows, dev, stores[0], decision.batch, (stores + [None])[1], status)
             total, count = head_nll(ckpt, store, windows, dev)
         finally:
             for s in stores:
                 s.close()
     nll = total / count
-    return EvalResult(
-        model=str(model_dir),
-        data=str(data),
-        perplexity=math.exp(nll),
-        nll=nll,
-        tokens=count,
-        windows=K,
-        seqlen=seqlen,
-        device=str(dev),
-        seconds=time.perf_counter() - start,
-        peak_rss_bytes=max(mem.peak_rss, os_peak_rss()),
-        peak_gpu_bytes=mem.peak_gpu,
-        offload_activations=decision.placement,
-        batch=decision.batch,
-    )
+    return EvalResult(model=str(model_dir), data=str(data), perplexity=math.exp(nll), nll=nll, tokens=count, windows=K,
+                      seqlen=seqlen, device=str(dev), seconds=time.perf_counter() - start,
+                      peak_rss_bytes=max(mem.peak_rss, os_peak_rss()), peak_gpu_bytes=mem.peak_gpu,
+                      offload_activations=decision.placement, batch=decision.batch)

@@ -79,16 +79,10 @@ class Journal:
     allocation: dict[str, Any] | None = None  # --allocation owl: the block sparsities, computed once (a resume reuses them)
 
     @classmethod
-    def load(cls, out_dir: Path) -> Journal | None:
-        path = out_dir / WORK_DIR / JOURNAL_NAME
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(raw["fingerprint"], {int(k): v for k, v in raw["done"].items()}, raw.get("environment", {}),
-                       raw.get("allocation"))
-        except (ValueError, KeyError, TypeError):
-            return None  # unreadable: treated as no journal
+    def from_dict(cls, raw: dict[str, Any]) -> Journal:
+        """A journal as `save` wrote it."""
+        return cls(raw["fingerprint"], {int(k): v for k, v in raw.get("done", {}).items()}, raw.get("environment", {}),
+                   raw.get("allocation"))
 
     def save(self, out_dir: Path) -> None:
         (out_dir / WORK_DIR).mkdir(exist_ok=True)

@@ -113,6 +113,9 @@ def os_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+MEMORY_CSV = "streamprune_memory.csv"  # --profile-memory: the samples, in OUT_DIR
+
+
 class PeakMemory:
     """Samples RSS in a background thread while active; also reads the CUDA allocator's peak.
 

@@ -28,7 +28,7 @@ from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.forward import forward_block
 from streamprune.pruners.factor import rows_per_chunk
-from streamprune.stream import BlockStream
+from streamprune.stream import Part
 
 ALLOCATIONS = ("uniform", "owl")
 OWL_LAMBDA = 0.08  # the paper's and its code's README value for unstructured sparsity
@@ -112,32 +112,39 @@ def pruned_counts(ckpt: Checkpoint) -> list[int]:
             for b in range(ckpt.config.n_layers)]
 
 
-@torch.no_grad()
-def dense_outlier_ratios(ckpt: Checkpoint, x: Activations, pos: LayerPositions, batch: int, device: torch.device,
-                         m: float, progress: Callable[[int], None] = lambda bid: None,
-                         reduce: Callable[[Tensor], Tensor] = lambda t: t) -> list[float]:
-    """Every block's outlier ratio, from one forward of the dense model over the embedded windows in `x`
-    (updated in place, block by block: it holds the last block's output at the end). Each site's input column
-    norms are accumulated as the block runs (a vector per site, no X^T X); the blocks come from BlockStream.
-    `reduce` sums each site's squared norms in place over the processes of a run that share the windows."""
-    ratios = []
-    for block in BlockStream(ckpt, device, range(ckpt.config.n_layers)):
-        progress(block.bid)
+class OutlierRatios:
+    """Every block's outlier ratio, as a consumer of the block loop over the dense model (`loop.walk`): each block
+    runs forward over the embedded windows in `x` (updated in place: it holds the last block's output at the end),
+    each site's input column norms accumulated as it runs (a vector per site, no X^T X). `reduce` sums each site's
+    squared norms in place over the processes of a run that share the windows. Models with routed experts are not
+    allocated by OWL: a block's experts never arrive here."""
+
+    def __init__(self, ckpt: Checkpoint, x: Activations, pos: LayerPositions, batch: int, device: torch.device,
+                 m: float, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+        self.ckpt, self.x, self.pos, self.batch, self.device, self.m, self.reduce = ckpt, x, pos, batch, device, m, reduce
+        self.ratios: list[float] = []
+
+    @torch.no_grad()
+    def enter(self, block: Part) -> None:
         sqnorms: dict[Site, Tensor] = {}
 
         def tap(site: Site, a: Tensor) -> None:
-            a = a.reshape(-1, a.shape[-1]).to(device, torch.float32)  # (tokens, columns)
+            a = a.reshape(-1, a.shape[-1]).to(self.device, torch.float32)  # (tokens, columns)
             s = torch.linalg.vector_norm(a, dim=0).square_()
             if site in sqnorms:
                 sqnorms[site].add_(s)
             else:
                 sqnorms[site] = s
 
-        forward_block(ckpt, block.w, x, pos.of(block.bid), x, batch, device, tap=tap)
+        forward_block(self.ckpt, block.w, self.x, self.pos.of(block.bid), self.x, self.batch, self.device, tap=tap)
         for site in sorted(sqnorms, key=lambda site: site.value):  # the same order on every process
-            reduce(sqnorms[site])
-        linears = block_linears(ckpt, block.bid)
-        ratios.append(outlier_ratio([(block.w[(role, "weight")], sqnorms[site]) for role, (site, _) in linears.items()],
-                                    m))
-        del block
-    return ratios
+            self.reduce(sqnorms[site])
+        linears = block_linears(self.ckpt, block.bid)
+        self.ratios.append(outlier_ratio([(block.w[(role, "weight")], sqnorms[site])
+                                          for role, (site, _) in linears.items()], self.m))
+
+    def expert(self, expert: Part) -> None:
+        raise AssertionError("OWL allocates models without routed experts")
+
+    def leave(self, block: Part) -> None:
+        pass

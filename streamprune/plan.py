@@ -27,7 +27,7 @@ from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfi
 from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.calib import eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
-from streamprune.errors import ArgumentError
+from streamprune.errors import ArgumentError, DataError
 from streamprune.memory import resolve_device
 from streamprune.pruners import default_errors
 from streamprune.pruners import Grid
@@ -308,40 +308,63 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
     return Decision(placement, batch, offload)
 
 
-def plan(model_dir: str | Path, nsamples: int = 128, seqlen: int | None = None, device: str = "auto",
-         offload_activations: str = "auto", max_gpu_memory: int | None = None, method: str = "sparsegpt",
-         batch: int = 8, sequential: bool = True, layer_errors: bool | None = None, blocksize: int = 128,
-         wbits: int | None = None, group_size: int = 128, sym: bool = True, eval: str | Path | None = None,
-         eval_nsamples: int | None = None, eval_seqlen: int | None = None, eval_dense: bool = False,
-         allocation: str = "uniform", nproc: int = 1) -> MemoryPlan:
-    """Predicted peak memory of `streamprune run` with these arguments; nothing is run or allocated.
+def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
+    """Predicted peak memory of `streamprune run` with these options; nothing is run or allocated.
 
     Args:
         model_dir: the checkpoint to prune.
-        nsamples, seqlen, batch: calibration windows, their length, windows per forward call.
-        device, offload_activations, max_gpu_memory: as for `streamprune run`; a run on a GPU can be
-            planned on a machine without one when `max_gpu_memory` gives the card's size.
-        method, sequential, layer_errors, blocksize, wbits, group_size, sym: as for `streamprune run`.
-        eval, eval_nsamples, eval_seqlen, eval_dense: as for `streamprune run`: the evaluation windows' hidden
-            states (the file is tokenized to count its windows).
-        allocation: as for `streamprune run`; "owl" adds the dense pass's activations to magnitude's plan (the other
-            methods' runs hold them anyway).
-        nproc: ranks per node (`torchrun --nproc-per-node`): the plan is one rank's, holding its share of the
-            windows (the largest share) beside a whole block, each rank on its own GPU.
+        **options: the options `plan` takes (see `streamprune.options.PruneOptions`), as for `streamprune run`: a
+            run on a GPU can be planned on a machine without one when `max_gpu_memory` gives the card's size;
+            `eval` is tokenized to count its windows; `allocation` "owl" adds the dense pass's activations to
+            magnitude's plan (the other methods' runs hold them anyway); `nproc`, the ranks per node (`torchrun
+            --nproc-per-node`): the plan is one rank's, holding its share of the windows (the largest share) beside
+            a whole block, each rank on its own GPU.
     """
-    if nproc < 1:
-        raise ArgumentError(f"nproc {nproc!r} must be at least 1")
+    from streamprune.options import PLAN, PruneOptions
+
+    opts = PruneOptions.of(PLAN, options)
     ckpt = Checkpoint(model_dir)
-    dev = planned_device(device, max_gpu_memory)
-    seqlen = ckpt.config.default_seqlen if seqlen is None else seqlen
-    grid = None if wbits is None else Grid(wbits, group_size, sym)
-    windows = run_eval_windows(ckpt, eval, eval_nsamples, eval_seqlen, eval_dense)
+    dev = planned_device(opts.device, opts.max_gpu_memory)
+    seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
+    grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
+    windows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
     if windows is not None:  # rank 0's share, the largest
-        windows = windows[: -(-windows.shape[0] // nproc)]
-    fp = footprint(ckpt, -(-nsamples // nproc), seqlen, method, sequential, layer_errors, {"blocksize": blocksize},
-                   grid, *eval_sizes(windows, eval_dense), owl=allocation == "owl")
-    return memory_plan(fp, dev, decide(fp, dev, offload_activations, max_gpu_memory, batch, nsamples, nproc),
-                       nproc=nproc)
+        windows = windows[: -(-windows.shape[0] // opts.nproc)]
+    fp = footprint(ckpt, -(-opts.nsamples // opts.nproc), seqlen, opts.method, opts.sequential, opts.layer_errors,
+                   {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense),
+                   owl=opts.allocation == "owl")
+    decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
+    return memory_plan(fp, dev, decision, nproc=opts.nproc)
+
+
+def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
+    """Predicted peak memory of `streamprune sweep` with these options (`eval` is required: it is tokenized to
+    count its windows; the points from `methods`, `sparsities` and `patterns`); nothing is run or allocated."""
+    from streamprune.options import PLAN, PruneOptions
+    from streamprune.sweep import sweep_points
+
+    opts = PruneOptions.of(PLAN, options)
+    if opts.nproc != 1:
+        raise ArgumentError("--sweep plans one process; drop --nproc")
+    if opts.eval is None:
+        raise DataError("a sweep's plan needs its evaluation data: pass --eval FILE")
+    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    ckpt = Checkpoint(model_dir)
+    seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
+    ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
+    assert ewindows is not None
+    return plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows,
+                      planned_device(opts.device, opts.max_gpu_memory))
+
+
+def plan_sweep(ckpt: Checkpoint, methods: list[str], opts: Any, seqlen: int, eval_windows: Tensor,
+               device: torch.device) -> MemoryPlan:
+    """The memory plan of a sweep whose points use `methods` (see `sweep_footprint`), its placement and batch
+    decided as a run's are."""
+    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}) for name in methods]
+    fp = sweep_footprint(ckpt, knobs, opts.nsamples, seqlen, opts.sequential, *eval_windows.shape)
+    decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
+    return memory_plan(fp, device, decision, points=len(methods))
 
 
 def planned_device(device: str, max_gpu_memory: int | None) -> torch.device:

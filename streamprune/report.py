@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from streamprune.fileio import atomic_write
 
@@ -18,6 +23,11 @@ REPORT_NAME = "streamprune_report.json"
 # statistics and receiving the linears other ranks solved (waiting for them included).
 # owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
 PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write")
+
+
+@dataclass
+class Timing:
+    seconds: float = 0.0
 
 
 @dataclass
@@ -74,11 +84,37 @@ class Report:
     # with several ranks: each one's {rank, device, windows, wall_seconds, phases, peak_rss_bytes, peak_gpu_bytes}
     ranks: list[dict[str, Any]] | None = None
 
+    def __post_init__(self) -> None:
+        self.device = torch.device("cpu")  # whose queued work a timing waits for (set by the run; not saved)
+        self._open: list[float] = []  # the seconds of the phases timed inside each phase being timed
+
     def add(self, phase: str, seconds: float, block: int | None = None) -> None:
         self.phases[phase] += seconds
         if block is not None:
             per = self.block_phases.setdefault(str(block), dict.fromkeys(PHASES, 0.0))
             per[phase] += seconds
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, block: int | None = None) -> Iterator[Timing]:
+        """Count the seconds of the `with` body as `phase` (of `block`), less those of the phases timed inside it;
+        on a GPU after its queued work is done, so that the seconds are the work's. The `Timing` it yields holds
+        them once the body is done."""
+        timing = Timing()
+        start = self._clock()
+        self._open.append(0.0)
+        try:
+            yield timing
+        finally:
+            elapsed = self._clock() - start
+            timing.seconds = elapsed - self._open.pop()
+            self.add(phase, timing.seconds, block)
+            if self._open:
+                self._open[-1] += elapsed
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +124,19 @@ class Report:
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+
+def load_report(out_dir: Path) -> Report:
+    """The report a finished run saved in OUT_DIR."""
+    raw = json.loads((out_dir / REPORT_NAME).read_text())
+    raw["layers"] = [LayerReport(**lr) for lr in raw["layers"]]
+    return Report(**raw)
+
+
+def total_sparsity(layers: list[LayerReport]) -> float:
+    """Zeros over all pruned weights."""
+    numel = sum(lr.shape[0] * lr.shape[1] for lr in layers)
+    return sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in layers) / numel if numel else 0.0
 
 
 def quantization_summary(grid: Any, ckpt: Any, layers: list[LayerReport]) -> dict[str, Any]:

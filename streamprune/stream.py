@@ -3,7 +3,7 @@
 Each block's stored tensors are read by a background thread while the previous block is processed (read
 ahead), checked for NaN and Inf, and put on the compute device in their stored dtype; the block forward
 upcasts each linear exactly when it uses it. At most two blocks as stored are held: the one being processed
-and the next one. A block's routed experts are not part of it: `Block.experts()` streams them the same way,
+and the next one. A block's routed experts are not part of it: `Part.experts()` streams them the same way,
 one expert at a time with the next one read ahead, so no more than two experts of a block are ever held.
 """
 
@@ -41,8 +41,6 @@ class Part:
     xid: int | None = None  # the expert's index; None for the block itself
     experts: Callable[[], Iterator[Part]] = field(default=lambda: iter(()), repr=False)
 
-
-Block = Part
 
 
 class Reader(Generic[K]):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,14 @@ class ShardFile:
             else:
                 os.close(self.fd)
                 self.fd = -1
+
+
+Lazy = dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]  # name -> dtype, shape, loader
+
+
+def write_safetensors(path: Path, tensors: Lazy) -> None:
+    """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
+    so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
+    with ShardFile(path, {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}) as f:
+        for name, (_, _, load) in sorted(tensors.items()):
+            f.put(name, load())

@@ -9,18 +9,20 @@ import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
-import torch
 from torch import Tensor
 
-from streamprune.checkpoint import INDEX_NAME
+from streamprune.arch import PRUNABLE
+from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.errors import CheckpointError
 from streamprune.fileio import atomic_write
-from streamprune.tensorfile import Meta, ShardFile, read_header
-
-Lazy = dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], Tensor]]]  # name -> dtype, shape, loader
-
+from streamprune.formats import Layout, write_quantization_config
+from streamprune.journal import Journal
+from streamprune.report import LayerReport
+from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files unchanged; return their names."""
@@ -34,19 +36,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_safetensors(path: Path, tensors: Lazy) -> None:
-    """Write a safetensors file tensor by tensor: each loader is called just before its data is written,
-    so at most one tensor's bytes are held at a time (safetensors' own save builds the whole file in memory)."""
-    with ShardFile(path, {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}) as f:
-        for name, (_, _, load) in sorted(tensors.items()):
-            f.put(name, load())
-
-
-def eager(tensors: dict[str, Tensor]) -> Lazy:
-    """Entries for `write_safetensors` from tensors already in memory."""
-    return {name: (t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in tensors.items()}
-
-
 class ShardWriter:
     """Writes an output checkpoint shard by shard; `finish` writes the index from the shards' headers."""
 
@@ -56,14 +45,6 @@ class ShardWriter:
 
     def shard_name(self, idx: int) -> str:
         return f"model-{idx + 1:05d}-of-{self.n_shards:05d}.safetensors"
-
-    def write(self, idx: int, tensors: Lazy) -> Path:
-        """Write shard `idx` (entries as for `write_safetensors`) under a temporary name, flush it,
-        rename it into place and check its header."""
-        with self.open(idx, {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}) as shard:
-            for name, (_, _, load) in sorted(tensors.items()):
-                shard.put(name, load())
-        return self.dir / self.shard_name(idx)
 
     @contextlib.contextmanager
     def open(self, idx: int, meta: dict[str, Meta]) -> Iterator[ShardFile]:
@@ -92,3 +73,125 @@ class ShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with atomic_write(self.dir / INDEX_NAME) as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def output_linears(ckpt: Checkpoint) -> list[str]:
+    """The weights a run prunes, so writes through its output format: every linear of SEQUENTIAL and
+    EXPERT_SEQUENTIAL."""
+    names = [name for ((role, kind), bid), name in ckpt.names.items()
+             if bid is not None and kind == "weight" and role in PRUNABLE]
+    return names + [name for names in ckpt.experts.values() for (role, _), name in names.items() if role in PRUNABLE]
+
+
+def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, Meta]:
+    """The stored tensors of block `bid`'s output shard (None: the globals'), with dtypes and shapes: the input's
+    tensors, the linears in `layout.encoded` as its format stores them. Known before any is solved."""
+    meta: dict[str, Meta] = {}
+    for n in ckpt.stored_names(bid):
+        meta.update(layout.meta(n, ckpt.tensors[n].torch_dtype, ckpt.tensors[n].shape))
+    return meta
+
+
+class BlockShard:
+    """One shard being written: tensors put as they are final, in any order; `close` puts it in place whole (and
+    hands its layers' report rows to `on_close`), `abort` removes it. Over a context that yields no file, it keeps
+    nothing."""
+
+    def __init__(self, context: contextlib.AbstractContextManager[ShardFile | None],
+                 on_close: Callable[[list[LayerReport]], None] = lambda layers: None) -> None:
+        self.context, self.on_close = context, on_close
+        self.file = context.__enter__()
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.file is None else self.file.path
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        if self.file is not None:
+            self.file.put(name, tensor)
+
+    def close(self, layers: list[LayerReport]) -> None:
+        self.context.__exit__(None, None, None)
+        self.on_close(layers)
+
+    def abort(self) -> None:
+        error = CheckpointError("the block was not finished")
+        self.context.__exit__(type(error), error, None)
+
+
+class Sink(Protocol):
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+        """Shard `idx` of the output (0: the tensors outside the blocks; b + 1: block b), holding `meta`;
+        `read_back`: its file is read back before it is closed (the pruned experts of a block)."""
+
+
+class CheckpointSink:
+    """An output checkpoint in `out_dir`: each shard put in place whole, then recorded in `journal` (if any) with its
+    layers' report rows; `finish` adds the side files, config.json and the index."""
+
+    def __init__(self, ckpt: Checkpoint, out_dir: Path, layout: Layout, journal: Journal | None = None) -> None:
+        self.ckpt, self.dir, self.layout, self.journal = ckpt, out_dir, layout, journal
+        self.writer = ShardWriter(out_dir, ckpt.config.n_layers + 1)
+
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+        return BlockShard(self.writer.open(idx, meta), lambda layers: self.record(idx, layers))
+
+    def record(self, idx: int, layers: list[LayerReport]) -> None:
+        """Shard `idx`, written, flushed, renamed into place and checked, in the journal."""
+        if self.journal is None:
+            return
+        path = self.dir / self.writer.shard_name(idx)
+        self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(read_header(path)),
+                                  "layers": [asdict(lr) for lr in layers]}
+        self.journal.save(self.dir)
+
+    def finish(self) -> None:
+        """The input's side files and config.json (with the format's quantization config, whose `ignore` lists every
+        linear module the output does not encode, the head among them), then the index: until now OUT_DIR does not
+        load as a checkpoint."""
+        copy_side_files(self.ckpt.dir, self.dir)
+        ignore = [m for m in self.ckpt.linear_modules() if m + ".weight" not in self.layout.encoded]
+        write_quantization_config(self.dir, self.layout.format, ignore)
+        self.writer.finish()
+
+
+class NoSink:
+    """An output that keeps nothing (a rank other than rank 0; a sweep's point without --save-dir); a shard read back
+    before it is closed is a temporary file `work`/`name`, removed when it is closed."""
+
+    def __init__(self, work: Path | None = None, name: str = "block") -> None:
+        self.work, self.name = work, name
+
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+        if read_back:
+            assert self.work is not None
+            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta))
+        return BlockShard(contextlib.nullcontext(None))
+
+
+@contextlib.contextmanager
+def temporary_shard(path: Path, meta: dict[str, Meta]) -> Iterator[ShardFile]:
+    try:
+        with ShardFile(path, meta) as shard:
+            yield shard
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def write_globals(ckpt: Checkpoint, sinks: list[Sink]) -> None:
+    """Shard 0 of each sink's output: the tensors outside the blocks, copied bit for bit, each read once and one at
+    a time."""
+    names = ckpt.stored_names(None)
+    meta = {n: (ckpt.tensors[n].torch_dtype, tuple(ckpt.tensors[n].shape)) for n in names}
+    shards = [sink.open(0, meta) for sink in sinks]
+    try:
+        for name in sorted(names):
+            tensor = read_tensor(ckpt.tensors[name])
+            for shard in shards:
+                shard.put(name, tensor)
+    except BaseException:
+        for shard in shards:
+            shard.abort()
+        raise
+    for shard in shards:
+        shard.close([])

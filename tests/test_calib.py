@@ -12,7 +12,8 @@ import torch
 
 from streamprune import calib
 from streamprune.errors import DataError
-from streamprune.pipeline import PruneOptions, prepare
+from streamprune.job import prepare
+from streamprune.options import PruneOptions
 from tests import tiny
 from tests.test_bad_input import assert_names, fail
 

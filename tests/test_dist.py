@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import streamprune
 from streamprune.dist import Ranks
-from streamprune.pipeline import load_report
+from streamprune.report import load_report
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,8 @@ def test_error_on_every_rank_is_reported_once(tmp_path, calib):
 
 def test_what_ranks_cannot_share_is_refused_up_front(tmp_path, calib):
     from streamprune.errors import ArgumentError
-    from streamprune.pipeline import PruneOptions, prepare
+    from streamprune.job import prepare
+    from streamprune.options import PruneOptions
 
     src = tiny.build(tmp_path / "model", "llama")
     with pytest.raises(ArgumentError, match="1 calibration windows cannot be shared by 2 ranks"):

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 from streamprune.checkpoint import Checkpoint, read_tensor
-from streamprune.writer import ShardWriter, copy_side_files
+from streamprune.writer import CheckpointSink, ShardWriter, block_meta, output_linears
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.evaluate import logits
 from streamprune.formats import CompressedTensorsFormat, Layout, format_of, make_format
-from streamprune.pipeline import block_meta, finish_config, output_linears, prune
+from streamprune.pipeline import prune
 from streamprune.pruners.quant import Grid, Quantized
 from tests import tiny
 
@@ -132,27 +132,26 @@ def test_refusals():
 def quantize_checkpoint(src: Path, dst: Path, grid: Grid, format: str = "compressed-tensors") -> dict[str, Quantized]:
     """What a quantizing run writes, without the solver: each linear the pipeline prunes, rounded to the nearest
     point of `grid`, written through the format on the pipeline's own shard path (header first from
-    `block_meta`, each tensor put as it is ready, config.json by `finish_config`)."""
+    `block_meta`, each tensor put as it is ready, config.json and the index by the sink's `finish`)."""
     ckpt = Checkpoint(src)
     fmt = make_format(format, grid)
     ct_fmt = CompressedTensorsFormat(grid)  # the scales as stored, whichever the format
     layout = Layout(fmt, frozenset(output_linears(ckpt)))
-    writer = ShardWriter(dst, ckpt.config.n_layers + 1)
+    sink = CheckpointSink(ckpt, dst, layout)
     dst.mkdir(parents=True, exist_ok=True)
     solved = {}
     for idx, bid in enumerate([None, *range(ckpt.config.n_layers)]):
-        with writer.open(idx, block_meta(ckpt, bid, layout)) as shard:
-            for name in ckpt.stored_names(bid):
-                w = read_tensor(ckpt.tensors[name])
-                if name not in layout.encoded:
-                    shard.put(name, w)
-                    continue
-                solved[name] = q = rtn(w, grid, ct_fmt, w.dtype)
-                for part, t in fmt.encode(name, dequantized(q, grid).to(w.dtype), q).items():
-                    shard.put(part, t)
-    copy_side_files(src, dst)
-    finish_config(ckpt, dst, layout)
-    writer.finish()
+        shard = sink.open(idx, block_meta(ckpt, bid, layout))
+        for name in ckpt.stored_names(bid):
+            w = read_tensor(ckpt.tensors[name])
+            if name not in layout.encoded:
+                shard.put(name, w)
+                continue
+            solved[name] = q = rtn(w, grid, ct_fmt, w.dtype)
+            for part, t in fmt.encode(name, dequantized(q, grid).to(w.dtype), q).items():
+                shard.put(part, t)
+        shard.close([])
+    sink.finish()
     return solved
 
 

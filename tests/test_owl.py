@@ -12,7 +12,9 @@ import streamprune
 from streamprune.calib import calib_windows
 from streamprune.errors import StreamPruneError
 from streamprune.owl import allocate, linear_zeros
-from streamprune.pipeline import PruneOptions, load_report, prepare
+from streamprune.job import prepare
+from streamprune.options import PruneOptions
+from streamprune.report import load_report
 from streamprune.plan import plan
 from streamprune.pruners.masks import row_mask_exact
 from tests import tiny

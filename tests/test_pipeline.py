@@ -109,13 +109,13 @@ def test_hessian_offload_changes_no_byte(tmp_path, calib, monkeypatch, method):
     writes the same bytes and reports the same rows as the run without."""
     import dataclasses
 
-    from streamprune import pipeline
+    from streamprune import job
 
     src = tiny.build(tmp_path / "in", "llama-gqa", dtype=torch.bfloat16)
     plain = streamprune.prune(src, tmp_path / "plain", method=method, calib=calib, nsamples=4, seqlen=64,
                               layer_errors=True)
-    decide = pipeline.decide
-    monkeypatch.setattr(pipeline, "decide", lambda *a, **k: dataclasses.replace(decide(*a, **k), offload_hessian=True))
+    decide = job.decide
+    monkeypatch.setattr(job, "decide", lambda *a, **k: dataclasses.replace(decide(*a, **k), offload_hessian=True))
     offloaded = streamprune.prune(src, tmp_path / "offloaded", method=method, calib=calib, nsamples=4, seqlen=64,
                                   layer_errors=True)
     assert offloaded.args["offload_hessian"] and not plain.args["offload_hessian"]

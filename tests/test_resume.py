@@ -20,7 +20,7 @@ import streamprune
 from streamprune import tensorfile
 from streamprune.cli import app
 from streamprune.errors import StreamPruneError
-from streamprune.pipeline import load_report
+from streamprune.report import load_report
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

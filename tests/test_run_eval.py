@@ -28,9 +28,9 @@ def data(tmp_path_factory):
 
 def check(report, out, src, data, dense: bool = True) -> None:
     assert report.eval["windows"] == 3 and report.eval["seqlen"] == 48 and report.eval["tokens"] == 3 * 47
-    assert math.isclose(report.perplexity, evaluate(out, data, 48, 3, device="cpu").perplexity, rel_tol=1e-5)
+    assert math.isclose(report.perplexity, evaluate(out, data, seqlen=48, nsamples=3, device="cpu").perplexity, rel_tol=1e-5)
     if dense:
-        assert math.isclose(report.dense_perplexity, evaluate(src, data, 48, 3, device="cpu").perplexity, rel_tol=1e-5)
+        assert math.isclose(report.dense_perplexity, evaluate(src, data, seqlen=48, nsamples=3, device="cpu").perplexity, rel_tol=1e-5)
         assert report.perplexity != report.dense_perplexity  # the two streams went through different weights
 
 
@@ -96,6 +96,6 @@ def test_cli_run_eval_prints_and_reports_perplexity(tmp_path, data):
                                       "32", "--eval", str(data), "--eval-nsamples", "3", "--eval-seqlen", "48",
                                       "--eval-dense"])
     assert result.exit_code == 0, result.output
-    report = streamprune.pipeline.load_report(out)
+    report = streamprune.report.load_report(out)
     assert f"perplexity {report.perplexity:.4f}, dense {report.dense_perplexity:.4f}" in result.output
     check(report, out, src, data)

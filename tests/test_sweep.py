@@ -22,7 +22,8 @@ from streamprune.checkpoint import Checkpoint
 from streamprune.cli import app
 from streamprune.errors import ArgumentError, DataError
 from streamprune.evaluate import evaluate
-from streamprune.sweep import sweep, sweep_plan
+from streamprune.pipeline import Sweep, sweep
+from streamprune.plan import sweep_plan
 from tests import tiny
 
 CALIB = dict(nsamples=4, seqlen=32, eval_nsamples=3, eval_seqlen=48)
@@ -50,7 +51,7 @@ def test_sweep_equals_separate_runs(tmp_path, data, variant, sequential):
     result = sweep(src, tmp_path / "sweep", save_dir=tmp_path / "points", calib=data, eval=data, device="cpu",
                    sequential=sequential, **CALIB, **POINTS)
     assert len(result.points) == 9 and [r["reads"] for r in result.reads] == [1] * Checkpoint(src).config.n_layers
-    dense = evaluate(src, data, 48, 3, device="cpu").perplexity
+    dense = evaluate(src, data, seqlen=48, nsamples=3, device="cpu").perplexity
     assert math.isclose(result.dense_perplexity, dense, rel_tol=1e-6)
     for p in result.points:
         out = tmp_path / "run" / p["label"]
@@ -61,7 +62,7 @@ def test_sweep_equals_separate_runs(tmp_path, data, variant, sequential):
         ran, saved = tensors(out), tensors(Path(p["checkpoint"]))
         assert ran.keys() == saved.keys() and all(ran[k].equal(saved[k]) for k in ran), p["label"]
         assert math.isclose(p["perplexity"], report.perplexity, rel_tol=1e-6), p["label"]
-        assert math.isclose(p["perplexity"], evaluate(out, data, 48, 3, device="cpu").perplexity, rel_tol=1e-5)
+        assert math.isclose(p["perplexity"], evaluate(out, data, seqlen=48, nsamples=3, device="cpu").perplexity, rel_tol=1e-5)
         assert math.isclose(p["total_sparsity"], report.total_sparsity, rel_tol=1e-9)
     ppl = {p["label"]: p["perplexity"] for p in result.points}
     assert ppl["sparsegpt-0.30"] != ppl["sparsegpt-0.60"] != ppl["wanda-0.60"]  # every point its own model
@@ -99,15 +100,15 @@ def test_interrupted_sweep_resumes_at_the_first_unfinished_block(tmp_path, data,
     src = tiny.build(tmp_path / "m", "llama")  # 3 blocks
     args = dict(calib=data, eval=data, device="cpu", **CALIB, **POINTS)
     ref = sweep(src, tmp_path / "ref", **args)
-    real, calls = sweep_module.Sweep.save_state, {"n": 0}
+    real, calls = Sweep.save_state, {"n": 0}
 
-    def killed_after_two_blocks(self, done, dense, lanes):
-        real(self, done, dense, lanes)
+    def killed_after_two_blocks(self, done, *streams):
+        real(self, done, *streams)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as a kill would stop it: block 1 saved, block 2 not started
 
-    monkeypatch.setattr(sweep_module.Sweep, "save_state", killed_after_two_blocks)
+    monkeypatch.setattr(Sweep, "save_state", killed_after_two_blocks)
     out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
         sweep(src, out, **args)
@@ -130,15 +131,15 @@ def test_sweep_resume_with_saved_checkpoints(tmp_path, data, monkeypatch, varian
     args = dict(calib=data, eval=data, device="cpu", methods=["sparsegpt"], sparsities=[0.5], sequential=sequential,
                 **CALIB)
     sweep(src, tmp_path / "ref", save_dir=tmp_path / "ref-points", **args)
-    real, calls = sweep_module.Sweep.save_state, {"n": 0}
+    real, calls = Sweep.save_state, {"n": 0}
 
-    def killed(self, done, dense, lanes):
-        real(self, done, dense, lanes)
+    def killed(self, done, *streams):
+        real(self, done, *streams)
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_module.Sweep, "save_state", killed)
+    monkeypatch.setattr(Sweep, "save_state", killed)
     with pytest.raises(KeyboardInterrupt):
         sweep(src, tmp_path / "sweep", save_dir=tmp_path / "points", **args)
     monkeypatch.undo()
@@ -146,15 +147,16 @@ def test_sweep_resume_with_saved_checkpoints(tmp_path, data, monkeypatch, varian
     assert result.resumed_at_block == 1
     ref, got = tensors(tmp_path / "ref-points" / "sparsegpt-0.50"), tensors(tmp_path / "points" / "sparsegpt-0.50")
     assert ref.keys() == got.keys() and all(ref[k].equal(got[k]) for k in ref)
-    assert math.isclose(evaluate(tmp_path / "points" / "sparsegpt-0.50", data, 48, 3, device="cpu").perplexity,
+    assert math.isclose(evaluate(tmp_path / "points" / "sparsegpt-0.50", data, seqlen=48, nsamples=3, device="cpu").perplexity,
                         result.points[0]["perplexity"], rel_tol=1e-5)
 
 
 def test_plan_grows_with_the_points_and_the_sweep_refuses_what_does_not_fit(tmp_path, data, monkeypatch):
     src = tiny.build(tmp_path / "m", "llama")
     opts = dict(eval=data, device="cpu", **CALIB)
-    one = sweep_plan(src, ["sparsegpt"], [0.5], [], **opts)
-    many = sweep_plan(src, ["sparsegpt", "wanda", "magnitude"], [0.3, 0.5, 0.7], ["2:4"], **opts)
+    one = sweep_plan(src, methods=["sparsegpt"], sparsities=[0.5], **opts)
+    many = sweep_plan(src, methods=["sparsegpt", "wanda", "magnitude"], sparsities=[0.3, 0.5, 0.7], patterns=["2:4"],
+                      **opts)
     acts = lambda p: sum(b for w, b, _ in p.consumers if "activations" in w or "hidden states" in w)  # noqa: E731
     # per point: two calibration buffers (4 x 32 x 64 floats) unless magnitude, and an evaluation stream (3 x 48 x
     # 64); and the dense model's evaluation stream
@@ -162,7 +164,7 @@ def test_plan_grows_with_the_points_and_the_sweep_refuses_what_does_not_fit(tmp_
     assert acts(one) == calib + 2 * ev and acts(many) == 8 * calib + 13 * ev
     assert many.host_peak - one.host_peak == acts(many) - acts(one)  # weights and workspaces do not grow
     with pytest.raises(DataError, match="--eval"):
-        sweep_plan(src, ["sparsegpt"], [0.5], [], device="cpu")
+        sweep_plan(src, methods=["sparsegpt"], sparsities=[0.5], device="cpu")
 
     class Tiny:
         available = 64 * 2**20  # less than the interpreter alone

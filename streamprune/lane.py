@@ -1,0 +1,347 @@
+"""One pruning point as a consumer of the block loop: a block's linears pruned site by site, its routed experts one
+at a time as they arrive, every pruned tensor written as soon as it is final.
+
+    enter(block)    the block's other tensors written; its linears pruned in the order of SEQUENTIAL, each site's
+                    statistics from a forward of the calibration windows through the block as pruned so far; its
+                    evaluation streams enter the pruned block; a dense block's output computed for the next block
+    expert(part)    one routed expert pruned (EXPERT_SEQUENTIAL) from the tokens routed to it, its weighted output
+                    added to the block's output and to the evaluation streams
+    leave(block)    the block's shard put in place; the block's output becomes the next block's input
+
+An MoE block runs in two passes so that its experts are read once (see `forward.forward_block`). With --sequential,
+the first pass of the pruned block writes its output without the routed experts and keeps its MoE input, from which
+each expert's statistics come. Without it, the statistics come from the dense block (its MoE input kept by the
+calibration forward) and the pruned block runs forward at the end, its experts read back from the shard.
+
+With several ranks, each runs the forwards on its share of the windows, the statistics are summed across ranks before
+a site is solved (`merge`), each linear is solved by one rank and its stored tensors broadcast from there (`share`);
+with one process these steps do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from streamprune.activations import Activations
+from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
+from streamprune.arch.block import expert_hidden
+from streamprune.errors import DataError, StreamPruneError
+from streamprune.evaluate import HiddenStream
+from streamprune.forward import Routes, add_expert, forward_block, routed_rows
+from streamprune.loop import Status
+from streamprune.owl import Allocation, block_linears, linear_zeros
+from streamprune.pruners import Pruner, make_pruner
+from streamprune.report import LayerReport, Report
+from streamprune.stream import BlockStream, Part
+from streamprune.tensorfile import all_finite
+from streamprune.writer import BlockShard, Sink, block_meta
+
+if TYPE_CHECKING:
+    from streamprune.job import Job
+
+
+class PruneLane:
+    """One point's pruning (`job`), its figures in `report`, its shards into `sink`; `calib` holds its calibration
+    activations (None: the method reads no statistics), `streams` the evaluation streams of the pruned model.
+    `copy`: prune copies of the blocks' weights, leaving them as read for the consumers after this one (a sweep's
+    other points); else they are pruned in place and their host copies released as soon as they are written."""
+
+    def __init__(self, job: Job, report: Report, sink: Sink, calib: HiddenStream | None, streams: list[HiddenStream],
+                 status: Status, allocation: Allocation | None = None, copy: bool = False) -> None:
+        self.job, self.report, self.sink, self.calib, self.streams, self.status = job, report, sink, calib, streams, status
+        self.ckpt, self.opts, self.device, self.ranks, self.copy = job.ckpt, job.opts, job.device, job.ranks, copy
+        self.turn = 0  # rotates the ranks that solve single-linear sites
+        n = self.ckpt.config.n_layers
+        self.block_sparsity = [job.sparsity] * n if allocation is None else allocation.block_sparsity
+        # each linear's exact count of removed weights when the blocks have their own sparsities (none when uniform:
+        # the method's own rounding of the one sparsity)
+        self.zeros: dict[str, int] = {} if allocation is None else linear_zeros(
+            [(name, math.prod(self.ckpt.tensors[name].shape), allocation.block_sparsity[b])
+             for b in range(n) for _, name in block_linears(self.ckpt, b).values()])
+        # the block being pruned: its weights, output shard, first report row, routes and the experts' statistics
+        self.w: dict[Param, Tensor] = {}
+        self.shard: BlockShard | None = None
+        self.first_row = 0
+        self.routes: Routes | None = None
+        self.stats: Activations | None = None
+
+    def enter(self, block: Part) -> None:
+        bid, calib = block.bid, self.calib
+        moe = self.ckpt.n_experts(bid) > 0
+        self.w = dict(block.w) if self.copy else block.w  # the pruners replace the entries they prune
+        self.first_row = len(self.report.layers)
+        with self.report.timed("write", bid):
+            # the shard has the input's names, dtypes and shapes: its header is written first, and each tensor as
+            # soon as it is final (the pruned ones as they are solved, the others now)
+            self.shard = self.sink.open(bid + 1, block_meta(self.ckpt, bid, self.job.layout),
+                                        read_back=moe and calib is not None and not self.opts.sequential)
+            pruned = set(self.ckpt.pruned_linears(bid).values())
+            for name, tensor in block.raw.items():
+                if name not in pruned:
+                    self.shard.put(name, tensor)
+            if not self.copy:
+                block.raw.clear()  # written or held by `w` (on the CPU the same tensors; on a GPU, their copies)
+        self.status.phase(f"block {bid}: prune")
+        self.routes = self.prune_sites(bid, m_store=calib.scratch if calib and moe and not self.opts.sequential else None)
+        for stream in self.streams:
+            with self.report.timed("eval", bid):
+                stream.enter(dataclasses.replace(block, w=self.w))
+        if moe:
+            self.status.phase(f"block {bid}: experts")
+            self.start_experts(bid)
+        elif calib is not None:
+            self.status.phase(f"block {bid}: forward")
+            with self.report.timed("forward", bid):
+                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
+
+    def expert(self, part: Part) -> None:
+        bid, xid = part.bid, part.xid
+        assert xid is not None
+        we = dict(part.w) if self.copy else part.w
+        if not self.copy:
+            part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
+        self.prune_expert(bid, xid, we)
+        for stream in self.streams:
+            with self.report.timed("eval", bid):
+                stream.expert(dataclasses.replace(part, w=we))
+
+    def leave(self, block: Part) -> None:
+        bid, calib = block.bid, self.calib
+        if calib is not None and self.ckpt.n_experts(bid) and not self.opts.sequential:
+            with self.report.timed("forward", bid):  # the pruned block, its experts read back from its shard
+                assert self.shard is not None and self.shard.path is not None
+                written = BlockStream(self.ckpt, self.device, range(bid, bid + 1),
+                                      shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
+                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
+                              self.device, experts=lambda: written.experts(bid))
+        if calib is not None:
+            calib.swap()  # this block's outputs are the next block's inputs
+        for stream in self.streams:
+            stream.leave(block)
+        self.status.phase(f"block {bid}: write")
+        with self.report.timed("write", bid):
+            shard, self.shard = self.shard, None
+            assert shard is not None
+            shard.close(self.report.layers[self.first_row:])
+        self.w, self.routes, self.stats = {}, None, None
+
+    def close(self) -> None:
+        """Remove the shard of a block left unfinished (by an error)."""
+        if self.shard is not None:
+            shard, self.shard = self.shard, None
+            shard.abort()
+
+    # the linears of a block outside its routed experts
+    def prune_sites(self, bid: int, m_store: Activations | None) -> Routes | None:
+        """Prune every linear of block `bid` outside its routed experts, in place in `self.w`. With `m_store` (an MoE
+        block without --sequential), the calibration forward also keeps the dense MoE input there and returns its
+        routes, for the experts' statistics."""
+        w, names = self.w, self.ckpt.pruned_linears(bid)
+        groups = [(site, [r for r in roles if r in names]) for site, roles in SEQUENTIAL]
+        groups = [(site, roles) for site, roles in groups if roles]
+        if self.calib is None:  # magnitude without calibration data: no statistics needed
+            for _, roles in groups:
+                self.prune_roles(bid, w, self.new_pruner(w, roles, bid), roles, names)
+            return None
+        stages = [groups] if not self.opts.sequential else [[g] for g in groups]
+        routes = None
+        for stage in stages:  # sequential: one stage per site, each seeing the pruned sites before it
+            pruners = {site: self.new_pruner(w, roles, bid) for site, roles in stage}
+            routes = self.calibrate(bid, pruners, dict(stage), names, m_store)
+            for site, roles in stage:
+                self.prune_roles(bid, w, pruners[site], roles, names)
+        return routes
+
+    def calibrate(self, bid: int, pruners: dict[Site, Pruner], roles: dict[Site, list[Role]], names: dict[Role, str],
+                  m_store: Activations | None) -> Routes | None:
+        """One forward over the calibration windows, feeding each watched site's input to its pruner (and, with
+        `m_store`, running an MoE block's first pass to the end: its MoE input kept there, its routes returned)."""
+        assert self.calib is not None
+
+        def tap(site: Site, a: Tensor) -> None:
+            if site in pruners:
+                with self.report.timed("hessian", bid):
+                    pruners[site].add_batch(a)
+
+        last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
+        with self.report.timed("calibrate", bid):
+            routes = forward_block(self.ckpt, self.w, self.calib.x, self.calib.pos.of(bid), None, self.job.batch,
+                                   self.device, tap=tap, until=None if m_store else last, m_store=m_store)
+        self.merge(bid, *pruners.values())
+        for site, pruner in pruners.items():
+            self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
+        return routes
+
+    # the routed experts, one at a time
+    def start_experts(self, bid: int) -> None:
+        """Before the first expert: with --sequential, the pruned block's first pass (its output without the routed
+        experts, its MoE input kept over the block's input, which is no longer needed); without it, the experts'
+        statistics are the dense MoE input the calibration forward kept."""
+        calib = self.calib
+        if calib is None:
+            return
+        if self.opts.sequential:
+            with self.report.timed("forward", bid):
+                self.routes = forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch,
+                                            self.job.batch, self.device)
+            self.stats = calib.x
+        else:
+            self.stats = calib.scratch
+
+    def prune_expert(self, bid: int, xid: int, we: dict[Param, Tensor]) -> None:
+        """Prune routed expert `xid` in place in `we`: its gate and up projections from the rows of the tokens routed
+        to it (or of every token, see `expert_rows`), its down projection from their hidden activations through the
+        pruned gate and up; with --sequential its weighted output is added to the block's output."""
+        names = {param[0]: name for param, name in self.ckpt.experts[(bid, xid)].items()}
+        (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
+        if self.calib is None:  # magnitude without calibration data
+            for roles in (in_roles, down_roles):
+                self.prune_roles(bid, we, self.new_pruner(we, roles, bid), roles, names, expert=xid)
+            return
+        stats, sequential, cfg = self.stats, self.opts.sequential, self.ckpt.config
+        assert self.routes is not None and stats is not None
+        rows = routed_rows(self.routes, xid)
+        rows_in, how, n_routed = self.expert_rows(rows, stats)
+        row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
+        p_in, p_down = (self.new_pruner(we, roles, bid) for _, roles in EXPERT_SEQUENTIAL)
+        with self.report.timed("calibrate", bid):
+            for i, j, token, _ in rows_in:
+                m = stats.rows(i, j, token, self.device)
+                with self.report.timed("hessian", bid):
+                    p_in.add_batch(m)
+                    if not sequential:  # the dense expert's hidden activations
+                        p_down.add_batch(expert_hidden(cfg, we, m))
+        self.merge(bid, p_in) if sequential else self.merge(bid, p_in, p_down)
+        self.check_inputs(bid, p_in, [names[r] for r in in_roles])
+        self.prune_roles(bid, we, p_in, in_roles, names, **row)
+        if sequential:
+            with self.report.timed("hessian", bid):
+                for i, j, token, _ in rows_in:
+                    p_down.add_batch(expert_hidden(cfg, we, stats.rows(i, j, token, self.device)))
+            self.merge(bid, p_down)
+        self.check_inputs(bid, p_down, [names[r] for r in down_roles])
+        self.prune_roles(bid, we, p_down, down_roles, names, **row)
+        if sequential:
+            assert self.calib is not None
+            with self.report.timed("forward", bid):
+                add_expert(self.ckpt, we, rows, stats, self.calib.scratch, self.device)
+
+    def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
+        """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)
+        unless they are fewer than --moe-min-tokens, else every token that enters the MoE layer; with what was
+        used and the number routed."""
+        n_routed = self.ranks.sum_int(sum(int(token.numel()) for _, _, token, _ in rows))  # on every rank's share
+        if self.opts.moe_calibration == "routed" and n_routed >= self.opts.moe_min_tokens:
+            return rows, "routed", n_routed
+        how = "all" if self.opts.moe_calibration == "all" else f"all (fewer than {self.opts.moe_min_tokens} routed)"
+        T = stats.shape[1]
+        every = [(i, j, torch.arange((j - i) * T), torch.ones(0)) for i, j, _, _ in rows]
+        return every, how, n_routed
+
+    # one site's solve
+    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], bid: int) -> Pruner:
+        columns = w[(roles[0], "weight")].shape[1]
+        job = self.job
+        return make_pruner(self.opts.method, columns, self.device, self.block_sparsity[bid], job.pattern,
+                           job.offload_hessian, job.errors, grid=job.grid, **job.knobs)
+
+    def merge(self, bid: int, *pruners: Pruner) -> None:
+        """Sum the statistics each rank added from its share of the windows (no-op with one process)."""
+        if self.ranks.distributed:
+            with self.report.timed("sync", bid):
+                for pruner in pruners:
+                    pruner.all_reduce(self.ranks)
+
+    def check_inputs(self, bid: int, pruner: Pruner, names: list[str]) -> None:
+        # a NaN or Inf in any input column shows on its diagonal entry (|x_i x_j| <= (x_i^2 + x_j^2) / 2),
+        # so the d entries are checked instead of the d^2 (whose check would allocate d^2 temporaries)
+        sqnorms = pruner.column_sqnorms()
+        if sqnorms is not None and not bool(torch.isfinite(sqnorms).all()):
+            raise DataError(f"block {bid}: calibration activations entering {', '.join(names)} contain NaN or Inf")
+
+    def prune_roles(self, bid: int, w: dict[Param, Tensor], pruner: Pruner, roles: list[Role] | tuple[Role, ...],
+                    names: dict[Role, str], **row: Any) -> None:
+        """Prune the linears that share `pruner`'s input, then score each: the errors come after the solver's state
+        is released, so at most one d x d matrix beside X^T X is ever needed. `row`: extra fields of their report
+        rows (an expert's index and tokens). Each linear is solved and scored by its owner rank (`Ranks.owners`),
+        then its stored tensors go from there to every rank (`share`)."""
+        owners = self.ranks.owners([w[(role, "weight")].numel() for role in roles], self.turn)
+        self.turn += 1
+        done, solved_parts = [], {}
+        for role in [r for r, owner in zip(roles, owners) if owner == self.ranks.rank]:
+            name, dense = names[role], w[(role, "weight")]
+            with self.report.timed("solve", bid) as solve:
+                stored, unrounded, info = self.solve(bid, name, dense, pruner)
+                solved_parts[role] = stored
+                # later sites and blocks see what the output format decodes (what a loader computes)
+                pruned = w[(role, "weight")] = self.job.layout.weight(name, stored)
+            done.append((role, name, dense, pruned, unrounded, info, solve.seconds))
+        pruner.release_solver()
+        rows = {}
+        for role, name, dense, pruned, unrounded, info, solved in done:
+            with self.report.timed("error", bid) as scoring:
+                err = pruner.reconstruction_error(dense, pruned)
+                split = None if unrounded is None else pruner.split_errors(dense, unrounded, pruned)
+            rows[role] = self.layer_row(bid, role, name, pruned, err, split, info, solved + scoring.seconds, row)
+        pruner.free()
+        self.share(bid, w, roles, owners, names, solved_parts)
+        if self.ranks.distributed:
+            rows = {role: r for part in self.ranks.all_gather(rows) for role, r in part.items()}
+        self.report.layers += [rows[role] for role in roles]
+
+    def solve(self, bid: int, name: str, dense: Tensor, pruner: Pruner) -> tuple[dict[str, Tensor], Tensor | None,
+                                                                                  dict[str, Any]]:
+        """Linear `name` pruned: its stored tensors in the output format, its weights before rounding (--wbits) and the
+        solver's figures."""
+        result = pruner.prune(dense, self.zeros.get(name))
+        # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
+        pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
+        pruned.copy_(result.weight)
+        if not all_finite(pruned):  # checked as stored: a float16 cast can overflow what float32 held
+            raise StreamPruneError(
+                f"block {bid}: the pruned {name} does not fit {pruned.dtype} (largest |w| "
+                f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
+                "nothing of this block was written: rerun with a larger --damp and --restart, or prune a bfloat16 or "
+                "float32 copy")
+        return self.job.layout.format.encode(name, pruned, result.quant), result.unrounded, result.info
+
+    def layer_row(self, bid: int, role: Role, name: str, pruned: Tensor, err: float | None,
+                  split: tuple[float, float] | None, info: dict[str, Any], seconds: float,
+                  row: dict[str, Any]) -> LayerReport:
+        grid = self.job.grid
+        return LayerReport(
+            block=bid, role=role.value, name=name, shape=list(pruned.shape),
+            sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=seconds,
+            damp=info.get("damp"), damp_retries=int(info.get("damp_retries", 0)),
+            iterations=None if "iterations" not in info else int(info["iterations"]),
+            cg_iterations=None if "cg_iterations" not in info else int(info["cg_iterations"]),
+            cg_residual=info.get("residual"),
+            sparsity_error=None if split is None else split[0], quant_error=None if split is None else split[1],
+            packed_bytes=None if grid is None else grid.packed_bytes(*pruned.shape), **row)
+
+    def share(self, bid: int, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], owners: list[int],
+              names: dict[Role, str], solved: dict[Role, dict[str, Tensor]]) -> None:
+        """Each pruned linear's stored tensors from the rank that solved it (`solved` holds this rank's) to every
+        rank, which uses them from now on; each is written into the block's shard (which keeps nothing outside
+        rank 0)."""
+        assert self.shard is not None
+        with self.report.timed("sync", bid) if self.ranks.distributed else contextlib.nullcontext():
+            for role, owner in zip(roles, owners):
+                name = names[role]
+                stored = solved.get(role)
+                if stored is None:  # another rank's: received into buffers of the stored dtypes and shapes
+                    info = self.ckpt.tensors[name]
+                    stored = {part: torch.empty(shape, dtype=dtype, device=self.device)
+                              for part, (dtype, shape) in self.job.layout.meta(name, info.torch_dtype, info.shape).items()}
+                for part in stored.values():
+                    self.ranks.broadcast(part, owner)
+                for part, tensor in stored.items():
+                    self.shard.put(part, tensor.cpu())
+                if role not in solved:
+                    w[(role, "weight")] = self.job.layout.weight(name, stored)
