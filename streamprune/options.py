@@ -156,6 +156,9 @@ class PruneOptions:
     admm_rho: float = option(0.3, "ADMM: penalty rho, relative to the Hessian's unit diagonal after scaling.",
                              RUN_SWEEP, fingerprint=when_read)
     batch: int = option(8, BATCH_HELP, ALL, minimum=1, fingerprint=always)  # as fitted to the GPU budget
+    threads: int | None = option(None, "CPU threads the job computes with (default: torch's, one per core); the "
+                                       "pruned weights' last bits depend on it, so the same count gives the same "
+                                       "bytes.", RUN_SWEEP, minimum=1)
     layer_errors: bool | None = option(
         None, "Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, which holds "
               "X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).", ALL,

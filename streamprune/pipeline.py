@@ -96,6 +96,8 @@ class Run:
 
     def __init__(self, job: Job) -> None:
         self.job, self.ckpt, self.ranks = job, job.ckpt, job.ranks
+        if job.opts.threads is not None:
+            torch.set_num_threads(job.opts.threads)
         env = environment(job.device)
         if self.ranks.distributed:  # like the thread count: the order of the sums, not the result, depends on it
             env["world_size"] = self.ranks.world
@@ -296,6 +298,8 @@ class Sweep:
 
     def __init__(self, job: SweepJob) -> None:
         self.job, self.ckpt = job, job.ckpt
+        if job.args["threads"] is not None:
+            torch.set_num_threads(job.args["threads"])
         self.work = job.out_dir / WORK_DIR
         self.own = Report(args=job.args, model={}, phases=dict.fromkeys(("read", "embed", "save", "head"), 0.0))
         self.own.device = job.device

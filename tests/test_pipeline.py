@@ -399,3 +399,22 @@ def test_sparsegpt_beats_magnitude_on_every_routed_expert(tmp_path, calib):
     # win on the report rows, which measure each solve on its own statistics
     truth = {key: (errors["sparsegpt"][key][1], errors["magnitude"][key][1]) for key in routed}
     assert all(ours < theirs for ours, theirs in truth.values()), truth
+
+
+def test_threads_option_sets_the_thread_count_of_the_run(tmp_path, calib):
+    """--threads: the run computes with that many CPU threads (recorded in the report's environment), through the
+    API and the command line; a count below 1 is refused."""
+    src = tiny.build(tmp_path / "in", "llama")
+    before = torch.get_num_threads()
+    try:
+        report = streamprune.prune(src, tmp_path / "api", calib=calib, nsamples=4, seqlen=64, threads=1)
+        assert report.args["threads"] == 1 and report.environment["threads"] == 1
+        result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "cli"), "--calib", str(calib), "--nsamples",
+                                          "4", "--seqlen", "64", "--threads", "2"])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((tmp_path / "cli" / "streamprune_report.json").read_text())
+        assert saved["args"]["threads"] == 2 and saved["environment"]["threads"] == 2
+        with pytest.raises(streamprune.StreamPruneError, match="threads 0 must be at least 1"):
+            streamprune.prune(src, tmp_path / "zero", calib=calib, threads=0)
+    finally:
+        torch.set_num_threads(before)
