@@ -102,6 +102,17 @@ def option(default: Any, help: str, commands: tuple[str, ...], **decl: Any) -> A
     return field(default=default, metadata={"decl": Decl(help, frozenset(commands), **decl)})
 
 
+@dataclass(frozen=True)
+class Shared:
+    """An option of both options dataclasses (`eval`'s and the others'), declared once."""
+
+    default: Any
+    decl: Decl
+
+    def field(self) -> Any:
+        return field(default=self.default, metadata={"decl": self.decl})
+
+
 def split_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -123,11 +134,16 @@ ALL = (RUN, SWEEP, PLAN)
 RUN_SWEEP = (RUN, SWEEP)
 RUN_PLAN = (RUN, PLAN)
 SWEEP_PLAN = (SWEEP, PLAN)
-DEVICE_HELP = "Where to compute: auto (CUDA when present), cpu, cuda or cuda:N."
-PLACEMENT_HELP = ("Where activations live: on the device when they fit, else host memory, else temporary files (in "
-                  "OUT_DIR; for eval in $TMPDIR).")
-GPU_MEMORY_HELP = "GPU memory the job may plan for, e.g. 24GiB or 20GB (planning a GPU job on a machine without one: the card's size)."
-BATCH_HELP = "Windows per forward call (shrinks to fit the GPU budget)."
+DEVICE = Shared("auto", Decl("Where to compute: auto (CUDA when present), cpu, cuda or cuda:N.",
+                             frozenset((RUN, SWEEP, PLAN, EVAL)), fingerprint=always))
+BATCH = Shared(8, Decl("Windows per forward call (shrinks to fit the GPU budget).", frozenset((RUN, SWEEP, PLAN, EVAL)),
+                       minimum=1, fingerprint=always))  # the batch as fitted to the GPU budget
+OFFLOAD_ACTIVATIONS = Shared("auto", Decl(
+    "Where activations live: on the device when they fit, else host memory, else temporary files (in OUT_DIR; for "
+    "eval in $TMPDIR).", frozenset((RUN, SWEEP, PLAN, EVAL)), choices=PLACEMENTS))
+MAX_GPU_MEMORY = Shared(None, Decl(  # bytes
+    "GPU memory the job may plan for, e.g. 24GiB or 20GB (planning a GPU job on a machine without one: the card's "
+    "size).", frozenset((RUN, SWEEP, PLAN, EVAL)), parse=parse_size))
 
 
 @dataclass
@@ -145,7 +161,7 @@ class PruneOptions:
     seqlen: int | None = option(None, "Calibration window length (default: the model's maximum, at most 2048).", ALL,
                                 fingerprint=always)
     seed: int = option(0, "Seed for drawing calibration windows.", RUN_SWEEP, fingerprint=always)
-    device: str = option("auto", DEVICE_HELP, ALL, fingerprint=always)
+    device: str = DEVICE.field()
     sequential: bool = option(True, "Statistics of later sub-layers come from already pruned earlier ones.", ALL,
                               flag="--sequential/--no-sequential", fingerprint=always)
     blocksize: int = option(128, "SparseGPT column block size.", ALL, fingerprint=when_read)
@@ -155,7 +171,7 @@ class PruneOptions:
                                      "the first three quarters).", RUN_SWEEP, fingerprint=when_read)
     admm_rho: float = option(0.3, "ADMM: penalty rho, relative to the Hessian's unit diagonal after scaling.",
                              RUN_SWEEP, fingerprint=when_read)
-    batch: int = option(8, BATCH_HELP, ALL, minimum=1, fingerprint=always)  # as fitted to the GPU budget
+    batch: int = BATCH.field()
     threads: int | None = option(None, "CPU threads the job computes with (default: torch's, one per core); the "
                                        "pruned weights' last bits depend on it, so the same count gives the same "
                                        "bytes.", RUN_SWEEP, minimum=1)
@@ -163,8 +179,8 @@ class PruneOptions:
         None, "Compute each pruned linear's reconstruction error for the report (default: for sparsegpt, which holds "
               "X^T X anyway; wanda and magnitude would keep a d x d X^T X for it alone).", ALL,
         flag="--layer-errors/--no-layer-errors", fingerprint=always)
-    offload_activations: str = option("auto", PLACEMENT_HELP, ALL, choices=PLACEMENTS)
-    max_gpu_memory: int | None = option(None, GPU_MEMORY_HELP, ALL, parse=parse_size)  # bytes
+    offload_activations: str = OFFLOAD_ACTIVATIONS.field()
+    max_gpu_memory: int | None = MAX_GPU_MEMORY.field()
     overwrite: bool = option(False, "Replace the files of a non-empty OUT_DIR that holds no job of streamprune.",
                              RUN_SWEEP)
     restart: bool = option(False, "Start over even if OUT_DIR holds an unfinished job with other arguments.",
@@ -218,14 +234,8 @@ class PruneOptions:
 
     @classmethod
     def of(cls, command: str, options: Mapping[str, Any]) -> PruneOptions:
-        """The options given to `command` through the Python API, checked; an option the command does not take is
-        refused by name."""
-        unknown = set(options) - set(names(cls, command))
-        if unknown:
-            raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
-        opts = cls(**options)
-        check(opts, command)
-        return opts
+        """The options given to `command` through the Python API, checked."""
+        return given(cls, command, options)
 
     def args(self, command: str) -> dict[str, Any]:
         """The options `command` takes, by name (paths as text), for its report."""
@@ -239,19 +249,15 @@ class EvalOptions:
 
     seqlen: int | None = option(None, "Window length (default: the model's maximum, at most 2048).", (EVAL,))
     nsamples: int | None = option(None, "Use at most this many windows.", (EVAL,))
-    device: str = option("auto", DEVICE_HELP, (EVAL,))
-    batch: int = option(8, BATCH_HELP, (EVAL,), minimum=1)
-    offload_activations: str = option("auto", PLACEMENT_HELP, (EVAL,), choices=PLACEMENTS)
-    max_gpu_memory: int | None = option(None, GPU_MEMORY_HELP, (EVAL,), parse=parse_size)
+    device: str = DEVICE.field()
+    batch: int = BATCH.field()
+    offload_activations: str = OFFLOAD_ACTIVATIONS.field()
+    max_gpu_memory: int | None = MAX_GPU_MEMORY.field()
 
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> EvalOptions:
-        unknown = set(options) - set(names(cls, EVAL))
-        if unknown:
-            raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
-        opts = cls(**options)
-        check(opts, EVAL)
-        return opts
+        """The options given to `evaluate`, checked."""
+        return given(cls, EVAL, options)
 
 
 def decl(f: dataclasses.Field) -> Decl:
@@ -266,6 +272,17 @@ def declared(cls: type, command: str) -> list[tuple[dataclasses.Field, Decl, Any
 
 def names(cls: type, command: str) -> list[str]:
     return [f.name for f, _, _ in declared(cls, command)]
+
+
+def given(cls: type, command: str, options: Mapping[str, Any]) -> Any:
+    """An instance of options dataclass `cls` from the options given to `command` through the Python API, each
+    checked; an option the command does not take is refused by name."""
+    unknown = set(options) - set(names(cls, command))
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    opts = cls(**options)
+    check(opts, command)
+    return opts
 
 
 def check(opts: Any, command: str) -> None:
