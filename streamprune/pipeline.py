@@ -130,10 +130,10 @@ class Run:
                 calib.embed()
             streams = self.eval_streams(status)  # --eval: "pruned", and with --eval-dense "dense"
             self.replay(first, calib, streams, status)
-            lane = PruneLane(job, report, self.sink, calib, [s for n, s in streams.items() if n == "pruned"], status,
-                             allocation)
-            reads = ReadLog()
+            pruned = [streams["pruned"]] if "pruned" in streams else []
             dense = [Timed(streams["dense"], report, "eval")] if "dense" in streams else []
+            lane = PruneLane(job, report, self.sink, calib, pruned, status, allocation)
+            reads = ReadLog()
             try:
                 walk(BlockStream(self.ckpt, job.device, range(first, self.ckpt.config.n_layers)),
                      [reads, *dense, lane], status)
@@ -144,8 +144,7 @@ class Run:
             reads.into(report)
             self.perplexities(streams, status)
             status.phase("finish")
-            if isinstance(self.sink, CheckpointSink):
-                self.sink.finish()
+            self.sink.finish()
         return self.finish(start, mem)
 
     def start(self) -> int:
@@ -327,8 +326,8 @@ class Sweep:
                 for lane in lanes:
                     lane.close()
             for lane in lanes:
-                if isinstance(lane.sink, CheckpointSink):  # --save-dir
-                    lane.sink.finish()
+                lane.sink.finish()
+                if job.save_dir is not None:
                     lane.report.total_sparsity = total_sparsity(lane.report.layers)
                     lane.report.save(lane.job.out_dir)
         self.own.phases["read"] = sum(row["wait"] for row in reads.rows.values())
@@ -435,7 +434,7 @@ class Sweep:
             load_store(lane.streams[0].x, folder / f"p{i}-eval.f32", SAVE_BATCH)
             lane.report.layers = [LayerReport(**lr) for lr in saved["layers"]]
             lane.report.phases.update(saved["phases"])
-            if isinstance(lane.sink, CheckpointSink):
+            if isinstance(lane.sink, CheckpointSink):  # --save-dir
                 missing = [lane.sink.writer.shard_name(b) for b in range(done + 1)
                            if not (lane.job.out_dir / lane.sink.writer.shard_name(b)).is_file()]
                 if missing:

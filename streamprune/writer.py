@@ -124,6 +124,9 @@ class Sink(Protocol):
         """Shard `idx` of the output (0: the tensors outside the blocks; b + 1: block b), holding `meta`;
         `read_back`: its file is read back before it is closed (the pruned experts of a block)."""
 
+    def finish(self) -> None:
+        """Complete the output once every shard is in place."""
+
 
 class CheckpointSink:
     """An output checkpoint in `out_dir`: each shard put in place whole, then recorded in `journal` (if any) with its
@@ -167,6 +170,9 @@ class NoSink:
             assert self.work is not None
             return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta))
         return BlockShard(contextlib.nullcontext(None))
+
+    def finish(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
