@@ -55,12 +55,12 @@ bench: install
 bench-moe: fixture-moe
 	OMP_NUM_THREADS=1 $(BIN)/python bench/moe_calibration.py
 
-# The bench model's perplexity curve (README, "Sparsity sweep"): `streamprune sweep` of 3 methods x 9 levels + 2:4
+# The bench model's perplexity curve (docs/commands.md, the sweep): `streamprune sweep` of 3 methods x 9 levels + 2:4
 # against the 30 separate runs and evals; writes bench/results/sweep.md and sweep.png.
 bench-sweep: fixture
 	OMP_NUM_THREADS=1 $(BIN)/python bench/sweep.py --out bench/results
 
-# Every method, uniform and with OWL, at 50/60/70% and 2:4 on the bench model (README, "Beyond SparseGPT").
+# Every method, uniform and with OWL, at 50/60/70% and 2:4 on the bench model (docs/methods.md).
 bench-high-sparsity: fixture
 	OMP_NUM_THREADS=1 $(BIN)/python bench/high_sparsity.py --out bench/results/high_sparsity.md
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
 from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
 
@@ -28,6 +29,7 @@ METHODS = ("sparsegpt", "admm")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=None)
+    add_record_option(ap)
     args = ap.parse_args()
     model = build_tiny_lm(args.cache_dir)
     test, train = model / "test.txt", model / "train.txt"
@@ -43,15 +45,16 @@ def main() -> None:
                                            seed=0, device="cpu", **shape)
                 ppl[(method, setting)] = streamprune.evaluate(out, test, seqlen=SEQLEN, device="cpu").perplexity
                 solve[(method, setting)] = report.phases["solve"]
-    print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
-          f"training text); dense {dense:.2f}; increase over dense in brackets; solve phase in seconds")
-    print(f"{'setting':<8} {'sparsegpt':>18} {'admm':>18} {'admm/sparsegpt':>15} {'solve s':>13}")
-    for setting in SETTINGS:
-        label = setting if ":" in setting else f"{float(setting):.0%}"
-        cells = [f"{ppl[(m, setting)]:8.2f} ({ppl[(m, setting)] - dense:+6.2f})" for m in METHODS]
-        ratio = (ppl[("admm", setting)] - dense) / (ppl[("sparsegpt", setting)] - dense)
-        times = f"{solve[('sparsegpt', setting)]:5.2f} / {solve[('admm', setting)]:5.2f}"
-        print(f"{label:<8} {cells[0]:>18} {cells[1]:>18} {ratio:15.2f} {times:>13}")
+    with recording(ap, args, ignore=("cache_dir",)):
+        print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
+              f"training text); dense {dense:.2f}; increase over dense in brackets; solve phase in seconds")
+        print(f"{'setting':<8} {'sparsegpt':>18} {'admm':>18} {'admm/sparsegpt':>15} {'solve s':>13}")
+        for setting in SETTINGS:
+            label = setting if ":" in setting else f"{float(setting):.0%}"
+            cells = [f"{ppl[(m, setting)]:8.2f} ({ppl[(m, setting)] - dense:+6.2f})" for m in METHODS]
+            ratio = (ppl[("admm", setting)] - dense) / (ppl[("sparsegpt", setting)] - dense)
+            times = f"{solve[('sparsegpt', setting)]:5.2f} / {solve[('admm', setting)]:5.2f}"
+            print(f"{label:<8} {cells[0]:>18} {cells[1]:>18} {ratio:15.2f} {times:>13}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import add_record_option, recording  # noqa: E402
+
 
 def corpus() -> list[str]:
     from pydoc_data.topics import topics
@@ -75,17 +77,21 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # one file, in a child process
+    add_record_option(ap)
     args = ap.parse_args()
     if args.measure:
         return measure(args.mode, args.measure, args.seqlen, args.nsamples)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        prepare(work, args.sizes)
-        print(f"{args.nsamples} windows of {args.seqlen} tokens, 32k byte-level BPE")
-        print("mode   file MiB  seconds  +RSS MiB")
-        for mib in args.sizes:
-            subprocess.run([sys.executable, __file__, "--mode", args.mode, "--seqlen", str(args.seqlen),
-                            "--nsamples", str(args.nsamples), "--measure", str(work / f"{mib}MiB.txt")], check=True)
+    with recording(ap, args):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            prepare(work, args.sizes)
+            print(f"{args.nsamples} windows of {args.seqlen} tokens, 32k byte-level BPE")
+            print("mode   file MiB  seconds  +RSS MiB")
+            for mib in args.sizes:
+                child = subprocess.run([sys.executable, __file__, "--mode", args.mode, "--seqlen", str(args.seqlen),
+                                        "--nsamples", str(args.nsamples), "--measure", str(work / f"{mib}MiB.txt")],
+                                       check=True, stdout=subprocess.PIPE, text=True)
+                print(child.stdout, end="", flush=True)  # through this process's stdout, so that --record sees it
 
 
 if __name__ == "__main__":

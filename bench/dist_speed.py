@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.speed import SHAPES, floors  # noqa: E402
 from bench.synth import Shape, make_checkpoint  # noqa: E402
 
@@ -122,11 +123,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per rank (NCCL)")
     ap.add_argument("--shape", choices=sorted({*CPU_SHAPES, *SHAPES} - {"dry"}), default="cpu",
                     help="the measured block: cpu (hidden 1024), or one of bench/speed.py's shapes")
+    add_record_option(ap)
     args = ap.parse_args()
-    if args.predict:
-        predict([int(n) for n in (args.nproc or "1,2,4,8").split(",")], args.tflops, args.gbps)
-    else:
-        measure("dry" if args.dry_run else args.shape, [int(n) for n in (args.nproc or "1,2").split(",")], args.device)
+    with recording(ap, args):
+        if args.predict:
+            predict([int(n) for n in (args.nproc or "1,2,4,8").split(",")], args.tflops, args.gbps)
+        else:
+            measure("dry" if args.dry_run else args.shape, [int(n) for n in (args.nproc or "1,2").split(",")],
+                    args.device)
 
 
 if __name__ == "__main__":

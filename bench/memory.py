@@ -27,10 +27,32 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.synth import Shape, make_checkpoint  # noqa: E402
 from streamprune.plan import plan  # noqa: E402
 
 VOCAB = 32000
+
+
+def print_table(args: argparse.Namespace, rows: list[tuple]) -> None:
+    """One row per checkpoint: its size, the measured and the predicted peaks, the time per block."""
+    moe = f", {args.family} top-{args.topk}" if args.family == "mixtral" else ""
+    print(f"block: hidden {args.hidden}, ffn {args.ffn}{' per expert' if moe else ''}, bf16{moe}; {args.method}, "
+          f"{args.nsamples} x {args.seqlen} tokens; device {args.device}; activations {args.offload_activations}")
+    print(f"{'experts':>7} {'depth':>5} {'ckpt GB':>8} {'peak RSS MiB':>13} {'plan MiB':>9} {'plan/meas':>9} "
+          f"{'GPU MiB':>8} {'plan GPU':>9} {'s/block':>8}")
+    for experts, depth, size, rss, pred, gpu, pgpu, per_block, _ in rows:
+        print(f"{experts:>7} {depth:>5} {size / 1e9:>8.2f} {rss / 2**20:>13.0f} {pred / 2**20:>9.0f} {pred / rss:>9.2f} "
+              f"{gpu / 2**20:>8.0f} {pgpu / 2**20:>9.0f} {per_block:>8.2f}")
+    largest = max(rows, key=lambda r: r[2])
+    print(f"peak RSS at the largest checkpoint is {largest[3] / largest[2]:.1%} of its size")
+    if args.family == "mixtral" and len(args.experts) > 1:
+        few, many = min(args.experts), max(args.experts)
+        for depth in args.depths:
+            a = next(r[3] for r in rows if r[0] == few and r[1] == depth)
+            b = next(r[3] for r in rows if r[0] == many and r[1] == depth)
+            print(f"depth {depth}: {many} experts {b / 2**20:.0f} MiB vs {few} experts {a / 2**20:.0f} MiB = {b / a:.3f}x "
+                  f"(bound: 1.15x + 50 MB = {(1.15 * a + 50e6) / 2**20:.0f} MiB)")
 
 
 def main() -> None:
@@ -48,6 +70,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--offload-activations", default="auto")
     ap.add_argument("--workdir", type=Path, default=None, help="where checkpoints are generated (needs 2x the largest)")
+    add_record_option(ap)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="streamprune-membench-", dir=args.workdir))
@@ -76,23 +99,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    moe = f", {args.family} top-{args.topk}" if args.family == "mixtral" else ""
-    print(f"block: hidden {args.hidden}, ffn {args.ffn}{' per expert' if moe else ''}, bf16{moe}; {args.method}, "
-          f"{args.nsamples} x {args.seqlen} tokens; device {args.device}; activations {args.offload_activations}")
-    print(f"{'experts':>7} {'depth':>5} {'ckpt GB':>8} {'peak RSS MiB':>13} {'plan MiB':>9} {'plan/meas':>9} "
-          f"{'GPU MiB':>8} {'plan GPU':>9} {'s/block':>8}")
-    for experts, depth, size, rss, pred, gpu, pgpu, per_block, _ in rows:
-        print(f"{experts:>7} {depth:>5} {size / 1e9:>8.2f} {rss / 2**20:>13.0f} {pred / 2**20:>9.0f} {pred / rss:>9.2f} "
-              f"{gpu / 2**20:>8.0f} {pgpu / 2**20:>9.0f} {per_block:>8.2f}")
-    largest = max(rows, key=lambda r: r[2])
-    print(f"peak RSS at the largest checkpoint is {largest[3] / largest[2]:.1%} of its size")
-    if args.family == "mixtral" and len(args.experts) > 1:
-        few, many = min(args.experts), max(args.experts)
-        for depth in args.depths:
-            a = next(r[3] for r in rows if r[0] == few and r[1] == depth)
-            b = next(r[3] for r in rows if r[0] == many and r[1] == depth)
-            print(f"depth {depth}: {many} experts {b / 2**20:.0f} MiB vs {few} experts {a / 2**20:.0f} MiB = {b / a:.3f}x "
-                  f"(bound: 1.15x + 50 MB = {(1.15 * a + 50e6) / 2**20:.0f} MiB)")
+    with recording(ap, args, ignore=("workdir",)):
+        print_table(args, rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.tinylm import TINYMOE, build_tiny_lm, fixed_threads  # noqa: E402
 from streamprune.report import LayerReport, Report  # noqa: E402
 
@@ -159,6 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration seeds")
+    add_record_option(ap)
     args = ap.parse_args()
     start = time.perf_counter()
     model = build_tiny_lm(args.cache_dir, TINYMOE)
@@ -173,22 +175,23 @@ def main() -> None:
             for method, pattern in SOLVED:
                 for mode in MODES:
                     results.append(prune_and_eval(model, work, method, pattern, mode, seed))
-    print(f"model {model.name}: {info['params']:,} parameters, trained in {info['train_time_s']:.0f} s; perplexity "
-          f"on held-out text: streamprune {dense:.3f}, transformers {info['test_ppl']:.3f}")
-    print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
-          "training text; delta from dense); per-expert figures from the reports: routed calibration tokens per "
-          "expert min/median/max, experts on the fallback path (fewer than moe_min_tokens routed), mean rel_error "
-          "of the expert linears and of the attention linears")
-    print(table(dense, results))
-    print()
-    print("routed against all (the same windows per seed):")
-    print(comparison(results, args.seeds))
-    print()
-    mags = {r.pattern: r for r in results if r.method == "magnitude"}
-    for r in results:
-        if r.method == "sparsegpt" and r.mode == "routed" and r.seed == args.seeds[0]:
-            print(error_check(mags[r.pattern], r))
-    print(f"({time.perf_counter() - start:.0f} s)")
+    with recording(ap, args, ignore=("cache_dir",)):
+        print(f"model {model.name}: {info['params']:,} parameters, trained in {info['train_time_s']:.0f} s; perplexity "
+              f"on held-out text: streamprune {dense:.3f}, transformers {info['test_ppl']:.3f}")
+        print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
+              "training text; delta from dense); per-expert figures from the reports: routed calibration tokens per "
+              "expert min/median/max, experts on the fallback path (fewer than moe_min_tokens routed), mean rel_error "
+              "of the expert linears and of the attention linears")
+        print(table(dense, results))
+        print()
+        print("routed against all (the same windows per seed):")
+        print(comparison(results, args.seeds))
+        print()
+        mags = {r.pattern: r for r in results if r.method == "magnitude"}
+        for r in results:
+            if r.method == "sparsegpt" and r.mode == "routed" and r.seed == args.seeds[0]:
+                print(error_check(mags[r.pattern], r))
+        print(f"({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

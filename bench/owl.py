@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
 from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
 from streamprune.owl import OWL_LAMBDA, OWL_M  # noqa: E402
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA)
     ap.add_argument("--owl-m", type=float, default=OWL_M)
     ap.add_argument("--cache-dir", type=Path, default=None)
+    add_record_option(ap)
     args = ap.parse_args()
     model = build_tiny_lm(args.cache_dir)
     test, train = model / "test.txt", model / "train.txt"
@@ -59,17 +61,18 @@ def main() -> None:
                     if allocation == "owl":
                         allocations[sparsity] = report.allocation
                     shutil.rmtree(out)
-    print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
-          f"training text); dense {dense:.2f}; owl: lambda {args.owl_lambda:g}, M {args.owl_m:g}")
-    print(f"{'method':<10} {'sparsity':>8} {'allocation':>13} {'perplexity':>10} {'increase':>9} {'total sp.':>9} "
-          f"{'owl s':>6} {'fwd s':>6} {'run s':>6}")
-    for method, sparsity, allocation, ppl, total, owl_s, fwd_s, wall in rows:
-        print(f"{method:<10} {sparsity:>8.2f} {allocation:>13} {ppl:>10.2f} {ppl - dense:>+9.2f} {total:>9.4f} "
-              f"{owl_s:>6.2f} {fwd_s:>6.2f} {wall:>6.2f}")
-    for sparsity, alloc in allocations.items():
-        ratios = ", ".join(f"{r:.5f}" for r in alloc["outlier_ratios"])
-        blocks = ", ".join(f"{s:.4f}" for s in alloc["block_sparsity"])
-        print(f"sparsity {sparsity:g}: outlier ratios [{ratios}] -> block sparsity [{blocks}]")
+    with recording(ap, args, ignore=("cache_dir",)):
+        print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "
+              f"training text); dense {dense:.2f}; owl: lambda {args.owl_lambda:g}, M {args.owl_m:g}")
+        print(f"{'method':<10} {'sparsity':>8} {'allocation':>13} {'perplexity':>10} {'increase':>9} {'total sp.':>9} "
+              f"{'owl s':>6} {'fwd s':>6} {'run s':>6}")
+        for method, sparsity, allocation, ppl, total, owl_s, fwd_s, wall in rows:
+            print(f"{method:<10} {sparsity:>8.2f} {allocation:>13} {ppl:>10.2f} {ppl - dense:>+9.2f} {total:>9.4f} "
+                  f"{owl_s:>6.2f} {fwd_s:>6.2f} {wall:>6.2f}")
+        for sparsity, alloc in allocations.items():
+            ratios = ", ".join(f"{r:.5f}" for r in alloc["outlier_ratios"])
+            blocks = ", ".join(f"{s:.4f}" for s in alloc["block_sparsity"])
+            print(f"sparsity {sparsity:g}: outlier ratios [{ratios}] -> block sparsity [{blocks}]")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
 from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
 
@@ -55,23 +56,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--group-size", type=int, default=-1)
+    add_record_option(ap)
     args = ap.parse_args()
     model = build_tiny_lm(args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="streamprune-quant-") as work:
         r = run(model, Path(work), args.group_size)
-    dense = r[("dense", "")]
-    print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens); "
-          f"4-bit: asymmetric, group size {args.group_size}; change from dense in brackets")
-    print(f"{'setting':<14}{'sparsegpt / gptq':>20}{'magnitude / rtn':>20}")
-    print(f"{'dense':<14}{dense:>20.2f}{dense:>20.2f}")
-    for label, *_ in SETTINGS:
-        cells = [f"{r[(m, label)]:.2f} ({r[(m, label)] - dense:+.2f})" for m in ("sparsegpt", "magnitude")]
-        print(f"{label:<14}{cells[0]:>20}{cells[1]:>20}")
-    up = {label: r[("sparsegpt", label)] - dense for label, *_ in SETTINGS}
-    bound = 1.2 * (up["50%"] + up["4-bit"])
-    verdict = "met" if up["50% + 4-bit"] < bound else "NOT met"
-    print(f"acceptance: 50% + 4-bit loses {up['50% + 4-bit']:+.2f}, 1.2 x (50% {up['50%']:+.2f} + 4-bit "
-          f"{up['4-bit']:+.2f}) = {bound:+.2f}: {verdict}")
+    with recording(ap, args, ignore=("cache_dir",)):
+        dense = r[("dense", "")]
+        print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens); "
+              f"4-bit: asymmetric, group size {args.group_size}; change from dense in brackets")
+        print(f"{'setting':<14}{'sparsegpt / gptq':>20}{'magnitude / rtn':>20}")
+        print(f"{'dense':<14}{dense:>20.2f}{dense:>20.2f}")
+        for label, *_ in SETTINGS:
+            cells = [f"{r[(m, label)]:.2f} ({r[(m, label)] - dense:+.2f})" for m in ("sparsegpt", "magnitude")]
+            print(f"{label:<14}{cells[0]:>20}{cells[1]:>20}")
+        up = {label: r[("sparsegpt", label)] - dense for label, *_ in SETTINGS}
+        bound = 1.2 * (up["50%"] + up["4-bit"])
+        verdict = "met" if up["50% + 4-bit"] < bound else "NOT met"
+        print(f"acceptance: 50% + 4-bit loses {up['50% + 4-bit']:+.2f}, 1.2 x (50% {up['50%']:+.2f} + 4-bit "
+              f"{up['4-bit']:+.2f}) = {bound:+.2f}: {verdict}")
 
 
 if __name__ == "__main__":

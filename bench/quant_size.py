@@ -22,19 +22,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import streamprune  # noqa: E402
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.synth import Shape, make_checkpoint  # noqa: E402
 from streamprune.checkpoint import Checkpoint  # noqa: E402
 from streamprune.writer import output_linears  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--group-size", type=int, default=128)
-    args = ap.parse_args()
+def measure(args: argparse.Namespace) -> None:
+    """Print the sizes: one row per grid."""
     work = Path(tempfile.mkdtemp(prefix="streamprune-quant-size-"))
     try:
         src = work / "model"
@@ -59,6 +54,19 @@ def main() -> None:
                   f"{dense_total:>12,} {total:>12,} {total / dense_total:>7.4f} {estimate:>12,}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=128)
+    add_record_option(ap)
+    args = ap.parse_args()
+    with recording(ap, args):
+        measure(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results import add_record_option, recording  # noqa: E402
 from streamprune.memory import (
     allocate_large_buffers_with_mmap,
     parse_size,
@@ -97,25 +98,8 @@ def one_case(args: argparse.Namespace) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--cols", type=int, default=8192)
-    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
-    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 2 x cols)")
-    ap.add_argument("--batch-tokens", type=int, default=1024)
-    ap.add_argument("--budget", type=parse_size, default=None, help="CUDA only: cap this process's GPU memory")
-    ap.add_argument("--wbits", type=int, default=None, help="quantize too (asymmetric), as --wbits does")
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--method", help=argparse.SUPPRESS)
-    ap.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.tokens = args.tokens or 2 * args.cols
-    if args.one:
-        print(json.dumps(one_case(args)))
-        return
+def every_case(args: argparse.Namespace) -> None:
+    """Run each case in a fresh process and print its row beside the prediction."""
     itemsize = DTYPES[args.dtype].itemsize
     on_gpu = args.device.startswith("cuda")
     print(f"one linear {args.rows} x {args.cols} ({args.dtype}), {args.tokens} tokens; device {args.device}"
@@ -147,6 +131,30 @@ def main() -> None:
             cells = f"{r['rss'] / 2**20:7,.0f} {(dev + host) / 2**20:9,.0f}"
             ratio = (dev + host) / r["rss"]
         print(f"{method:10} {offload!s:>7}  {cells}  {ratio:5.2f}  {r['seconds']:7.1f}  {r['rel_error']:.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--cols", type=int, default=8192)
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
+    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: 2 x cols)")
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--budget", type=parse_size, default=None, help="CUDA only: cap this process's GPU memory")
+    ap.add_argument("--wbits", type=int, default=None, help="quantize too (asymmetric), as --wbits does")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    add_record_option(ap)
+    args = ap.parse_args()
+    args.tokens = args.tokens or 2 * args.cols
+    if args.one:
+        print(json.dumps(one_case(args)))
+        return
+    with recording(ap, args):
+        every_case(args)
 
 
 if __name__ == "__main__":

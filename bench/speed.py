@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import add_record_option, recording  # noqa: E402
 from bench.synth import Shape, block_tensors, make_checkpoint  # noqa: E402
 import streamprune  # noqa: E402
 
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU unless --device says otherwise")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    add_record_option(ap)
     args = ap.parse_args()
     name = "dry" if args.dry_run else args.shape
     shape, nsamples, seqlen, full_depth = SHAPES[name]
@@ -117,22 +119,25 @@ def main() -> None:
     total = sum(m for _, m, _ in rows)
     compute_floor = sum(f for _, _, f in rows if f is not None)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{name} block: {shape.family}, hidden {shape.hidden}, ffn {shape.ffn}, heads {shape.heads}/{shape.kv_heads}; "
-          f"{nsamples} x {seqlen} tokens; {args.method}; {dev_name}; float32 GEMM {rate / 1e12:.2f} TFLOP/s")
-    print(f"{'phase':<10} {'measured s':>11} {'floor s':>9} {'ratio':>7} {'share':>6}")
-    for phase, measured, floor in rows:
-        ratio = f"{measured / floor:7.2f}" if floor else f"{'-':>7}"
-        fl = f"{floor:9.3f}" if floor is not None else f"{'I/O':>9}"
-        print(f"{phase:<10} {measured:11.3f} {fl} {ratio} {measured / total:6.1%}")
-    print(f"{'block':<10} {total:11.3f} {compute_floor:9.3f} {total / compute_floor:7.2f}")
-    print(f"read: {block_bytes / 2**30:.2f} GiB per block; {report.read_hidden_seconds:.2f}s of "
-          f"{report.read_total_seconds:.2f}s reading hidden behind compute")
-    print(f"extrapolated: {full_depth} blocks x {total:.1f}s = {full_depth * total / 60:.1f} min "
-          f"(peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB, peak RSS {report.process_peak_rss_bytes / 2**30:.1f} GiB)")
-    if args.method == "admm":
-        rows_last = [lr for lr in report.layers if lr.block == args.blocks - 1]
-        print("admm: " + ", ".join(f"{lr.role} {lr.iterations}+{lr.cg_iterations} CG" for lr in rows_last)
-              + " iterations (last block)")
+    with recording(ap, args, ignore=("workdir", "json")):
+        print(f"{name} block: {shape.family}, hidden {shape.hidden}, ffn {shape.ffn}, "
+              f"heads {shape.heads}/{shape.kv_heads}; {nsamples} x {seqlen} tokens; {args.method}; {dev_name}; "
+              f"float32 GEMM {rate / 1e12:.2f} TFLOP/s")
+        print(f"{'phase':<10} {'measured s':>11} {'floor s':>9} {'ratio':>7} {'share':>6}")
+        for phase, measured, floor in rows:
+            ratio = f"{measured / floor:7.2f}" if floor else f"{'-':>7}"
+            fl = f"{floor:9.3f}" if floor is not None else f"{'I/O':>9}"
+            print(f"{phase:<10} {measured:11.3f} {fl} {ratio} {measured / total:6.1%}")
+        print(f"{'block':<10} {total:11.3f} {compute_floor:9.3f} {total / compute_floor:7.2f}")
+        print(f"read: {block_bytes / 2**30:.2f} GiB per block; {report.read_hidden_seconds:.2f}s of "
+              f"{report.read_total_seconds:.2f}s reading hidden behind compute")
+        print(f"extrapolated: {full_depth} blocks x {total:.1f}s = {full_depth * total / 60:.1f} min "
+              f"(peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB, "
+              f"peak RSS {report.process_peak_rss_bytes / 2**30:.1f} GiB)")
+        if args.method == "admm":
+            rows_last = [lr for lr in report.layers if lr.block == args.blocks - 1]
+            print("admm: " + ", ".join(f"{lr.role} {lr.iterations}+{lr.cg_iterations} CG" for lr in rows_last)
+                  + " iterations (last block)")
     if args.json:
         args.json.write_text(json.dumps({"shape": name, "device": dev_name, "gemm_flops": rate, "phases": [
             {"phase": p, "measured": m, "floor": f} for p, m, f in rows], "block_seconds": total,

@@ -2,7 +2,7 @@
 
 Accepted data: plain UTF-8 text, JSON Lines with a "text" field per line, or token ids in a
 .npy array. Text is tokenized with the model's own tokenizer.json. Evaluation reads the whole
-file; calibration reads only the windows it draws (the rule is in README, "Data formats").
+file; calibration reads only the windows it draws (the rule is in docs/commands.md, "Data formats").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Predicting a run's peak host and device memory from the checkpoint's headers alone.
 
-The model (see README, "Memory model"): at any moment the process holds a fixed overhead (the
+The model (see docs/memory.md): at any moment the process holds a fixed overhead (the
 Python interpreter, torch and streamprune), the block being pruned as read plus the next block read
 ahead (and a copy of the block on a GPU), the two calibration activation buffers wherever they are
 placed, and one of two workspaces: while calibrating, X^T X of the inputs being watched plus the

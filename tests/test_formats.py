@@ -169,7 +169,7 @@ def test_quantized_llama_loads_in_transformers(tmp_path, grid):
     """transformers (with compressed-tensors) computes the same logits from the written checkpoint as streamprune's
     block iterator reading it through the format. A symmetric checkpoint loads with a plain from_pretrained; an
     asymmetric one needs CompressedTensorsConfig(dequantize=True) with transformers 5.24 and compressed-tensors
-    0.20.1 (the plain load refuses the packed zero points' shape, see README)."""
+    0.20.1 (the plain load refuses the packed zero points' shape, see docs/formats.md)."""
     from transformers import CompressedTensorsConfig
 
     src = tiny.build(tmp_path / "src", "llama")
