@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import streamprune  # noqa: E402
 from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
-from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import demo_model, fixed_threads  # noqa: E402
 
 SETTINGS = ("0.5", "0.6", "0.7", "2:4")
 METHODS = ("sparsegpt", "admm")
@@ -28,10 +28,11 @@ METHODS = ("sparsegpt", "admm")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     add_record_option(ap)
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     test, train = model / "test.txt", model / "train.txt"
     ppl: dict[tuple[str, str], float] = {}
     solve: dict[tuple[str, str], float] = {}

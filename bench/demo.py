@@ -1,7 +1,7 @@
 """The demo: prune a small trained language model with each method and compare perplexities.
 
-Builds (or finds in its cache) the LLaMA-architecture model of bench/tinylm.py, trained on English
-text that ships with Python, then prunes it at 50% unstructured and 2:4 with magnitude, Wanda and
+Takes the demo model shipped in bench/tinylm-v2 (the LLaMA-architecture model bench/tinylm.py trained on English
+text that ships with Python), prunes it at 50% unstructured and 2:4 with magnitude, Wanda and
 SparseGPT (calibration: windows of its training text) and evaluates every result on its held-out
 text with `streamprune eval`'s function, on the same windows. It runs on the model's training
 thread count (one), not one thread per core: SparseGPT's masks, hence its 2:4 figure, change with
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
-from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import demo_model, fixed_threads  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4")
@@ -61,9 +61,10 @@ def table(results: dict[tuple[str, str], float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="streamprune-demo-") as work:
         results = run_demo(model, Path(work))
     print(f"perplexity on held-out text ({SEQLEN}-token windows; calibration {NSAMPLES} x {SEQLEN} tokens of the "

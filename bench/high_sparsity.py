@@ -1,6 +1,6 @@
 """Beyond SparseGPT at high sparsity: every method, uniform and with OWL's per-block sparsities, on the bench model.
 
-Prunes the model of bench/tinylm.py with magnitude, Wanda, SparseGPT and ADMM at 50%, 60% and 70% unstructured,
+Prunes the demo model (bench/tinylm-v2) with magnitude, Wanda, SparseGPT and ADMM at 50%, 60% and 70% unstructured,
 each with `--allocation uniform` and `--allocation owl` (the paper's lambda and M), and at 2:4 (N:M keeps uniform
 allocation), calibrated as the demo is (64 windows of 128 tokens of the training text, one thread), and evaluates
 every result with `streamprune.evaluate` on the held-out text (the same 261 windows of 128 tokens). Prints a
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
-from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import demo_model, fixed_threads  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 LEVELS = ("0.5", "0.6", "0.7", "2:4")
@@ -88,9 +88,10 @@ def checks(dense: float, results: dict[tuple[str, str, str], tuple[float, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="also write the table and checks (markdown) here")
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="streamprune-high-") as work:
         dense, results = measure(model, Path(work))
     seconds = {m: sum(s for (mm, _, _), (_, s) in results.items() if mm == m) for m in METHODS}

@@ -1,6 +1,6 @@
 """Uniform against OWL allocation on the demo model: perplexity, block sparsities, and the dense pass's cost.
 
-Prunes the model of bench/tinylm.py (built or found in its cache) as bench/demo.py does (calibration: 64 windows
+Prunes the demo model (bench/tinylm-v2) as bench/demo.py does (calibration: 64 windows
 of 128 tokens of its training text, seed 0, one thread), with each method at each sparsity, once with
 --allocation uniform, once with --allocation owl (the paper's lambda 0.08 and M 5 unless given) and once with owl
 at lambda 0 (the target in every block, each linear's count exact as in an owl run: the control), and evaluates
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import streamprune  # noqa: E402
 from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
-from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import demo_model, fixed_threads  # noqa: E402
 from streamprune.owl import OWL_LAMBDA, OWL_M  # noqa: E402
 
 
@@ -36,10 +36,11 @@ def main() -> None:
     ap.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     ap.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA)
     ap.add_argument("--owl-m", type=float, default=OWL_M)
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     add_record_option(ap)
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     test, train = model / "test.txt", model / "train.txt"
     rows, allocations = [], {}
     with fixed_threads(), tempfile.TemporaryDirectory(prefix="streamprune-owl-") as work:

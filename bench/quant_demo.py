@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import streamprune  # noqa: E402
 from bench.results import add_record_option, recording  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
-from bench.tinylm import build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import demo_model, fixed_threads  # noqa: E402
 
 SETTINGS = [  # label, sparsity, pattern, quantized
     ("50%", 0.5, "unstructured", False),
@@ -54,11 +54,12 @@ def run(model_dir: Path, work: Path, group_size: int) -> dict[tuple[str, str], f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     ap.add_argument("--group-size", type=int, default=-1)
     add_record_option(ap)
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     with tempfile.TemporaryDirectory(prefix="streamprune-quant-") as work:
         r = run(model, Path(work), args.group_size)
     with recording(ap, args, ignore=("cache_dir",)):

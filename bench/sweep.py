@@ -1,6 +1,6 @@
 """The perplexity curve of the bench language model: one `streamprune sweep` against separate runs.
 
-Runs `streamprune sweep` (a subprocess, so that its peak RSS is its own) on the model of bench/tinylm.py:
+Runs `streamprune sweep` (a subprocess, so that its peak RSS is its own) on the demo model (bench/tinylm-v2):
 magnitude, Wanda and SparseGPT at 9 unstructured levels (10% to 90%) and at 2:4, calibrated on its training
 text as the demo is, evaluated on its held-out text. Then, for every point, what a curve took before: a separate
 `streamprune run` of the point and `streamprune eval` of its output (and `eval` of the dense model), as commands;
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import streamprune  # noqa: E402
 from streamprune.pipeline import sweep  # noqa: E402
 from bench.demo import NSAMPLES, SEQLEN  # noqa: E402
-from bench.tinylm import THREADS, build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import THREADS, demo_model, fixed_threads  # noqa: E402
 
 LEVELS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 METHODS = "sparsegpt,wanda,magnitude"
@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("--patterns", default="2:4")
     ap.add_argument("--no-separate", action="store_true", help="only the sweep")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where sweep.md and sweep.png go")
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="the demo model trained into this cache here (make fixture-train), not the shipped one")
     args = ap.parse_args()
-    model = build_tiny_lm(args.cache_dir)
+    model = demo_model(args.cache_dir)
     train, test = model / "train.txt", model / "test.txt"
     common = ["--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--eval-seqlen", str(SEQLEN), "--device", "cpu",
               "--methods", args.methods, "--sparsities", args.levels, "--patterns", args.patterns]

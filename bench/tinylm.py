@@ -13,6 +13,12 @@ Mixtral experts of width 144 under top-2 routing (softmax, top 2, renormalized),
 a load-balancing loss per block so that every expert receives tokens; it is a bench fixture for
 ``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``.
 
+The demo model is not trained where it is used: ``bench/tinylm-v2/`` holds the one this recipe trained (see its
+NOTICE.md), so that the demo, the tests and the benchmarks see the same model on every machine. The corpus is what
+the installed Python ships (another Python version, another corpus) and training rounds as the CPU's instruction
+set does, so a build elsewhere gives another model; ``--train`` builds one here and says whether it is the shipped
+one, file by file.
+
 Training runs on ``THREADS`` (one) torch thread on every machine, whatever its core count: the
 recipe, not the machine, fixes the thread count, and one thread keeps its speed when another
 process competes for the cores, where OpenMP threads that wait for each other at every operation
@@ -20,7 +26,8 @@ slow each step down. Deterministic for a given Python installation (the corpus),
 CPU instruction set. A build shows its steps, loss, elapsed and estimated remaining time on stderr:
 a live bar on a terminal, a line every 30 seconds elsewhere.
 
-    python bench/tinylm.py [--cache-dir DIR]      # what `make fixture` runs
+    python bench/tinylm.py                        # the shipped demo model's figures
+    python bench/tinylm.py --train [--cache-dir DIR]   # what `make fixture-train` runs
     python bench/tinylm.py --moe                  # what `make fixture-moe` runs
 """
 
@@ -44,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 THREADS = 1  # torch threads while training and evaluating, the same on every machine
+SHIPPED = Path(__file__).resolve().parent / "tinylm-v2"  # the demo model as this recipe trained it (NOTICE.md there)
+SHIPPED_FILES = ("model.safetensors", "tokenizer.json", "train.txt", "test.txt", "config.json")
 SEED = 0
 VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"
@@ -374,6 +383,23 @@ def _build_into(recipe: Recipe, out_dir: Path, label: str) -> None:
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
+def demo_model(cache_dir: Path | None = None) -> Path:
+    """The demo model: the one shipped in ``bench/tinylm-v2``, or with `cache_dir` the one trained (once) into that
+    cache on this machine."""
+    return SHIPPED if cache_dir is None else build_tiny_lm(cache_dir)
+
+
+def compare_with_shipped(model_dir: Path) -> list[str]:
+    """The files of a trained demo model that differ from the shipped one's (empty: it is the shipped model)."""
+    return [name for name in SHIPPED_FILES if _sha256(model_dir / name) != _sha256(SHIPPED / name)]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def tiny_lm_dir(cache_dir: Path | None = None, recipe: Recipe = TINYLM) -> Path:
     """Where the recipe's model is cached (complete once it holds ``DONE``)."""
     env = os.environ.get("STREAMPRUNE_CACHE")
@@ -432,24 +458,36 @@ def build_tiny_lm(cache_dir: Path | None = None, recipe: Recipe = TINYLM) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build (or find) the tiny LM (or, with --moe, the MoE); print its path, size, training time and test
-    perplexity."""
+    """Print the shipped demo model's path, size, training time and test perplexity; with --train, build it here
+    first (or find it in the cache) and compare it with the shipped one; with --moe, the same for the MoE."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", action="store_true",
+                        help=f"train the demo model here (once, then cached) and compare it with {SHIPPED.name}/")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="cache root (default: $STREAMPRUNE_CACHE or ~/.cache/streamprune)")
     parser.add_argument("--moe", action="store_true",
                         help=f"the Mixtral-shaped model ({TINYMOE.folder}) instead of the LLaMA ({TINYLM.folder})")
     args = parser.parse_args(argv)
-    model_dir = build_tiny_lm(args.cache_dir, TINYMOE if args.moe else TINYLM)
+    if args.moe:
+        model_dir = build_tiny_lm(args.cache_dir, TINYMOE)
+    elif args.train:
+        model_dir = build_tiny_lm(args.cache_dir, TINYLM)
+    else:
+        model_dir = SHIPPED
     info = json.loads((model_dir / "build_info.json").read_text(encoding="utf-8"))
     print(f"model dir:     {model_dir}")
     print(f"parameters:    {info['params']:,}")
     print(f"training time: {info['train_time_s']:.1f} s ({info['steps']} steps of "
-          f"{info['batch']}x{info['seq_len']} tokens, {info['threads']} thread(s), torch {info['torch']})")
+          f"{info['batch']}x{info['seq_len']} tokens, {info['threads']} thread(s), Python {info['python']}, "
+          f"torch {info['torch']})")
     print(f"test ppl:      {info['test_ppl']:.2f} on {info['test_tokens'] // info['seq_len']} windows of "
           f"{info['seq_len']} tokens (unigram {info['unigram_ppl']:.1f}, uniform {info['uniform_ppl']})")
     for layer, shares in enumerate(info.get("test_expert_shares", [])):
         print(f"block {layer} experts: " + " ".join(f"{s:.1%}" for s in shares) + " of the routed test tokens")
+    if args.train and not args.moe:
+        differ = compare_with_shipped(model_dir)
+        print(f"against {SHIPPED}: " + ("the same model, byte for byte (" + ", ".join(SHIPPED_FILES) + ")"
+                                        if not differ else "another model: " + ", ".join(differ) + " differ"))
     return 0
 
 

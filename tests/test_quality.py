@@ -1,8 +1,7 @@
-"""End to end on a small language model trained on real text (bench/tinylm.py, cached between runs)."""
+"""End to end on a small language model trained on real text (the demo model, bench/tinylm-v2)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -10,21 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.demo import SEQLEN, run_demo
-from bench.tinylm import build_tiny_lm, tiny_lm_dir
+from bench.tinylm import demo_model
 from streamprune.calib import eval_windows, load_tokens
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lm(pytestconfig):
-    """The cached model (`make fixture` builds it first); a build here shows its progress, not captured."""
-    if (tiny_lm_dir() / "DONE").is_file():
-        return build_tiny_lm()
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-        print()  # off the line of test names
-        return build_tiny_lm()
+def lm():
+    return demo_model()
 
 
 @pytest.fixture(scope="module")
