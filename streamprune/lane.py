@@ -99,6 +99,8 @@ class PruneLane:
             self.status.phase(f"block {bid}: forward")
             with self.report.timed("forward", bid):
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
+        if not (moe and calib is not None and not self.opts.sequential):
+            self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
 
     def expert(self, part: Part) -> None:
         bid, xid = part.bid, part.xid

@@ -218,3 +218,22 @@ def test_cli_sweep_and_plan(tmp_path, data):
     res = CliRunner().invoke(app, ["sweep", str(src), str(out), "--calib", str(data), *common[:-6],
                                    "--sparsities", "0.4,x"])
     assert res.exit_code == 2 and "comma-separated list of numbers" in res.output
+
+
+def test_points_hold_one_pruned_block_at_a_time(tmp_path, data, monkeypatch):
+    """Every point of a sweep prunes its own copy of a block; once it has entered a dense block, it holds none of
+    its pruned weights while the other points prune theirs (only a block whose experts are read back keeps them)."""
+    from streamprune.lane import PruneLane
+
+    src = tiny.build(tmp_path / "m", "llama")
+    held = []
+    real = PruneLane.leave
+
+    def leave(self, block):
+        held.append(len(self.w))
+        real(self, block)
+
+    monkeypatch.setattr(PruneLane, "leave", leave)
+    sweep(src, tmp_path / "sweep", calib=data, eval=data, device="cpu", methods=["sparsegpt", "wanda"],
+          sparsities=[0.5], **CALIB)
+    assert len(held) == 2 * 3 and set(held) == {0}
