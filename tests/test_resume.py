@@ -165,8 +165,12 @@ def test_infinite_activations_are_named(tmp_path, setup):
     src, calib, _ = setup
     # finite in the checkpoint, but overflows to Inf in the activations after this norm
     bad = corrupted_copy(src, tmp_path / "bad", "model.layers.0.post_attention_layernorm.weight", 3e38)
-    with pytest.raises(StreamPruneError, match=r"block 0: calibration activations entering .*gate_proj"):
+    with pytest.raises(StreamPruneError, match=r"block 0: calibration activations entering .*gate_proj") as error:
         streamprune.prune(bad, tmp_path / "out", calib=calib, nsamples=8, seqlen=64)
+    # the block's shard, open when the error came, is removed as the error leaves the run (while the error, which
+    # holds the run's frames, is still alive); the shard before it stays
+    assert not list((tmp_path / "out").glob("*.tmp")) and len(list((tmp_path / "out").glob("*.safetensors"))) == 1
+    assert error.value is not None
 
 
 def test_disk_activations_give_the_same_output(tmp_path, setup):
