@@ -7,6 +7,8 @@ the shards, each tensor's byte range against its file), every tensor is bound to
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # what configs call the routed experts
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "all_finite", "load_config", "read_header",
            "read_tensor", "scan_tensors"]
@@ -144,6 +147,28 @@ class Checkpoint:
 
     def n_experts(self, bid: int) -> int:
         return self.config.n_experts if self.config.is_moe(bid) else 0
+
+    def keeping_experts(self, kept: int) -> Checkpoint:
+        """The structure of this model with `kept` routed experts in each MoE block, numbered 0..kept-1 (what a run
+        that removes experts writes): its config (the expert count under every key the config has for it), names,
+        dtypes and shapes (the router's rows cut to `kept`). It describes shards to write or written; it reads
+        nothing of the input."""
+        if kept == self.config.n_experts:
+            return self
+        out = copy.copy(self)
+        out.raw_config = {**self.raw_config, **{key: kept for key in EXPERT_COUNT_KEYS if key in self.raw_config}}
+        out.config = dataclasses.replace(self.config, n_experts=kept)
+        out.experts = {(bid, xid): names for (bid, xid), names in self.experts.items() if xid < kept}
+        gone = {name for (_, xid), names in self.experts.items() if xid >= kept for name in names.values()}
+        out.expert_of = {name: key for name, key in self.expert_of.items() if name not in gone}
+        out.location = {name: bid for name, bid in self.location.items() if name not in gone}
+        out.tensors = {name: info for name, info in self.tensors.items() if name not in gone}
+        for ((role, _), bid), name in self.names.items():
+            if role is Role.FFN_GATE_INP and bid is not None:  # one row per expert
+                info = self.tensors[name]
+                out.tensors[name] = dataclasses.replace(info, shape=(kept, *info.shape[1:]),
+                                                        end=info.start + info.nbytes // info.shape[0] * kept)
+        return out
 
     def info(self, name: str) -> TensorInfo:
         """Where tensor `name` lies, or for a linear the checkpoint stores packed, its shape and dtype as decoded."""

@@ -18,7 +18,7 @@ from streamprune.arch.block import LayerPositions, head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
 from streamprune.forward import Routes, add_expert, embed_windows, forward_block, head_nll, head_weights, routed_rows
-from streamprune.loop import Status, tracked, walk
+from streamprune.loop import Consumer, Status, tracked, walk
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 from streamprune.options import EvalOptions
 from streamprune.plan import decide, eval_footprint
@@ -47,7 +47,7 @@ class EvalResult:
         return asdict(self)
 
 
-class HiddenStream:
+class HiddenStream(Consumer):
     """Hidden states of token windows (K, T) pushed through the blocks, a consumer of the block loop (`loop.walk`):
     `enter` runs a block's weights outside its routed experts (a dense block entirely, in place), `expert` adds one
     routed expert's weighted output for the tokens routed to it, `leave` ends the block. An MoE block writes into

@@ -306,11 +306,18 @@ def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable
     """Add the format's `quantization_config` (if any) to OUT_DIR/config.json, copied there from the input;
     without one (the dense format) the file stays byte for byte the input's."""
     qc = fmt.quantization_config(ignore)
-    if qc is None:
+    if qc is not None:
+        update_config(out_dir, {"quantization_config": qc})
+
+
+def update_config(out_dir: Path, changes: dict[str, Any]) -> None:
+    """Set the keys of `changes` in OUT_DIR/config.json (copied there from the input); with none, the file stays
+    byte for byte the input's."""
+    if not changes:
         return
     path = out_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    config["quantization_config"] = qc
+    config.update(changes)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

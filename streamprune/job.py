@@ -48,6 +48,7 @@ class Job:
     """A validated run (or one point of a sweep): everything checked before the first byte is written."""
 
     ckpt: Checkpoint
+    out: Checkpoint  # the structure of what the job writes (the input's, unless routed experts are removed)
     opts: PruneOptions
     out_dir: Path
     pattern: Pattern
@@ -154,7 +155,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     output = sum(info.nbytes for info in ckpt.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
     activations = ranks.local_world * fp.activations if decision.placement == "disk" else 0
     check_disk(out_dir, "the run", {"output": output, "temporary activations": activations})
-    return Job(ckpt=ckpt, opts=opts, out_dir=out_dir, pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs,
+    return Job(ckpt=ckpt, out=ckpt, opts=opts, out_dir=out_dir, pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs,
                seqlen=seqlen, device=ranks.device(device), windows=shares.windows, placement=decision.placement,
                batch=decision.batch, offload_hessian=decision.offload_hessian, grid=grid, layout=layout, args=args,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
@@ -211,7 +212,7 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
     cls = method(p.method)
     errors = default_errors(cls, opts.layer_errors)
     popts = dataclasses.replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity)
-    return Job(ckpt=ckpt, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
+    return Job(ckpt=ckpt, out=ckpt, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
                errors=errors, knobs={k: getattr(opts, k) for k in cls.knobs}, seqlen=seqlen, device=device,
                windows=windows if cls.accumulates(errors) else None, placement=plan.placement, batch=plan.batch,
                offload_hessian=plan.offload_hessian, grid=None,

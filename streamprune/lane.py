@@ -34,7 +34,7 @@ from streamprune.arch.block import expert_hidden
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.forward import Routes, add_expert, forward_block, routed_rows
-from streamprune.loop import Status
+from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
 from streamprune.pruners import Pruner, make_pruner
 from streamprune.report import LayerReport, Report
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from streamprune.job import Job
 
 
-class PruneLane:
+class PruneLane(Consumer):
     """One point's pruning (`job`), its figures in `report`, its shards into `sink`; `calib` holds its calibration
     activations (None: the method reads no statistics), `streams` the evaluation streams of the pruned model.
     `copy`: prune copies of the blocks' weights, leaving them as read for the consumers after this one (a sweep's
@@ -79,7 +79,7 @@ class PruneLane:
         with self.report.timed("write", bid):
             # the shard has the input's names, dtypes and shapes: its header is written first, and each tensor as
             # soon as it is final (the pruned ones as they are solved, the others now)
-            self.shard = self.sink.open(bid + 1, block_meta(self.ckpt, bid, self.job.layout),
+            self.shard = self.sink.open(bid + 1, block_meta(self.job.out, bid, self.job.layout),
                                         read_back=moe and calib is not None and not self.opts.sequential)
             pruned = set(self.ckpt.pruned_linears(bid).values())
             for name, tensor in block.raw.items():
@@ -118,7 +118,7 @@ class PruneLane:
         if calib is not None and self.ckpt.n_experts(bid) and not self.opts.sequential:
             with self.report.timed("forward", bid):  # the pruned block, its experts read back from its shard
                 assert self.shard is not None and self.shard.path is not None
-                written = BlockStream(self.ckpt, self.device, range(bid, bid + 1),
+                written = BlockStream(self.job.out, self.device, range(bid, bid + 1),
                                       shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
                               self.device, experts=lambda: written.experts(bid))

@@ -10,14 +10,16 @@ differ only in that list:
     replay    [calibration stream, pruned stream]       over the shards a resumed run has written
     OWL       [outlier ratios]                          over the dense model, before block 0
 
-A consumer that changes a block's weights in place (a run's lane) comes after those that need them as read.
+A consumer that changes a block's weights in place (a run's lane) comes after those that need them as read. A
+consumer that must see every routed expert of a block before it changes any (one that removes experts by their
+scores) asks for a survey: the block's experts are then read twice, the first time handed to `survey`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -26,9 +28,22 @@ from streamprune.report import Report
 from streamprune.stream import Part
 
 
-class Consumer(Protocol):
+class Consumer:
+    """What the block loop feeds; each step does nothing unless the consumer says otherwise."""
+
     def enter(self, block: Part) -> None:
         """Block `block.bid` as read: its tensors outside the routed experts."""
+
+    def surveys(self, block: Part) -> bool:
+        """Whether this consumer must see each routed expert of the block entered before the pass that hands them
+        to `expert`."""
+        return False
+
+    def survey(self, expert: Part) -> None:
+        """One routed expert of the block entered, as read, in the survey pass (when a consumer asked for it)."""
+
+    def surveyed(self, block: Part) -> None:
+        """The end of the survey pass: each routed expert of the block was handed to `survey`."""
 
     def expert(self, expert: Part) -> None:
         """One routed expert of the block entered, as read."""
@@ -38,10 +53,18 @@ class Consumer(Protocol):
 
 
 def walk(blocks: Iterable[Part], consumers: list[Consumer], status: Status | None = None) -> None:
-    """Hand every block of `blocks`, then each of its routed experts, then the block's end, to every consumer."""
+    """Hand every block of `blocks`, then each of its routed experts (twice when a consumer surveys them first),
+    then the block's end, to every consumer."""
     for block in blocks:
         for consumer in consumers:
             consumer.enter(block)
+        if any(consumer.surveys(block) for consumer in consumers):
+            for expert in block.experts():
+                for consumer in consumers:
+                    consumer.survey(expert)
+                del expert
+            for consumer in consumers:
+                consumer.surveyed(block)
         for expert in block.experts():
             for consumer in consumers:
                 consumer.expert(expert)
@@ -85,9 +108,9 @@ def tracked(memory: PeakMemory, total: int, done: int = 0, progress: bool = True
         yield Status(bar, memory, total, done)
 
 
-class ReadLog:
+class ReadLog(Consumer):
     """How each block was read: its tensors' bytes, the seconds the read took in the background and the seconds
-    the loop waited for it (routed experts counted with their block)."""
+    the loop waited for it (routed experts counted with their block, in each pass that reads them)."""
 
     def __init__(self, rows: dict[int, dict[str, Any]] | None = None) -> None:
         self.rows: dict[int, dict[str, Any]] = rows or {}
@@ -103,8 +126,7 @@ class ReadLog:
         row["seconds"] += part.read_seconds
         row["wait"] += part.wait_seconds
 
-    def leave(self, block: Part) -> None:
-        pass
+    survey = expert
 
     def into(self, report: Report) -> None:
         """The waits as each block's "read" phase, the reads' seconds as the run's total."""
@@ -113,7 +135,7 @@ class ReadLog:
             report.read_total_seconds += row["seconds"]
 
 
-class Timed:
+class Timed(Consumer):
     """A consumer whose every step counts as `phase` of the block in `report`."""
 
     def __init__(self, consumer: Consumer, report: Report, phase: str) -> None:
@@ -122,6 +144,17 @@ class Timed:
     def enter(self, block: Part) -> None:
         with self.report.timed(self.phase, block.bid):
             self.consumer.enter(block)
+
+    def surveys(self, block: Part) -> bool:
+        return self.consumer.surveys(block)
+
+    def survey(self, expert: Part) -> None:
+        with self.report.timed(self.phase, expert.bid):
+            self.consumer.survey(expert)
+
+    def surveyed(self, block: Part) -> None:
+        with self.report.timed(self.phase, block.bid):
+            self.consumer.surveyed(block)
 
     def expert(self, expert: Part) -> None:
         with self.report.timed(self.phase, expert.bid):

@@ -27,6 +27,7 @@ from streamprune.arch.block import LayerPositions
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.forward import forward_block
+from streamprune.loop import Consumer
 from streamprune.pruners.factor import rows_per_chunk
 from streamprune.stream import Part
 
@@ -112,7 +113,7 @@ def pruned_counts(ckpt: Checkpoint) -> list[int]:
             for b in range(ckpt.config.n_layers)]
 
 
-class OutlierRatios:
+class OutlierRatios(Consumer):
     """Every block's outlier ratio, as a consumer of the block loop over the dense model (`loop.walk`): each block
     runs forward over the embedded windows in `x` (updated in place: it holds the last block's output at the end),
     each site's input column norms accumulated as it runs (a vector per site, no X^T X). `reduce` sums each site's
@@ -145,6 +146,3 @@ class OutlierRatios:
 
     def expert(self, expert: Part) -> None:
         raise AssertionError("OWL allocates models without routed experts")
-
-    def leave(self, block: Part) -> None:
-        pass

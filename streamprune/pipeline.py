@@ -114,7 +114,7 @@ class Run:
         if self.report.environment_changes:
             logger.warning("resuming in another environment (%s): the result is valid but its last bits may differ "
                            "from an uninterrupted run's", "; ".join(self.report.environment_changes))
-        self.sink: Sink = CheckpointSink(self.ckpt, job.out_dir, job.layout, self.journal) if self.ranks.is_writer \
+        self.sink: Sink = CheckpointSink(job.out, job.out_dir, job.layout, self.journal) if self.ranks.is_writer \
             else NoSink()
 
     def execute(self, progress: bool) -> Report:
@@ -242,7 +242,7 @@ class Run:
             written: list[Consumer] = [s for s in (calib, streams.get("pruned")) if s is not None]
             if written:
                 status.phase("replay")
-                walk(BlockStream(self.ckpt, job.device, range(first), layout=job.layout,
+                walk(BlockStream(job.out, job.device, range(first), layout=job.layout,
                                  shard_of=lambda bid: job.out_dir / self.journal.done[bid + 1]["shard"]), written)
 
     def perplexities(self, streams: dict[str, HiddenStream], status: Status) -> None:
@@ -443,18 +443,12 @@ class Sweep:
         self.own.phases.update(state["phases"])
 
 
-class SavedState:
+class SavedState(Consumer):
     """The last consumer of a sweep's blocks: after each block, every stream and the journal saved (see
     `Sweep.save_state`)."""
 
     def __init__(self, sweep: Sweep, dense: HiddenStream, lanes: list[PruneLane], reads: ReadLog) -> None:
         self.sweep, self.dense, self.lanes, self.reads = sweep, dense, lanes, reads
-
-    def enter(self, block: Part) -> None:
-        pass
-
-    def expert(self, expert: Part) -> None:
-        pass
 
     def leave(self, block: Part) -> None:
         self.sweep.save_state(block.bid + 1, self.dense, self.lanes, self.reads)

@@ -19,7 +19,7 @@ from streamprune.arch import PRUNABLE
 from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.errors import CheckpointError
 from streamprune.fileio import atomic_write
-from streamprune.formats import Layout, write_quantization_config
+from streamprune.formats import Layout, update_config, write_quantization_config
 from streamprune.journal import Journal
 from streamprune.report import LayerReport
 from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
@@ -129,8 +129,9 @@ class Sink(Protocol):
 
 
 class CheckpointSink:
-    """An output checkpoint in `out_dir`: each shard put in place whole, then recorded in `journal` (if any) with its
-    layers' report rows; `finish` adds the side files, config.json and the index."""
+    """An output checkpoint of structure `ckpt` (see `Checkpoint.keeping_experts`) in `out_dir`: each shard put in
+    place whole, then recorded in `journal` (if any) with its layers' report rows; `finish` adds the side files,
+    config.json and the index."""
 
     def __init__(self, ckpt: Checkpoint, out_dir: Path, layout: Layout, journal: Journal | None = None) -> None:
         self.ckpt, self.dir, self.layout, self.journal = ckpt, out_dir, layout, journal
@@ -153,6 +154,8 @@ class CheckpointSink:
         linear module the output does not encode, the head among them), then the index: until now OUT_DIR does not
         load as a checkpoint."""
         copy_side_files(self.ckpt.dir, self.dir)
+        given = json.loads((self.ckpt.dir / "config.json").read_text(encoding="utf-8"))
+        update_config(self.dir, {k: v for k, v in self.ckpt.raw_config.items() if given.get(k) != v})
         ignore = [m for m in self.ckpt.linear_modules() if m + ".weight" not in self.layout.encoded]
         write_quantization_config(self.dir, self.layout.format, ignore)
         self.writer.finish()
