@@ -211,6 +211,9 @@ def plan_cmd(model_dir: Path, sweep: bool, json_out: Path | None, verbose: bool,
     if nproc > 1:
         table.caption += (f"\n{nproc} ranks per node: host {nproc * result.host_peak / 2**20:,.0f} MiB in all, "
                           "each rank on its own GPU")
+    if result.read_bytes:
+        table.caption += (f"\nreads {result.read_bytes / 2**20:,.1f} MiB of the checkpoint, writes "
+                          f"{result.output_bytes / 2**20:,.1f} MiB (unquantized)")
     if result.offload_hessian:
         table.caption += "\nX^T X waits in host memory while its inverse factor is on the GPU (to fit the budget)"
     Console().print(table)

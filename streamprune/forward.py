@@ -81,6 +81,16 @@ def defer(ckpt: Checkpoint, w: Weights, m_store: Activations, i: int, j: int, m:
     m_store.write(i, j, m)
 
 
+@torch.no_grad()
+def route_all(ckpt: Checkpoint, w: Weights, m: Activations, batch: int, device: torch.device) -> Routes:
+    """The routes of the MoE inputs `m` (K, T, D) by the router in `w`, in the batches of `forward_block`."""
+    routes: Routes = []
+    for i, j in batches(m.shape[0], batch):
+        x = m.read(i, j, device)
+        routes.append((i, j, *route(ckpt.config, w, x.reshape(-1, x.shape[-1]))))
+    return routes
+
+
 def routed_rows(routes: Routes, xid: int) -> Routes:
     """For each batch of windows: the token rows routed to expert `xid` and their routing weights."""
     rows = []

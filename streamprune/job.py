@@ -28,6 +28,7 @@ from streamprune.calib import calib_windows
 from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
+from streamprune.experts import kept_experts
 from streamprune.formats import Layout, make_format
 from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
 from streamprune.memory import MEMORY_CSV, resolve_device
@@ -63,6 +64,7 @@ class Job:
     offload_hessian: bool  # X^T X waits in host memory while its solver matrix is on the GPU
     grid: Grid | None  # the quantization grid of the kept weights, if any
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
+    solves: bool = True  # False: routed experts are removed and nothing else changes (every kept tensor copied)
     args: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     journal: Journal | None = None  # a verified journal of the same job to resume, else None
@@ -113,22 +115,28 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     errors = default_errors(cls, opts.layer_errors)
     owl = check_allocation(opts, pattern)
     ckpt = open_model(model_dir)
+    kept = None if opts.prune_experts is None else kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
+    solves = kept is None or sparsity > 0 or pattern.structured or opts.wbits is not None
+    errors = errors and solves
+    surveys = kept is not None and opts.expert_criterion != "random"  # the experts' scores read the calibration data
     grid, layout = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     calib = None if opts.calib is None else Path(opts.calib)
-    if calib is not None and not cls.accumulates(errors) and not owl:
+    reads = solves and cls.accumulates(errors)  # the method reads calibration statistics
+    if calib is not None and not reads and not owl and not surveys:
         logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
                        opts.method, calib)
         calib = None
-    if calib is None and (cls.needs_data or errors or owl):
-        what = f"method {opts.method!r}" if cls.needs_data else "--layer-errors" if errors else "--allocation owl"
+    if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
+        what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
+                else "--allocation owl" if owl else f"--expert-criterion {opts.expert_criterion!r}")
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
     if owl and ckpt.config.n_experts:
         raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
                             f"{ckpt.config.model_type!r}); use --allocation uniform")
     drawn = None if calib is None else draw_windows(ckpt, calib, opts, seqlen)
-    windows = drawn if cls.accumulates(errors) else None  # magnitude: the windows serve only OWL's dense pass
+    windows = drawn if reads or surveys else None  # magnitude: the windows serve only OWL's dense pass
     check_out_dir(model_dir, out_dir)
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
     shares = ranks.shares(opts.nsamples, windows, ewindows, bool(ckpt.config.n_experts) and not opts.sequential)
@@ -145,7 +153,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
             "offload_activations": decision.placement, "batch": decision.batch,
             "offload_hessian": decision.offload_hessian, "layer_errors": errors,
             "eval_seqlen": None if ewindows is None else ewindows.shape[1]}
-    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl,
+    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None,
                   {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)})  # type: ignore[arg-type]
     fprint = fingerprint(ckpt, None if drawn is None else calib_digest(calib, drawn), fingerprint_args(args, RUN, scope))
     state, finished = previous_job(out_dir, fprint, opts, RUN)
@@ -155,9 +163,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     output = sum(info.nbytes for info in ckpt.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
     activations = ranks.local_world * fp.activations if decision.placement == "disk" else 0
     check_disk(out_dir, "the run", {"output": output, "temporary activations": activations})
-    return Job(ckpt=ckpt, out=ckpt, opts=opts, out_dir=out_dir, pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs,
-               seqlen=seqlen, device=ranks.device(device), windows=shares.windows, placement=decision.placement,
-               batch=decision.batch, offload_hessian=decision.offload_hessian, grid=grid, layout=layout, args=args,
+    return Job(ckpt=ckpt, out=ckpt if kept is None else ckpt.keeping_experts(kept), opts=opts, out_dir=out_dir,
+               pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs, seqlen=seqlen,
+               device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
+               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
                owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks)
 

@@ -8,6 +8,11 @@ at a time as they arrive, every pruned tensor written as soon as it is final.
                     added to the block's output and to the evaluation streams
     leave(block)    the block's shard put in place; the block's output becomes the next block's input
 
+Removing routed experts (--prune-experts), an MoE block surveys its experts before the pass above hands them over:
+`survey` scores each dense expert from the tokens the full router sends it, `surveyed` keeps the best ones, cuts the
+router to them and routes the tokens again, so that the kept experts are calibrated on the routing of the reduced
+router and the block's output (and its evaluation streams) is the reduced block's. A removed expert is not written.
+
 An MoE block runs in two passes so that its experts are read once (see `forward.forward_block`). With --sequential,
 the first pass of the pruned block writes its output without the routed experts and keeps its MoE input, from which
 each expert's statistics come. Without it, the statistics come from the dense block (its MoE input kept by the
@@ -33,7 +38,8 @@ from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
-from streamprune.forward import Routes, add_expert, forward_block, routed_rows
+from streamprune.experts import Tally, choose, decision, random_scores, tally
+from streamprune.forward import Routes, add_expert, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
 from streamprune.pruners import Pruner, make_pruner
@@ -70,28 +76,43 @@ class PruneLane(Consumer):
         self.first_row = 0
         self.routes: Routes | None = None
         self.stats: Activations | None = None
+        # removing routed experts: each MoE block keeps `kept` experts (else None); the block's router tensors as read,
+        # the experts' sums (survey) and the ones kept, in order
+        self.kept = job.out.config.n_experts if job.out is not job.ckpt else None
+        self.router: dict[str, Tensor] = {}
+        self.tallies: list[Tally] = []
+        self.keep: list[int] = []
+        self.decision: dict[str, Any] | None = None
+        # without weight solves the block is exact as read, so the pruned block's own first pass gives its experts'
+        # statistics whatever --sequential says
+        self.sequential = self.opts.sequential or not job.solves
 
     def enter(self, block: Part) -> None:
         bid, calib = block.bid, self.calib
         moe = self.ckpt.n_experts(bid) > 0
+        removes = moe and self.kept is not None
         self.w = dict(block.w) if self.copy else block.w  # the pruners replace the entries they prune
         self.first_row = len(self.report.layers)
         with self.report.timed("write", bid):
-            # the shard has the input's names, dtypes and shapes: its header is written first, and each tensor as
-            # soon as it is final (the pruned ones as they are solved, the others now)
+            # the shard has the output's names, dtypes and shapes: its header is written first, and each tensor as
+            # soon as it is final (the pruned ones as they are solved, the router once the kept experts are known,
+            # the others now)
             self.shard = self.sink.open(bid + 1, block_meta(self.job.out, bid, self.job.layout),
-                                        read_back=moe and calib is not None and not self.opts.sequential)
-            pruned = set(self.ckpt.pruned_linears(bid).values())
+                                        read_back=moe and calib is not None and not self.sequential)
+            pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
+            router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
+                      if b == bid and role is Role.FFN_GATE_INP} if removes else set()
+            self.router = {name: block.raw[name] for name in router}
             for name, tensor in block.raw.items():
-                if name not in pruned:
+                if name not in pruned and name not in router:
                     self.shard.put(name, tensor)
             if not self.copy:
                 block.raw.clear()  # written or held by `w` (on the CPU the same tensors; on a GPU, their copies)
         self.status.phase(f"block {bid}: prune")
-        self.routes = self.prune_sites(bid, m_store=calib.scratch if calib and moe and not self.opts.sequential else None)
-        for stream in self.streams:
-            with self.report.timed("eval", bid):
-                stream.enter(dataclasses.replace(block, w=self.w))
+        m_store = calib.scratch if calib and moe and not self.sequential else None
+        self.routes = self.prune_sites(bid, m_store) if self.job.solves else None
+        if not removes:  # else once the router is cut (`surveyed`)
+            self.enter_streams(block)
         if moe:
             self.status.phase(f"block {bid}: experts")
             self.start_experts(bid)
@@ -99,23 +120,94 @@ class PruneLane(Consumer):
             self.status.phase(f"block {bid}: forward")
             with self.report.timed("forward", bid):
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
-        if not (moe and calib is not None and not self.opts.sequential):
+        if not removes:
+            self.release_block(moe)
+
+    def enter_streams(self, block: Part) -> None:
+        for stream in self.streams:
+            with self.report.timed("eval", block.bid):
+                stream.enter(dataclasses.replace(block, w=self.w))
+
+    def release_block(self, moe: bool) -> None:
+        if not (moe and self.calib is not None and not self.sequential):
             self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
+
+    def surveys(self, block: Part) -> bool:
+        return self.kept is not None and self.ckpt.n_experts(block.bid) > 0
+
+    def survey(self, part: Part) -> None:
+        """Expert `part` as read: its sums over the tokens the full router sends it."""
+        if not self.surveys(part) or self.opts.expert_criterion == "random":
+            return
+        assert self.routes is not None and self.stats is not None and part.xid is not None
+        with self.report.timed("survey", part.bid):
+            self.tallies.append(tally(self.ckpt.config, part.w, routed_rows(self.routes, part.xid), self.stats,
+                                      self.device))
+
+    def surveyed(self, block: Part) -> None:
+        """Every expert scored: the best `kept` chosen, the router cut to them (written bit for bit, row by row),
+        and the tokens routed again by the reduced router."""
+        bid, criterion, n = block.bid, self.opts.expert_criterion, self.ckpt.n_experts(block.bid)
+        if not self.surveys(block):
+            return
+        assert self.kept is not None and self.shard is not None
+        with self.report.timed("survey", bid):
+            if criterion == "random":
+                scores, tallies = random_scores(n, self.opts.seed, bid), None
+            else:
+                tallies = [Tally(self.ranks.sum_int(t.tokens), self.ranks.sum_float(t.norm),
+                                 self.ranks.sum_float(t.weighted_norm)) for t in self.tallies]  # every rank's share
+                scores = [t.score(criterion) for t in tallies]
+            self.keep = choose(scores, self.kept)
+            self.decision = decision(bid, criterion, scores, tallies, self.keep)
+            for name, tensor in self.router.items():
+                self.shard.put(name, tensor[self.keep])
+            rows = torch.tensor(self.keep, device=self.device)
+            for param in [p for p in self.w if p[0] is Role.FFN_GATE_INP]:
+                self.w[param] = self.w[param][rows]
+            if self.routes is not None:
+                assert self.stats is not None
+                self.routes = route_all(self.ckpt, self.w, self.stats, self.job.batch, self.device)
+        self.router, self.tallies = {}, []
+        self.enter_streams(block)
+        self.release_block(moe=True)
 
     def expert(self, part: Part) -> None:
         bid, xid = part.bid, part.xid
         assert xid is not None
+        if self.kept is not None:  # the output's index of a kept expert; a removed one is not written
+            if xid not in self.keep:
+                return
+            xid = self.keep.index(xid)
         we = dict(part.w) if self.copy else part.w
-        if not self.copy:
-            part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
-        self.prune_expert(bid, xid, we)
+        if self.job.solves:
+            if not self.copy:
+                part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
+            self.prune_expert(bid, xid, we)
+        else:
+            self.copy_expert(part, xid)
         for stream in self.streams:
             with self.report.timed("eval", bid):
-                stream.expert(dataclasses.replace(part, w=we))
+                stream.expert(dataclasses.replace(part, w=we, xid=xid))
+
+    def copy_expert(self, part: Part, xid: int) -> None:
+        """Kept expert `part` written as read under index `xid`; with calibration, its weighted output added to
+        the block's."""
+        assert self.shard is not None and part.xid is not None
+        bid = part.bid
+        names = self.job.out.experts[(bid, xid)]
+        with self.report.timed("write", bid):
+            for param, name in self.ckpt.experts[(bid, part.xid)].items():
+                self.shard.put(names[param], part.raw[name])
+        if self.calib is not None:
+            assert self.routes is not None and self.stats is not None
+            with self.report.timed("forward", bid):
+                add_expert(self.ckpt, part.w, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
+                           self.device)
 
     def leave(self, block: Part) -> None:
         bid, calib = block.bid, self.calib
-        if calib is not None and self.ckpt.n_experts(bid) and not self.opts.sequential:
+        if calib is not None and self.ckpt.n_experts(bid) and not self.sequential:
             with self.report.timed("forward", bid):  # the pruned block, its experts read back from its shard
                 assert self.shard is not None and self.shard.path is not None
                 written = BlockStream(self.job.out, self.device, range(bid, bid + 1),
@@ -130,8 +222,10 @@ class PruneLane(Consumer):
         with self.report.timed("write", bid):
             shard, self.shard = self.shard, None
             assert shard is not None
-            shard.close(self.report.layers[self.first_row:])
-        self.w, self.routes, self.stats = {}, None, None
+            shard.close(self.report.layers[self.first_row:], self.decision)
+        if self.decision is not None:
+            self.report.experts = [*(self.report.experts or []), self.decision]
+        self.w, self.routes, self.stats, self.keep, self.decision = {}, None, None, [], None
 
     def close(self) -> None:
         """Remove the shard of a block left unfinished (by an error)."""
@@ -188,7 +282,7 @@ class PruneLane(Consumer):
         calib = self.calib
         if calib is None:
             return
-        if self.opts.sequential:
+        if self.sequential:
             with self.report.timed("forward", bid):
                 self.routes = forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch,
                                             self.job.batch, self.device)
@@ -200,13 +294,13 @@ class PruneLane(Consumer):
         """Prune routed expert `xid` in place in `we`: its gate and up projections from the rows of the tokens routed
         to it (or of every token, see `expert_rows`), its down projection from their hidden activations through the
         pruned gate and up; with --sequential its weighted output is added to the block's output."""
-        names = {param[0]: name for param, name in self.ckpt.experts[(bid, xid)].items()}
+        names = {param[0]: name for param, name in self.job.out.experts[(bid, xid)].items()}
         (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
         if self.calib is None:  # magnitude without calibration data
             for roles in (in_roles, down_roles):
                 self.prune_roles(bid, we, self.new_pruner(we, roles, bid), roles, names, expert=xid)
             return
-        stats, sequential, cfg = self.stats, self.opts.sequential, self.ckpt.config
+        stats, sequential, cfg = self.stats, self.sequential, self.ckpt.config
         assert self.routes is not None and stats is not None
         rows = routed_rows(self.routes, xid)
         rows_in, how, n_routed = self.expert_rows(rows, stats)

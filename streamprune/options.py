@@ -18,6 +18,7 @@ from typing import Any
 
 from streamprune.activations import PLACEMENTS
 from streamprune.errors import ArgumentError
+from streamprune.experts import EXPERT_CRITERIA
 from streamprune.formats import FORMATS
 from streamprune.owl import ALLOCATIONS, OWL_LAMBDA, OWL_M
 from streamprune.pruners import METHODS
@@ -34,6 +35,7 @@ class Scope:
     moe: bool = False  # the model has routed experts
     quantized: bool = False  # --wbits is given
     owl: bool = False  # --allocation owl
+    experts_removed: bool = False  # --prune-experts
     digests: Mapping[str, str] = dataclasses.field(default_factory=dict)  # a data file's digest stands for its path
 
 
@@ -59,6 +61,10 @@ def when_quantized(scope: Scope, name: str, value: Any) -> bool:
 
 def when_owl(scope: Scope, name: str, value: Any) -> bool:
     return scope.owl
+
+
+def when_experts_removed(scope: Scope, name: str, value: Any) -> bool:
+    return scope.experts_removed
 
 
 def when_not_dense(scope: Scope, name: str, value: Any) -> bool:
@@ -193,6 +199,19 @@ class PruneOptions:
     moe_min_tokens: int = option(
         128, "Mixture-of-Experts: an expert routed fewer calibration tokens takes the statistics of every token "
              "entering its MoE layer.", RUN_SWEEP, minimum=1, fingerprint=when_moe)
+    prune_experts: float | None = option(
+        None, "Mixture-of-Experts: remove this fraction F of the routed experts of every MoE block (floor(F x "
+              "experts), the same count in each), those --expert-criterion scores lowest; the output is the same "
+              "architecture with fewer experts, renumbered in their order. With --sparsity 0 (and no --wbits) nothing "
+              "else changes: every kept tensor is copied bit for bit.", RUN_PLAN, fingerprint=when_given)
+    expert_criterion: str = option(
+        "reap", "--prune-experts: the score whose lowest experts go: reap (mean over the calibration tokens routed "
+                "to the expert of router weight x output norm), ean (sum of its output norms over them), frequency "
+                "(how many are routed to it) or random (drawn from --seed).", RUN_PLAN, choices=EXPERT_CRITERIA,
+        fingerprint=when_experts_removed)
+    experts_multiple: int = option(1, "--prune-experts: round the kept count down to a multiple of this (as "
+                                      "expert-parallel serving needs).", RUN_PLAN, minimum=1,
+                                   fingerprint=when_experts_removed)
     wbits: int | None = option(None, "Quantize the kept weights to 2, 3, 4 or 8 bits in the same solve (default: no "
                                      "quantization).", RUN_PLAN, fingerprint=when_quantized)
     group_size: int = option(128, "Input columns per quantization group (must divide every pruned matrix's "

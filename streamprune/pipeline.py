@@ -166,8 +166,10 @@ class Run:
             first += 1
         for idx in [i for i in self.journal.done if i > first]:  # redo everything after the first gap
             del self.journal.done[idx]
-        for idx in sorted(self.journal.done):  # the finished blocks' report rows
+        for idx in sorted(self.journal.done):  # the finished blocks' report rows (and choices of experts)
             self.report.layers += [LayerReport(**lr) for lr in self.journal.done[idx]["layers"]]
+            if "experts" in self.journal.done[idx]:
+                self.report.experts = [*(self.report.experts or []), self.journal.done[idx]["experts"]]
         self.report.resumed_at_block = first if job.journal else None
         return first
 

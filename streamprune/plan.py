@@ -28,6 +28,7 @@ from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.calib import eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
+from streamprune.experts import kept_experts
 from streamprune.memory import resolve_device
 from streamprune.pruners import default_errors
 from streamprune.pruners import Grid
@@ -53,10 +54,13 @@ class MemoryPlan:
     device_peak: int  # of one rank, on its own GPU
     consumers: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, where)
     nproc: int = 1  # ranks per node: the node's host memory holds this many times `host_peak`
+    read_bytes: int = 0  # of the checkpoint, every pass counted (--prune-experts reads the routed experts twice)
+    output_bytes: int = 0  # of the checkpoint written
 
     def to_dict(self) -> dict[str, object]:
         return {"placement": self.placement, "batch": self.batch, "offload_hessian": self.offload_hessian,
                 "nproc": self.nproc, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
+                "read_bytes": self.read_bytes, "output_bytes": self.output_bytes,
                 "consumers": [{"what": w, "bytes": b, "where": p} for w, b, p in self.consumers]}
 
 
@@ -334,7 +338,14 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
                    {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense),
                    owl=opts.allocation == "owl")
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
-    return memory_plan(fp, dev, decision, nproc=opts.nproc)
+    result = memory_plan(fp, dev, decision, nproc=opts.nproc)
+    stored = sum(info.nbytes for info in ckpt.tensors.values())
+    result.read_bytes = result.output_bytes = stored
+    if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
+        out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
+        result.read_bytes += sum(ckpt.tensors[name].nbytes for name in ckpt.expert_of)
+        result.output_bytes = sum(info.nbytes for info in out.tensors.values())
+    return result
 
 
 def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:

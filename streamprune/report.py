@@ -22,7 +22,8 @@ REPORT_NAME = "streamprune_report.json"
 # eval: the evaluation streams of --eval (the blocks' forwards and the head); sync: with several ranks, summing the
 # statistics and receiving the linears other ranks solved (waiting for them included).
 # owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
-PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write")
+PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write",
+          "survey")
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Report:
     eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
     block_sparsity: list[float] | None = None  # each block's allocated sparsity (the target everywhere when uniform)
     allocation: dict[str, Any] | None = None  # --allocation owl: its parameters, outlier ratios and block weights
+    # --prune-experts: per MoE block, the criterion, the experts kept and removed, and each expert's score, routed
+    # calibration tokens, whether it is kept and its index in the output (see `experts.decision`)
+    experts: list[dict[str, Any]] | None = None
     world_size: int = 1  # the ranks of the run (processes launched by torchrun)
     # with several ranks: each one's {rank, device, windows, wall_seconds, phases, peak_rss_bytes, peak_gpu_bytes}
     ranks: list[dict[str, Any]] | None = None

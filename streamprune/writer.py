@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -98,7 +98,8 @@ class BlockShard:
     nothing."""
 
     def __init__(self, context: contextlib.AbstractContextManager[ShardFile | None],
-                 on_close: Callable[[list[LayerReport]], None] = lambda layers: None) -> None:
+                 on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None
+                 ) -> None:
         self.context, self.on_close = context, on_close
         self.file = context.__enter__()
 
@@ -110,9 +111,11 @@ class BlockShard:
         if self.file is not None:
             self.file.put(name, tensor)
 
-    def close(self, layers: list[LayerReport]) -> None:
+    def close(self, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
+        """Put the shard in place; `layers` and `experts` (the block's choice of routed experts, if any) are its
+        report's."""
         self.context.__exit__(None, None, None)
-        self.on_close(layers)
+        self.on_close(layers, experts)
 
     def abort(self) -> None:
         error = CheckpointError("the block was not finished")
@@ -138,15 +141,17 @@ class CheckpointSink:
         self.writer = ShardWriter(out_dir, ckpt.config.n_layers + 1)
 
     def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
-        return BlockShard(self.writer.open(idx, meta), lambda layers: self.record(idx, layers))
+        return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts))
 
-    def record(self, idx: int, layers: list[LayerReport]) -> None:
+    def record(self, idx: int, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Shard `idx`, written, flushed, renamed into place and checked, in the journal."""
         if self.journal is None:
             return
         path = self.dir / self.writer.shard_name(idx)
         self.journal.done[idx] = {"shard": path.name, "bytes": path.stat().st_size, "tensors": sorted(read_header(path)),
                                   "layers": [asdict(lr) for lr in layers]}
+        if experts is not None:
+            self.journal.done[idx]["experts"] = experts
         self.journal.save(self.dir)
 
     def finish(self) -> None:

@@ -205,8 +205,13 @@ def test_sigkill_at_random_points_then_resume(tmp_path, extra):
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run([str(ref) if c == "OUT" else c for c in cmd], check=True, capture_output=True, cwd=ROOT)
     wall = load_report(ref).wall_seconds  # from the first write to the end
-    run_cmd = [str(out) if c == "OUT" else c for c in cmd]
-    rng = random.Random(1234)
+    kill_and_resume([str(out) if c == "OUT" else c for c in cmd], out, ref, wall)
+
+
+def kill_and_resume(run_cmd: list[str], out: Path, ref: Path, wall: float, seed: int = 1234) -> None:
+    """Run `run_cmd` (writing `out`), SIGKILL it at random moments three times (or until it finishes), resume it;
+    the checkpoint written equals `ref`'s, which an uninterrupted run of `wall` seconds wrote."""
+    rng = random.Random(seed)
     kills = 0
     while kills < 3:
         proc = subprocess.Popen(run_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)

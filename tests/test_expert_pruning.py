@@ -1,0 +1,266 @@
+"""Removing routed experts (--prune-experts): the criteria re-derived from transformers' own router and expert
+modules, the output as transformers loads it, bit-for-bit copies, resume, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import streamprune
+from streamprune.calib import calib_windows
+from streamprune.cli import app
+from streamprune.errors import StreamPruneError
+from streamprune.evaluate import evaluate, logits
+from streamprune.plan import plan
+from streamprune.report import load_report
+from tests import tiny
+from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
+
+VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe"]
+ARGS = dict(nsamples=8, seqlen=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    return {v: tiny.build(root / v, v) for v in VARIANTS}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def hf64(path: Path):
+    return tiny.hf_model(path).double()
+
+
+def moe_inputs(model, windows: torch.Tensor, bid: int) -> torch.Tensor:
+    """The input of block `bid`'s MoE module, (tokens, D), over every window."""
+    seen = []
+    hook = model.model.layers[bid].mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(windows)
+    hook.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float], list[int]]:
+    """Each expert's score and routed tokens from transformers' router (`moe.gate`: its weights after the family's
+    top-k renormalization) and experts (`moe.experts`), in float64."""
+    _, weights, chosen = moe.gate(m)
+    experts = moe.experts
+    scores, tokens = [], []
+    with torch.no_grad():
+        for j in range(experts.num_experts):
+            token, slot = torch.where(chosen == j)
+            gate, up = torch.nn.functional.linear(m[token], experts.gate_up_proj[j]).chunk(2, dim=-1)
+            f = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[j])
+            norms = torch.linalg.vector_norm(f, dim=-1)
+            g = weights[token, slot].double()
+            n = int(token.numel())
+            tokens.append(n)
+            scores.append({"reap": float((g * norms).sum()) / n if n else 0.0, "ean": float(norms.sum()),
+                           "frequency": float(n)}[criterion])
+    return scores, tokens
+
+
+def lowest(scores: list[float], removed: int) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda x: (scores[x], -x))[:removed])
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "not-sequential"])
+@pytest.mark.parametrize("criterion", ["reap", "ean", "frequency"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion, sequential):
+    """Every MoE block's scores and removed experts, re-derived in float64 from transformers' modules on the block's
+    MoE input as the run sees it: the earlier blocks as written (pruned, experts removed), then this block's
+    attention pruned (--sequential) or dense."""
+    src, out = models[variant], tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, sparsity=0.5, sequential=sequential, prune_experts=0.5,
+                               expert_criterion=criterion, **ARGS)
+    windows = calib_windows(calib, src, tiny.VOCAB, ARGS["seqlen"], ARGS["nsamples"], ARGS["seed"])
+    written, dense = hf64(out), hf64(src)
+    assert report.experts, "no MoE block reported"
+    for block in report.experts:
+        bid = block["block"]
+        if not sequential:  # this block's dense attention on the written blocks' output
+            mixed = hf64(out)
+            layer, dense_layer = mixed.model.layers[bid], dense.model.layers[bid]
+            layer.self_attn.load_state_dict(dense_layer.self_attn.state_dict())
+            m = moe_inputs(mixed, windows, bid)
+        else:
+            m = moe_inputs(written, windows, bid)
+        scores, tokens = reference_scores(dense.model.layers[bid].mlp, m, criterion)
+        n = len(scores)
+        assert block["criterion"] == criterion and block["kept"] == n - math.floor(0.5 * n)
+        assert block["removed"] == lowest(scores, n - block["kept"])
+        got = [e["score"] for e in block["experts"]]
+        assert got == pytest.approx(scores, rel=1e-5, abs=1e-12)
+        assert [e["routed_tokens"] for e in block["experts"]] == tokens
+        kept = [e["expert"] for e in block["experts"] if e["kept"]]
+        assert [e["index"] for e in block["experts"] if e["kept"]] == list(range(len(kept)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant):
+    """--sparsity 0: the kept experts (renumbered in order), the router's kept rows and every other tensor bit for
+    bit; the config's expert count updated; transformers loads it with no flag and its logits and perplexity equal
+    streamprune's."""
+    src, out = models[variant], tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, sparsity=0.0, prune_experts=0.5, **ARGS)
+    assert report.layers == []  # nothing solved
+    before, after = tensors(src), tensors(out)
+    expected = {}
+    router = {}
+    for name, t in before.items():
+        if ".experts." in name:
+            continue
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            router[name] = t
+        else:
+            expected[name] = t
+    for block in report.experts:
+        bid = block["block"]
+        keep = [e["expert"] for e in block["experts"] if e["kept"]]
+        for name, t in before.items():
+            prefix = f"layers.{bid}."
+            if prefix in name and ".experts." in name:
+                head, rest = name.split(".experts.")
+                xid, tail = rest.split(".", 1)
+                if int(xid) in keep:
+                    expected[f"{head}.experts.{keep.index(int(xid))}.{tail}"] = t
+            if prefix in name and name in router:
+                expected[name] = router[name][keep]
+    assert sorted(after) == sorted(expected)
+    for name in expected:
+        assert torch.equal(after[name], expected[name]), name
+    n_in = json.loads((src / "config.json").read_text())
+    n_out = json.loads((out / "config.json").read_text())
+    key = "num_local_experts" if "num_local_experts" in n_in else "num_experts"
+    assert n_out[key] == n_in[key] - math.floor(0.5 * n_in[key])
+    assert n_out["num_experts_per_tok"] == n_in["num_experts_per_tok"]
+    ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = tiny.hf_model(out)(ids).logits
+    torch.testing.assert_close(logits(out, ids), theirs, rtol=0, atol=1e-4)
+    ours = evaluate(out, calib, seqlen=32, nsamples=4)
+    windows = calib_eval_windows(out, calib)
+    with torch.no_grad():
+        nll = tiny.hf_model(out)(windows, labels=windows).loss
+    assert ours.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def calib_eval_windows(model: Path, data: Path) -> torch.Tensor:
+    from streamprune.calib import eval_windows, load_tokens
+
+    return eval_windows(load_tokens(data, model, tiny.VOCAB), 32, 4)
+
+
+def test_run_eval_is_the_reduced_model(tmp_path, models, calib):
+    """--eval in the run that removes experts and prunes the kept ones equals `eval` of what it wrote."""
+    src, out = models["qwen2-moe"], tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, sparsity=0.5, prune_experts=0.34, eval=calib, eval_nsamples=4,
+                               eval_seqlen=32, **ARGS)
+    assert report.perplexity == pytest.approx(evaluate(out, calib, seqlen=32, nsamples=4).perplexity, rel=1e-6)
+    assert all(b["kept"] == 4 for b in report.experts)  # 6 - floor(0.34 x 6)
+
+
+def test_kept_count_rounds_to_the_multiple(tmp_path, models, calib):
+    out = tmp_path / "out"
+    report = streamprune.prune(models["qwen2-moe"], out, calib=calib, sparsity=0.0, prune_experts=0.2,
+                               experts_multiple=4, **ARGS)
+    assert {b["kept"] for b in report.experts} == {4}  # 6 - floor(1.2) = 5, down to a multiple of 4
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 4
+
+
+def test_random_criterion_needs_no_calibration(tmp_path, models):
+    out = tmp_path / "out"
+    report = streamprune.prune(models["mixtral"], out, sparsity=0.0, prune_experts=0.5, expert_criterion="random",
+                               nsamples=8, seqlen=32)
+    again = streamprune.prune(models["mixtral"], tmp_path / "again", sparsity=0.0, prune_experts=0.5,
+                              expert_criterion="random", nsamples=8, seqlen=32)
+    assert [b["removed"] for b in report.experts] == [b["removed"] for b in again.experts]
+    assert all(e["routed_tokens"] is None for b in report.experts for e in b["experts"])
+
+
+@pytest.mark.parametrize("fail_after", [2, 3])  # shards: the globals, then one per block
+def test_interrupted_run_resumes_byte_identical(tmp_path, monkeypatch, models, calib, fail_after):
+    """A run stopped after its first blocks resumes (its streams replayed through the reduced shards it wrote) to the
+    same bytes, the same report of experts and the same perplexity as an uninterrupted one."""
+    src = models["qwen2-moe"]
+    args = dict(calib=calib, sparsity=0.5, prune_experts=0.5, eval=calib, eval_nsamples=4, eval_seqlen=32, **ARGS)
+    ref = streamprune.prune(src, tmp_path / "ref", **args)
+    with monkeypatch.context() as patch:
+        fail_writes_after(patch, fail_after)
+        with pytest.raises(StreamPruneError):
+            streamprune.prune(src, tmp_path / "out", **args)
+    resumed = streamprune.prune(src, tmp_path / "out", **args)
+    assert resumed.resumed_at_block is not None and resumed.resumed_at_block > 0
+    assert checkpoint_files(tmp_path / "out") == checkpoint_files(tmp_path / "ref")
+    assert resumed.experts == ref.experts
+    assert resumed.perplexity == ref.perplexity
+    assert load_report(tmp_path / "out").experts == ref.experts
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path):
+    """Kill a run that removes experts and prunes the kept ones at random moments, resume each time: the same bytes
+    as an uninterrupted run."""
+    import transformers
+
+    config = transformers.MixtralConfig(vocab_size=tiny.VOCAB, hidden_size=128, intermediate_size=128,
+                                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128, num_local_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    transformers.MixtralForCausalLM(config).save_pretrained(model)
+    (model / "tokenizer.json").write_text(tiny.tokenizer_json())
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.sample_text(40000))
+    cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib), "--nsamples", "32",
+           "--seqlen", "128", "--device", "cpu", "--batch", "4", "--prune-experts", "0.5", "--no-sequential"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run([str(ref) if c == "OUT" else c for c in cmd], check=True, capture_output=True, cwd=ROOT)
+    kill_and_resume([str(out) if c == "OUT" else c for c in cmd], out, ref, load_report(ref).wall_seconds)
+    assert load_report(out).experts == load_report(ref).experts
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prune-experts", "0.5", "--sparsity", "0"], "model_type 'llama' has no routed experts"),
+    (["--prune-experts", "0.75", "--sparsity", "0", "--calib", "CALIB"],
+     "--prune-experts 0.75 keeps 1 of 4 experts per block (4 - floor(0.75 x 4) = 1), fewer than the 2 each token is "
+     "routed to (num_experts_per_tok)"),
+    (["--prune-experts", "0.5", "--sparsity", "0"],
+     "--expert-criterion 'reap' needs calibration data: pass --calib FILE"),
+    (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in (0, 1)"),
+], ids=["dense-model", "fewer-than-top-k", "no-calib", "fraction"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, models, calib, args, message):
+    src = tiny.build(tmp_path / "llama", "llama") if "routed experts" in message else models["mixtral"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(src), str(out), *[str(calib) if a == "CALIB" else a for a in args]])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
+
+
+def test_plan_counts_the_survey_and_the_output(models):
+    plain = plan(models["mixtral"], nsamples=8, seqlen=32)
+    removing = plan(models["mixtral"], nsamples=8, seqlen=32, prune_experts=0.5)
+    experts = sum(p.stat().st_size for p in models["mixtral"].glob("*.safetensors"))  # an upper bound
+    assert plain.read_bytes == plain.output_bytes < experts
+    expert_bytes = removing.read_bytes - plain.read_bytes
+    assert expert_bytes > 0
+    assert removing.output_bytes < plain.output_bytes
+    assert plain.output_bytes - removing.output_bytes >= expert_bytes // 2  # half the experts and router rows
