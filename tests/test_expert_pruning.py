@@ -111,6 +111,10 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
         assert [e["routed_tokens"] for e in block["experts"]] == tokens
         kept = [e["expert"] for e in block["experts"] if e["kept"]]
         assert [e["index"] for e in block["experts"] if e["kept"]] == list(range(len(kept)))
+        # the kept experts are calibrated on the tokens the reduced router (the written one) sends them
+        _, _, chosen = written.model.layers[bid].mlp.gate(m)
+        routed = {lr.expert: lr.routed_tokens for lr in report.layers if lr.block == bid and lr.expert is not None}
+        assert routed == {k: int((chosen == k).sum()) for k in range(len(kept))}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
