@@ -125,8 +125,11 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     calib = None if opts.calib is None else Path(opts.calib)
     reads = solves and cls.accumulates(errors)  # the method reads calibration statistics
     if calib is not None and not reads and not owl and not surveys:
-        logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
-                       opts.method, calib)
+        if solves:
+            logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
+                           opts.method, calib)
+        else:
+            logger.warning("random expert removal with --sparsity 0 reads no calibration data: %s is not used", calib)
         calib = None
     if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
         what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
