@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture-train fixture-moe test test-fast demo bench bench-moe bench-sweep bench-high-sparsity clean
+.PHONY: install fixture-train fixture-moe test test-fast demo bench bench-moe bench-experts bench-sweep bench-high-sparsity clean
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ bench: install
 # --moe-calibration routed against all, and SparseGPT's expert errors against magnitude's, on the MoE fixture.
 bench-moe: fixture-moe
 	OMP_NUM_THREADS=1 $(BIN)/python bench/moe_calibration.py
+
+# Removing 25% and 50% of the experts of the MoE fixture by each --expert-criterion; REAP with SparseGPT and 4 bits.
+bench-experts: fixture-moe
+	OMP_NUM_THREADS=1 $(BIN)/python bench/expert_pruning.py
 
 # The bench model's perplexity curve (docs/commands.md, the sweep): `streamprune sweep` of 3 methods x 9 levels + 2:4
 # against the 30 separate runs and evals; writes bench/results/sweep.md and sweep.png.
