@@ -68,12 +68,14 @@ def test_plan_per_rank(tmp_path):
 
 PACKED = dict(wbits=4, group_size=16, format="compressed-tensors")
 OWL = dict(allocation="owl", sparsity=0.7)
+REMOVE = dict(prune_experts=0.5)
 CASES = [("llama", "sparsegpt", {}), ("opt", "wanda", {}), ("bloom", "sparsegpt", {}), ("mixtral", "sparsegpt", {}),
-         ("mixtral", "sparsegpt", PACKED), ("llama", "wanda", OWL)]
+         ("mixtral", "sparsegpt", PACKED), ("llama", "wanda", OWL), ("qwen2-moe", "sparsegpt", REMOVE)]
+LABELS = {"wbits": "-packed", "allocation": "-owl", "prune_experts": "-remove-experts"}
 
 
 @pytest.mark.parametrize("variant,method,extra", CASES,
-                         ids=[f"{v}-{m}{'-packed' if 'wbits' in x else '-owl' if x else ''}" for v, m, x in CASES])
+                         ids=[f"{v}-{m}{''.join(LABELS[k] for k in x if k in LABELS)}" for v, m, x in CASES])
 def test_two_ranks_prune_like_one_process(tmp_path, calib, variant, method, extra):
     """Two ranks split the windows and the solves, yet find the masks one process finds (up to the order of float
     sums: >= 99% of each matrix's mask agrees) and a perplexity within 0.3%; --eval in the same pass agrees too.
@@ -101,6 +103,11 @@ def test_two_ranks_prune_like_one_process(tmp_path, calib, variant, method, extr
     if "allocation" in extra:  # OWL's dense pass: each rank's share of the column norms, summed
         assert two.block_sparsity == pytest.approx(one.block_sparsity, abs=1e-6) and len(set(two.block_sparsity)) > 1
         assert two.allocation["outlier_ratios"] == pytest.approx(one.allocation["outlier_ratios"], rel=1e-5)
+    if "prune_experts" in extra:  # each expert's sums over every rank's share of the windows
+        assert [b["removed"] for b in two.experts] == [b["removed"] for b in one.experts]
+        for b1, b2 in zip(one.experts, two.experts):
+            assert [e["routed_tokens"] for e in b2["experts"]] == [e["routed_tokens"] for e in b1["experts"]]
+            assert [e["score"] for e in b2["experts"]] == pytest.approx([e["score"] for e in b1["experts"]], rel=1e-5)
     assert two.eval["windows"] == 6 and two.perplexity == pytest.approx(one.perplexity, rel=3e-3)
     ppl = [streamprune.evaluate(out, calib, seqlen=64, nsamples=8, device="cpu").perplexity for out in
            (tmp_path / "one", tmp_path / "two")]
