@@ -179,6 +179,10 @@ def summary_table(report: Report):  # -> rich.table.Table
     if report.allocation is not None:
         table.caption += (f"\nallocation owl (lambda {report.allocation['owl_lambda']:g}, M {report.allocation['owl_m']:g}): "
                           f"block sparsity {min(report.block_sparsity or [0]):.4f} to {max(report.block_sparsity or [0]):.4f}")
+    if report.experts:
+        first = report.experts[0]
+        table.caption += (f"\nexperts: {first['kept']} of {len(first['experts'])} kept in each of {len(report.experts)} "
+                          f"MoE blocks, by {first['criterion']} (the report's 'experts' lists every score)")
     if report.ranks:
         table.caption += f"\n{report.world_size} ranks: " + ", ".join(
             f"rank {r['rank']} {r['windows']} windows, solve {r['phases']['solve']:.1f}s, sync {r['phases']['sync']:.1f}s"
