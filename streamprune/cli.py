@@ -119,10 +119,11 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
 
 @command("eval", EvalOptions, EVAL, _argument("model_dir", "Hugging Face model directory (config.json, *.safetensors, "
                                                           "tokenizer.json)."),
-         _param("data", Annotated[Path, typer.Option("--data", help="Evaluation data: .txt, .jsonl with a 'text' "
-                                                                    "field, or .npy token ids.")]), JSON)
-def eval_cmd(model_dir: Path, data: Path, json_out: Path | None, verbose: bool, options: dict[str, Any]) -> None:
-    """Perplexity of MODEL_DIR on DATA, streaming one block at a time."""
+         _param("data", Annotated[Path | None, typer.Option("--data", help="Perplexity data: .txt, .jsonl with a "
+                                                                           "'text' field, or .npy token ids.")], None),
+         JSON)
+def eval_cmd(model_dir: Path, data: Path | None, json_out: Path | None, verbose: bool, options: dict[str, Any]) -> None:
+    """Perplexity of MODEL_DIR on DATA, and/or its lm-evaluation-harness --tasks, streaming one block at a time."""
     from streamprune.evaluate import evaluate
 
     _setup_logging(verbose)
@@ -130,8 +131,16 @@ def eval_cmd(model_dir: Path, data: Path, json_out: Path | None, verbose: bool, 
         result = evaluate(model_dir, data, progress=True, **options)
     except StreamPruneError as e:
         _fail(e)
-    print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.device}, "
-          f"batch {result.batch}, hidden states on {result.offload_activations}, {result.seconds:.1f}s)")
+    if result.tasks is not None:
+        from streamprune.tasks import table
+
+        print(table(result.tasks))
+    where = (f"{result.device}, batch {result.batch}, hidden states on {result.offload_activations}, "
+             f"{result.seconds:.1f}s, peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
+    if result.perplexity is not None:
+        print(f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seqlen} tokens, {where})")
+    else:
+        print(f"{result.task_sequences} sequences scored ({where})")
     if json_out:
         _write_json(json_out, result.to_dict())
 

@@ -33,7 +33,7 @@ from streamprune.formats import Layout, make_format
 from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
 from streamprune.memory import MEMORY_CSV, resolve_device
 from streamprune.options import RUN, SWEEP, PruneOptions, Scope, check, fingerprint_args, finite_at_least
-from streamprune.plan import MemoryPlan, decide, eval_sizes, footprint, plan_sweep, run_eval_windows
+from streamprune.plan import MemoryPlan, decide, eval_sizes, eval_tasks, footprint, plan_sweep, run_eval_windows
 from streamprune.pruners import Pattern, default_errors, method, resolve_sparsity
 from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
@@ -70,6 +70,8 @@ class Job:
     journal: Journal | None = None  # a verified journal of the same job to resume, else None
     eval_windows: Tensor | None = None  # --eval: the evaluation token windows (K, T) (this rank's share)
     owl_windows: Tensor | None = None  # --allocation owl: the calibration windows its dense pass reads
+    tasks: Any = None  # --eval-tasks: the lm-eval tasks (`tasks.TaskRun`), their requests recorded
+    task_sequences: dict[tuple[int, ...], set[tuple[int, ...]]] = field(default_factory=dict)  # what they score
     ranks: Ranks = field(default_factory=Ranks)  # the processes of the run (one by default)
 
     @property
@@ -141,10 +143,12 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     drawn = None if calib is None else draw_windows(ckpt, calib, opts, seqlen)
     windows = drawn if reads or surveys else None  # magnitude: the windows serve only OWL's dense pass
     check_out_dir(model_dir, out_dir)
-    ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
+    ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen,
+                                opts.eval_dense and not opts.eval_tasks)  # --eval-dense: of the tasks, or of both
+    tasks, sequences = eval_tasks(ckpt, opts, ranks.world)
     shares = ranks.shares(opts.nsamples, windows, ewindows, bool(ckpt.config.n_experts) and not opts.sequential)
     fp = footprint(ckpt, shares.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
-                   *eval_sizes(shares.eval_windows, opts.eval_dense), owl=owl)
+                   *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl)
     decision = decide(fp, ranks.device(device), opts.offload_activations, opts.max_gpu_memory, opts.batch,
                       opts.nsamples, ranks.local_world)
     if decision.batch != min(opts.batch, opts.nsamples):
@@ -171,7 +175,9 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
                device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
                offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
-               owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks)
+               owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks,
+               tasks=tasks, task_sequences=sequences)
+
 
 
 def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJob | SweepResult:

@@ -147,6 +147,12 @@ BATCH = Shared(8, Decl("Windows per forward call (shrinks to fit the GPU budget)
 OFFLOAD_ACTIVATIONS = Shared("auto", Decl(
     "Where activations live: on the device when they fit, else host memory, else temporary files (in OUT_DIR; for "
     "eval in $TMPDIR).", frozenset((RUN, SWEEP, PLAN, EVAL)), choices=PLACEMENTS))
+INCLUDE_PATH = Shared(None, Decl("Tasks: a folder of lm-eval task YAML files (e.g. tasks over local data files).",
+                                 frozenset((RUN, PLAN, EVAL))))
+NUM_FEWSHOT = Shared(None, Decl("Tasks: few-shot examples per request (default: each task's own).",
+                                frozenset((RUN, PLAN, EVAL)), minimum=0))
+LIMIT = Shared(None, Decl("Tasks: at most this many documents per task (below 1: that fraction).",
+                          frozenset((RUN, PLAN, EVAL)), minimum=0))
 MAX_GPU_MEMORY = Shared(None, Decl(  # bytes
     "GPU memory the job may plan for, e.g. 24GiB or 20GB (planning a GPU job on a machine without one: the card's "
     "size).", frozenset((RUN, SWEEP, PLAN, EVAL)), parse=parse_size))
@@ -231,6 +237,13 @@ class PruneOptions:
     eval_seqlen: int | None = option(None, "--eval: window length (default: the model's maximum, at most 2048).", ALL)
     eval_dense: bool = option(False, "--eval: also the dense model's perplexity on the same windows, from the same "
                                      "reads.", RUN_PLAN, flag="--eval-dense", fingerprint=when_evaluated)
+    eval_tasks: tuple[str, ...] = option(
+        (), "Also score the pruned model on these lm-evaluation-harness tasks (comma-separated) in the same pass, as "
+            "`streamprune eval --tasks` would (with --eval-dense, the dense model too; needs the tasks extra).",
+        RUN_PLAN, parse=split_list)
+    include_path: Path | None = INCLUDE_PATH.field()
+    num_fewshot: int | None = NUM_FEWSHOT.field()
+    limit: float | None = LIMIT.field()
     allocation: str = option(
         "uniform", "Each block's sparsity: 'uniform' (--sparsity everywhere) or 'owl' (outlier-weighted: blocks with "
                    "more outliers among their Wanda scores keep more weights; the mean over all pruned weights stays "
@@ -266,8 +279,14 @@ class PruneOptions:
 class EvalOptions:
     """The options of `eval`."""
 
-    seqlen: int | None = option(None, "Window length (default: the model's maximum, at most 2048).", (EVAL,))
-    nsamples: int | None = option(None, "Use at most this many windows.", (EVAL,))
+    seqlen: int | None = option(None, "--data: window length (default: the model's maximum, at most 2048).", (EVAL,))
+    nsamples: int | None = option(None, "--data: use at most this many windows.", (EVAL,))
+    tasks: tuple[str, ...] = option((), "lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy): every "
+                                        "log-likelihood request scored in one pass (needs the tasks extra).", (EVAL,),
+                                    parse=split_list)
+    include_path: Path | None = INCLUDE_PATH.field()
+    num_fewshot: int | None = NUM_FEWSHOT.field()
+    limit: float | None = LIMIT.field()
     device: str = DEVICE.field()
     batch: int = BATCH.field()
     offload_activations: str = OFFLOAD_ACTIVATIONS.field()

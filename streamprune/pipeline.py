@@ -129,9 +129,10 @@ class Run:
             if calib is not None:
                 calib.embed()
             streams = self.eval_streams(status)  # --eval: "pruned", and with --eval-dense "dense"
-            self.replay(first, calib, streams, status)
-            pruned = [streams["pruned"]] if "pruned" in streams else []
-            dense = [Timed(streams["dense"], report, "eval")] if "dense" in streams else []
+            tasks = self.task_streams()  # --eval-tasks: the same
+            self.replay(first, calib, streams, tasks, status)
+            pruned = [*streams.get("pruned", []), *tasks.get("pruned", [])]
+            dense = [Timed(s, report, "eval") for s in (*streams.get("dense", []), *tasks.get("dense", []))]
             lane = PruneLane(job, report, self.sink, calib, pruned, status, allocation)
             reads = ReadLog()
             try:
@@ -143,6 +144,7 @@ class Run:
                     calib.close()
             reads.into(report)
             self.perplexities(streams, status)
+            self.task_results(tasks, status)
             status.phase("finish")
             self.sink.finish()
         return self.finish(start, mem)
@@ -215,7 +217,7 @@ class Run:
         report.block_sparsity, report.allocation = allocation.block_sparsity, allocation.to_dict()
         return allocation
 
-    def eval_streams(self, status: Status) -> dict[str, HiddenStream]:
+    def eval_streams(self, status: Status) -> dict[str, list[HiddenStream]]:
         """--eval: the evaluation windows, embedded, in a stream of the pruned model ("pruned") and with --eval-dense
         one of the dense model ("dense"), their buffers placed like the calibration activations."""
         job = self.job
@@ -228,33 +230,47 @@ class Run:
             status.phase(f"eval: embed ({name})")
             stores = [make_store(shape, job.placement, job.device, job.work, f"eval-{name}{i}")
                       for i in range(2 if self.ckpt.config.n_experts else 1)]
-            streams[name] = HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *stores)
+            streams[name] = [HiddenStream(self.ckpt, job.eval_windows, job.device, job.batch, *stores)]
         return streams
 
-    def replay(self, first: int, calib: HiddenStream | None, streams: dict[str, HiddenStream], status: Status) -> None:
-        """A resumed run's streams brought to block `first`: the dense one through the input's blocks, the
-        calibration and pruned ones through the blocks written (each routed expert read once for both)."""
+    def task_streams(self) -> dict[str, Any]:
+        """--eval-tasks: the tasks' sequences, embedded, in streams of the pruned model ("pruned") and with
+        --eval-dense of the dense model ("dense") (`tasks.TaskStreams`, one stream per bucket of lengths)."""
+        job = self.job
+        if job.tasks is None:
+            return {}
+        from streamprune.tasks import TaskStreams
+
+        return {name: TaskStreams(self.ckpt, job.task_sequences, job.device, job.batch, job.placement, job.work,
+                                  f"tasks-{name}") for name in ["pruned"] + (["dense"] if job.opts.eval_dense else [])}
+
+    def replay(self, first: int, calib: HiddenStream | None, streams: dict[str, list[HiddenStream]],
+               tasks: dict[str, Any], status: Status) -> None:
+        """A resumed run's streams brought to block `first`: the dense ones through the input's blocks, the
+        calibration and pruned ones through the blocks written (each routed expert read once for all)."""
         if not first:
             return
         job = self.job
         with self.report.timed("replay"):
-            if "dense" in streams:
+            dense: list[Consumer] = [*streams.get("dense", []), *tasks.get("dense", [])]
+            if dense:
                 status.phase("replay eval (dense)")
-                walk(BlockStream(self.ckpt, job.device, range(first)), [streams["dense"]])
-            written: list[Consumer] = [s for s in (calib, streams.get("pruned")) if s is not None]
+                walk(BlockStream(self.ckpt, job.device, range(first)), dense)
+            written: list[Consumer] = [*([calib] if calib is not None else []), *streams.get("pruned", []),
+                                       *tasks.get("pruned", [])]
             if written:
                 status.phase("replay")
                 walk(BlockStream(job.out, job.device, range(first), layout=job.layout,
                                  shard_of=lambda bid: job.out_dir / self.journal.done[bid + 1]["shard"]), written)
 
-    def perplexities(self, streams: dict[str, HiddenStream], status: Status) -> None:
+    def perplexities(self, streams: dict[str, list[HiddenStream]], status: Status) -> None:
         """The report's perplexities: each stream through the final norm and the head."""
         if not streams:
             return
         status.phase("eval: head")
         ppl = {}
         with self.report.timed("eval"):
-            for name, stream in streams.items():
+            for name, (stream,) in streams.items():
                 total, count = stream.nll()  # this rank's windows: summed over the ranks
                 total, count = self.ranks.sum_float(total), self.ranks.sum_int(count)
                 ppl[name] = math.exp(total / count)
@@ -264,6 +280,23 @@ class Run:
         self.report.perplexity, self.report.dense_perplexity = ppl["pruned"], ppl.get("dense")
         self.report.eval = {"file": str(self.job.opts.eval), "windows": self.ranks.sum_int(windows.shape[0]),
                             "seqlen": windows.shape[1], "tokens": count}
+
+    def task_results(self, tasks: dict[str, Any], status: Status) -> None:
+        """--eval-tasks: each continuation scored off the head, and lm-eval's metrics of them in the report."""
+        job = self.job
+        if not tasks:
+            return
+        from streamprune.tasks import to_json
+
+        status.phase("eval: tasks")
+        results = {}
+        with self.report.timed("eval"):
+            for name, streams in tasks.items():
+                results[name] = to_json(job.tasks.answer(streams.scores()))["results"]
+                streams.close()
+        self.report.tasks = {"tasks": list(job.opts.eval_tasks), "num_fewshot": job.opts.num_fewshot,
+                             "limit": job.opts.limit, "sequences": len(job.task_sequences),
+                             "results": results["pruned"], "dense_results": results.get("dense")}
 
     def finish(self, start: float, mem: PeakMemory) -> Report:
         """The report's totals and memory figures; rank 0 saves it (and the memory profile) and removes the work

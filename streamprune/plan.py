@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,9 +267,35 @@ def run_eval_windows(ckpt: Checkpoint, data: str | Path | None, nsamples: int | 
     return eval_windows(load_tokens(data, ckpt.dir, ckpt.config.vocab_size), seqlen, nsamples, source=str(data))
 
 
-def eval_sizes(windows: Tensor | None, dense: bool) -> tuple[int, int, int]:
-    """`footprint`'s eval arguments: the windows' count and length, and the streams (pruned; the dense one too)."""
-    return (0, 0, 0) if windows is None else (windows.shape[0], windows.shape[1], 2 if dense else 1)
+def eval_tasks(ckpt: Checkpoint, opts: Any, ranks: int) -> tuple[Any, dict]:
+    """--eval-tasks: the tasks, checked, and the token sequences their requests score (none without it); `ranks`: the
+    processes of the run."""
+    if not opts.eval_tasks:
+        return None, {}
+    if ranks > 1:
+        raise ArgumentError("--eval-tasks runs in one process: evaluate the output with `streamprune eval --tasks`")
+    from streamprune.tasks import prepare_tasks  # lm-eval, only when tasks are asked for
+
+    tasks = prepare_tasks(ckpt, opts.eval_tasks, opts.include_path, opts.num_fewshot, opts.limit)
+    return tasks, tasks.record()
+
+
+def eval_sizes(windows: Tensor | None, dense: bool, sequences: Iterable[Sequence[int]] = ()) -> tuple[int, int, int]:
+    """`footprint`'s eval arguments: the windows' count and length (with tasks' token `sequences`: the count of the
+    longest length that holds as many hidden states), and the streams (pruned; the dense one too)."""
+    lengths = ([] if windows is None else [windows.shape[1]] * windows.shape[0]) + [padded(len(s)) for s in sequences]
+    if not lengths:
+        return 0, 0, 0
+    longest = max(lengths)
+    return math.ceil(sum(lengths) / longest), longest, 2 if dense else 1
+
+
+BUCKET = 16  # a task's token sequence is right-padded to a multiple of this: buckets of few shapes, little padding
+
+
+def padded(length: int) -> int:
+    """A task sequence's length in its bucket (see `tasks.TaskStreams`)."""
+    return -(-length // BUCKET) * BUCKET
 
 
 @dataclass(frozen=True)
@@ -331,11 +358,13 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     dev = planned_device(opts.device, opts.max_gpu_memory)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
-    windows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, opts.eval_dense)
+    windows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen,
+                               opts.eval_dense and not opts.eval_tasks)
     if windows is not None:  # rank 0's share, the largest
         windows = windows[: -(-windows.shape[0] // opts.nproc)]
+    _, sequences = eval_tasks(ckpt, opts, opts.nproc)
     fp = footprint(ckpt, -(-opts.nsamples // opts.nproc), seqlen, opts.method, opts.sequential, opts.layer_errors,
-                   {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense),
+                   {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense, sequences),
                    owl=opts.allocation == "owl")
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
     result = memory_plan(fp, dev, decision, nproc=opts.nproc)
@@ -422,7 +451,7 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
         (f"forward workspace of one batch ({d.batch} windows)", d.batch * fp.per_window + fp.linear_fp32, compute),
         (f"calibration activations (input and output buffers{of})", fp.activations - fp.eval_activations, where_act),
         (f"evaluation hidden states (--eval, --eval-dense{of} and the dense model)" if of else
-         "evaluation hidden states (--eval, --eval-dense)", fp.eval_activations, where_act),
+         "evaluation hidden states (--eval, --eval-tasks, --eval-dense)", fp.eval_activations, where_act),
         ("position tables (RoPE), sliding-window masks or ALiBi bias", fp.positions, compute),
         ("token embedding while embedding windows", fp.embed_stored + fp.embed_fp32, compute),
         ("calibration token ids", fp.calib_ids, "host"),

@@ -79,6 +79,8 @@ class Report:
     perplexity: float | None = None  # with --eval: the pruned model's perplexity on its windows
     dense_perplexity: float | None = None  # with --eval-dense: the input model's, on the same windows
     eval: dict[str, Any] | None = None  # with --eval: {file, windows, seqlen, tokens (predicted)}
+    # with --eval-tasks: {tasks, num_fewshot, limit, sequences, results (lm-eval's, per task), dense_results}
+    tasks: dict[str, Any] | None = None
     block_sparsity: list[float] | None = None  # each block's allocated sparsity (the target everywhere when uniform)
     allocation: dict[str, Any] | None = None  # --allocation owl: its parameters, outlier ratios and block weights
     # --prune-experts: per MoE block, the criterion, the experts kept and removed, and each expert's score, routed
@@ -179,6 +181,12 @@ def summary_table(report: Report):  # -> rich.table.Table
     if report.allocation is not None:
         table.caption += (f"\nallocation owl (lambda {report.allocation['owl_lambda']:g}, M {report.allocation['owl_m']:g}): "
                           f"block sparsity {min(report.block_sparsity or [0]):.4f} to {max(report.block_sparsity or [0]):.4f}")
+    if report.tasks is not None:
+        for name, metrics in report.tasks["results"].items():
+            dense = (report.tasks["dense_results"] or {}).get(name, {})
+            shown = [f"{key.split(',')[0]} {value:.4g}" + (f" (dense {dense[key]:.4g})" if key in dense else "")
+                     for key, value in metrics.items() if isinstance(value, float) and "stderr" not in key]
+            table.caption += f"\ntask {name}: " + ", ".join(shown)
     if report.experts:
         first = report.experts[0]
         table.caption += (f"\nexperts: {first['kept']} of {len(first['experts'])} kept in each of {len(report.experts)} "

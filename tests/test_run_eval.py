@@ -85,7 +85,7 @@ def test_plan_counts_the_eval_hidden_states(tmp_path, data):
     base = plan(src, nsamples=4, seqlen=32, device="cpu")
     with_eval = plan(src, nsamples=4, seqlen=32, device="cpu", eval=data, eval_dense=True, **EVAL)
     consumers = {what: nbytes for what, nbytes, _ in with_eval.consumers}
-    assert consumers["evaluation hidden states (--eval, --eval-dense)"] == 2 * 2 * 3 * 48 * 64 * 4  # 2 streams x 2 buffers
+    assert consumers["evaluation hidden states (--eval, --eval-tasks, --eval-dense)"] == 2 * 2 * 3 * 48 * 64 * 4  # 2 streams x 2 buffers
     assert with_eval.host_peak - base.host_peak >= 2 * 2 * 3 * 48 * 64 * 4
 
 

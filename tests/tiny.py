@@ -105,6 +105,25 @@ def tokenizer_json() -> str:
     return tok.to_str()
 
 
+@functools.cache
+def special_tokenizer_json(bos: bool) -> str:
+    """Like `tokenizer_json`, with the special tokens <s> (id 0) and </s> (id 1); with `bos`, a post-processor that
+    puts <s> in front of every encoded text, as LLaMA's tokenizers do."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=["<s>", "</s>"])
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 0)])
+    return tok.to_str()
+
+
 def sample_text(chars: int = 20000) -> str:
     from pydoc_data.topics import topics
 
