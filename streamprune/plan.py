@@ -38,6 +38,9 @@ from streamprune.tensorfile import TensorInfo
 
 # RSS of a process that has imported torch and streamprune and started a run (measured on Linux x86-64).
 HOST_OVERHEAD = 250 * 2**20
+# RSS that lm-evaluation-harness adds once imported (transformers, datasets, ...: 147 MiB) with its index of tasks
+# built (81 MiB), for --eval-tasks (measured with lm-eval 0.4.13 on Linux x86-64)
+TASKS_OVERHEAD = 230 * 2**20
 # Float32 temporaries of one batch in the block forward, in units of (batch * seqlen * width).
 FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
@@ -367,7 +370,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
                    {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense, sequences),
                    owl=opts.allocation == "owl")
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
-    result = memory_plan(fp, dev, decision, nproc=opts.nproc)
+    result = memory_plan(fp, dev, decision, nproc=opts.nproc, tasks=bool(opts.eval_tasks))
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     result.read_bytes = result.output_bytes = stored
     if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
@@ -417,9 +420,11 @@ def planned_device(device: str, max_gpu_memory: int | None) -> torch.device:
     return resolve_device(device)
 
 
-def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, nproc: int = 1) -> MemoryPlan:
+def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, nproc: int = 1,
+                tasks: bool = False) -> MemoryPlan:
     """The peak host and device memory of a run made of `fp` (one rank's, of `nproc` per node), placed as `d`
-    decided, with its consumers (`points`: the pruning points of a sweep, whose activations `fp` sums)."""
+    decided, with its consumers (`points`: the pruning points of a sweep, whose activations `fp` sums; `tasks`: it
+    scores lm-eval tasks)."""
     of = f", {points} points" if points > 1 else ""
     on_device = dev.type == "cuda"
     compute = "device" if on_device else "host"
@@ -436,6 +441,7 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
                           fp.embed_fp32 + act_on["device"])
     consumers = [
         ("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"),
+        ("lm-evaluation-harness, imported, and its task index (--eval-tasks)", TASKS_OVERHEAD if tasks else 0, "host"),
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
         ("pruned weights awaiting the write", fp.pruned_stored, "host"),
         ("block weights on the GPU", fp.raw_block if on_device else 0, "device"),
@@ -458,5 +464,6 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
         ("calibration text read and tokenized while drawing windows (before block 0)", fp.calib_read, "host"),
     ]
     consumers.sort(key=lambda c: -c[1])
-    host_peak = HOST_OVERHEAD + fp.calib_ids + max(host_block, host_embed, fp.calib_read)
+    host_peak = HOST_OVERHEAD + (TASKS_OVERHEAD if tasks else 0) + fp.calib_ids + max(host_block, host_embed,
+                                                                                     fp.calib_read)
     return MemoryPlan(d.placement, d.batch, d.offload_hessian, host_peak, device_peak, consumers, nproc)
