@@ -117,17 +117,9 @@ def test_two_ranks_prune_like_one_process(tmp_path, calib, variant, method, extr
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """An 8-block LLaMA-shaped model, large enough that a rank can be killed in the middle of a run."""
-    import transformers
-
     base = tmp_path_factory.mktemp("dist")
-    config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=8, num_attention_heads=4, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = base / "model"
-    transformers.LlamaForCausalLM(config).save_pretrained(model)
-    (model / "tokenizer.json").write_text(tiny.tokenizer_json())
-    calib = base / "calib.txt"
-    calib.write_text(tiny.sample_text(40000))
+    model, calib = tiny.deep(base, "LlamaConfig", hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                             num_attention_heads=4)
     flags = ["--calib", calib, "--nsamples", "32", "--seqlen", "128", "--device", "cpu", "--batch", "2",
              "--blocksize", "32"]
     ref = base / "ref"

@@ -221,17 +221,8 @@ def test_interrupted_run_resumes_byte_identical(tmp_path, monkeypatch, models, c
 def test_sigkill_at_random_points_then_resume(tmp_path):
     """Kill a run that removes experts and prunes the kept ones at random moments, resume each time: the same bytes
     as an uninterrupted run."""
-    import transformers
-
-    config = transformers.MixtralConfig(vocab_size=tiny.VOCAB, hidden_size=128, intermediate_size=128,
-                                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=128, num_local_experts=8, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = tmp_path / "model"
-    transformers.MixtralForCausalLM(config).save_pretrained(model)
-    (model / "tokenizer.json").write_text(tiny.tokenizer_json())
-    calib = tmp_path / "calib.txt"
-    calib.write_text(tiny.sample_text(40000))
+    model, calib = tiny.deep(tmp_path, "MixtralConfig", hidden_size=128, intermediate_size=128, num_hidden_layers=6,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib), "--nsamples", "32",
            "--seqlen", "128", "--device", "cpu", "--batch", "4", "--prune-experts", "0.5", "--no-sequential"]
     ref, out = tmp_path / "ref", tmp_path / "out"

@@ -190,16 +190,8 @@ def snapshot(out: Path) -> set[tuple[str, int]]:
 def test_sigkill_at_random_points_then_resume(tmp_path, extra):
     """Kill a run with SIGKILL at random moments, resume each time; the result equals an uninterrupted run (packed
     output too: the resumed run replays its written blocks through the output format)."""
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=8, num_attention_heads=4, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = tmp_path / "model"
-    transformers.LlamaForCausalLM(config).save_pretrained(model)
-    (model / "tokenizer.json").write_text(tiny.tokenizer_json())
-    calib = tmp_path / "calib.txt"
-    calib.write_text(tiny.sample_text(40000))
+    model, calib = tiny.deep(tmp_path, "LlamaConfig", hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                             num_attention_heads=4)
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib),
            "--nsamples", "64", "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32", *extra]
     ref, out = tmp_path / "ref", tmp_path / "out"

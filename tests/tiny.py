@@ -154,6 +154,21 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
     return path
 
 
+def deep(folder: Path, config_class: str, **config: object) -> tuple[Path, Path]:
+    """A random model deeper than the variants (a run long enough to be killed midway) saved into `folder`/model with
+    the tokenizer, and 40,000 characters of calibration text in `folder`/calib.txt."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = folder / "model"
+    built = getattr(transformers, config_class)(vocab_size=VOCAB, max_position_embeddings=128, **config)
+    transformers.AutoModelForCausalLM.from_config(built).save_pretrained(model)
+    (model / "tokenizer.json").write_text(tokenizer_json())
+    calib = folder / "calib.txt"
+    calib.write_text(sample_text(40000))
+    return model, calib
+
+
 def hf_model(path: Path):
     import transformers
 
