@@ -115,7 +115,6 @@ class StreamLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        assert self.tok.eos_id is not None or self.tok.bos_id is not None
         return self.tok.eos_id if self.tok.eos_id is not None else self.tok.prefix_id
 
     @property
