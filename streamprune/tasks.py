@@ -52,8 +52,8 @@ Sequence = tuple[int, ...]  # token ids
 
 @dataclass
 class TaskTokenizer:
-    """The model's tokenizer as lm-eval's transformers backend uses it, from `tokenizer.json` (and the special tokens
-    named in `tokenizer_config.json` / `special_tokens_map.json`, else config.json's ids)."""
+    """The model's tokenizer as lm-eval's transformers backend uses it, from `tokenizer.json` and the special tokens
+    named in `tokenizer_config.json` / `special_tokens_map.json` (not config.json's ids, which HFLM does not read)."""
 
     tokenizer: Tokenizer
     bos_id: int | None
@@ -74,10 +74,7 @@ class TaskTokenizer:
         def token_id(key: str) -> int | None:
             token = named.get(key)
             token = token.get("content") if isinstance(token, dict) else token
-            found = tokenizer.token_to_id(token) if isinstance(token, str) else None
-            fallback = ckpt.raw_config.get(f"{key}_id")
-            fallback = fallback[0] if isinstance(fallback, list) and fallback else fallback
-            return found if found is not None else fallback if isinstance(fallback, int) else None
+            return tokenizer.token_to_id(token) if isinstance(token, str) else None  # as transformers' tokenizer
 
         config = json.loads(json.dumps(ckpt.raw_config), object_hook=lambda d: SimpleNamespace(**d))
         max_length = resolve_max_length(config, SimpleNamespace(model_max_length=named.get("model_max_length")))
