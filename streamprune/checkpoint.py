@@ -21,7 +21,7 @@ from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, resolve
 from streamprune.arch.binding import bind_roles
-from streamprune.arch.roles import PRUNABLE
+from streamprune.arch.roles import PRUNABLE, ROUTER_ROLES
 from streamprune.errors import CheckpointError
 from streamprune.formats import format_of
 from streamprune.tensorfile import DTYPE_NAMES, TensorInfo, all_finite, read_header, read_tensor
@@ -164,7 +164,7 @@ class Checkpoint:
         out.location = {name: bid for name, bid in self.location.items() if name not in gone}
         out.tensors = {name: info for name, info in self.tensors.items() if name not in gone}
         for ((role, _), bid), name in self.names.items():
-            if role is Role.FFN_GATE_INP and bid is not None:  # one row per expert
+            if role in ROUTER_ROLES and bid is not None:  # one row per expert
                 info = self.tensors[name]
                 out.tensors[name] = dataclasses.replace(info, shape=(kept, *info.shape[1:]),
                                                         end=info.start + info.nbytes // info.shape[0] * kept)

@@ -36,6 +36,7 @@ from torch import Tensor
 from streamprune.activations import Activations
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden
+from streamprune.arch.roles import ROUTER_ROLES
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.experts import Tally, choose, decision, random_scores, tally
@@ -101,7 +102,7 @@ class PruneLane(Consumer):
                                         read_back=moe and calib is not None and not self.sequential)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
             router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
-                      if b == bid and role is Role.FFN_GATE_INP} if removes else set()
+                      if b == bid and role in ROUTER_ROLES} if removes else set()
             self.router = {name: block.raw[name] for name in router}
             for name, tensor in block.raw.items():
                 if name not in pruned and name not in router:
@@ -163,7 +164,7 @@ class PruneLane(Consumer):
             for name, tensor in self.router.items():
                 self.shard.put(name, tensor[self.keep])
             rows = torch.tensor(self.keep, device=self.device)
-            for param in [p for p in self.w if p[0] is Role.FFN_GATE_INP]:
+            for param in [p for p in self.w if p[0] in ROUTER_ROLES]:
                 self.w[param] = self.w[param][rows]
             if self.routes is not None:
                 assert self.stats is not None

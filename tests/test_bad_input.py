@@ -144,7 +144,7 @@ def _garble_config(d: Path) -> None:
     (lambda d: edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
      ["config.json", "rope_theta='1e4'"]),
     (lambda d: edit_config(d, rope_parameters=[1, 2]), ["config.json", "rope_parameters=[1, 2]", "not an object"]),
-    (lambda d: edit_config(d, partial_rotary_factor=0.5), ["config.json", "partial_rotary_factor=0.5", "not supported"]),
+    (lambda d: edit_config(d, partial_rotary_factor=1.5), ["config.json", "partial_rotary_factor=1.5", "not a fraction"]),
 ], ids=["missing", "invalid-json", "model-type", "hidden-size", "layers", "vocab", "positions", "positions-str",
         "kv-heads-str", "head-dim-str", "sliding-window-str", "shape", "eps-str", "tie-str", "rope-theta-str",
         "rope-list", "partial-rotary"])

@@ -49,6 +49,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          eos_token_id=2, pad_token_id=None,
                                          rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
                                                            long_factor=[1.0 + 0.7 * i for i in range(8)]))),
+    # Phi-4-mini's partial rotary: 12 of each head's 16 features rotated, LongRoPE over them
+    "phi4-mini": ("Phi3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=128, partial_rotary_factor=0.75,
+                                     original_max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=None, tie_word_embeddings=True, initializer_range=0.1,
+                                     rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(6)],
+                                                       long_factor=[1.0 + 0.7 * i for i in range(6)]))),
     # blocks from max_window_layers on slide, here over 16 tokens
     "qwen3-window": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -147,6 +154,9 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():  # a router's selection bias, zero as initialized, of the scores' size
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.03)
     path.mkdir(parents=True, exist_ok=True)
     kw = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, safe_serialization=True, **kw)

@@ -41,7 +41,7 @@ Routed = Callable[[Tensor], Tensor | None]
 class Positions:
     """What the blocks of one kind (full or sliding attention) attend with, for one window length."""
 
-    cos: Tensor | None = None  # (T, hd) RoPE
+    cos: Tensor | None = None  # (T, rotated features) RoPE
     sin: Tensor | None = None
     bias: Tensor | None = None  # additive, -inf above the diagonal: ALiBi's (1, H, T, T) or a window's (1, 1, T, T)
 
@@ -79,7 +79,7 @@ def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
     kinds = {}
     for kind, (rope, window) in layer_kinds(cfg, seqlen).items():
         if cfg.pos == "rope":
-            inv_freq = rope_inv_freq(cfg.head_dim, rope, seqlen)
+            inv_freq = rope_inv_freq(cfg.rotary_dim, rope, seqlen)
             cos, sin = rope_cos_sin(inv_freq, seqlen, rope.get("attention_factor", 1.0))
             kinds[kind] = Positions(cos=cos, sin=sin, bias=None if window is None else window_causal_bias(seqlen, window))
         elif cfg.pos == "alibi":
@@ -121,14 +121,15 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = linear(w, Role.ATTN_QKV, x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
-        q = linear(w, Role.ATTN_Q, x).view(B, T, nh, hd)
-        k = linear(w, Role.ATTN_K, x).view(B, T, nkv, hd)
-        v = linear(w, Role.ATTN_V, x).view(B, T, nkv, hd)
-    if cfg.qk_norm:  # over each head's hd features
+        q, k, v = (linear(w, role, x) for role in (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V))
+        if cfg.qk_norm and not cfg.qk_norm_per_head:  # over all heads' features at once (MiniMax-M2)
+            q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+    if cfg.qk_norm and cfg.qk_norm_per_head:  # over each head's hd features
         q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
-        q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
+        q, k = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q, k))
     if cfg.attn_softcap is None:
         o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
     else:
@@ -208,13 +209,29 @@ def expert_hidden(cfg: ModelConfig, w: Weights, x: Tensor) -> Tensor:
 
 
 def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
-    """The router of an MoE block, as the model computes it: softmax over every expert's logit in float32, the
-    `experts_per_tok` most probable kept (ties: the lower index), renormalized where the config says so.
+    """The router of an MoE block, as the model computes it, in float32: each expert's score (softmax over the logits,
+    or each logit's sigmoid); the `experts_per_tok` best chosen (ties: the lower index) by the scores plus the
+    selection bias, where there is one, among the experts of the best `topk_group` groups, where the router is
+    group-limited; their scores renormalized where the config says so, times the routed scaling factor.
     (tokens, D) -> chosen experts (tokens, k) and their weights (tokens, k) in m's dtype."""
-    probs = torch.softmax(linear(w, Role.FFN_GATE_INP, m), dim=-1, dtype=torch.float32)  # (tokens, n_experts)
-    weights, chosen = torch.topk(probs, cfg.experts_per_tok, dim=-1)
+    if cfg.router == "softmax":  # logits in m's dtype (Mixtral, Qwen-MoE)
+        scores = torch.softmax(linear(w, Role.FFN_GATE_INP, m), dim=-1, dtype=torch.float32)  # (tokens, n_experts)
+    else:  # logits in float32 (DeepSeek-V3, GLM-4.5, MiniMax-M2)
+        scores = torch.sigmoid(F.linear(m.float(), w[(Role.FFN_GATE_INP, "weight")].float()))
+    bias = w.get((Role.FFN_EXP_PROBS_B, "e_score_correction_bias"))
+    choice = scores if bias is None else scores + bias.float()
+    if cfg.n_group > 1:
+        n, groups = choice.shape[0], choice.view(choice.shape[0], cfg.n_group, -1)  # (tokens, groups, per group)
+        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # (tokens, groups)
+        best = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = groups.masked_fill(~allowed[..., None], float("-inf")).view(n, -1)
+    chosen = torch.topk(choice, cfg.experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, chosen)
     if cfg.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router == "sigmoid" else 0.0))
+    if cfg.routed_scaling != 1.0:
+        weights = weights * cfg.routed_scaling
     return chosen, weights.to(m.dtype)
 
 
@@ -287,7 +304,9 @@ def moe_mlp(cfg: ModelConfig, w: Weights, m: Tensor, stop_at: Callable[[Site, Te
         g = ffn_hidden(cfg, w, m, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)
         if stop_at(Site.SHEXP_DOWN_IN, g):
             return None
-        y = torch.sigmoid(linear(w, Role.FFN_GATE_INP_SHEXP, m)) * linear(w, Role.FFN_DOWN_SHEXP, g)
+        y = linear(w, Role.FFN_DOWN_SHEXP, g)
+        if (Role.FFN_GATE_INP_SHEXP, "weight") in w:
+            y = torch.sigmoid(linear(w, Role.FFN_GATE_INP_SHEXP, m)) * y
     assert routed is not None, "an MoE block's forward needs its routed experts"
     r = routed(m)
     return y if r is None else y + r

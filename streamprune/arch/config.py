@@ -48,9 +48,14 @@ class ModelConfig:
     pos_offset: int = 0  # OPT's learned positions start at index 2
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and scaling parameters
     rope_sliding: dict[str, Any] | None = None  # of the sliding blocks, where it differs (Gemma 3's local base)
+    # RoPE rotates the first `rotary_dim` features of each head (0: int(head_dim x rope's partial_rotary_factor));
+    # interleaved: the pairs rotated together are features (2i, 2i + 1), else (i, i + rotary_dim / 2)
+    rotary_dim: int = 0
+    rope_interleave: bool = False
     qkv_layout: str = "separate"  # "separate" q/k/v; one fused matrix: "per_head" (BLOOM), "concat" (Phi-3)
     qkv_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys (head_dim weights) before RoPE
+    qk_norm: bool = False  # RMSNorm of queries and keys before RoPE: each head's (head_dim weights)
+    qk_norm_per_head: bool = True  # or, False, over the projection's whole width (MiniMax-M2)
     out_bias: bool = False
     mlp_bias: bool = False
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
@@ -75,6 +80,17 @@ class ModelConfig:
     expert_ffn_dim: int = 0
     shared_ffn_dim: int = 0
     norm_topk_prob: bool = False  # the kept routing weights are renormalized to sum to 1
+    shared_gate: bool = True  # the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE); else added as is
+    # the router's scores: "softmax" over the experts, or each expert's "sigmoid"; with `router_bias`, a per-expert
+    # bias (DeepSeek-V3's e_score_correction_bias) is added to the scores for choosing the experts, not to their
+    # weights; group-limited choice: the experts fall into `n_group` groups, only the experts of the `topk_group`
+    # groups of highest score (the sum of a group's two best biased scores) can be chosen; the chosen weights are
+    # multiplied by `routed_scaling`
+    router: str = "softmax"
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
     dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -122,6 +138,11 @@ class ModelConfig:
                 raise CheckpointError(f"config.json: {name}={value!r} is not positive")
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
+        if self.pos == "rope" and self.rotary_dim == 0:
+            self.rotary_dim = int(self.head_dim * self.rope.get("partial_rotary_factor", 1.0))
+        if self.pos == "rope" and (not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
+            raise CheckpointError(f"config.json: {self.rotary_dim} rotated features per head (partial_rotary_factor "
+                                  f"x head_dim {self.head_dim}) is not an even number in 2..head_dim")
         if self.n_experts:
             if not 0 < self.experts_per_tok <= self.n_experts or self.n_experts > MAX_EXPERTS:
                 raise CheckpointError(f"config.json: num_experts_per_tok={self.experts_per_tok!r} must be in 1..n_experts "
@@ -129,6 +150,15 @@ class ModelConfig:
             if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
                 raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
                                       f"{self.shared_ffn_dim!r} out of range")
+        if self.n_experts:
+            if self.router not in ("softmax", "sigmoid"):
+                raise UnsupportedModelError(f"config.json: router scoring {self.router!r} is not supported; expected "
+                                            "softmax or sigmoid")
+            if (self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
+                    or self.experts_per_tok > self.topk_group * (self.n_experts // self.n_group)):
+                raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "
+                                      f"split {self.n_experts} experts into groups holding the {self.experts_per_tok} "
+                                      "each token is routed to")
         assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
         if self.qkv_layout == "per_head" and self.n_kv_heads != self.n_heads:
             raise CheckpointError(f"config.json: num_key_value_heads={self.n_kv_heads!r} must equal "
@@ -136,10 +166,10 @@ class ModelConfig:
         if self.rope.get("rope_type") == "longrope":
             for key in ("short_factor", "long_factor"):
                 factors = self.rope.get(key)
-                if (not isinstance(factors, list) or len(factors) != self.head_dim // 2
+                if (not isinstance(factors, list) or len(factors) != self.rotary_dim // 2
                         or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors)):
                     raise CheckpointError(f"config.json: rope {key}={factors!r:.80} is not a list of "
-                                          f"{self.head_dim // 2} numbers (head_dim / 2)")
+                                          f"{self.rotary_dim // 2} numbers (rotated features / 2)")
         if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
 

@@ -37,7 +37,8 @@ def activation(name: str, x: Tensor) -> Tensor:
 
 
 def rope_inv_freq(head_dim: int, params: dict[str, Any], seqlen: int) -> Tensor:
-    """Inverse frequencies of RoPE for windows of `seqlen` tokens, with linear, Llama 3 or LongRoPE scaling applied."""
+    """Inverse frequencies of RoPE over `head_dim` rotated features for windows of `seqlen` tokens, with linear,
+    Llama 3 or LongRoPE scaling applied."""
     theta = float(params["rope_theta"])
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     rope_type = params["rope_type"]
@@ -60,18 +61,26 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any], seqlen: int) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, seqlen: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (T, head_dim) in the rotate-half layout, times `scale` (LongRoPE's attention
+    """cos and sin tables of shape (T, rotated features) in the rotate-half layout, times `scale` (LongRoPE's attention
     factor)."""
     freqs = torch.outer(torch.arange(seqlen, dtype=torch.float32), inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos() * scale, emb.sin() * scale
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, hd) queries or keys by position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
+    """Rotate (B, H, T, hd) queries or keys by position: the first cos.shape[-1] features of each head (all of them
+    unless the rotary is partial), the rest passed through. Interleaved, the features rotated together are (2i, 2i + 1):
+    they are gathered into the rotate-half order first (evens, then odds), the same for queries and keys, which leaves
+    their dot products those of the interleaved rotation."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    if interleave:
+        x_rot = torch.cat((x_rot[..., 0::2], x_rot[..., 1::2]), dim=-1)
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if rot == x.shape[-1] else torch.cat((out, x_pass), dim=-1)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:

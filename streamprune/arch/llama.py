@@ -47,9 +47,9 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         params["attention_factor"] = get_float(params, "attention_factor", default)
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UnsupportedModelError(f"config.json: partial_rotary_factor={partial!r} is not supported; every "
-                                    "head dimension is rotated (1.0)")
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise CheckpointError(f"config.json: partial_rotary_factor={partial!r} is not a fraction in (0, 1]")
+    params["partial_rotary_factor"] = float(partial)
     return params
 
 

@@ -32,6 +32,7 @@ class Role(Enum):
     FFN_GATE_UP = "ffn_gate_up"  # fused gate and up projection: gate rows, then up rows (Phi-3)
     # Mixture-of-Experts: the router, each routed expert's MLP (names carry `{xid}`), a shared expert and its gate
     FFN_GATE_INP = "ffn_gate_inp"  # router: (n_experts, hidden); never pruned
+    FFN_EXP_PROBS_B = "ffn_exp_probs_b"  # the router's selection bias (n_experts,): e_score_correction_bias
     FFN_GATE_EXP = "ffn_gate_exp"
     FFN_UP_EXP = "ffn_up_exp"
     FFN_DOWN_EXP = "ffn_down_exp"
@@ -79,4 +80,7 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_S
 # Roles that live inside a decoder block (their names carry `{bid}`).
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
-                                           Role.FFN_GATE_INP_SHEXP}
+                                           Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B}
+
+# The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
+ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})

@@ -9,7 +9,7 @@ from typing import Any
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import Role
 
-Param = tuple[Role, str]  # (role, "weight" | "bias")
+Param = tuple[Role, str]  # (role, "weight" | "bias" | another parameter of the module, e.g. a router's bias)
 
 
 @dataclass(frozen=True)
@@ -75,19 +75,22 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
         linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
     if cfg.qk_norm:
-        norm(Role.ATTN_Q_NORM, hd)
-        norm(Role.ATTN_K_NORM, hd)
+        norm(Role.ATTN_Q_NORM, hd if cfg.qk_norm_per_head else q_out)
+        norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
     if cfg.post_norms:
         norm(Role.ATTN_POST_NORM, d)
         norm(Role.FFN_POST_NORM, d)
     linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, False)
+        if cfg.router_bias:  # added to the scores to choose the experts (DeepSeek-V3's name)
+            params[(Role.FFN_EXP_PROBS_B, "e_score_correction_bias")] = (cfg.n_experts,)
         if cfg.shared_ffn_dim:
             linear(Role.FFN_GATE_SHEXP, cfg.shared_ffn_dim, d, False)
             linear(Role.FFN_UP_SHEXP, cfg.shared_ffn_dim, d, False)
             linear(Role.FFN_DOWN_SHEXP, d, cfg.shared_ffn_dim, False)
-            linear(Role.FFN_GATE_INP_SHEXP, 1, d, False)
+            if cfg.shared_gate:
+                linear(Role.FFN_GATE_INP_SHEXP, 1, d, False)
         return params
     if cfg.gate_up_fused:
         linear(Role.FFN_GATE_UP, 2 * cfg.ffn_dim, d, cfg.mlp_bias)
