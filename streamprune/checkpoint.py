@@ -122,6 +122,7 @@ class Checkpoint:
         self.experts = binding.experts  # (block, expert) -> that expert's tensors
         self.location = binding.location  # stored tensor -> its block (None: outside the blocks)
         self.expert_of = binding.expert_of  # a routed expert's stored tensor -> (block, expert)
+        self.mtp = binding.mtp  # a multi-token-prediction layer's stored tensor -> its layer (copied as it is)
         # a packed linear as the model uses it (no byte range in a file)
         self.decoded = {name: TensorInfo(name, self.tensors[self.layout.stored(name)[0]].path, DTYPE_NAMES[dtype],
                                          shape, 0, math.prod(shape) * dtype.itemsize)
@@ -163,6 +164,11 @@ class Checkpoint:
         out.expert_of = {name: key for name, key in self.expert_of.items() if name not in gone}
         out.location = {name: bid for name, bid in self.location.items() if name not in gone}
         out.tensors = {name: info for name, info in self.tensors.items() if name not in gone}
+        if self.mtp:  # a multi-token-prediction layer keeps every expert: it no longer fits the model, so it is left out
+            out.raw_config["num_nextn_predict_layers"] = 0
+            out.location = {name: bid for name, bid in out.location.items() if name not in self.mtp}
+            out.tensors = {name: info for name, info in out.tensors.items() if name not in self.mtp}
+            out.mtp = {}
         for ((role, _), bid), name in self.names.items():
             if role in ROUTER_ROLES and bid is not None:  # one row per expert
                 info = self.tensors[name]

@@ -9,6 +9,8 @@ the lowest-scoring ones removed, the same count in every MoE block (REAP, arXiv 
 g_j(x) is the weight by which the block multiplies expert j's output for token x (after the top-k renormalization
 of the families that renormalize), f_j(x) the expert's output before that weight; an expert no token reaches scores
 0. Ties remove the later expert. The kept experts keep their order, numbered 0..K-1, and the router keeps their rows.
+A group-limited router (DeepSeek-V3, GLM-4.5: `n_group` groups of consecutive experts) loses the same number of
+experts in every group, the lowest-scoring of each, so that its groups stay whole.
 """
 
 from __future__ import annotations
@@ -32,19 +34,26 @@ EXPERT_CRITERIA = ("reap", "ean", "frequency", "random")
 
 def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
     """How many routed experts each MoE block keeps when `fraction` of them are removed (floor(fraction x n)), the
-    count rounded down to a multiple of `multiple`; refused when fewer than a token is routed to remain."""
-    n = cfg.n_experts
+    count rounded down to a multiple of `multiple`; refused when fewer than a token is routed to remain. With
+    groups, floor(fraction x n / n_group) go from each group, and the count kept is a multiple of n_group."""
+    n, g = cfg.n_experts, cfg.n_group
     if not n:
         raise ArgumentError(f"--prune-experts {fraction!r}: model_type {cfg.model_type!r} has no routed experts")
     if not 0 < fraction < 1:
         raise ArgumentError(f"--prune-experts {fraction!r} must be a fraction in (0, 1)")
-    removed = math.floor(fraction * n)
-    kept = (n - removed) // multiple * multiple
-    if kept < cfg.experts_per_tok:
+    per_group = n // g - math.floor(fraction * n / g)
+    while per_group > 0 and per_group * g % multiple:
+        per_group -= 1
+    kept = per_group * g
+    reachable = min(kept, cfg.topk_group * per_group)  # a token chooses among its best topk_group groups
+    if reachable < cfg.experts_per_tok:
         rounded = f", rounded down to a multiple of {multiple}" if multiple > 1 else ""
-        raise ArgumentError(f"--prune-experts {fraction:g} keeps {kept} of {n} experts per block ({n} - floor("
-                            f"{fraction:g} x {n}) = {n - removed}{rounded}), fewer than the {cfg.experts_per_tok} each "
-                            "token is routed to (num_experts_per_tok)")
+        how = (f"{n} - floor({fraction:g} x {n}) = {n - math.floor(fraction * n)}" if g == 1 else
+               f"{n // g} - floor({fraction:g} x {n // g}) in each of {g} groups")
+        where = "" if g == 1 else f", {reachable} of them in the {cfg.topk_group} groups a token chooses from"
+        raise ArgumentError(f"--prune-experts {fraction:g} keeps {kept} of {n} experts per block ({how}{rounded}"
+                            f"{where}), fewer than the {cfg.experts_per_tok} each token is routed to "
+                            "(num_experts_per_tok)")
     if kept == n:
         logger.warning("--prune-experts %g removes none of the %d routed experts of a block (floor(%g x %d) = 0)",
                        fraction, n, fraction, n)
@@ -87,10 +96,15 @@ def random_scores(n: int, seed: int, bid: int) -> list[float]:
     return torch.rand(n, generator=g, dtype=torch.float64).tolist()
 
 
-def choose(scores: list[float], kept: int) -> list[int]:
-    """The experts kept: all but the lowest-scoring ones (of equal scores, the later one goes first), in order."""
-    removed = sorted(range(len(scores)), key=lambda x: (scores[x], -x))[:len(scores) - kept]
-    return [x for x in range(len(scores)) if x not in set(removed)]
+def choose(scores: list[float], kept: int, groups: int = 1) -> list[int]:
+    """The experts kept: all but the lowest-scoring ones (of equal scores, the later one goes first), in order; with
+    `groups` groups of consecutive experts, the same number from each group."""
+    size = len(scores) // groups
+    removed: set[int] = set()
+    for start in range(0, len(scores), size):
+        members = range(start, start + size)
+        removed.update(sorted(members, key=lambda x: (scores[x], -x))[:size - kept // groups])
+    return [x for x in range(len(scores)) if x not in removed]
 
 
 def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally] | None, kept: list[int]) -> dict:

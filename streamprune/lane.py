@@ -159,7 +159,7 @@ class PruneLane(Consumer):
                 tallies = [Tally(self.ranks.sum_int(t.tokens), self.ranks.sum_float(t.norm),
                                  self.ranks.sum_float(t.weighted_norm)) for t in self.tallies]  # every rank's share
                 scores = [t.score(criterion) for t in tallies]
-            self.keep = choose(scores, self.kept)
+            self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
             self.decision = decision(bid, criterion, scores, tallies, self.keep)
             for name, tensor in self.router.items():
                 self.shard.put(name, tensor[self.keep])

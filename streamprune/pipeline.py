@@ -25,6 +25,7 @@ import torch
 
 from streamprune.activations import copy_store, load_store, make_store, save_store
 from streamprune.arch.block import positions
+from streamprune.checkpoint import Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError
 from streamprune.evaluate import HiddenStream
@@ -105,7 +106,8 @@ class Run:
         cfg = self.ckpt.config
         self.report = Report(args=job.args, model={"dir": str(self.ckpt.dir), "model_type": cfg.model_type,
                                                    "n_layers": cfg.n_layers,
-                                                   "dtype": str(self.ckpt.dtype).removeprefix("torch.")},
+                                                   "dtype": str(self.ckpt.dtype).removeprefix("torch."),
+                                                   **mtp_layers(self.ckpt, job.out)},
                              fingerprint=job.fingerprint, environment=env)
         self.report.device = job.device
         before = self.journal.environment
@@ -162,7 +164,7 @@ class Run:
         self.ranks.barrier()  # OUT_DIR cleared before any rank puts its temporary files there
         if 0 not in self.journal.done and self.ranks.is_writer:
             with self.report.timed("write"):
-                write_globals(self.ckpt, [self.sink])
+                write_globals(job.out, [self.sink])
         first = 0
         while first + 1 in self.journal.done:
             first += 1
@@ -487,6 +489,18 @@ class SavedState(Consumer):
 
     def leave(self, block: Part) -> None:
         self.sweep.save_state(block.bid + 1, self.dense, self.lanes, self.reads)
+
+
+def mtp_layers(ckpt: Checkpoint, out: Checkpoint) -> dict[str, Any]:
+    """The report's record of the checkpoint's multi-token-prediction layers: copied bit for bit, or left out of an
+    output that removes routed experts (theirs would no longer fit the model)."""
+    if not ckpt.mtp:
+        return {}
+    if out.mtp:
+        return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "copied"}
+    logger.warning("the multi-token-prediction layer(s) %s keep every routed expert: left out of the output, whose "
+                   "config sets num_nextn_predict_layers to 0", sorted(set(ckpt.mtp.values())))
+    return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "left out"}
 
 
 def perplexity(stream: HiddenStream) -> float:

@@ -24,7 +24,7 @@ from streamprune.report import load_report
 from tests import tiny
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
-VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe"]
+VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
@@ -59,7 +59,7 @@ def moe_inputs(model, windows: torch.Tensor, bid: int) -> torch.Tensor:
 def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float], list[int]]:
     """Each expert's score and routed tokens from transformers' router (`moe.gate`: its weights after the family's
     top-k renormalization) and experts (`moe.experts`), in float64."""
-    _, weights, chosen = moe.gate(m)
+    _, weights, chosen = router(moe, m)
     experts = moe.experts
     scores, tokens = [], []
     with torch.no_grad():
@@ -76,8 +76,17 @@ def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float],
     return scores, tokens
 
 
-def lowest(scores: list[float], removed: int) -> list[int]:
-    return sorted(sorted(range(len(scores)), key=lambda x: (scores[x], -x))[:removed])
+def router(moe, m: torch.Tensor):
+    """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's bias."""
+    bias = getattr(moe, "e_score_correction_bias", None)
+    return moe.gate(m) if bias is None else moe.gate(m, bias)
+
+
+def lowest(scores: list[float], removed: int, groups: int = 1) -> list[int]:
+    """The experts to remove: the lowest-scoring (the later of equal ones), the same number from each group."""
+    size = len(scores) // groups
+    return sorted(x for g in range(groups) for x in sorted(range(g * size, (g + 1) * size),
+                                                           key=lambda x: (scores[x], -x))[:removed // groups])
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "not-sequential"])
@@ -105,14 +114,14 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
         scores, tokens = reference_scores(dense.model.layers[bid].mlp, m, criterion)
         n = len(scores)
         assert block["criterion"] == criterion and block["kept"] == n - math.floor(0.5 * n)
-        assert block["removed"] == lowest(scores, n - block["kept"])
+        assert block["removed"] == lowest(scores, n - block["kept"], getattr(dense.config, "n_group", 1))
         got = [e["score"] for e in block["experts"]]
         assert got == pytest.approx(scores, rel=1e-5, abs=1e-12)
         assert [e["routed_tokens"] for e in block["experts"]] == tokens
         kept = [e["expert"] for e in block["experts"] if e["kept"]]
         assert [e["index"] for e in block["experts"] if e["kept"]] == list(range(len(kept)))
         # the kept experts are calibrated on the tokens the reduced router (the written one) sends them
-        _, _, chosen = written.model.layers[bid].mlp.gate(m)
+        _, _, chosen = router(written.model.layers[bid].mlp, m)
         routed = {lr.expert: lr.routed_tokens for lr in report.layers if lr.block == bid and lr.expert is not None}
         assert routed == {k: int((chosen == k).sum()) for k in range(len(kept))}
 
@@ -131,7 +140,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
     for name, t in before.items():
         if ".experts." in name:
             continue
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "e_score_correction_bias")):
             router[name] = t
         else:
             expected[name] = t
@@ -152,7 +161,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         assert torch.equal(after[name], expected[name]), name
     n_in = json.loads((src / "config.json").read_text())
     n_out = json.loads((out / "config.json").read_text())
-    key = "num_local_experts" if "num_local_experts" in n_in else "num_experts"
+    key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in n_in)
     assert n_out[key] == n_in[key] - math.floor(0.5 * n_in[key])
     assert n_out["num_experts_per_tok"] == n_in["num_experts_per_tok"]
     ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))

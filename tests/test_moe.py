@@ -26,7 +26,7 @@ NSAMPLES, SEQLEN = 8, 64
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
-    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe")}
+    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -45,7 +45,7 @@ def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, v
     experts = set(ckpt.expert_of)
     pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
                         and param[0] in PRUNABLE}
-    assert any("shared_expert." in n for n in pruned) == (variant == "qwen2-moe")
+    assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe"))
     for name, t in after.items():
         assert t.dtype == before[name].dtype and t.shape == before[name].shape, name
         if name in pruned:
@@ -186,3 +186,46 @@ def test_magnitude_without_calibration_prunes_every_expert(tmp_path, models):
     ckpt = Checkpoint(tmp_path / "out")
     assert {lr.name for lr in report.layers if lr.expert is not None} == set(ckpt.expert_of)
     assert all(float((ckpt.read(n) == 0).float().mean()) == 0.5 for n in ckpt.expert_of)
+
+
+def with_mtp_layer(src: Path, dst: Path) -> Path:
+    """`src` (GLM-4.5, 3 layers) with a multi-token-prediction layer as published: `model.layers.3.*` (a copy of the
+    last block plus its projection and norms) in a shard of its own, config.json's num_nextn_predict_layers 1."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    last = {n: t for n, t in stored(src).items() if n.startswith("model.layers.2.")}
+    mtp = {n.replace("model.layers.2.", "model.layers.3."): t.clone() for n, t in last.items()}
+    d = mtp["model.layers.3.input_layernorm.weight"].shape[0]
+    mtp.update({"model.layers.3.eh_proj.weight": torch.randn(d, 2 * d), "model.layers.3.enorm.weight": torch.ones(d),
+                "model.layers.3.hnorm.weight": torch.ones(d), "model.layers.3.shared_head.norm.weight": torch.ones(d)})
+    save_file(mtp, dst / "mtp.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return dst
+
+
+def test_mtp_layers_copied_or_left_out(tmp_path, calib, models):
+    """Multi-token-prediction layers are copied bit for bit and named in the report; an output that removes routed
+    experts leaves them out (their routers keep every expert) and says so in config.json and the report."""
+    src = with_mtp_layer(models["glm4-moe"], tmp_path / "in")
+    mtp = {n: t for n, t in stored(src).items() if n.startswith("model.layers.3.")}
+    out = tmp_path / "out"
+    report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    after = stored(out)
+    assert all(torch.equal(after[n], t) for n, t in mtp.items()) and len(mtp) > 10
+    assert report.model["mtp_layers"] == [3] and report.model["mtp_written"] == "copied"
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert not any(lr.block == 3 for lr in report.layers)
+    out2 = tmp_path / "out2"
+    report = streamprune.prune(src, out2, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, prune_experts=0.5)
+    assert not any(n.startswith("model.layers.3.") for n in stored(out2))
+    assert report.model["mtp_written"] == "left out"
+    config = json.loads((out2 / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == 4
+    ids = torch.randint(0, tiny.VOCAB, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = tiny.hf_model(out2)(ids).logits
+    torch.testing.assert_close(logits(out2, ids), ref, atol=1e-4, rtol=0)

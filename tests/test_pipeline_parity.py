@@ -175,6 +175,9 @@ MOE_STAGES = {
     "qwen2_moe": LLAMA_STAGES[:2] + (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                                      ("mlp.shared_expert.down_proj",)),
     "qwen3_moe": LLAMA_STAGES[:2],
+    "glm4_moe": LLAMA_STAGES[:2] + (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+                                    ("mlp.shared_experts.down_proj",)),
+    "minimax_m2": LLAMA_STAGES[:2],
 }
 MOE_DENSE_STAGES = LLAMA_STAGES  # a block listed in mlp_only_layers
 
@@ -238,7 +241,8 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
     hidden activations through the pruned (sequential) or dense gate and up projections."""
     prefix = f"model.layers.{b}.mlp.experts."
     m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
-    _, _, chosen = moe.gate(m)
+    bias = getattr(moe, "e_score_correction_bias", None)  # MiniMax-M2's router takes its block's selection bias
+    _, _, chosen = moe.gate(m) if bias is None else moe.gate(m, bias)
     gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
     gate_up_w, down_w = written[prefix + "gate_up_proj"].double(), written[prefix + "down_proj"].double()
     ffn = down.shape[2]
@@ -261,7 +265,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

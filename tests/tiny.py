@@ -92,6 +92,25 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
                                          num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True)),
+    # GLM-4.5: half of each head rotated, per-head q/k norms, q/k/v biases, a sigmoid router choosing with its bias
+    # within the better of 2 groups of 4 experts, weights renormalized and scaled, 2 shared experts, block 0 dense
+    "glm4-moe": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128, n_routed_experts=8, num_experts_per_tok=2,
+                                       n_shared_experts=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                       use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5,
+                                       initializer_range=0.1)),
+    "glm4-moe-plain": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, max_position_embeddings=128, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                             first_k_dense_replace=0, use_qk_norm=False, norm_topk_prob=False,
+                                             initializer_range=0.1)),
+    # MiniMax-M2: q/k norms over all heads' features, 8 of 16 features rotated (`rotary_dim`), a sigmoid router
+    "minimax-m2": ("MiniMaxM2Config", dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=128, num_local_experts=6, num_experts_per_tok=2,
+                                           rotary_dim=8, bos_token_id=1, eos_token_id=2, initializer_range=0.1)),
     "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
                                          apply_residual_connection_post_layernorm=True)),
 }

@@ -12,7 +12,7 @@ from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
     model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC, gemma.SPEC, gemma.IMAGE_TEXT_SPEC,
-                                  moe.MIXTRAL, moe.QWEN_MOE)
+                                  moe.MIXTRAL, moe.QWEN_MOE, moe.GLM4_MOE, moe.MINIMAX_M2)
     for model_type in spec.model_types
 }
 
@@ -30,6 +30,8 @@ ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 
 

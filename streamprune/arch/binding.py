@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from streamprune.arch.config import ModelConfig
+from streamprune.arch.config import ModelConfig, get_int
 from streamprune.arch.roles import BLOCK_ROLES, Role
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
 from streamprune.errors import ArgumentError, CheckpointError
@@ -34,6 +34,7 @@ class Binding:
     decoded: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # an encoded linear, decoded
     location: dict[str, int | None] = field(default_factory=dict)  # stored tensor -> its block (None: outside)
     expert_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # an expert's stored tensor -> (block, expert)
+    mtp: dict[str, int] = field(default_factory=dict)  # a multi-token-prediction layer's tensor -> its layer index
 
     def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
         prefix = self.head_prefix if role in self.spec.unprefixed else self.prefix
@@ -151,6 +152,12 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
     for name in tensors:  # a vision tower's tensors: copied as they are, never read as roles
         if name.startswith(spec.passthrough) and name not in binding.location:
             binding.location[name] = None
+    nextn = get_int(cfg.raw, "num_nextn_predict_layers", default=0)
+    for layer in range(cfg.n_layers, cfg.n_layers + max(nextn, 0)):  # multi-token prediction (DeepSeek-V3, GLM-4.5):
+        prefix = f"{binding.prefix}layers.{layer}."  # layers past the model's, copied as they are, never read
+        for name in tensors:
+            if name.startswith(prefix) and name not in binding.location:
+                binding.location[name], binding.mtp[name] = None, layer
     unknown = sorted(set(tensors) - set(binding.location))
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} tensor(s) match no role of {spec.name}: {', '.join(unknown[:5])}")

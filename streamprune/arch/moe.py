@@ -1,7 +1,11 @@
-"""Mixture-of-Experts families on the LLaMA block: Mixtral, Qwen2-MoE (with a gated shared expert), Qwen3-MoE.
+"""Mixture-of-Experts families on the LLaMA block: Mixtral, Qwen2-MoE (with a gated shared expert), Qwen3-MoE,
+GLM-4.5/4.6 (`glm4_moe`) and MiniMax-M2 (`minimax_m2`).
 
-The attention half is LLaMA's (Qwen3-MoE adds its per-head q/k norms); the MLP of each MoE block is a router
-over `n_experts` gated MLPs, one tensor per expert in the checkpoint (names carry `{xid}`).
+The attention half is LLaMA's (Qwen3-MoE and GLM-4.5 add per-head q/k norms, MiniMax-M2 norms over all heads at
+once; GLM-4.5 and MiniMax-M2 rotate part of each head); the MLP of each MoE block is a router over `n_experts` gated
+MLPs, one tensor per expert in the checkpoint (names carry `{xid}`). Mixtral and Qwen score the experts by a softmax;
+GLM-4.5 and MiniMax-M2 by sigmoids, choosing with a per-expert bias added (`e_score_correction_bias`); GLM-4.5 adds
+an ungated shared expert and keeps its first blocks dense.
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ import dataclasses
 from typing import Any
 
 from streamprune.arch import llama
-from streamprune.arch.config import ModelConfig, get_bool, get_int
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
-from streamprune.errors import CheckpointError
+from streamprune.errors import CheckpointError, UnsupportedModelError
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
@@ -38,6 +42,42 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     return dataclasses.replace(
         base, n_experts=n_experts, experts_per_tok=get_int(raw, "num_experts_per_tok"), expert_ffn_dim=expert_ffn,
         shared_ffn_dim=shared_ffn, norm_topk_prob=norm_topk, dense_layers=dense)
+
+
+def parse_glm4_moe(raw: dict[str, Any]) -> ModelConfig:
+    """GLM-4.5/4.6/Air: LLaMA's fields (partial rotary from rope_parameters, 0.5 where unset), optional per-head q/k
+    norms, q/k/v biases, a sigmoid router with a selection bias, groups and a scaling factor, `n_shared_experts` of
+    width `moe_intermediate_size` as one ungated shared expert, the first `first_k_dense_replace` blocks dense."""
+    raw = {**raw, "partial_rotary_factor": raw.get("partial_rotary_factor", 0.5)}
+    base = llama.parse_config(raw)
+    width = get_int(raw, "moe_intermediate_size")
+    attention_bias = get_bool(raw, "attention_bias", False)
+    return dataclasses.replace(
+        base, family="glm4_moe", qkv_bias=attention_bias, out_bias=False, qk_norm=get_bool(raw, "use_qk_norm", False),
+        n_experts=get_int(raw, "n_routed_experts"), experts_per_tok=get_int(raw, "num_experts_per_tok"),
+        expert_ffn_dim=width, shared_ffn_dim=width * get_int(raw, "n_shared_experts", default=1), shared_gate=False,
+        norm_topk_prob=get_bool(raw, "norm_topk_prob", True), router="sigmoid", router_bias=True,
+        n_group=get_int(raw, "n_group", default=1), topk_group=get_int(raw, "topk_group", default=1),
+        routed_scaling=get_float(raw, "routed_scaling_factor", 1.0),
+        dense_layers=frozenset(range(min(get_int(raw, "first_k_dense_replace", default=1), base.n_layers))))
+
+
+def parse_minimax_m2(raw: dict[str, Any]) -> ModelConfig:
+    """MiniMax-M2: LLaMA's fields, q/k RMSNorm over all heads' features, `rotary_dim` rotated features per head (the
+    released configs' name; `partial_rotary_factor` otherwise), and a sigmoid router with a selection bias whose
+    chosen weights are renormalized; every block routed (experts of width `intermediate_size`)."""
+    head_dim = get_int(raw, "head_dim", default=0) or get_int(raw, "hidden_size") // get_int(raw, "num_attention_heads")
+    if raw.get("rotary_dim") is not None:
+        raw = {**raw, "partial_rotary_factor": get_int(raw, "rotary_dim") / head_dim}
+    base = llama.parse_config(raw)
+    if get_bool(raw, "use_qk_norm", True) is False or raw.get("qk_norm_type", "per_layer") != "per_layer":
+        raise UnsupportedModelError(f"config.json: use_qk_norm={raw.get('use_qk_norm')!r} / qk_norm_type="
+                                    f"{raw.get('qk_norm_type')!r}: streamprune reads MiniMax-M2's q/k norms over every "
+                                    "head at once (per_layer)")
+    return dataclasses.replace(
+        base, family="minimax_m2", qkv_bias=False, out_bias=False, qk_norm=True, qk_norm_per_head=False,
+        n_experts=get_int(raw, "num_local_experts"), experts_per_tok=get_int(raw, "num_experts_per_tok"),
+        expert_ffn_dim=base.ffn_dim, norm_topk_prob=True, router="sigmoid", router_bias=True)
 
 
 ATTENTION = {role: name for role, name in llama.SPEC.tensors.items()
@@ -72,5 +112,38 @@ QWEN_MOE = ArchSpec(
         Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_expert.up_proj",
         Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_expert.down_proj",
         Role.FFN_GATE_INP_SHEXP: "layers.{bid}.mlp.shared_expert_gate",
+    },
+)
+
+GLM4_MOE = ArchSpec(
+    name="glm4_moe",
+    model_types=("glm4_moe",),
+    base_prefix="model.",
+    parse_config=parse_glm4_moe,
+    tensors={
+        **{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS},
+        Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
+        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.gate",
+        Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
+        Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
+        Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
+        Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_experts.gate_proj",
+        Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_experts.up_proj",
+        Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_experts.down_proj",
+    },
+)
+
+MINIMAX_M2 = ArchSpec(
+    name="minimax_m2",
+    model_types=("minimax_m2",),
+    base_prefix="model.",
+    parse_config=parse_minimax_m2,
+    tensors={
+        **ATTENTION,  # with its q/k norms, each over all heads' features
+        Role.FFN_GATE_INP: "layers.{bid}.block_sparse_moe.gate",
+        Role.FFN_EXP_PROBS_B: "layers.{bid}.block_sparse_moe",
+        Role.FFN_GATE_EXP: "layers.{bid}.block_sparse_moe.experts.{xid}.w1",
+        Role.FFN_DOWN_EXP: "layers.{bid}.block_sparse_moe.experts.{xid}.w2",
+        Role.FFN_UP_EXP: "layers.{bid}.block_sparse_moe.experts.{xid}.w3",
     },
 )
