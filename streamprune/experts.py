@@ -54,6 +54,10 @@ def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
         raise ArgumentError(f"--prune-experts {fraction:g} keeps {kept} of {n} experts per block ({how}{rounded}"
                             f"{where}), fewer than the {cfg.experts_per_tok} each token is routed to "
                             "(num_experts_per_tok)")
+    if g > 1 and per_group < 2:  # a group's score is the sum of its two best experts'
+        raise ArgumentError(f"--prune-experts {fraction:g} leaves {per_group} of {n // g} experts in each of the {g} "
+                            "groups of the router (n_group), which scores a group by its two best experts: keep at "
+                            "least 2 per group")
     if kept == n:
         logger.warning("--prune-experts %g removes none of the %d routed experts of a block (floor(%g x %d) = 0)",
                        fraction, n, fraction, n)

@@ -24,7 +24,7 @@ from streamprune.report import load_report
 from tests import tiny
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
-VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"]
+VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
@@ -248,9 +248,16 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     (["--prune-experts", "0.5", "--sparsity", "0"],
      "--expert-criterion 'reap' needs calibration data: pass --calib FILE"),
     (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in (0, 1)"),
-], ids=["dense-model", "fewer-than-top-k", "no-calib", "fraction"])
+    (["--prune-experts", "0.75", "--sparsity", "0", "--calib", "CALIB"],
+     "--prune-experts 0.75 leaves 1 of 4 experts in each of the 4 groups of the router (n_group), which scores a group "
+     "by its two best experts: keep at least 2 per group"),
+    (["--prune-experts", "0.7", "--sparsity", "0", "--calib", "CALIB", "--experts-multiple", "16"],
+     "--prune-experts 0.7 keeps 0 of 16 experts per block (4 - floor(0.7 x 4) in each of 4 groups, rounded down to a "
+     "multiple of 16, 0 of them in the 2 groups a token chooses from)"),
+], ids=["dense-model", "fewer-than-top-k", "no-calib", "fraction", "group-of-one", "groups-multiple"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, models, calib, args, message):
-    src = tiny.build(tmp_path / "llama", "llama") if "routed experts" in message else models["mixtral"]
+    src = (tiny.build(tmp_path / "llama", "llama") if "routed experts" in message
+           else models["deepseek-v3"] if "group" in message else models["mixtral"])
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(src), str(out), *[str(calib) if a == "CALIB" else a for a in args]])
     assert result.exit_code == 2

@@ -26,7 +26,8 @@ NSAMPLES, SEQLEN = 8, 64
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
-    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2")}
+    return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2",
+                                                 "deepseek-v3", "deepseek-v3-plain")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -35,7 +36,8 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
+                                     "deepseek-v3-plain"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -45,7 +47,8 @@ def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, v
     experts = set(ckpt.expert_of)
     pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
                         and param[0] in PRUNABLE}
-    assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe"))
+    assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",
+                                                                      "deepseek-v3-plain"))
     for name, t in after.items():
         assert t.dtype == before[name].dtype and t.shape == before[name].shape, name
         if name in pruned:

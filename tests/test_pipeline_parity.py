@@ -179,7 +179,11 @@ MOE_STAGES = {
                                     ("mlp.shared_experts.down_proj",)),
     "minimax_m2": LLAMA_STAGES[:2],
 }
-MOE_DENSE_STAGES = LLAMA_STAGES  # a block listed in mlp_only_layers
+# multi-head latent attention: q_a and kv_a read the block's input, q_b and kv_b their normalized latents
+MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+              ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
+MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
+MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
 
 
 @torch.no_grad()
@@ -208,7 +212,8 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     for b, block in enumerate(model.model.layers):
         prefix = f"model.layers.{b}."
         moe = block.mlp if hasattr(block.mlp, "experts") else None
-        stages = MOE_STAGES[model.config.model_type] if moe else MOE_DENSE_STAGES
+        model_type = model.config.model_type
+        stages = MOE_STAGES[model_type] if moe else MOE_DENSE_STAGES.get(model_type, LLAMA_STAGES)
         with torch.no_grad():  # block b dense, experts included
             for name, p in block.named_parameters():
                 p.copy_(dense[prefix + name])
@@ -265,7 +270,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

@@ -111,6 +111,33 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                            max_position_embeddings=128, num_local_experts=6, num_experts_per_tok=2,
                                            rotary_dim=8, bos_token_id=1, eos_token_id=2, initializer_range=0.1)),
+    # DeepSeek-V3: multi-head latent attention with a query bottleneck, YaRN (its mscale on the softmax too),
+    # interleaved RoPE; a sigmoid router choosing within the best 2 of 4 groups, renormalized and scaled; a shared
+    # expert; block 0 dense
+    "deepseek-v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                             q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12,
+                                             qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=16,
+                                             num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
+                                             first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                             max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
+                                             rope_scaling=dict(type="yarn", factor=4.0,
+                                                               original_max_position_embeddings=32, beta_fast=32,
+                                                               beta_slow=1, mscale=0.8, mscale_all_dim=0.6))),
+    # without the query bottleneck (q_proj), RoPE not interleaved, no YaRN, one group
+    "deepseek-v3-plain": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                                   q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                                                   qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                                                   num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                                   first_k_dense_replace=0, rope_interleave=False,
+                                                   max_position_embeddings=128, initializer_range=0.1)),
+    # YaRN on a LLaMA-block family
+    "qwen3-yarn": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                                       initializer_range=0.1,
+                                       rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                         original_max_position_embeddings=32))),
     "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
                                          apply_residual_connection_post_layernorm=True)),
 }

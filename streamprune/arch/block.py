@@ -137,6 +137,33 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
 
 
+def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
+                  stop_at: Callable[[Site, Tensor], bool]) -> Tensor | None:
+    """Multi-head latent attention (DeepSeek-V3) up to the output projection; None when stopped at one of its sites.
+    Each head's query and key: `qk_nope_dim` features from the latents, then `qk_rope_dim` rotated ones (the key's
+    shared by every head, from kv_a); its value `v_head_dim` features."""
+    B, T, _ = x.shape
+    nh, nope, rope, dv = cfg.n_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+    if cfg.q_lora_rank:
+        latent = rms_norm(linear(w, Role.ATTN_Q_A, x), param(w, Role.ATTN_Q_A_NORM, "weight", x), cfg.latent_norm_eps)
+        if stop_at(Site.ATTN_Q_B_IN, latent):
+            return None
+        q = linear(w, Role.ATTN_Q_B, latent)
+    else:
+        q = linear(w, Role.ATTN_Q, x)
+    kv_latent, k_rot = linear(w, Role.ATTN_KV_A_MQA, x).split([cfg.kv_lora_rank, rope], dim=-1)
+    kv_latent = rms_norm(kv_latent, param(w, Role.ATTN_KV_A_NORM, "weight", x), cfg.latent_norm_eps)
+    if stop_at(Site.ATTN_KV_B_IN, kv_latent):
+        return None
+    k_nope, v = linear(w, Role.ATTN_KV_B, kv_latent).view(B, T, nh, nope + dv).transpose(1, 2).split([nope, dv], -1)
+    q_nope, q_rot = q.view(B, T, nh, nope + rope).transpose(1, 2).split([nope, rope], dim=-1)  # (B, nh, T, .)
+    q_rot, k_rot = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q_rot, k_rot.view(B, 1, T, rope)))
+    q = torch.cat((q_nope, q_rot), dim=-1)
+    k = torch.cat((k_nope, k_rot.expand(B, nh, T, rope)), dim=-1)
+    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)  # (B, nh, T, dv)
+    return o.transpose(1, 2).reshape(B, T, nh * dv)
+
+
 def score_rows(cfg: ModelConfig, seqlen: int) -> int:
     """Queries per chunk of soft-capped attention: the (H, rows, T) scores of a window take about as much as one
     (T, hidden) hidden state."""
@@ -275,7 +302,9 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     a = norm(cfg, w, Role.ATTN_NORM, x) if pre else x
     if stop_at(Site.ATTN_IN, a):
         return None
-    o = attend(cfg, w, a, pos)
+    o = attend_latent(cfg, w, a, pos, stop_at) if cfg.kv_lora_rank else attend(cfg, w, a, pos)
+    if o is None:
+        return None
     if stop_at(Site.ATTN_OUT_IN, o):
         return None
     h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, linear(w, Role.ATTN_OUT, o))

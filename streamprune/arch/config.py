@@ -63,6 +63,16 @@ class ModelConfig:
     embed_norm: bool = False
     embed_scale: float = 1.0  # the embedding is multiplied by it (Gemma: sqrt(hidden_size), in the stored dtype)
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(head_dim)
+    attn_scale_factor: float = 1.0  # and times this (DeepSeek-V3's YaRN: mscale(factor, mscale_all_dim) squared)
+    # multi-head latent attention (DeepSeek-V3) where kv_lora_rank > 0: each head's query and key are `qk_nope_dim`
+    # features without position and `qk_rope_dim` rotated ones (head_dim is their sum; the rotated key is shared by
+    # the heads), its value `v_head_dim`; queries through a rank-`q_lora_rank` bottleneck where > 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    latent_norm_eps: float = 1e-6  # of the latents' RMSNorms (transformers builds them with its default, not the config's)
     attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
     final_softcap: float | None = None  # and so do the output logits
     final_norm: bool = True
@@ -183,7 +193,8 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar)
+        scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+        return 1.0 / math.sqrt(scalar) if self.attn_scale_factor == 1.0 else scalar ** -0.5 * self.attn_scale_factor
 
     @property
     def default_seqlen(self) -> int:

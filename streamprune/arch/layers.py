@@ -57,6 +57,20 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any], seqlen: int) -> Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if rope_type == "yarn":  # each frequency between the original and the interpolated one, by its rotations
+        factor, old_len = float(params["factor"]), float(params["original_max_position_embeddings"])
+        base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+
+        def dim_of(rotations: float) -> float:  # the feature index that turns `rotations` times over old_len
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(float(params.get("beta_fast") or 32)), dim_of(float(params.get("beta_slow") or 1))
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1)
+        extrapolated = 1 - ramp
+        return (1.0 / (factor * base)) * (1 - extrapolated) + (1.0 / base) * extrapolated
     return inv_freq  # "default"; "dynamic" equals it within the trained length
 
 

@@ -10,7 +10,12 @@ from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import CheckpointError, UnsupportedModelError
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope", "yarn")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 x mscale x ln(factor) + 1 (1 for factors up to 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +34,7 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(f"config.json: rope_parameters={params!r} is not an object")
     params = dict(params)
     for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-                "attention_factor"):
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         if key in params:
             get_float(params, key, 0.0)  # refuses strings, booleans and non-finite values
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -46,6 +51,15 @@ def rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         factor = params.get("factor") or get_int(raw, "max_position_embeddings") / original
         default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         params["attention_factor"] = get_float(params, "attention_factor", default)
+    if rope_type == "yarn":  # as transformers derives them: the factor from the context's growth where unset, and
+        original = get_int({**raw, **params}, "original_max_position_embeddings")  # the scale of cos and sin
+        params["original_max_position_embeddings"] = original
+        factor = params.get("factor") or get_int(raw, "max_position_embeddings") / original
+        params["factor"] = float(factor)
+        if params.get("attention_factor") is None:
+            mscale, all_dims = params.get("mscale"), params.get("mscale_all_dim")
+            params["attention_factor"] = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dims)
+                                          if mscale and all_dims else yarn_mscale(factor))
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise CheckpointError(f"config.json: partial_rotary_factor={partial!r} is not a fraction in (0, 1]")

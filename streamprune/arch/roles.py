@@ -22,6 +22,15 @@ class Role(Enum):
     ATTN_Q_NORM = "attn_q_norm"  # per-head RMSNorm of the queries, before RoPE (Qwen3)
     ATTN_K_NORM = "attn_k_norm"  # and of the keys
     ATTN_QKV = "attn_qkv"  # fused q, k, v projection (BLOOM, Phi-3; ModelConfig.qkv_layout says how)
+    # Multi-head latent attention (DeepSeek-V3): queries through a low-rank bottleneck (q_a, its norm, q_b), keys and
+    # values from one compressed latent (kv_a: the latent and the shared rotary key; its norm; kv_b: per-head keys
+    # and values)
+    ATTN_Q_A = "attn_q_a"
+    ATTN_Q_A_NORM = "attn_q_a_norm"
+    ATTN_Q_B = "attn_q_b"
+    ATTN_KV_A_MQA = "attn_kv_a_mqa"
+    ATTN_KV_A_NORM = "attn_kv_a_norm"
+    ATTN_KV_B = "attn_kv_b"
     ATTN_OUT = "attn_out"
     ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
     FFN_NORM = "ffn_norm"
@@ -47,6 +56,8 @@ class Site(Enum):
     """A point inside a block where one activation feeds one or more linear layers."""
 
     ATTN_IN = "attn_in"
+    ATTN_Q_B_IN = "attn_q_b_in"  # MLA: the normalized query latent
+    ATTN_KV_B_IN = "attn_kv_b_in"  # MLA: the normalized key-value latent
     ATTN_OUT_IN = "attn_out_in"
     FFN_IN = "ffn_in"
     FFN_DOWN_IN = "ffn_down_in"
@@ -59,7 +70,9 @@ class Site(Enum):
 # The pruning order, as data: each entry is one input site and the linears that read it.
 # Linears of one site share one Hessian; later sites see the outputs of already pruned ones.
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
-    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV)),
+    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA)),
+    (Site.ATTN_Q_B_IN, (Role.ATTN_Q_B,)),
+    (Site.ATTN_KV_B_IN, (Role.ATTN_KV_B,)),
     (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
     (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
@@ -80,7 +93,8 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_S
 # Roles that live inside a decoder block (their names carry `{bid}`).
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
-                                           Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B}
+                                           Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
+                                           Role.ATTN_KV_A_NORM}
 
 # The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
 ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})

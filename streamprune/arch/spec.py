@@ -68,7 +68,18 @@ def expected_params(cfg: ModelConfig, moe: bool = False) -> dict[Param, tuple[in
         params[(Role.OUTPUT, "weight")] = (cfg.vocab_size, cfg.embed_dim)
     norm(Role.ATTN_NORM, d)
     norm(Role.FFN_NORM, d)
-    if cfg.qkv_layout != "separate":
+    if cfg.kv_lora_rank:  # multi-head latent attention
+        if cfg.q_lora_rank:
+            linear(Role.ATTN_Q_A, cfg.q_lora_rank, d, cfg.qkv_bias)
+            norm(Role.ATTN_Q_A_NORM, cfg.q_lora_rank)
+            linear(Role.ATTN_Q_B, q_out, cfg.q_lora_rank, False)
+        else:
+            linear(Role.ATTN_Q, q_out, d, False)
+        linear(Role.ATTN_KV_A_MQA, cfg.kv_lora_rank + cfg.qk_rope_dim, d, cfg.qkv_bias)
+        norm(Role.ATTN_KV_A_NORM, cfg.kv_lora_rank)
+        linear(Role.ATTN_KV_B, cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank, False)
+        q_out = cfg.n_heads * cfg.v_head_dim  # what the output projection reads
+    elif cfg.qkv_layout != "separate":
         linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
     else:
         linear(Role.ATTN_Q, q_out, d, cfg.qkv_bias)

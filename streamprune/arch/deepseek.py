@@ -1,0 +1,105 @@
+"""DeepSeek-V3, V3.1 and R1 (`deepseek_v3`), and Kimi-K2 (`kimi_k2`, the same architecture).
+
+The LLaMA block with multi-head latent attention (queries through a low-rank bottleneck with its own RMSNorm; keys and
+values from one compressed latent plus a rotated key shared by the heads; interleaved RoPE on `qk_rope_head_dim`
+features, YaRN whose mscale also scales the softmax), and an MoE MLP: a sigmoid router choosing by score plus
+`e_score_correction_bias` among the experts of the best `topk_group` of `n_group` groups, the chosen weights
+renormalized and scaled by `routed_scaling_factor`, plus an ungated shared expert; the first `first_k_dense_replace`
+blocks keep a dense MLP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamprune.arch import llama
+from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
+from streamprune.arch.roles import Role
+from streamprune.arch.spec import ArchSpec
+from streamprune.errors import UnsupportedModelError
+
+
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise UnsupportedModelError(f"config.json: scoring_func={raw.get('scoring_func')!r} / topk_method="
+                                    f"{raw.get('topk_method')!r}: streamprune reads DeepSeek-V3's sigmoid router "
+                                    "(noaux_tc)")
+    nope, rope = get_int(raw, "qk_nope_head_dim"), get_int(raw, "qk_rope_head_dim")
+    rope_params = llama.rope_parameters(raw)
+    scale = 1.0
+    if rope_params["rope_type"] != "default" and rope_params.get("mscale_all_dim"):
+        scale = llama.yarn_mscale(rope_params["factor"], rope_params["mscale_all_dim"]) ** 2
+    n_layers = get_int(raw, "num_hidden_layers")
+    width = get_int(raw, "moe_intermediate_size")
+    return ModelConfig(
+        family="deepseek_v3",
+        model_type=raw.get("model_type", "deepseek_v3"),
+        vocab_size=get_int(raw, "vocab_size"),
+        hidden_size=get_int(raw, "hidden_size"),
+        n_layers=n_layers,
+        n_heads=get_int(raw, "num_attention_heads"),
+        head_dim=nope + rope,
+        ffn_dim=get_int(raw, "intermediate_size"),
+        norm_eps=get_float(raw, "rms_norm_eps", 1e-6),
+        act=raw.get("hidden_act", "silu"),
+        rope=rope_params,
+        rotary_dim=rope,
+        rope_interleave=get_bool(raw, "rope_interleave", True),
+        attn_scale_factor=scale,
+        q_lora_rank=get_int(raw, "q_lora_rank", default=0),
+        kv_lora_rank=get_int(raw, "kv_lora_rank"),
+        qk_nope_dim=nope,
+        qk_rope_dim=rope,
+        v_head_dim=get_int(raw, "v_head_dim"),
+        qkv_bias=get_bool(raw, "attention_bias", False),
+        out_bias=get_bool(raw, "attention_bias", False),
+        tie_word_embeddings=get_bool(raw, "tie_word_embeddings", False),
+        max_positions=get_int(raw, "max_position_embeddings", default=4096),
+        n_experts=get_int(raw, "n_routed_experts"),
+        experts_per_tok=get_int(raw, "num_experts_per_tok"),
+        expert_ffn_dim=width,
+        shared_ffn_dim=width * get_int(raw, "n_shared_experts", default=1),
+        shared_gate=False,
+        norm_topk_prob=get_bool(raw, "norm_topk_prob", True),
+        router="sigmoid",
+        router_bias=True,
+        n_group=get_int(raw, "n_group", default=1),
+        topk_group=get_int(raw, "topk_group", default=1),
+        routed_scaling=get_float(raw, "routed_scaling_factor", 1.0),
+        dense_layers=frozenset(range(min(get_int(raw, "first_k_dense_replace", default=0), n_layers))),
+        raw=raw,
+    )
+
+
+SPEC = ArchSpec(
+    name="deepseek_v3",
+    model_types=("deepseek_v3", "kimi_k2"),
+    base_prefix="model.",
+    parse_config=parse_config,
+    tensors={
+        Role.TOKEN_EMBD: "embed_tokens",
+        Role.OUTPUT_NORM: "norm",
+        Role.OUTPUT: "lm_head",
+        Role.ATTN_NORM: "layers.{bid}.input_layernorm",
+        Role.ATTN_Q: "layers.{bid}.self_attn.q_proj",  # where q_lora_rank is null (DeepSeek-V2-Lite's layout)
+        Role.ATTN_Q_A: "layers.{bid}.self_attn.q_a_proj",
+        Role.ATTN_Q_A_NORM: "layers.{bid}.self_attn.q_a_layernorm",
+        Role.ATTN_Q_B: "layers.{bid}.self_attn.q_b_proj",
+        Role.ATTN_KV_A_MQA: "layers.{bid}.self_attn.kv_a_proj_with_mqa",
+        Role.ATTN_KV_A_NORM: "layers.{bid}.self_attn.kv_a_layernorm",
+        Role.ATTN_KV_B: "layers.{bid}.self_attn.kv_b_proj",
+        Role.ATTN_OUT: "layers.{bid}.self_attn.o_proj",
+        Role.FFN_NORM: "layers.{bid}.post_attention_layernorm",
+        Role.FFN_GATE: "layers.{bid}.mlp.gate_proj",
+        Role.FFN_UP: "layers.{bid}.mlp.up_proj",
+        Role.FFN_DOWN: "layers.{bid}.mlp.down_proj",
+        Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
+        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.gate",
+        Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
+        Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
+        Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
+        Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_experts.gate_proj",
+        Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_experts.up_proj",
+        Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_experts.down_proj",
+    },
+)
