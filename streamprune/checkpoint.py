@@ -134,7 +134,8 @@ class Checkpoint:
         return self.tensors[self.names[((Role.TOKEN_EMBD, "weight"), None)]].torch_dtype
 
     def stored_names(self, bid: int | None) -> list[str]:
-        """Every stored tensor of block `bid` (None: outside the blocks), pass-through buffers and experts included."""
+        """Every tensor of block `bid` (None: outside the blocks), pass-through buffers and experts included, by the
+        name the model uses (an encoded linear's dense name; `layout.stored` names its parts)."""
         return sorted(name for name, b in self.location.items() if b == bid)
 
     def block_names(self, bid: int) -> list[str]:
@@ -163,7 +164,9 @@ class Checkpoint:
         gone = {name for (_, xid), names in self.experts.items() if xid >= kept for name in names.values()}
         out.expert_of = {name: key for name, key in self.expert_of.items() if name not in gone}
         out.location = {name: bid for name, bid in self.location.items() if name not in gone}
-        out.tensors = {name: info for name, info in self.tensors.items() if name not in gone}
+        parts = {part for name in gone for part in self.layout.stored(name)}
+        out.tensors = {name: info for name, info in self.tensors.items() if name not in parts}
+        out.decoded = {name: info for name, info in self.decoded.items() if name not in gone}
         if self.mtp:  # a multi-token-prediction layer keeps every expert: it no longer fits the model, so it is left out
             out.raw_config["num_nextn_predict_layers"] = 0
             out.location = {name: bid for name, bid in out.location.items() if name not in self.mtp}
@@ -177,8 +180,13 @@ class Checkpoint:
         return out
 
     def info(self, name: str) -> TensorInfo:
-        """Where tensor `name` lies, or for a linear the checkpoint stores packed, its shape and dtype as decoded."""
-        return self.tensors[name] if name in self.tensors else self.decoded[name]
+        """Where tensor `name` lies, or for a linear the checkpoint stores encoded (packed, fp8), its shape and dtype
+        as decoded."""
+        return self.decoded[name] if name in self.decoded else self.tensors[name]
+
+    def stored_bytes(self, name: str) -> int:
+        """The bytes the checkpoint stores tensor `name` in (an encoded linear's parts together)."""
+        return sum(self.tensors[part].nbytes for part in self.layout.stored(name))
 
     def read(self, name: str) -> Tensor:
         """Tensor `name` as the model uses it (a packed linear decoded by the checkpoint's format)."""

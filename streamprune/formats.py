@@ -13,6 +13,12 @@ is what was written, and what was written is what a loader computes.
   (int64, the dense shape) and, for an asymmetric grid, `<module>.weight_zero_point` (int32, the zero points
   packed the same way along the *output* dimension); the config's `quantization_config` names the grid.
 
+- `Fp8BlockFormat`: the block-scaled FP8 format DeepSeek-V3, Kimi-K2, GLM-4.5-FP8 and MiniMax-M2 are published
+  in: `<module>.weight` (float8 e4m3) and `<module>.weight_scale_inv` (one scale per tile of 128 x 128 weights,
+  the tiles at the right and bottom edges cropped; float32, bfloat16 or float8 e8m0), W = weight x scale tile by
+  tile; the config's `quantization_config` is `{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128,
+  128]}`.
+
 A quantized weight arrives as codes, scales and zero points (`Quantized`: the quantizing solver's result):
 the run's weight is `(codes - zero[:, g]) * scale[:, g]`, g = column // group_size. A loader computes that
 product in the dtype of the stored scale, so the scales must be representable in the model's dtype
@@ -21,6 +27,7 @@ product in the dtype of the stored scale, so the scales must be representable in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from abc import ABC, abstractmethod
@@ -90,6 +97,14 @@ class OutputFormat(ABC):
         left unquantized."""
         return None
 
+    def stores(self, weight: str, tensors: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint whose tensors are `tensors` stores linear `weight` in this format."""
+        return weight not in tensors and self.names(weight)[0] in tensors
+
+    def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
+        """This format as it reads a checkpoint of `dtype` (the embedding's) holding `tensors`."""
+        return self
+
 
 class DenseFormat(OutputFormat):
     """The weight in the model's dtype, under its own name: an ordinary checkpoint."""
@@ -107,6 +122,9 @@ class DenseFormat(OutputFormat):
 
     def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
         return stored[weight]
+
+    def stores(self, weight: str, tensors: Mapping[str, Any]) -> bool:
+        return False
 
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -280,6 +298,110 @@ class CompressedTensorsFormat(OutputFormat):
         }
 
 
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+FP8_SCALE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float8_e8m0fnu: "ue8m0"}
+
+
+@dataclass(frozen=True)
+class Fp8BlockFormat(OutputFormat):
+    """Float8 e4m3 weights with one scale per `block` tile (rows, columns), tiles at the edges cropped: W = weight x
+    scale. A weight is encoded tile by tile with scale = amax / 448 (the tile's largest magnitude onto float8's
+    largest value), rounded to the scales' dtype (a power of two at or above it for e8m0; an all-zero tile's scale
+    is 1), so pruned weights stay exactly 0. Decoding multiplies in float64 and rounds once to the model's `dtype`,
+    as a loader that dequantizes to the model's dtype does."""
+
+    name: ClassVar[str] = "fp8"
+    block: tuple[int, int] = (128, 128)
+    scale_dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.bfloat16  # the model's (decoded weights')
+    rows_at_once: int = 1024  # rows decoded or encoded at a time: the float64 temporaries stay small
+
+    def __post_init__(self) -> None:
+        if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
+            raise CheckpointError(f"weight_block_size {list(self.block)!r} is not two positive integers")
+        if self.scale_dtype not in FP8_SCALE_DTYPES:
+            raise CheckpointError(f"fp8 scales stored as {self.scale_dtype} are not read; expected float32, bfloat16 "
+                                  "or float8_e8m0fnu")
+
+    def names(self, weight: str) -> list[str]:
+        return [weight, module_of(weight) + ".weight_scale_inv"]
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
+
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        if len(shape) != 2:
+            raise CheckpointError(f"{weight}: shape {list(shape)} is not that of a linear weight")
+        stored, scale = self.names(weight)
+        return {stored: (torch.float8_e4m3fn, tuple(shape)), scale: (self.scale_dtype, self.scale_shape(shape))}
+
+    def stores(self, weight: str, tensors: Mapping[str, Any]) -> bool:
+        return self.names(weight)[1] in tensors
+
+    def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
+        scales = sorted({info.torch_dtype for name, info in tensors.items() if name.endswith(".weight_scale_inv")},
+                        key=str)
+        if len(scales) > 1:
+            raise CheckpointError(f"fp8 scales stored in {len(scales)} dtypes ({', '.join(map(str, scales))}); "
+                                  "expected one")
+        return dataclasses.replace(self, dtype=dtype, scale_dtype=scales[0] if scales else self.scale_dtype)
+
+    def tiles(self, t: Tensor, rows: int, cols: int) -> Tensor:
+        """Per-tile values `t` (tile rows, tile columns) spread over the (rows, cols) weights they scale."""
+        br, bc = self.block
+        return t.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
+
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        name, scale_name = self.names(weight)
+        q, scale = stored[name], stored[scale_name]
+        rows, cols = q.shape
+        if q.dtype != torch.float8_e4m3fn:
+            raise CheckpointError(f"{name} is {q.dtype}, fp8 stores float8_e4m3fn")
+        if tuple(scale.shape) != self.scale_shape((rows, cols)):
+            raise CheckpointError(f"{scale_name} has shape {list(scale.shape)}, {list(self.scale_shape((rows, cols)))}"
+                                  f" tiles of {self.block[0]} x {self.block[1]} cover {name} {[rows, cols]}")
+        out = torch.empty(rows, cols, dtype=self.dtype, device=q.device)
+        step = max(self.block[0], self.rows_at_once // self.block[0] * self.block[0])
+        for r in range(0, rows, step):
+            s = self.tiles(scale[r // self.block[0] : (r + step) // self.block[0] + 1].double(), min(step, rows - r), cols)
+            out[r : r + step] = (q[r : r + step].double() * s).to(self.dtype)
+        return out
+
+    def round_scale(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """Tile scales as stored: float32 or bfloat16 as rounded (a value that rounds past 448 is clipped when
+        encoded), e8m0 the power of two at or above the scale."""
+        if self.scale_dtype == torch.float8_e8m0fnu:
+            return torch.exp2(torch.ceil(torch.log2(scale)))
+        return scale.to(self.scale_dtype).float()
+
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        if quant is not None:
+            raise ArgumentError(f"{weight}: --format fp8 stores float8 weights; --wbits quantizes to integers (use "
+                                "--format compressed-tensors or dense)")
+        rows, cols = value.shape
+        br, bc = self.block
+        tr, tc = self.scale_shape((rows, cols))
+        padded = torch.zeros(tr * br, tc * bc, dtype=torch.float32, device=value.device)
+        padded[:rows, :cols] = value.float().abs()
+        amax = padded.view(tr, br, tc, bc).amax(dim=(1, 3))  # (tile rows, tile columns)
+        del padded
+        scale = self.round_scale(torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)), self.dtype)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=value.device)
+        step = max(br, self.rows_at_once // br * br)
+        for r in range(0, rows, step):
+            s = self.tiles(scale[r // br : (r + step) // br + 1], min(step, rows - r), cols)
+            q[r : r + step] = (value[r : r + step].float() / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        name, scale_name = self.names(weight)
+        return {name: q, scale_name: scale.to(self.scale_dtype)}
+
+    def quantization_config(self, ignore: Iterable[str]) -> dict[str, Any]:
+        qc: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                              "weight_block_size": list(self.block), "modules_to_not_convert": sorted(set(ignore))}
+        if self.scale_dtype == torch.float8_e8m0fnu:
+            qc["scale_fmt"] = "ue8m0"
+        return qc
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint stores its tensors: the linear weights in `encoded` (by their dense names) as `format`
@@ -310,19 +432,37 @@ def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable
         update_config(out_dir, {"quantization_config": qc})
 
 
-def update_config(out_dir: Path, changes: dict[str, Any]) -> None:
-    """Set the keys of `changes` in OUT_DIR/config.json (copied there from the input); with none, the file stays
-    byte for byte the input's."""
-    if not changes:
-        return
+def update_config(out_dir: Path, changes: dict[str, Any], remove: Iterable[str] = ()) -> None:
+    """Set the keys of `changes` in OUT_DIR/config.json (copied there from the input) and remove those of `remove`;
+    with neither, the file stays byte for byte the input's."""
     path = out_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
+    remove = [key for key in remove if key in config]
+    if not changes and not remove:
+        return
     config.update(changes)
+    for key in remove:
+        del config[key]
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-FORMATS = ("dense", "compressed-tensors")
+FORMATS = ("dense", "compressed-tensors", "fp8")
+
+
+def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
+    """The block-scaled FP8 format of a `quantization_config` with quant_method fp8."""
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{where}: fp8 weights in fmt {qc.get('fmt')!r} are not read; expected 'e4m3'")
+    block = qc.get("weight_block_size")
+    if block is None:
+        raise CheckpointError(f"{where}: fp8 without weight_block_size (per-tensor or per-channel scales) is not "
+                              "read; expected block scales, e.g. [128, 128]")
+    if not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise CheckpointError(f"{where}: weight_block_size {block!r} is not two positive integers")
+    if qc.get("scale_fmt") not in (None, "ue8m0"):
+        raise CheckpointError(f"{where}: scale_fmt {qc.get('scale_fmt')!r} is not read; expected ue8m0 or none")
+    return Fp8BlockFormat(block=(block[0], block[1]))
 
 
 @dataclass(frozen=True)
@@ -342,6 +482,11 @@ def make_format(name: str, grid: GridArgs | None = None) -> OutputFormat:
         if grid is None:
             raise ArgumentError("--format compressed-tensors stores quantized weights; pass --wbits")
         return CompressedTensorsFormat(grid)
+    if name == "fp8":
+        if grid is not None:
+            raise ArgumentError("--format fp8 stores float8 weights; --wbits quantizes to integers (use --format "
+                                "compressed-tensors or dense)")
+        return Fp8BlockFormat()
     raise ArgumentError(f"format {name!r} is not one of {', '.join(FORMATS)}")
 
 
@@ -353,9 +498,12 @@ def format_of(config: Mapping[str, Any], where: str = "config.json") -> OutputFo
     if not isinstance(qc, dict):
         raise CheckpointError(f"{where}: quantization_config {qc!r:.80} is not an object")
     method, fmt = qc.get("quant_method"), qc.get("format")
+    if method == "fp8":
+        return fp8_format_of(qc, where)
     if method != "compressed-tensors" or fmt != "pack-quantized":
         raise CheckpointError(f"{where}: quantization_config with quant_method {method!r} and format {fmt!r} is not "
-                              "supported; streamprune reads compressed-tensors pack-quantized and unquantized checkpoints")
+                              "supported; streamprune reads unquantized, fp8 (block scales) and compressed-tensors "
+                              "pack-quantized checkpoints")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise CheckpointError(f"{where}: streamprune reads a compressed-tensors config with one config group, "

@@ -29,7 +29,7 @@ from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
-from streamprune.formats import Layout, make_format
+from streamprune.formats import DenseFormat, Layout, make_format
 from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
 from streamprune.memory import MEMORY_CSV, resolve_device
 from streamprune.options import RUN, SWEEP, PruneOptions, Scope, check, fingerprint_args, finite_at_least
@@ -242,7 +242,7 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
 def open_model(model_dir: Path) -> Checkpoint:
     """The checkpoint to prune: a packed (quantized) one is refused."""
     ckpt = Checkpoint(model_dir)
-    if ckpt.layout.encoded:
+    if ckpt.layout.encoded and ckpt.layout.format.name != "fp8":
         raise ArgumentError(f"{str(model_dir)!r} is stored {ckpt.layout.format.name} (packed integer weights); "
                             "prune its unquantized original")
     return ckpt
@@ -271,18 +271,24 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions, pattern: Pattern) -> tup
     grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
     if grid is not None and pattern.structured and grid.group_size != -1 and grid.group_size % pattern.m:
         raise ArgumentError(f"group size {grid.group_size} is not a multiple of M={pattern.m} of pattern {pattern}")
-    make_format(opts.format, grid)  # an unknown format, or a quantized one without --wbits, is refused here
+    given = ckpt.layout.format if ckpt.layout.encoded else DenseFormat()  # the input's
+    name = opts.format or given.name  # by default, as the input stores them
+    make_format(name, grid)  # an unknown format, or a quantized one without --wbits, is refused here
     if grid is not None:  # scales as the model's dtype stores them, whatever the output format
         grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
-    fmt = make_format(opts.format, grid)
+    fmt = given if name == given.name else make_format(name, grid).bound(ckpt.dtype, {})
     layout = Layout(fmt, frozenset(output_linears(ckpt)))
+    unpruned = sorted(ckpt.layout.encoded - layout.encoded)
+    if unpruned:
+        raise ArgumentError(f"{unpruned[0]} is stored {given.name} but is not a linear streamprune prunes "
+                            f"({len(unpruned)} such); it would be written as read, in another format than the output's")
     for name in layout.encoded:  # e.g. a group size that does not divide a linear's width, refused up front
-        fmt.tensors(name, ckpt.tensors[name].torch_dtype, ckpt.tensors[name].shape)
+        fmt.tensors(name, ckpt.info(name).torch_dtype, ckpt.info(name).shape)
     for (param, bid), name in ckpt.names.items():
         if param[0] in PRUNABLE and param[1] == "weight" and bid == 0:
-            check_columns(ckpt.tensors[name].shape[1], pattern, name)
+            check_columns(ckpt.info(name).shape[1], pattern, name)
     if grid is not None:  # every pruned matrix, experts included
-        check_group_size(grid, {name: ckpt.tensors[name].shape[1] for name in output_linears(ckpt)})
+        check_group_size(grid, {name: ckpt.info(name).shape[1] for name in output_linears(ckpt)})
     return grid, layout
 
 

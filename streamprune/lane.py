@@ -104,9 +104,8 @@ class PruneLane(Consumer):
             router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
                       if b == bid and role in ROUTER_ROLES} if removes else set()
             self.router = {name: block.raw[name] for name in router}
-            for name, tensor in block.raw.items():
-                if name not in pruned and name not in router:
-                    self.shard.put(name, tensor)
+            self.put_as_read({n: n for n in self.ckpt.block_names(bid) if n not in pruned and n not in router},
+                             block.raw)
             if not self.copy:
                 block.raw.clear()  # written or held by `w` (on the CPU the same tensors; on a GPU, their copies)
         self.status.phase(f"block {bid}: prune")
@@ -198,13 +197,28 @@ class PruneLane(Consumer):
         bid = part.bid
         names = self.job.out.experts[(bid, xid)]
         with self.report.timed("write", bid):
-            for param, name in self.ckpt.experts[(bid, part.xid)].items():
-                self.shard.put(names[param], part.raw[name])
+            self.put_as_read({name: names[param] for param, name in self.ckpt.experts[(bid, part.xid)].items()},
+                             part.raw)
         if self.calib is not None:
             assert self.routes is not None and self.stats is not None
             with self.report.timed("forward", bid):
                 add_expert(self.ckpt, part.w, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
                            self.device)
+
+    def put_as_read(self, names: dict[str, str], raw: dict[str, Tensor]) -> None:
+        """Tensors written as read: `names` maps each one's input name to its output name (an expert's index may
+        change), `raw` holds what was read. A linear the output stores in another format than the input (fp8 read,
+        dense written, or the reverse) is decoded and encoded again."""
+        assert self.shard is not None
+        given, out = self.ckpt.layout, self.job.layout
+        for src, dst in names.items():
+            if (src in given.encoded) == (dst in out.encoded) and (src not in given.encoded or given.format == out.format):
+                for part, stored in zip(given.stored(src), out.stored(dst)):
+                    self.shard.put(stored, raw[part])
+                continue
+            value = given.weight(src, {part: raw[part] for part in given.stored(src)})
+            for stored, tensor in (out.format.encode(dst, value) if dst in out.encoded else {dst: value}).items():
+                self.shard.put(stored, tensor)
 
     def leave(self, block: Part) -> None:
         bid, calib = block.bid, self.calib
@@ -398,7 +412,7 @@ class PruneLane(Consumer):
         solver's figures."""
         result = pruner.prune(dense, self.zeros.get(name))
         # contiguous, so that later sites and blocks multiply the same layout as a resumed run's replay
-        pruned = torch.empty(result.weight.shape, dtype=self.ckpt.tensors[name].torch_dtype, device=self.device)
+        pruned = torch.empty(result.weight.shape, dtype=self.ckpt.info(name).torch_dtype, device=self.device)
         pruned.copy_(result.weight)
         if not all_finite(pruned):  # checked as stored: a float16 cast can overflow what float32 held
             raise StreamPruneError(
@@ -433,7 +447,7 @@ class PruneLane(Consumer):
                 name = names[role]
                 stored = solved.get(role)
                 if stored is None:  # another rank's: received into buffers of the stored dtypes and shapes
-                    info = self.ckpt.tensors[name]
+                    info = self.ckpt.info(name)
                     stored = {part: torch.empty(shape, dtype=dtype, device=self.device)
                               for part, (dtype, shape) in self.job.layout.meta(name, info.torch_dtype, info.shape).items()}
                 for part in stored.values():

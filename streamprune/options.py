@@ -68,7 +68,7 @@ def when_experts_removed(scope: Scope, name: str, value: Any) -> bool:
 
 
 def when_not_dense(scope: Scope, name: str, value: Any) -> bool:
-    return value != "dense"
+    return value not in (None, "dense")
 
 
 def when_given(scope: Scope, name: str, value: Any) -> bool:
@@ -97,7 +97,7 @@ class Decl:
 
     def check(self, name: str, value: Any) -> None:
         label = name.replace("_", "-")
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and value is not None and value not in self.choices:
             raise ArgumentError(f"{label} {value!r} is not one of {', '.join(self.choices)}")
         if self.minimum is not None and value is not None and not value >= self.minimum:
             raise ArgumentError(f"{label} {value!r} must be at least {self.minimum:g}")
@@ -224,11 +224,12 @@ class PruneOptions:
                                   "columns); -1: one per row.", RUN_PLAN, fingerprint=when_quantized)
     sym: bool = option(True, "Symmetric grid (zero point 2**(wbits-1)) or asymmetric (its own zero point per "
                              "group).", RUN_PLAN, flag="--sym/--asym", fingerprint=when_quantized)
-    format: str = option(
-        "dense", "How the pruned linears are written: 'dense' (weights in the input's dtype; with --wbits, the "
-                 "dequantized values) or 'compressed-tensors' (needs --wbits: int weights packed into int32 with "
-                 "per-group scales, the pack-quantized format transformers and vLLM load).", (RUN,),
-        choices=FORMATS, fingerprint=when_not_dense)
+    format: str | None = option(
+        None, "How the pruned linears are written: 'dense' (weights in the model's dtype; with --wbits, the "
+              "dequantized values), 'compressed-tensors' (needs --wbits: int weights packed into int32 with "
+              "per-group scales, the pack-quantized format transformers and vLLM load) or 'fp8' (float8 e4m3 with a "
+              "scale per 128 x 128 tile, as DeepSeek-V3 is published). Default: as the input stores them (fp8 for an "
+              "fp8 checkpoint, else dense).", (RUN,), choices=FORMATS, fingerprint=when_not_dense)
     eval: Path | None = option(
         None, "Also compute the pruned model's perplexity on this file (.txt, .jsonl with 'text', or .npy token ids) "
               "in the same pass, on the windows `streamprune eval` would draw.", ALL, flag="--eval",

@@ -91,6 +91,22 @@ class Footprint:
     routes: int = 0  # every calibration token's chosen experts and weights, held while a block's experts run
     site_unrounded: int = 0  # --wbits with errors: the largest site's weights before rounding (float32), until scored
     eval_activations: int = 0  # --eval: the evaluation windows' hidden states (part of `activations`, placed alike)
+    # a checkpoint that stores linears encoded (fp8): those of the largest block (of one expert) as stored and as
+    # decoded, held beside the stored tensors on the host; the decoding's float64 temporaries of one slice of rows
+    encoded: int = 0
+    decoded: int = 0
+    expert_encoded: int = 0
+    expert_decoded: int = 0
+    decode_workspace: int = 0
+
+    @property
+    def device_block(self) -> int:
+        """The block's weights on the compute device: as stored, its encoded linears decoded."""
+        return self.raw_block - self.encoded + self.decoded
+
+    @property
+    def device_expert(self) -> int:
+        return self.expert_stored - self.expert_encoded + self.expert_decoded
 
     def calibrate_peak(self, batch: int) -> int:
         """Compute-device bytes while the block runs forward, beside its weights and the activations."""
@@ -104,7 +120,7 @@ class Footprint:
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
         """The block's weights (and one expert's, dense and pruned, with the routes), the activations, positions,
         and the larger workspace."""
-        return (self.raw_block + 2 * self.expert_stored + self.routes
+        return (self.device_block + 2 * self.device_expert + self.routes
                 + (self.activations if activations_on_device else 0) + self.positions
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
 
@@ -115,7 +131,7 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
     blocks: the first block of each kind stands for the others."""
     cfg = ckpt.config
     kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
-    raw_block = max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in kinds.values())
+    raw_block = max(sum(ckpt.stored_bytes(n) for n in ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
     for b in kinds.values():
         linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
@@ -127,6 +143,28 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
         expert = sum(ckpt.tensors[part].nbytes for name in names.values() for part in ckpt.layout.stored(name))
     sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
     return raw_block, expert, linears, [site for site in sites if site]
+
+
+def encoded_sizes(ckpt: Checkpoint) -> dict[str, int]:
+    """For a checkpoint that stores linears encoded (fp8): the largest block's and one expert's encoded linears as
+    stored and as decoded, and the decoding's float64 temporaries (a slice of rows of the widest one, and its scales
+    spread over it)."""
+    encoded = ckpt.layout.encoded
+    if not encoded:
+        return {}
+    cfg = ckpt.config
+
+    def sizes(names: list[str]) -> tuple[int, int]:
+        mine = [n for n in names if n in encoded]
+        return sum(ckpt.stored_bytes(n) for n in mine), sum(ckpt.info(n).nbytes for n in mine)
+
+    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}
+    block = max((sizes(ckpt.block_names(b)) for b in kinds.values()), key=lambda s: s[1])
+    expert = sizes(list(ckpt.experts[(kinds[True], 0)].values())) if True in kinds else (0, 0)
+    rows = getattr(ckpt.layout.format, "rows_at_once", 0)
+    widest = max(ckpt.info(n).shape[1] for n in encoded)
+    return dict(encoded=block[0], decoded=block[1], expert_encoded=expert[0], expert_decoded=expert[1],
+                decode_workspace=2 * rows * widest * 8)
 
 
 def site_widths(order: tuple[tuple[Site, tuple[Role, ...]], ...], linears: dict[Role, TensorInfo]) -> list[int]:
@@ -185,7 +223,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
-                  if grid is not None and keep == "xtx" else 0)
+                  if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
     evals = dict(eval_activations=eval_streams * (2 if cfg.n_experts else 1) * eval_windows * eval_seqlen
                  * cfg.hidden_size * 4,
                  positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
@@ -255,7 +293,7 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
                      activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
                      positions=positions_bytes(cfg, seqlen), expert_stored=expert,
-                     routes=routes_bytes(cfg, nsamples * seqlen))
+                     routes=routes_bytes(cfg, nsamples * seqlen), **encoded_sizes(ckpt))
 
 
 def run_eval_windows(ckpt: Checkpoint, data: str | Path | None, nsamples: int | None, seqlen: int | None,
@@ -329,13 +367,13 @@ def decide(fp: Footprint, device: torch.device, offload_activations: str, max_gp
     if need > budget:
         raise ArgumentError(
             f"{total / 2**30:.1f} GiB of GPU memory cannot hold one block: its weights "
-            f"({fp.raw_block / 2**30:.1f} GiB) and the larger of the solve "
+            f"({fp.device_block / 2**30:.1f} GiB) and the larger of the solve "
             f"({fp.solve_peak(offload) / 2**30:.1f} GiB, X^T X {'in host memory' if offload else 'included'}) and the "
             f"forward of one window ({fp.calibrate_peak(1) / 2**30:.2f} GiB, X^T X included) need "
             f"{need / GPU_HEADROOM / 2**30:.1f} GiB; use --device cpu or a larger card"
         )
     placement = choose_placement(offload_activations, fp.activations, device, budget - need, host_budget)
-    free = (budget - fp.raw_block - (fp.activations if placement == "device" else 0) - fp.positions - fp.hessians
+    free = (budget - fp.device_block - (fp.activations if placement == "device" else 0) - fp.positions - fp.hessians
             - fp.linear_fp32)
     if fp.per_window:
         batch = max(1, min(batch, free // fp.per_window))
@@ -375,7 +413,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     result.read_bytes = result.output_bytes = stored
     if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
-        result.read_bytes += sum(ckpt.tensors[name].nbytes for name in ckpt.expert_of)
+        result.read_bytes += sum(ckpt.stored_bytes(name) for name in ckpt.expert_of)
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
     return result
 
@@ -432,7 +470,8 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
     act_on = {where: fp.activations if where_act == where else 0 for where in ("host", "device")}
     work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
     offloaded = fp.widest_hessian if d.offload_hessian else 0
-    host_block = (2 * fp.raw_block + fp.pruned_stored + 3 * fp.expert_stored + act_on["host"] + offloaded
+    host_block = (2 * (fp.raw_block + fp.decoded) + fp.pruned_stored + 3 * (fp.expert_stored + fp.expert_decoded)
+                  + fp.decode_workspace + act_on["host"] + offloaded
                   + (0 if on_device else work + fp.positions + fp.routes))
     host_embed = fp.embed_stored + act_on["host"] + (0 if on_device else fp.embed_fp32)
     device_peak = 0
@@ -443,11 +482,13 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
         ("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"),
         ("lm-evaluation-harness, imported, and its task index (--eval-tasks)", TASKS_OVERHEAD if tasks else 0, "host"),
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
-        ("pruned weights awaiting the write", fp.pruned_stored, "host"),
-        ("block weights on the GPU", fp.raw_block if on_device else 0, "device"),
-        ("routed experts: the one in flight, dense and pruned, and the next one read ahead", 3 * fp.expert_stored,
+        ("their encoded (fp8) linears decoded, and the decoding's float64 slice", 2 * fp.decoded + fp.decode_workspace,
          "host"),
-        ("routed expert on the GPU, dense and pruned", 2 * fp.expert_stored if on_device else 0, "device"),
+        ("pruned weights awaiting the write", fp.pruned_stored, "host"),
+        ("block weights on the GPU", fp.device_block if on_device else 0, "device"),
+        ("routed experts: the one in flight, dense and pruned, and the next one read ahead (decoded too, if fp8)",
+         3 * (fp.expert_stored + fp.expert_decoded), "host"),
+        ("routed expert on the GPU, dense and pruned", 2 * fp.device_expert if on_device else 0, "device"),
         ("routes: each calibration token's experts and weights", fp.routes, compute),
         ("X^T X of the inputs being calibrated and pruned", fp.hessians, compute),
         ("solver matrix (SparseGPT's inverse factor, built in place)", fp.solver_matrix, compute),

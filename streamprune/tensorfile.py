@@ -37,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # power-of-two scales (DeepSeek-V3.1's ue8m0)
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
@@ -147,6 +148,8 @@ def all_finite(t: Tensor, chunk_bytes: int = 16 * 2**20) -> bool:
     """No NaN or Inf in `t`, checked in slices so the temporaries stay small beside a large tensor."""
     flat = t.reshape(-1)
     step = max(1, chunk_bytes // t.element_size())
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no isfinite of their own; exact in float32
+        return all(bool(torch.isfinite(flat[i : i + step].float()).all()) for i in range(0, flat.numel(), step))
     return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
 
 

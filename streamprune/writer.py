@@ -88,7 +88,8 @@ def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, M
     tensors, the linears in `layout.encoded` as its format stores them. Known before any is solved."""
     meta: dict[str, Meta] = {}
     for n in ckpt.stored_names(bid):
-        meta.update(layout.meta(n, ckpt.tensors[n].torch_dtype, ckpt.tensors[n].shape))
+        info = ckpt.info(n)
+        meta.update(layout.meta(n, info.torch_dtype, info.shape))
     return meta
 
 
@@ -161,8 +162,10 @@ class CheckpointSink:
         copy_side_files(self.ckpt.dir, self.dir)
         given = json.loads((self.ckpt.dir / "config.json").read_text(encoding="utf-8"))
         update_config(self.dir, {k: v for k, v in self.ckpt.raw_config.items() if given.get(k) != v})
-        ignore = [m for m in self.ckpt.linear_modules() if m + ".weight" not in self.layout.encoded]
-        write_quantization_config(self.dir, self.layout.format, ignore)
+        if self.layout.format != self.ckpt.layout.format or not self.ckpt.layout.encoded:  # else: the input's stays
+            update_config(self.dir, {}, remove=["quantization_config"])  # (an fp8 input written in another format)
+            ignore = [m for m in self.ckpt.linear_modules() if m + ".weight" not in self.layout.encoded]
+            write_quantization_config(self.dir, self.layout.format, ignore)
         self.writer.finish()
 
 

@@ -73,13 +73,14 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
     misshapen and the unknown. The config's embedding scale is rounded to the weights' dtype on the way."""
     binding = Binding(spec, *detect_prefix(spec, tensors, where), Layout(fmt))
     dtype = tensors[binding.name_of(Role.TOKEN_EMBD, "weight")].torch_dtype
+    fmt = fmt.bound(dtype, tensors)
     checks, encoded = _Checks(), set()
 
     def bind(param: Param, shape: tuple[int, ...], bid: int | None, xid: int | None = None) -> str | None:
         name = binding.name_of(*param, bid, xid)
         info = tensors.get(name)
-        if info is None and param[1] == "weight" and fmt.name != "dense" and fmt.names(name)[0] in tensors:
-            encoded.add(name)  # a linear stored by the checkpoint's format (packed): its parts are checked
+        if param[1] == "weight" and fmt.stores(name, tensors):
+            encoded.add(name)  # a linear stored by the checkpoint's format (packed, fp8): its parts are checked
             binding.decoded[name] = (dtype, tuple(shape))
             check_encoded(fmt, name, dtype, shape, tensors, checks)
             return name
@@ -88,7 +89,11 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
             return None
         if info.shape != shape:
             checks.bad.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype.startswith("F8_") and fmt.name == "fp8":
+            checks.bad.append(f"{name} is {info.dtype} without its scale {fmt.names(name)[1]}")
+        elif info.dtype.startswith("F8_"):
+            checks.bad.append(f"{name} is {info.dtype} but config.json has no fp8 quantization_config")
+        elif info.dtype not in FLOAT_DTYPES:
             checks.bad.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
         return name
 
@@ -137,10 +142,10 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
     """Where each stored tensor belongs: its block index, or None for the globals; a tensor that belongs nowhere is
     refused."""
     layout, spec = binding.layout, binding.spec
-    binding.location = {stored: bid for (_, bid), name in binding.names.items() for stored in layout.stored(name)}
-    binding.expert_of = {stored: key for key, names in binding.experts.items()
-                         for name in names.values() for stored in layout.stored(name)}
+    binding.location = {name: bid for (_, bid), name in binding.names.items()}  # by the names the model uses
+    binding.expert_of = {name: key for key, names in binding.experts.items() for name in names.values()}
     binding.location.update({name: bid for name, (bid, _) in binding.expert_of.items()})
+    parts = {stored for name in layout.encoded for stored in layout.stored(name)}
     for role in spec.optional & set(spec.tensors):
         for bid in range(cfg.n_layers):
             name = binding.name_of(role, "inv_freq", bid)
@@ -158,6 +163,6 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
         for name in tensors:
             if name.startswith(prefix) and name not in binding.location:
                 binding.location[name], binding.mtp[name] = None, layer
-    unknown = sorted(set(tensors) - set(binding.location))
+    unknown = sorted(set(tensors) - set(binding.location) - parts)
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} tensor(s) match no role of {spec.name}: {', '.join(unknown[:5])}")
