@@ -232,3 +232,35 @@ def test_mtp_layers_copied_or_left_out(tmp_path, calib, models):
     with torch.no_grad():
         ref = tiny.hf_model(out2)(ids).logits
     torch.testing.assert_close(logits(out2, ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+def test_activations_on_disk_give_the_same_output(tmp_path, calib, models, sequential):
+    """Experts read their tokens' rows from the activation file (and add their outputs there): the output equals the
+    run's with the activations in memory, byte for byte."""
+    src = models["deepseek-v3"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    streamprune.prune(src, ref, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
+    streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential,
+                      offload_activations="disk")
+    assert stored(out).keys() == stored(ref).keys()
+    assert all(torch.equal(t, stored(ref)[n]) for n, t in stored(out).items())
+
+
+def test_disk_rows_read_and_add_only_the_rows_asked_for(tmp_path):
+    """The activation file's rows: any index (unsorted, repeated, empty) reads and adds as the in-memory buffer does."""
+    from streamprune.activations import Activations, DiskActivations
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(4, 16, 8, generator=g)
+    memory, disk = Activations((4, 16, 8), torch.device("cpu")), DiskActivations((4, 16, 8), tmp_path / "a.f32")
+    memory.write(0, 4, data)
+    disk.write(0, 4, data)
+    for index in (torch.tensor([5, 3, 4, 30, 31, 0, 17]), torch.tensor([2, 2, 9]), torch.tensor([], dtype=torch.long),
+                  torch.arange(32)):
+        assert torch.equal(disk.rows(1, 3, index, torch.device("cpu")), memory.rows(1, 3, index, torch.device("cpu")))
+        values = torch.randn(len(index), 8, generator=g)
+        disk.add_rows(1, 3, index, values)
+        memory.add_rows(1, 3, index, values)
+        assert torch.equal(disk.read(0, 4, torch.device("cpu")), memory.read(0, 4, torch.device("cpu")))
+    disk.close()
