@@ -60,25 +60,55 @@ class DiskActivations(Activations):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self.fd, shape[0] * self.row_bytes)
+        self.read_bytes = self.written_bytes = 0  # moved through the file so far
 
     def read(self, i: int, j: int, device: torch.device) -> Tensor:
         buf = np.empty((j - i, *self.shape[1:]), dtype=np.float32)
         got = read_fully(self.fd, memoryview(buf).cast("B"), i * self.row_bytes)
+        self.read_bytes += got
         if got != buf.nbytes:  # the file was cut short behind the run's back
             raise StreamPruneError(f"{self.path}: activation file ends after {got} of {buf.nbytes} bytes of windows {i}..{j - 1}")
         return torch.from_numpy(buf).to(device)
 
+    def runs(self, i: int, index: Tensor) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+        """The distinct token rows `index` of windows from i on (sorted), where each of `index` is among them, and the
+        runs of consecutive rows they make: (first, end) in that list and the file offset of the first."""
+        rows, where = np.unique(index.cpu().numpy(), return_inverse=True)
+        starts = np.flatnonzero(np.r_[True, np.diff(rows) != 1]) if rows.size else np.empty(0, dtype=np.int64)
+        ends = np.r_[starts[1:], rows.size]
+        width = self.shape[2] * 4
+        return rows, where, [(int(a), int(b), (i * self.shape[1] + int(rows[a])) * width) for a, b in zip(starts, ends)]
+
     def rows(self, i: int, j: int, index: Tensor, device: torch.device) -> Tensor:
-        return self.read(i, j, torch.device("cpu")).view(-1, self.shape[2])[index.cpu()].to(device)
+        """Only the rows asked for are read (a routed expert's tokens: a few percent of a block's), a run of
+        consecutive rows at a time."""
+        rows, where, runs = self.runs(i, index)
+        buf = np.empty((rows.size, self.shape[2]), dtype=np.float32)
+        for a, b, offset in runs:
+            self.read_into(buf[a:b], offset)
+        return torch.from_numpy(buf[where]).to(device)
 
     def add_rows(self, i: int, j: int, index: Tensor, values: Tensor) -> None:
-        batch = self.read(i, j, torch.device("cpu"))
-        batch.view(-1, self.shape[2]).index_add_(0, index.cpu(), values.to("cpu", torch.float32))
-        self.write(i, j, batch)
+        rows, where, runs = self.runs(i, index)
+        buf = np.empty((rows.size, self.shape[2]), dtype=np.float32)
+        for a, b, offset in runs:
+            self.read_into(buf[a:b], offset)
+        added = torch.from_numpy(buf)
+        added.index_add_(0, torch.from_numpy(where).reshape(-1), values.to("cpu", torch.float32))
+        for a, b, offset in runs:
+            write_fully(self.fd, memoryview(buf[a:b]).cast("B"), offset)
+        self.written_bytes += buf.nbytes
+
+    def read_into(self, buf: np.ndarray, offset: int) -> None:
+        got = read_fully(self.fd, memoryview(buf).cast("B"), offset)
+        self.read_bytes += got
+        if got != buf.nbytes:  # the file was cut short behind the run's back
+            raise StreamPruneError(f"{self.path}: activation file ends after {got} of {buf.nbytes} bytes at {offset}")
 
     def write(self, i: int, j: int, value: Tensor) -> None:
         arr = value.detach().to("cpu", torch.float32).contiguous().numpy()
         write_fully(self.fd, memoryview(arr).cast("B"), i * self.row_bytes)
+        self.written_bytes += arr.nbytes
 
     def close(self) -> None:
         os.close(self.fd)

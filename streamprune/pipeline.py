@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from streamprune.activations import copy_store, load_store, make_store, save_store
+from streamprune.activations import DiskActivations, copy_store, load_store, make_store, save_store
 from streamprune.arch.block import positions
 from streamprune.checkpoint import Checkpoint
 from streamprune.dist import Ranks
@@ -143,6 +143,7 @@ class Run:
             finally:
                 lane.close()
                 if calib is not None:
+                    report.activation_io = disk_io(calib)
                     calib.close()
             reads.into(report)
             self.perplexities(streams, status)
@@ -489,6 +490,14 @@ class SavedState(Consumer):
 
     def leave(self, block: Part) -> None:
         self.sweep.save_state(block.bid + 1, self.dense, self.lanes, self.reads)
+
+
+def disk_io(stream: HiddenStream) -> dict[str, int] | None:
+    """The bytes read from and written to the calibration activations' files (None: they were in memory)."""
+    files = [s for s in (stream.x, stream.scratch) if isinstance(s, DiskActivations)]
+    if not files:
+        return None
+    return {"read_bytes": sum(f.read_bytes for f in files), "written_bytes": sum(f.written_bytes for f in files)}
 
 
 def mtp_layers(ckpt: Checkpoint, out: Checkpoint) -> dict[str, Any]:
