@@ -1,0 +1,168 @@
+"""`streamprune plan` of the published giants, from checkpoints of their exact shapes made of headers alone.
+
+Each checkpoint is written as its released layout (names, dtypes, shapes; float8 e4m3 linears with float32 scales per
+128 x 128 tile, bfloat16 embeddings, norms and routers, the multi-token-prediction layer, one shard per block) with
+every shard a header followed by a hole: no disk is used and nothing is read, since the plan reads headers only.
+
+    python bench/giants.py                 # DeepSeek-V3 (671B), on a 24 GiB GPU, 128 x 2048 calibration tokens
+    python bench/giants.py --record        # and into bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results import add_record_option, recording  # noqa: E402
+from streamprune.options import parse_size  # noqa: E402
+from streamprune.plan import plan  # noqa: E402
+from streamprune.tensorfile import safetensors_header  # noqa: E402
+
+FP8, BF16, F32 = torch.float8_e4m3fn, torch.bfloat16, torch.float32
+
+# DeepSeek-V3's config.json as released (the keys the model reads)
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000, "tie_word_embeddings": False,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "torch_dtype": "bfloat16",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+
+
+def linear(out: dict, name: str, rows: int, cols: int) -> None:
+    """A linear as released: float8 weight and its float32 scale per 128 x 128 tile."""
+    out[name + ".weight"] = (FP8, (rows, cols))
+    out[name + ".weight_scale_inv"] = (F32, (math.ceil(rows / 128), math.ceil(cols / 128)))
+
+
+def deepseek_block(c: dict, b: int) -> dict:
+    d, p, out = c["hidden_size"], f"model.layers.{b}.", {}
+    heads, nope, rope, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    linear(out, p + "self_attn.q_a_proj", c["q_lora_rank"], d)
+    linear(out, p + "self_attn.q_b_proj", heads * (nope + rope), c["q_lora_rank"])
+    linear(out, p + "self_attn.kv_a_proj_with_mqa", c["kv_lora_rank"] + rope, d)
+    linear(out, p + "self_attn.kv_b_proj", heads * (nope + dv), c["kv_lora_rank"])
+    linear(out, p + "self_attn.o_proj", d, heads * dv)
+    for norm, width in (("input_layernorm", d), ("post_attention_layernorm", d),
+                        ("self_attn.q_a_layernorm", c["q_lora_rank"]), ("self_attn.kv_a_layernorm", c["kv_lora_rank"])):
+        out[p + norm + ".weight"] = (BF16, (width,))
+    if b < c["first_k_dense_replace"]:
+        f = c["intermediate_size"]
+        linear(out, p + "mlp.gate_proj", f, d)
+        linear(out, p + "mlp.up_proj", f, d)
+        linear(out, p + "mlp.down_proj", d, f)
+        return out
+    f, n = c["moe_intermediate_size"], c["n_routed_experts"]
+    out[p + "mlp.gate.weight"] = (BF16, (n, d))
+    out[p + "mlp.gate.e_score_correction_bias"] = (F32, (n,))
+    for e in [f"experts.{x}" for x in range(n)] + ["shared_experts"]:
+        width = f * (c["n_shared_experts"] if e == "shared_experts" else 1)
+        linear(out, p + f"mlp.{e}.gate_proj", width, d)
+        linear(out, p + f"mlp.{e}.up_proj", width, d)
+        linear(out, p + f"mlp.{e}.down_proj", d, width)
+    return out
+
+
+def deepseek_mtp(c: dict, b: int) -> dict:
+    """The multi-token-prediction layer as released: a block plus its own embedding, head, projection and norms."""
+    d, p = c["hidden_size"], f"model.layers.{b}."
+    out = deepseek_block(c, b)
+    out.update({p + "embed_tokens.weight": (BF16, (c["vocab_size"], d)), p + "enorm.weight": (BF16, (d,)),
+                p + "hnorm.weight": (BF16, (d,)), p + "shared_head.norm.weight": (BF16, (d,)),
+                p + "shared_head.head.weight": (BF16, (c["vocab_size"], d))})
+    linear(out, p + "eh_proj", d, 2 * d)
+    return out
+
+
+def write(path: Path, config: dict, shards: list[dict]) -> int:
+    """Shards of headers followed by holes (sparse files), the index and config.json; the apparent size."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, nbytes = safetensors_header(shard)
+        with open(path / name, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + nbytes)
+        weight_map.update(dict.fromkeys(shard, name))
+        total += len(header) + nbytes
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    return total
+
+
+def deepseek_v3(path: Path) -> int:
+    c = DEEPSEEK_V3
+    d, v, n = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+    shards = [{"model.embed_tokens.weight": (BF16, (v, d)), "model.norm.weight": (BF16, (d,)),
+               "lm_head.weight": (BF16, (v, d))}]
+    shards += [deepseek_block(c, b) for b in range(n)]
+    shards += [deepseek_mtp(c, b) for b in range(n, n + c["num_nextn_predict_layers"])]
+    return write(path, c, shards)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def measure(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        model = Path(tmp) / "deepseek-v3"
+        size = deepseek_v3(model)
+        print(f"DeepSeek-V3 as released (FP8, block scales): {size / 1e9:.1f} GB in {len(list(model.glob('*.safetensors')))}"
+              f" shards (sparse files: headers only); --nsamples {args.nsamples} --seqlen {args.seqlen} "
+              f"--device cuda --max-gpu-memory {args.gpu}")
+        print()
+        print(f"| {'run':<46} | placement | batch | GPU peak GiB | host peak GiB | read GB | written GB |")
+        print(f"|{'-' * 48}|-----------|-------|--------------|---------------|---------|------------|")
+        runs = [("SparseGPT 50%, FP8 out", {}),
+                ("SparseGPT 50%, activations on disk", {"offload_activations": "disk"}),
+                ("Wanda 50%, FP8 out", {"method": "wanda"}),
+                ("REAP 50% + SparseGPT 50%, activations on disk", {"prune_experts": 0.5, "offload_activations": "disk"})]
+        for label, extra in runs:
+            try:
+                p = plan(model, nsamples=args.nsamples, seqlen=args.seqlen, device="cuda",
+                         max_gpu_memory=parse_size(args.gpu), **extra)
+            except Exception as e:  # a refusal is a result too
+                print(f"| {label:<46} | refused: {str(e)[:120]} |")
+                continue
+            print(f"| {label:<46} | {p.placement:<9} | {p.batch:>5} | {gib(p.device_peak):>12} | {gib(p.host_peak):>13} "
+                  f"| {p.read_bytes / 1e9:>7.0f} | {p.output_bytes / 1e9:>10.0f} |")
+            if args.consumers and not extra:
+                for what, nbytes, where in p.consumers[:8]:
+                    print(f"    {where:<6} {gib(nbytes):>7} GiB  {what}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--gpu", default="24GiB", help="--max-gpu-memory of the planned run")
+    ap.add_argument("--consumers", action="store_true", help="also the largest consumers of the first run")
+    ap.add_argument("--tmp", default=None, help="where the sparse checkpoint is written (default: the system's)")
+    add_record_option(ap)
+    args = ap.parse_args()
+    with recording(ap, args):
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
