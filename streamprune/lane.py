@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from streamprune.activations import Activations
+from streamprune.activations import Activations, DiskActivations
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden
 from streamprune.arch.roles import ROUTER_ROLES
@@ -84,6 +84,7 @@ class PruneLane(Consumer):
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
         self.decision: dict[str, Any] | None = None
+        self.disk_seen: tuple[int, int] | None = None  # the activation files' bytes read and written so far
         # without weight solves the block is exact as read, so the pruned block's own first pass gives its experts'
         # statistics whatever --sequential says
         self.sequential = self.opts.sequential or not job.solves
@@ -230,6 +231,7 @@ class PruneLane(Consumer):
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
                               self.device, experts=lambda: written.experts(bid))
         if calib is not None:
+            self.count_disk_io(bid)
             calib.swap()  # this block's outputs are the next block's inputs
         for stream in self.streams:
             stream.leave(block)
@@ -241,6 +243,19 @@ class PruneLane(Consumer):
         if self.decision is not None:
             self.report.experts = [*(self.report.experts or []), self.decision]
         self.w, self.routes, self.stats, self.keep, self.decision = {}, None, None, [], None
+
+    def count_disk_io(self, bid: int) -> None:
+        """With the calibration activations on disk, the bytes their files moved for block `bid`, in the report."""
+        assert self.calib is not None
+        files = [s for s in (self.calib.x, self.calib.scratch) if isinstance(s, DiskActivations)]
+        if not files:
+            return
+        now = (sum(f.read_bytes for f in files), sum(f.written_bytes for f in files))
+        before = self.disk_seen or (0, 0)  # the first block counts what embedding the windows wrote
+        self.disk_seen = now
+        blocks = (self.report.activation_io or {}).get("blocks", {})
+        blocks[str(bid)] = {"read_bytes": now[0] - before[0], "written_bytes": now[1] - before[1]}
+        self.report.activation_io = {**(self.report.activation_io or {}), "blocks": blocks}
 
     def close(self) -> None:
         """Remove the shard of a block left unfinished (by an error)."""

@@ -143,7 +143,8 @@ class Run:
             finally:
                 lane.close()
                 if calib is not None:
-                    report.activation_io = disk_io(calib)
+                    if (io := disk_io(calib)) is not None:
+                        report.activation_io = {**io, **(report.activation_io or {})}
                     calib.close()
             reads.into(report)
             self.perplexities(streams, status)

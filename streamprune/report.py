@@ -86,8 +86,9 @@ class Report:
     # --prune-experts: per MoE block, the criterion, the experts kept and removed, and each expert's score, routed
     # calibration tokens, whether it is kept and its index in the output (see `experts.decision`)
     experts: list[dict[str, Any]] | None = None
-    # --offload-activations disk: the bytes the calibration activations moved through their files (every block's)
-    activation_io: dict[str, int] | None = None
+    # --offload-activations disk: the bytes the calibration activations moved through their files, in all
+    # (read_bytes, written_bytes) and per block ("blocks": block index -> read_bytes, written_bytes)
+    activation_io: dict[str, Any] | None = None
     world_size: int = 1  # the ranks of the run (processes launched by torchrun)
     # with several ranks: each one's {rank, device, windows, wall_seconds, phases, peak_rss_bytes, peak_gpu_bytes}
     ranks: list[dict[str, Any]] | None = None

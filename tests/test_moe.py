@@ -241,8 +241,12 @@ def test_activations_on_disk_give_the_same_output(tmp_path, calib, models, seque
     src = models["deepseek-v3"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     streamprune.prune(src, ref, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
-    streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential,
-                      offload_activations="disk")
+    report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential,
+                               offload_activations="disk")
+    io = report.activation_io
+    assert set(io["blocks"]) == {"0", "1", "2"} and io["read_bytes"] == sum(b["read_bytes"] for b in io["blocks"].values())
+    buffer = NSAMPLES * SEQLEN * 64 * 4
+    assert io["blocks"]["0"]["written_bytes"] >= 2 * buffer and all(b["read_bytes"] > 0 for b in io["blocks"].values())
     assert stored(out).keys() == stored(ref).keys()
     assert all(torch.equal(t, stored(ref)[n]) for n, t in stored(out).items())
 
