@@ -419,6 +419,10 @@ class Layout:
         """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes."""
         return self.format.tensors(name, dtype, shape) if name in self.encoded else {name: (dtype, tuple(shape))}
 
+    def encode(self, name: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`."""
+        return self.format.encode(name, value, quant) if name in self.encoded else {name: value}
+
     def weight(self, name: str, raw: Mapping[str, Tensor]) -> Tensor:
         """Tensor `name` as the run used it, from the stored tensors in `raw`."""
         return self.format.decode(name, raw) if name in self.encoded else raw[name]

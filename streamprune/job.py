@@ -29,7 +29,7 @@ from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
-from streamprune.formats import DenseFormat, Layout, make_format
+from streamprune.formats import CompressedTensorsFormat, DenseFormat, Layout, make_format
 from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
 from streamprune.memory import MEMORY_CSV, resolve_device
 from streamprune.options import RUN, SWEEP, PruneOptions, Scope, check, fingerprint_args, finite_at_least
@@ -65,6 +65,9 @@ class Job:
     grid: Grid | None  # the quantization grid of the kept weights, if any
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
     solves: bool = True  # False: routed experts are removed and nothing else changes (every kept tensor copied)
+    # the linears `grid` quantizes (None: every pruned one); a packed input written as stored quantizes only those it
+    # stores packed (Kimi-K2-Thinking's routed experts), on its own grid
+    quantized: frozenset[str] | None = None
     args: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     journal: Journal | None = None  # a verified journal of the same job to resume, else None
@@ -73,6 +76,10 @@ class Job:
     tasks: Any = None  # --eval-tasks: the lm-eval tasks (`tasks.TaskRun`), their requests recorded
     task_sequences: dict[tuple[int, ...], set[tuple[int, ...]]] = field(default_factory=dict)  # what they score
     ranks: Ranks = field(default_factory=Ranks)  # the processes of the run (one by default)
+
+    def grid_of(self, name: str) -> Grid | None:
+        """The quantization grid of linear `name` (None: not quantized)."""
+        return self.grid if self.quantized is None or name in self.quantized else None
 
     @property
     def work(self) -> Path:
@@ -121,7 +128,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     solves = kept is None or sparsity > 0 or pattern.structured or opts.wbits is not None
     errors = errors and solves
     surveys = kept is not None and opts.expert_criterion != "random"  # the experts' scores read the calibration data
-    grid, layout = output_layout(ckpt, opts, pattern)
+    grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     calib = None if opts.calib is None else Path(opts.calib)
@@ -173,7 +180,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     return Job(ckpt=ckpt, out=ckpt if kept is None else ckpt.keeping_experts(kept), opts=opts, out_dir=out_dir,
                pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs, seqlen=seqlen,
                device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
-               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args,
+               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args, quantized=quantized,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
                owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks,
                tasks=tasks, task_sequences=sequences)
@@ -240,11 +247,8 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
 
 
 def open_model(model_dir: Path) -> Checkpoint:
-    """The checkpoint to prune: a packed (quantized) one is refused."""
+    """The checkpoint to prune (dense, fp8, or packed: see `output_layout` for how each is written)."""
     ckpt = Checkpoint(model_dir)
-    if ckpt.layout.encoded and ckpt.layout.format.name != "fp8":
-        raise ArgumentError(f"{str(model_dir)!r} is stored {ckpt.layout.format.name} (packed integer weights); "
-                            "prune its unquantized original")
     return ckpt
 
 
@@ -265,10 +269,19 @@ def check_allocation(opts: PruneOptions, pattern: Pattern) -> bool:
     return True
 
 
-def output_layout(ckpt: Checkpoint, opts: PruneOptions, pattern: Pattern) -> tuple[Grid | None, Layout]:
-    """The quantization grid (--wbits) and the output layout of the pruned linears, every one of them checked
-    against the pattern, the grid and the format before anything is written."""
+def output_layout(ckpt: Checkpoint, opts: PruneOptions,
+                  pattern: Pattern) -> tuple[Grid | None, Layout, frozenset[str] | None]:
+    """The quantization grid (--wbits), the output layout of the pruned linears and the linears the grid applies to
+    (None: all), every one of them checked against the pattern, the grid and the format before anything is written.
+    A checkpoint stored packed (compressed-tensors) is written as stored by default: the linears it packs pruned and
+    quantized again on its own grid, the others pruned."""
     grid = None if opts.wbits is None else Grid(opts.wbits, opts.group_size, opts.sym)
+    if ckpt.layout.encoded and isinstance(ckpt.layout.format, CompressedTensorsFormat) and opts.format is None \
+            and grid is None:
+        fmt = ckpt.layout.format
+        grid = Grid(fmt.bits, fmt.group_size, fmt.sym, scale_dtype=ckpt.dtype)
+        layout = Layout(fmt, frozenset(ckpt.layout.encoded & set(output_linears(ckpt))))
+        return grid, layout, layout.encoded
     if grid is not None and pattern.structured and grid.group_size != -1 and grid.group_size % pattern.m:
         raise ArgumentError(f"group size {grid.group_size} is not a multiple of M={pattern.m} of pattern {pattern}")
     given = ckpt.layout.format if ckpt.layout.encoded else DenseFormat()  # the input's
@@ -276,7 +289,8 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions, pattern: Pattern) -> tup
     make_format(name, grid)  # an unknown format, or a quantized one without --wbits, is refused here
     if grid is not None:  # scales as the model's dtype stores them, whatever the output format
         grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
-    fmt = given if name == given.name else make_format(name, grid).bound(ckpt.dtype, {})
+    # fp8 as read keeps the input's tiles and scales' dtype; packed integers take the run's own grid (--wbits)
+    fmt = given if name == given.name == "fp8" else make_format(name, grid).bound(ckpt.dtype, {})
     layout = Layout(fmt, frozenset(output_linears(ckpt)))
     unpruned = sorted(ckpt.layout.encoded - layout.encoded)
     if unpruned:
@@ -289,7 +303,7 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions, pattern: Pattern) -> tup
             check_columns(ckpt.info(name).shape[1], pattern, name)
     if grid is not None:  # every pruned matrix, experts included
         check_group_size(grid, {name: ckpt.info(name).shape[1] for name in output_linears(ckpt)})
-    return grid, layout
+    return grid, layout, None
 
 
 def check_out_dir(model_dir: Path, out_dir: Path) -> None:

@@ -273,12 +273,12 @@ class PruneLane(Consumer):
         groups = [(site, roles) for site, roles in groups if roles]
         if self.calib is None:  # magnitude without calibration data: no statistics needed
             for _, roles in groups:
-                self.prune_roles(bid, w, self.new_pruner(w, roles, bid), roles, names)
+                self.prune_roles(bid, w, self.new_pruner(w, roles, bid, names), roles, names)
             return None
         stages = [groups] if not self.opts.sequential else [[g] for g in groups]
         routes = None
         for stage in stages:  # sequential: one stage per site, each seeing the pruned sites before it
-            pruners = {site: self.new_pruner(w, roles, bid) for site, roles in stage}
+            pruners = {site: self.new_pruner(w, roles, bid, names) for site, roles in stage}
             routes = self.calibrate(bid, pruners, dict(stage), names, m_store)
             for site, roles in stage:
                 self.prune_roles(bid, w, pruners[site], roles, names)
@@ -328,14 +328,14 @@ class PruneLane(Consumer):
         (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
         if self.calib is None:  # magnitude without calibration data
             for roles in (in_roles, down_roles):
-                self.prune_roles(bid, we, self.new_pruner(we, roles, bid), roles, names, expert=xid)
+                self.prune_roles(bid, we, self.new_pruner(we, roles, bid, names), roles, names, expert=xid)
             return
         stats, sequential, cfg = self.stats, self.sequential, self.ckpt.config
         assert self.routes is not None and stats is not None
         rows = routed_rows(self.routes, xid)
         rows_in, how, n_routed = self.expert_rows(rows, stats)
         row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
-        p_in, p_down = (self.new_pruner(we, roles, bid) for _, roles in EXPERT_SEQUENTIAL)
+        p_in, p_down = (self.new_pruner(we, roles, bid, names) for _, roles in EXPERT_SEQUENTIAL)
         with self.report.timed("calibrate", bid):
             for i, j, token, _ in rows_in:
                 m = stats.rows(i, j, token, self.device)
@@ -371,11 +371,13 @@ class PruneLane(Consumer):
         return every, how, n_routed
 
     # one site's solve
-    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], bid: int) -> Pruner:
+    def new_pruner(self, w: dict[Param, Tensor], roles: list[Role] | tuple[Role, ...], bid: int,
+                   names: dict[Role, str]) -> Pruner:
+        """The pruner of the linears `roles` (named `names`), which share an input."""
         columns = w[(roles[0], "weight")].shape[1]
         job = self.job
         return make_pruner(self.opts.method, columns, self.device, self.block_sparsity[bid], job.pattern,
-                           job.offload_hessian, job.errors, grid=job.grid, **job.knobs)
+                           job.offload_hessian, job.errors, grid=job.grid_of(names[roles[0]]), **job.knobs)
 
     def merge(self, bid: int, *pruners: Pruner) -> None:
         """Sum the statistics each rank added from its share of the windows (no-op with one process)."""
@@ -435,12 +437,12 @@ class PruneLane(Consumer):
                 f"{float(result.weight.abs().max()):.4g}, damping {result.info.get('damp', self.opts.damp):g}); "
                 "nothing of this block was written: rerun with a larger --damp and --restart, or prune a bfloat16 or "
                 "float32 copy")
-        return self.job.layout.format.encode(name, pruned, result.quant), result.unrounded, result.info
+        return self.job.layout.encode(name, pruned, result.quant), result.unrounded, result.info
 
     def layer_row(self, bid: int, role: Role, name: str, pruned: Tensor, err: float | None,
                   split: tuple[float, float] | None, info: dict[str, Any], seconds: float,
                   row: dict[str, Any]) -> LayerReport:
-        grid = self.job.grid
+        grid = self.job.grid_of(name)
         return LayerReport(
             block=bid, role=role.value, name=name, shape=list(pruned.shape),
             sparsity=float((pruned == 0).sum()) / pruned.numel(), rel_error=err, seconds=seconds,

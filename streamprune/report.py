@@ -150,6 +150,7 @@ def total_sparsity(layers: list[LayerReport]) -> float:
 
 def quantization_summary(grid: Any, ckpt: Any, layers: list[LayerReport]) -> dict[str, Any]:
     """The grid, and the bytes of the quantized linears packed (`packed_bytes`) against as stored (`dense_bytes`)."""
+    layers = [lr for lr in layers if lr.packed_bytes is not None]  # the linears quantized
     packed = sum(lr.packed_bytes or 0 for lr in layers)
     dense = sum(ckpt.info(lr.name).nbytes for lr in layers)
     return {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,

@@ -264,9 +264,69 @@ def test_run_refusals(tmp_path):
         prune(src, tmp_path / "a", method="magnitude", format="compressed-tensors")
     with pytest.raises(ArgumentError, match="format 'gguf' is not one of dense, compressed-tensors"):
         prune(src, tmp_path / "b", method="magnitude", format="gguf")
-    quantize_checkpoint(src, tmp_path / "q", Grid(4, 32, True))
-    with pytest.raises(ArgumentError, match="is stored compressed-tensors .* prune its unquantized original"):
-        prune(tmp_path / "q", tmp_path / "c", method="magnitude")
+
+
+def packed_experts(src: Path, dst: Path, grid: Grid) -> Path:
+    """`src` as Kimi-K2-Thinking is published: its routed experts packed (compressed-tensors, `grid`), every other
+    linear dense, the quantization_config's `ignore` naming them."""
+    from safetensors.torch import save_file
+
+    quantize_checkpoint(src, dst, grid)
+    packed, dense = Checkpoint(dst), Checkpoint(src)
+    out = {}
+    for name, info in packed.tensors.items():
+        module = name.rsplit(".", 1)[0]
+        if ".experts." in name or module + ".weight" not in packed.layout.encoded:
+            out[name] = read_tensor(info)
+        elif name.endswith(".weight_packed"):  # a linear outside the experts: dense, as the input stored it
+            out[module + ".weight"] = read_tensor(dense.tensors[module + ".weight"])
+    for path in dst.glob("*.safetensors*"):
+        path.unlink()
+    save_file(out, dst / "model.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    qc = config["quantization_config"]
+    qc["ignore"] = sorted(set(qc["ignore"]) | {n.removesuffix(".weight") for n in packed.layout.encoded
+                                                 if ".experts." not in n})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_packed_experts_pruned_and_written_as_stored(tmp_path):
+    """A checkpoint whose routed experts are packed int4 (Kimi-K2-Thinking's layout, here group 16): by default the
+    experts are pruned and quantized again on the input's grid and written packed, every other linear pruned and
+    written dense, the quantization_config kept; transformers computes the same logits from the output as streamprune.
+    With --format dense every linear is written dense (the experts decoded, pruned, not quantized)."""
+    from transformers import CompressedTensorsConfig
+
+    src = tiny.build(tmp_path / "src", "mixtral", dtype=torch.bfloat16)
+    kimi = packed_experts(src, tmp_path / "kimi", Grid(4, 16, True))
+    given = Checkpoint(kimi)
+    assert given.layout.encoded and all(".experts." in n for n in given.layout.encoded)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.sample_text(15000))
+    out, dense = tmp_path / "out", tmp_path / "dense"
+    report = prune(kimi, out, calib=calib, nsamples=8, seqlen=32)
+    prune(kimi, dense, calib=calib, nsamples=8, seqlen=32, format="dense")
+    written = Checkpoint(out)
+    assert set(written.tensors) == set(given.tensors) and written.layout.encoded == given.layout.encoded
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((kimi / "config.json").read_text())["quantization_config"]
+    for lr in report.layers:
+        zeros = float((written.read(lr.name) == 0).float().mean())
+        quantized = ".experts." in lr.name  # some kept weights round to 0 on the 4-bit grid
+        assert 0.48 <= zeros <= (0.6 if quantized else 0.52), lr.name
+        assert (lr.packed_bytes is not None) == quantized, lr.name
+    assert report.quantization["group_size"] == 16 and report.quantization["weights"] == sum(
+        lr.shape[0] * lr.shape[1] for lr in report.layers if ".experts." in lr.name)
+    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    # transformers keeps the dequantized experts (one 3-D tensor per block) in bfloat16: upcast, as streamprune computes
+    model = load_hf(out, quantization_config=CompressedTensorsConfig(dequantize=True)).float()
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(logits(out, ids), ref, atol=1e-5, rtol=0)
+    twin = Checkpoint(dense)
+    assert not twin.layout.encoded and "quantization_config" not in json.loads((dense / "config.json").read_text())
+    assert all(float((twin.read(lr.name) == 0).float().mean()) == pytest.approx(0.5, abs=0.02) for lr in report.layers)
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
