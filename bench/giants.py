@@ -146,6 +146,10 @@ def measure(args: argparse.Namespace) -> None:
                 continue
             print(f"| {label:<46} | {p.placement:<9} | {p.batch:>5} | {gib(p.device_peak):>12} | {gib(p.host_peak):>13} "
                   f"| {p.read_bytes / 1e9:>7.0f} | {p.output_bytes / 1e9:>10.0f} |")
+            if p.disk_read_per_block:
+                print(f"|   activations on disk, per block: {p.disk_read_per_block / 1e9:.0f} GB read, "
+                      f"{p.disk_written_per_block / 1e9:.0f} GB written (every expert routed at least "
+                      "--moe-min-tokens tokens) |")
             if args.consumers and not extra:
                 for what, nbytes, where in p.consumers[:8]:
                     print(f"    {where:<6} {gib(nbytes):>7} GiB  {what}")

@@ -223,6 +223,10 @@ def plan_cmd(model_dir: Path, sweep: bool, json_out: Path | None, verbose: bool,
     if result.read_bytes:
         table.caption += (f"\nreads {result.read_bytes / 2**20:,.1f} MiB of the checkpoint, writes "
                           f"{result.output_bytes / 2**20:,.1f} MiB (unquantized)")
+    if result.disk_read_per_block:
+        table.caption += (f"\nactivations on disk: {result.disk_read_per_block / 2**20:,.1f} MiB read and "
+                          f"{result.disk_written_per_block / 2**20:,.1f} MiB written per block (an expert routed fewer "
+                          "than --moe-min-tokens tokens reads every token twice more)")
     if result.offload_hessian:
         table.caption += "\nX^T X waits in host memory while its inverse factor is on the GPU (to fit the budget)"
     Console().print(table)

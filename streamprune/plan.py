@@ -60,11 +60,17 @@ class MemoryPlan:
     nproc: int = 1  # ranks per node: the node's host memory holds this many times `host_peak`
     read_bytes: int = 0  # of the checkpoint, every pass counted (--prune-experts reads the routed experts twice)
     output_bytes: int = 0  # of the checkpoint written
+    # with the activations on disk: the bytes one block (an MoE one, where there are) reads from and writes to their
+    # files, every routed expert taken as routed at least --moe-min-tokens calibration tokens (one that is not
+    # reads every token's row twice more)
+    disk_read_per_block: int = 0
+    disk_written_per_block: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {"placement": self.placement, "batch": self.batch, "offload_hessian": self.offload_hessian,
                 "nproc": self.nproc, "host_peak_bytes": self.host_peak, "device_peak_bytes": self.device_peak,
                 "read_bytes": self.read_bytes, "output_bytes": self.output_bytes,
+                "disk_read_per_block": self.disk_read_per_block, "disk_written_per_block": self.disk_written_per_block,
                 "consumers": [{"what": w, "bytes": b, "where": p} for w, b, p in self.consumers]}
 
 
@@ -415,7 +421,31 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
         result.read_bytes += sum(ckpt.stored_bytes(name) for name in ckpt.expert_of)
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
+    if result.placement == "disk":
+        buffer = -(-opts.nsamples // opts.nproc) * seqlen * ckpt.config.hidden_size * 4
+        result.disk_read_per_block, result.disk_written_per_block = disk_io_per_block(
+            ckpt, opts.sequential, buffer, opts.prune_experts is not None)
     return result
+
+
+def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: bool = False) -> tuple[int, int]:
+    """The bytes a block reads from and writes to the activation files of `buffer` bytes each, for the block that
+    moves the most (an MoE one, where there are). With --sequential: a forward over the block's input per site
+    outside the routed experts, and one to the MoE input (written over the input, the output without the experts
+    beside it); each expert reads its tokens' rows for its gate/up, for its down projection and for its output, and
+    adds that output to the block's (its rows read and written): 4 x top-k buffers read, top-k written. Without it:
+    one forward writing the MoE input, the experts' rows read once, then the pruned block forward again (its
+    experts' rows read, their outputs added). Removing experts (`removes`) adds the survey (each expert's rows once)
+    and the tokens routed again (the MoE input read once more)."""
+    cfg = ckpt.config
+    bid = next((b for b in range(cfg.n_layers) if cfg.is_moe(b)), 0)
+    roles = set(ckpt.pruned_linears(bid))
+    stages = sum(1 for _, site_roles in SEQUENTIAL if roles & set(site_roles))
+    k = cfg.experts_per_tok if cfg.is_moe(bid) else 0
+    survey = (k + 1) * buffer if removes and k else 0
+    if sequential:
+        return ((stages + 1) + 4 * k) * buffer + survey, (2 if k else 1) * buffer + k * buffer
+    return (2 + 3 * k) * buffer + survey, (3 if k else 1) * buffer + k * buffer
 
 
 def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:

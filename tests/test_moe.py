@@ -268,3 +268,23 @@ def test_disk_rows_read_and_add_only_the_rows_asked_for(tmp_path):
         memory.add_rows(1, 3, index, values)
         assert torch.equal(disk.read(0, 4, torch.device("cpu")), memory.read(0, 4, torch.device("cpu")))
     disk.close()
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+@pytest.mark.parametrize("variant, removes", [("qwen3-moe", None), ("deepseek-v3", None), ("qwen3-moe", 0.4)],
+                         ids=["qwen3-moe", "deepseek-v3", "removing-experts"])
+def test_plan_gives_the_disk_bytes_a_block_moves(tmp_path, calib, models, variant, removes, sequential):
+    """With the activations on disk, the planner's bytes read and written per block are what an MoE block of the run
+    moves, exactly, when every expert is routed enough tokens (--moe-min-tokens 1)."""
+    from streamprune.plan import plan
+
+    src = models[variant]
+    predicted = plan(src, nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu", offload_activations="disk",
+                     sequential=sequential, prune_experts=removes)
+    report = streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                               sequential=sequential, offload_activations="disk", moe_min_tokens=1,
+                               prune_experts=removes)
+    block = report.activation_io["blocks"]["1"]  # an MoE block (block 0 also counts the embedding's write)
+    assert (block["read_bytes"], block["written_bytes"]) == (predicted.disk_read_per_block,
+                                                             predicted.disk_written_per_block)
+    assert predicted.disk_read_per_block > 0
