@@ -153,7 +153,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen,
                                 opts.eval_dense and not opts.eval_tasks)  # --eval-dense: of the tasks, or of both
     tasks, sequences = eval_tasks(ckpt, opts, ranks.world)
-    shares = ranks.shares(opts.nsamples, windows, ewindows, bool(ckpt.config.n_experts) and not opts.sequential)
+    # without weight solves the block is exact as read, so no expert is read back: the run is sequential whatever
+    # --sequential says (see PruneLane), and ranks may share it
+    shares = ranks.shares(opts.nsamples, windows, ewindows,
+                          bool(ckpt.config.n_experts) and not (opts.sequential or not solves))
     fp = footprint(ckpt, shares.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
                    *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl)
     decision = decide(fp, ranks.device(device), opts.offload_activations, opts.max_gpu_memory, opts.batch,
@@ -174,10 +177,11 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     if finished:
         return load_report(out_dir)
     journal = None if state is None else Journal.from_dict(state).verified(out_dir)
-    output = sum(info.nbytes for info in ckpt.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
+    out = ckpt if kept is None else ckpt.keeping_experts(kept)  # what is written: the kept experts only
+    output = sum(info.nbytes for info in out.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
     activations = ranks.local_world * fp.activations if decision.placement == "disk" else 0
     check_disk(out_dir, "the run", {"output": output, "temporary activations": activations})
-    return Job(ckpt=ckpt, out=ckpt if kept is None else ckpt.keeping_experts(kept), opts=opts, out_dir=out_dir,
+    return Job(ckpt=ckpt, out=out, opts=opts, out_dir=out_dir,
                pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs, seqlen=seqlen,
                device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
                offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args, quantized=quantized,

@@ -69,9 +69,11 @@ def test_plan_per_rank(tmp_path):
 PACKED = dict(wbits=4, group_size=16, format="compressed-tensors")
 OWL = dict(allocation="owl", sparsity=0.7)
 REMOVE = dict(prune_experts=0.5)
+REMOVE_ONLY = dict(prune_experts=0.5, sparsity=0.0, sequential=False)  # nothing solved: no expert read back
 CASES = [("llama", "sparsegpt", {}), ("opt", "wanda", {}), ("bloom", "sparsegpt", {}), ("mixtral", "sparsegpt", {}),
-         ("mixtral", "sparsegpt", PACKED), ("llama", "wanda", OWL), ("qwen2-moe", "sparsegpt", REMOVE)]
-LABELS = {"wbits": "-packed", "allocation": "-owl", "prune_experts": "-remove-experts"}
+         ("mixtral", "sparsegpt", PACKED), ("llama", "wanda", OWL), ("qwen2-moe", "sparsegpt", REMOVE),
+         ("deepseek-v3", "sparsegpt", REMOVE_ONLY)]
+LABELS = {"wbits": "-packed", "allocation": "-owl", "prune_experts": "-remove-experts", "sequential": "-only"}
 
 
 @pytest.mark.parametrize("variant,method,extra", CASES,
@@ -84,7 +86,8 @@ def test_two_ranks_prune_like_one_process(tmp_path, calib, variant, method, extr
     args = dict(method=method, calib=calib, nsamples=8, seqlen=64, device="cpu", eval=calib, eval_nsamples=6,
                 eval_seqlen=64, **extra)
     one = streamprune.prune(src, tmp_path / "one", **args)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    flags = [f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+             for k, v in args.items()]
     run = torchrun("run", src, tmp_path / "two", *flags)
     assert run.returncode == 0, run.stdout + run.stderr
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
