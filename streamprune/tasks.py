@@ -14,6 +14,7 @@ This module imports lm-eval (the `tasks` extra); nothing in the core imports it 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -31,7 +32,7 @@ from tokenizers import Tokenizer
 from streamprune.activations import make_store
 from streamprune.arch.block import head
 from streamprune.checkpoint import Checkpoint
-from streamprune.errors import ArgumentError, DataError
+from streamprune.errors import ArgumentError, DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.plan import padded
 from streamprune.forward import head_weights
@@ -215,9 +216,10 @@ class TaskRun:
 
     def evaluate(self) -> dict[str, Any]:
         """lm-eval's `simple_evaluate` of the tasks with `lm` (recording, or answering once it has scores)."""
-        return lm_eval.simple_evaluate(model=self.lm, tasks=self.names, task_manager=self.manager,
-                                       num_fewshot=self.num_fewshot, limit=self.limit, log_samples=False,
-                                       bootstrap_iters=0)
+        with lm_eval_errors(self.names):
+            return lm_eval.simple_evaluate(model=self.lm, tasks=self.names, task_manager=self.manager,
+                                           num_fewshot=self.num_fewshot, limit=self.limit, log_samples=False,
+                                           bootstrap_iters=0)
 
     def record(self) -> dict[Sequence, set[Sequence]]:
         """Every sequence the tasks' requests need."""
@@ -236,6 +238,9 @@ def prepare_tasks(ckpt: Checkpoint, tasks: Iterable[str], include_path: Path | N
                   limit: float | None) -> TaskRun:
     """The tasks named, checked: each known to lm-eval (else the closest names are suggested), none generating."""
     names = list(tasks)
+    if limit is not None and not limit > 0:
+        raise ArgumentError(f"--limit {limit!r} must be positive: a number of documents per task, or below 1 a "
+                            "fraction of them")
     manager = task_manager(None if include_path is None else str(Path(include_path).resolve()))
     known = set(manager.all_tasks)
     for name in names:
@@ -244,12 +249,26 @@ def prepare_tasks(ckpt: Checkpoint, tasks: Iterable[str], include_path: Path | N
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ArgumentError(f"unknown task {name!r} (lm-eval {lm_eval.__version__} knows {len(known)} tasks, and "
                                 f"those of --include-path){hint}")
-    generating = sorted(name for name, task in manager.load(names)["tasks"].items()
-                        if getattr(task, "OUTPUT_TYPE", None) == "generate_until")
+    with lm_eval_errors(names):
+        loaded = manager.load(names)["tasks"]
+    generating = sorted(name for name, task in loaded.items() if getattr(task, "OUTPUT_TYPE", None) == "generate_until")
     if generating:
         raise ArgumentError(f"generation tasks are not evaluated ({', '.join(generating)}): streamprune scores "
                             "log-likelihoods, streaming generation is not what it is for")
     return TaskRun(names, manager, StreamLM(TaskTokenizer.load(ckpt)), num_fewshot, limit)
+
+
+@contextlib.contextmanager
+def lm_eval_errors(names: list[str]) -> Iterator[None]:
+    """lm-eval's own failures (a task whose data cannot be read offline, a malformed task file) as one line."""
+    try:
+        yield
+    except StreamPruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever lm-eval or the datasets library raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"lm-eval could not prepare or score the tasks {', '.join(names)}: {type(e).__name__}: "
+                        f"{first}") from e
 
 
 @functools.cache

@@ -7,6 +7,7 @@ import pytest
 # lm-eval's tasks in the tests read local files only: nothing may reach for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # a one-line error is the only output
 import torch
 
 

@@ -87,6 +87,9 @@ def task_dir(tmp_path_factory) -> Path:
         "task: tiny_generate\n" + common("lastword") + "output_type: generate_until\ndoc_to_text: \"{{text}}\"\n"
         "doc_to_target: \"x\"\ngeneration_kwargs: {until: [\"\\n\"]}\nmetric_list:\n"
         "  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n")
+    (folder / "tiny_missing.yaml").write_text(  # its data file is not there
+        "task: tiny_missing\n" + common("missing") + "output_type: loglikelihood\ndoc_to_text: \"{{text}}\"\n"
+        "doc_to_target: \" x\"\nmetric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
     return folder
 
 
@@ -228,13 +231,15 @@ def test_a_request_past_the_context_is_cut_on_the_left_and_said_once(tmp_path, t
     assert len(said) == 1 and said[0].getMessage().startswith("1 requests are longer than the model's 128 tokens")
 
 
-@pytest.mark.parametrize("tasks,message", [
-    ("tiny_lastwrd", "unknown task 'tiny_lastwrd'"),
-    ("tiny_generate", "generation tasks are not evaluated (tiny_generate)"),
-])
-def test_bad_tasks_are_one_line(tmp_path, task_dir, tasks, message):
+@pytest.mark.parametrize("tasks,extra,message", [
+    ("tiny_lastwrd", [], "unknown task 'tiny_lastwrd'"),
+    ("tiny_generate", [], "generation tasks are not evaluated (tiny_generate)"),
+    ("tiny_missing", [], "lm-eval could not prepare or score the tasks tiny_missing: "),
+    ("tiny_choice", ["--limit", "0"], "--limit 0.0 must be positive"),
+], ids=["unknown", "generation", "missing-data", "limit-0"])
+def test_bad_tasks_are_one_line(tmp_path, task_dir, tasks, extra, message):
     model = model_with_tokenizer(tmp_path / "model", "llama", True)
-    result = CliRunner().invoke(app, ["eval", str(model), "--tasks", tasks, "--include-path", str(task_dir)])
+    result = CliRunner().invoke(app, ["eval", str(model), "--tasks", tasks, "--include-path", str(task_dir), *extra])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
