@@ -153,22 +153,7 @@ class ModelConfig:
         if self.pos == "rope" and (not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
             raise CheckpointError(f"config.json: {self.rotary_dim} rotated features per head (partial_rotary_factor "
                                   f"x head_dim {self.head_dim}) is not an even number in 2..head_dim")
-        if self.n_experts:
-            if not 0 < self.experts_per_tok <= self.n_experts or self.n_experts > MAX_EXPERTS:
-                raise CheckpointError(f"config.json: num_experts_per_tok={self.experts_per_tok!r} must be in 1..n_experts "
-                                      f"({self.n_experts}, at most {MAX_EXPERTS})")
-            if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
-                raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
-                                      f"{self.shared_ffn_dim!r} out of range")
-        if self.n_experts:
-            if self.router not in ("softmax", "sigmoid"):
-                raise UnsupportedModelError(f"config.json: router scoring {self.router!r} is not supported; expected "
-                                            "softmax or sigmoid")
-            if (self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
-                    or self.experts_per_tok > self.topk_group * (self.n_experts // self.n_group)):
-                raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "
-                                      f"split {self.n_experts} experts into groups holding the {self.experts_per_tok} "
-                                      "each token is routed to")
+        self.check_experts()
         assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
         if self.qkv_layout == "per_head" and self.n_kv_heads != self.n_heads:
             raise CheckpointError(f"config.json: num_key_value_heads={self.n_kv_heads!r} must equal "
@@ -182,6 +167,25 @@ class ModelConfig:
                                           f"{self.rotary_dim // 2} numbers (rotated features / 2)")
         if self.act not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise UnsupportedModelError(f"activation {self.act!r} is not supported; expected silu, relu or gelu")
+
+    def check_experts(self) -> None:
+        """The routed experts' sizes and the router's scores and groups (of an MoE model)."""
+        if not self.n_experts:
+            return
+        if not 0 < self.experts_per_tok <= self.n_experts or self.n_experts > MAX_EXPERTS:
+            raise CheckpointError(f"config.json: num_experts_per_tok={self.experts_per_tok!r} must be in 1..n_experts "
+                                  f"({self.n_experts}, at most {MAX_EXPERTS})")
+        if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
+            raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
+                                  f"{self.shared_ffn_dim!r} out of range")
+        if self.router not in ("softmax", "sigmoid"):
+            raise UnsupportedModelError(f"config.json: router scoring {self.router!r} is not supported; expected "
+                                        "softmax or sigmoid")
+        if (self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
+                or self.experts_per_tok > self.topk_group * (self.n_experts // self.n_group)):
+            raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "
+                                  f"split {self.n_experts} experts into groups holding the {self.experts_per_tok} "
+                                  "each token is routed to")
 
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
