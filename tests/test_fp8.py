@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -21,19 +20,12 @@ from streamprune.checkpoint import Checkpoint
 from streamprune.cli import app
 from streamprune.evaluate import logits
 from tests import tiny
+from tests.test_expert_pruning import tensors as load
 from tests.test_resume import checkpoint_files, fail_writes_after
 
 BLOCK = (16, 16)
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 QUANTIZED = ("self_attn.", "mlp.experts.", "mlp.shared_experts.", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def load(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 def quantized(name: str, t: torch.Tensor) -> bool:

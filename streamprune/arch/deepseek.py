@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from streamprune.arch import llama
+from streamprune.arch.moe import SIGMOID_MOE
 from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
@@ -77,29 +78,14 @@ SPEC = ArchSpec(
     base_prefix="model.",
     parse_config=parse_config,
     tensors={
-        Role.TOKEN_EMBD: "embed_tokens",
-        Role.OUTPUT_NORM: "norm",
-        Role.OUTPUT: "lm_head",
-        Role.ATTN_NORM: "layers.{bid}.input_layernorm",
-        Role.ATTN_Q: "layers.{bid}.self_attn.q_proj",  # where q_lora_rank is null (DeepSeek-V2-Lite's layout)
+        **{role: name for role, name in llama.SPEC.tensors.items()  # embeddings, norms, dense MLP, q_proj, o_proj
+           if role not in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_Q_NORM, Role.ATTN_K_NORM, Role.ROPE_FREQS)},
+        **SIGMOID_MOE,
         Role.ATTN_Q_A: "layers.{bid}.self_attn.q_a_proj",
         Role.ATTN_Q_A_NORM: "layers.{bid}.self_attn.q_a_layernorm",
         Role.ATTN_Q_B: "layers.{bid}.self_attn.q_b_proj",
         Role.ATTN_KV_A_MQA: "layers.{bid}.self_attn.kv_a_proj_with_mqa",
         Role.ATTN_KV_A_NORM: "layers.{bid}.self_attn.kv_a_layernorm",
         Role.ATTN_KV_B: "layers.{bid}.self_attn.kv_b_proj",
-        Role.ATTN_OUT: "layers.{bid}.self_attn.o_proj",
-        Role.FFN_NORM: "layers.{bid}.post_attention_layernorm",
-        Role.FFN_GATE: "layers.{bid}.mlp.gate_proj",
-        Role.FFN_UP: "layers.{bid}.mlp.up_proj",
-        Role.FFN_DOWN: "layers.{bid}.mlp.down_proj",
-        Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
-        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.gate",
-        Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
-        Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
-        Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
-        Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_experts.gate_proj",
-        Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_experts.up_proj",
-        Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_experts.down_proj",
     },
 )

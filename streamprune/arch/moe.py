@@ -115,22 +115,25 @@ QWEN_MOE = ArchSpec(
     },
 )
 
+# DeepSeek-V3's MoE names, which GLM-4.5 takes too: the router with its selection bias, the routed experts and the
+# (ungated) shared experts under `mlp.`
+SIGMOID_MOE = {
+    Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
+    Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.gate",
+    Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
+    Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
+    Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
+    Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_experts.gate_proj",
+    Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_experts.up_proj",
+    Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_experts.down_proj",
+}
+
 GLM4_MOE = ArchSpec(
     name="glm4_moe",
     model_types=("glm4_moe",),
     base_prefix="model.",
     parse_config=parse_glm4_moe,
-    tensors={
-        **{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS},
-        Role.FFN_GATE_INP: "layers.{bid}.mlp.gate",
-        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.gate",
-        Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
-        Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
-        Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
-        Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_experts.gate_proj",
-        Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_experts.up_proj",
-        Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_experts.down_proj",
-    },
+    tensors={**{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS}, **SIGMOID_MOE},
 )
 
 MINIMAX_M2 = ArchSpec(
