@@ -120,9 +120,9 @@ class Checkpoint:
         self.layout = binding.layout  # the checkpoint's format over the linears it stores encoded
         self.names = binding.names  # (param, block or None) -> stored name
         self.experts = binding.experts  # (block, expert) -> that expert's tensors
-        self.location = binding.location  # stored tensor -> its block (None: outside the blocks)
-        self.expert_of = binding.expert_of  # a routed expert's stored tensor -> (block, expert)
-        self.mtp = binding.mtp  # a multi-token-prediction layer's stored tensor -> its layer (copied as it is)
+        self.location = binding.location  # tensor (the model's name) -> its block (None: outside the blocks)
+        self.expert_of = binding.expert_of  # a routed expert's tensor -> (block, expert)
+        self.mtp = binding.mtp  # a multi-token-prediction layer's tensor -> its layer (copied as it is)
         # a packed linear as the model uses it (no byte range in a file)
         self.decoded = {name: TensorInfo(name, self.tensors[self.layout.stored(name)[0]].path, DTYPE_NAMES[dtype],
                                          shape, 0, math.prod(shape) * dtype.itemsize)

@@ -32,8 +32,9 @@ class Binding:
     names: dict[tuple[Param, int | None], str] = field(default_factory=dict)  # (param, block or None) -> name
     experts: dict[tuple[int, int], dict[Param, str]] = field(default_factory=dict)  # (block, expert) -> its tensors
     decoded: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)  # an encoded linear, decoded
-    location: dict[str, int | None] = field(default_factory=dict)  # stored tensor -> its block (None: outside)
-    expert_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # an expert's stored tensor -> (block, expert)
+    # by the names the model uses (an encoded linear's dense name; `layout.stored` gives its parts)
+    location: dict[str, int | None] = field(default_factory=dict)  # tensor -> its block (None: outside)
+    expert_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # an expert's tensor -> (block, expert)
     mtp: dict[str, int] = field(default_factory=dict)  # a multi-token-prediction layer's tensor -> its layer index
 
     def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
