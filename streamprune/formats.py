@@ -456,7 +456,7 @@ FORMATS = ("dense", "compressed-tensors", "fp8")
 
 def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
     """The block-scaled FP8 format of a `quantization_config` with quant_method fp8."""
-    if qc.get("fmt", "e4m3") != "e4m3":
+    if qc.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):  # DeepSeek-V3's name, MiniMax-M2's
         raise CheckpointError(f"{where}: fp8 weights in fmt {qc.get('fmt')!r} are not read; expected 'e4m3'")
     block = qc.get("weight_block_size")
     if block is None:

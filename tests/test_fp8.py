@@ -131,6 +131,15 @@ def test_decoding_equals_a_float64_rederivation(tmp_path, bf16, scale_dtype):
     assert cropped > 10  # tiles cut by the edge are exercised
 
 
+def test_minimax_names_the_format_float8_e4m3fn(tmp_path, fp8):
+    """MiniMax-M2's config calls the same format `float8_e4m3fn` (and lists `modules_to_not_convert`)."""
+    other = edit_fp8(fp8, tmp_path / "minimax", config=quant_config(
+        fmt="float8_e4m3fn", modules_to_not_convert=["gate", "e_score_correction_bias", "lm_head"]))
+    name = sorted(Checkpoint(fp8).layout.encoded)[0]
+    assert Checkpoint(other).layout.encoded == Checkpoint(fp8).layout.encoded
+    assert torch.equal(Checkpoint(other).read(name), Checkpoint(fp8).read(name))
+
+
 def test_eval_equals_transformers_on_the_dequantized_copy(tmp_path, fp8, calib):
     copy = dense_copy(fp8, tmp_path / "dense")
     ids = torch.randint(0, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
