@@ -97,8 +97,9 @@ class Footprint:
     routes: int = 0  # every calibration token's chosen experts and weights, held while a block's experts run
     site_unrounded: int = 0  # --wbits with errors: the largest site's weights before rounding (float32), until scored
     eval_activations: int = 0  # --eval: the evaluation windows' hidden states (part of `activations`, placed alike)
-    # a checkpoint that stores linears encoded (fp8): those of the largest block (of one expert) as stored and as
-    # decoded, held beside the stored tensors on the host; the decoding's float64 temporaries of one slice of rows
+    # a checkpoint that stores linears encoded (fp8, packed): those of the largest block (of one expert) as stored and
+    # as decoded (on the compute device, the block in use and the expert in flight), and the decoding's float64
+    # temporaries of one slice of rows
     encoded: int = 0
     decoded: int = 0
     expert_encoded: int = 0
@@ -126,7 +127,7 @@ class Footprint:
     def device_peak(self, batch: int, offload_hessian: bool, activations_on_device: bool) -> int:
         """The block's weights (and one expert's, dense and pruned, with the routes), the activations, positions,
         and the larger workspace."""
-        return (self.device_block + 2 * self.device_expert + self.routes
+        return (self.device_block + 2 * self.device_expert + self.routes + self.decode_workspace
                 + (self.activations if activations_on_device else 0) + self.positions
                 + max(self.calibrate_peak(batch), self.solve_peak(offload_hessian)))
 
@@ -500,8 +501,8 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
     act_on = {where: fp.activations if where_act == where else 0 for where in ("host", "device")}
     work = max(fp.calibrate_peak(d.batch), fp.solve_peak(d.offload_hessian))  # on the compute device
     offloaded = fp.widest_hessian if d.offload_hessian else 0
-    host_block = (2 * (fp.raw_block + fp.decoded) + fp.pruned_stored + 3 * (fp.expert_stored + fp.expert_decoded)
-                  + fp.decode_workspace + act_on["host"] + offloaded
+    decoded_host = 0 if on_device else fp.decoded + fp.expert_decoded + fp.decode_workspace  # else on the card
+    host_block = (2 * fp.raw_block + decoded_host + fp.pruned_stored + 3 * fp.expert_stored + act_on["host"] + offloaded
                   + (0 if on_device else work + fp.positions + fp.routes))
     host_embed = fp.embed_stored + act_on["host"] + (0 if on_device else fp.embed_fp32)
     device_peak = 0
@@ -512,12 +513,12 @@ def memory_plan(fp: Footprint, dev: torch.device, d: Decision, points: int = 1, 
         ("fixed overhead (interpreter, torch)", HOST_OVERHEAD, "host"),
         ("lm-evaluation-harness, imported, and its task index (--eval-tasks)", TASKS_OVERHEAD if tasks else 0, "host"),
         ("block as read, and the next one read ahead", 2 * fp.raw_block, "host"),
-        ("their encoded (fp8) linears decoded, and the decoding's float64 slice", 2 * fp.decoded + fp.decode_workspace,
-         "host"),
+        ("its encoded linears (fp8, packed) decoded, an expert's too, and the decoding's float64 slice (on a GPU:"
+         " within its weights there)", decoded_host, "host"),
         ("pruned weights awaiting the write", fp.pruned_stored, "host"),
         ("block weights on the GPU", fp.device_block if on_device else 0, "device"),
-        ("routed experts: the one in flight, dense and pruned, and the next one read ahead (decoded too, if fp8)",
-         3 * (fp.expert_stored + fp.expert_decoded), "host"),
+        ("routed experts: the one in flight, dense and pruned, and the next one read ahead", 3 * fp.expert_stored,
+         "host"),
         ("routed expert on the GPU, dense and pruned", 2 * fp.device_expert if on_device else 0, "device"),
         ("routes: each calibration token's experts and weights", fp.routes, compute),
         ("X^T X of the inputs being calibrated and pruned", fp.hessians, compute),

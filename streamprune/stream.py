@@ -78,6 +78,8 @@ class BlockStream:
         return sorted(s for name in names for s in self.layout.stored(name))
 
     def weight(self, name: str, raw: Raw) -> Tensor:
+        if name in self.layout.encoded:  # decoded where it is used (on a GPU, not by the host's cores)
+            raw = {part: raw[part].to(self.device) for part in self.layout.stored(name)}
         return self.layout.weight(name, raw).to(self.device)
 
     def infos(self, bid: int) -> dict[str, TensorInfo]:
