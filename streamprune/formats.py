@@ -41,6 +41,7 @@ from torch import Tensor
 
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.fileio import atomic_write
+from streamprune.fused import Piece
 
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
 
@@ -405,26 +406,43 @@ class Fp8BlockFormat(OutputFormat):
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint stores its tensors: the linear weights in `encoded` (by their dense names) as `format`
-    stores them, every other tensor as itself. A checkpoint read has its own layout; a run writes its output
-    in the layout of its format over the linears it prunes, and replays its shards through the same one."""
+    stores them, the routed experts' linears in `fused` as pieces of their expert's slice of a fused tensor (see
+    fused.py), every other tensor as itself. A checkpoint read has its own layout; a run writes its output in the
+    layout of its format over the linears it prunes (the experts arranged as the input's), and replays its shards
+    through the same one."""
 
     format: OutputFormat
     encoded: frozenset[str] = frozenset()
+    fused: Mapping[str, Piece] = dataclasses.field(default_factory=dict)
 
     def stored(self, name: str) -> list[str]:
-        """The stored tensors that hold tensor `name`."""
+        """The stored tensors (or slices of them) that hold tensor `name`."""
+        if name in self.fused:
+            return [self.fused[name].slice]
         return self.format.names(name) if name in self.encoded else [name]
 
     def meta(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
-        """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes."""
+        """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes (a
+        fused expert's: the whole fused tensor)."""
+        if name in self.fused:
+            return {self.fused[name].tensor: (dtype, self.fused[name].shape)}
         return self.format.tensors(name, dtype, shape) if name in self.encoded else {name: (dtype, tuple(shape))}
 
+    def parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        """What `encode` gives for tensor `name`, with dtypes and shapes (a fused expert's linear: itself, a piece)."""
+        return {name: (dtype, tuple(shape))} if name in self.fused else self.meta(name, dtype, shape)
+
     def encode(self, name: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
-        """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`."""
+        """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`; a fused
+        expert's linear is a piece, put together with its expert's others when written (`fused.assemble`)."""
+        if name in self.fused:
+            return {name: value}
         return self.format.encode(name, value, quant) if name in self.encoded else {name: value}
 
     def weight(self, name: str, raw: Mapping[str, Tensor]) -> Tensor:
-        """Tensor `name` as the run used it, from the stored tensors in `raw`."""
+        """Tensor `name` as the run used it, from the stored tensors in `raw` (or its piece, as `encode` gave it)."""
+        if name in self.fused:
+            return raw[name] if name in raw else self.fused[name].take(raw[self.fused[name].slice])
         return self.format.decode(name, raw) if name in self.encoded else raw[name]
 
 

@@ -178,6 +178,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
         return load_report(out_dir)
     journal = None if state is None else Journal.from_dict(state).verified(out_dir)
     out = ckpt if kept is None else ckpt.keeping_experts(kept)  # what is written: the kept experts only
+    layout = dataclasses.replace(layout, fused=out.layout.fused)  # experts stored fused stay fused
     output = sum(info.nbytes for info in out.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
     activations = ranks.local_world * fp.activations if decision.placement == "disk" else 0
     check_disk(out_dir, "the run", {"output": output, "temporary activations": activations})
@@ -245,7 +246,7 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
                errors=errors, knobs={k: getattr(opts, k) for k in cls.knobs}, seqlen=seqlen, device=device,
                windows=windows if cls.accumulates(errors) else None, placement=plan.placement, batch=plan.batch,
                offload_hessian=plan.offload_hessian, grid=None,
-               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt))),
+               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt)), ckpt.layout.fused),
                args={**popts.args(RUN), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen,
                      "device": str(device)}, eval_windows=ewindows)
 
@@ -295,6 +296,11 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions,
         grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
     # fp8 as read keeps the input's tiles and scales' dtype; packed integers take the run's own grid (--wbits)
     fmt = given if name == given.name == "fp8" else make_format(name, grid).bound(ckpt.dtype, {})
+    if ckpt.layout.fused and fmt.name != "dense":
+        fused = next(iter(ckpt.layout.fused.values())).tensor
+        raise ArgumentError(f"--format {fmt.name}: the routed experts are stored fused ({fused}, ...) and are written "
+                            "back fused in the model's dtype; use --format dense (--wbits rounds their weights to the "
+                            "grid in that dtype)")
     layout = Layout(fmt, frozenset(output_linears(ckpt)))
     unpruned = sorted(ckpt.layout.encoded - layout.encoded)
     if unpruned:

@@ -100,7 +100,8 @@ class PruneLane(Consumer):
             # soon as it is final (the pruned ones as they are solved, the router once the kept experts are known,
             # the others now)
             self.shard = self.sink.open(bid + 1, block_meta(self.job.out, bid, self.job.layout),
-                                        read_back=moe and calib is not None and not self.sequential)
+                                        read_back=moe and calib is not None and not self.sequential,
+                                        pieces=self.job.layout.fused)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
             router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
                       if b == bid and role in ROUTER_ROLES} if removes else set()
@@ -212,10 +213,13 @@ class PruneLane(Consumer):
         dense written, or the reverse) is decoded and encoded again."""
         assert self.shard is not None
         given, out = self.ckpt.layout, self.job.layout
+        done = set()  # a fused expert's slice holds several of its linears: written once
         for src, dst in names.items():
             if (src in given.encoded) == (dst in out.encoded) and (src not in given.encoded or given.format == out.format):
                 for part, stored in zip(given.stored(src), out.stored(dst)):
-                    self.shard.put(stored, raw[part])
+                    if stored not in done:
+                        self.shard.put(stored, raw[part])
+                        done.add(stored)
                 continue
             value = given.weight(src, {part: raw[part] for part in given.stored(src)})
             for stored, tensor in (out.format.encode(dst, value) if dst in out.encoded else {dst: value}).items():
@@ -466,7 +470,7 @@ class PruneLane(Consumer):
                 if stored is None:  # another rank's: received into buffers of the stored dtypes and shapes
                     info = self.ckpt.info(name)
                     stored = {part: torch.empty(shape, dtype=dtype, device=self.device)
-                              for part, (dtype, shape) in self.job.layout.meta(name, info.torch_dtype, info.shape).items()}
+                              for part, (dtype, shape) in self.job.layout.parts(name, info.torch_dtype, info.shape).items()}
                 for part in stored.values():
                     self.ranks.broadcast(part, owner)
                 for part, tensor in stored.items():

@@ -509,7 +509,7 @@ def mtp_layers(ckpt: Checkpoint, out: Checkpoint) -> dict[str, Any]:
     if out.mtp:
         return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "copied"}
     logger.warning("the multi-token-prediction layer(s) %s keep every routed expert: left out of the output, whose "
-                   "config sets num_nextn_predict_layers to 0", sorted(set(ckpt.mtp.values())))
+                   "config sets %s to 0", sorted(set(ckpt.mtp.values())), ckpt.spec.mtp_key)
     return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "left out"}
 
 

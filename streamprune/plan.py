@@ -26,6 +26,7 @@ from torch import Tensor
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import layer_kinds, score_rows
+from streamprune.arch.delta import CHUNK
 from streamprune.calib import eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
@@ -46,6 +47,12 @@ FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
 # Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
 SOFTCAP_SCORE_COPIES = 2
+# Linear attention (Gated DeltaNet), per token of a window: float32 copies of every value head's queries and keys, of
+# its values and outputs, of its chunks' (C x C) decays, triangular systems and scores, and the convolution's input
+# (fitted to VmHWM at 2048 tokens on six head layouts, which it exceeds by 1-16%)
+LINEAR_KEY_COPIES = 6  # of (value heads x key dim)
+LINEAR_VALUE_COPIES = 5  # of (value heads x value dim)
+LINEAR_CHUNK_COPIES = 2  # of (value heads x CHUNK)
 GPU_HEADROOM = 0.9  # the share of the GPU budget that is planned for (the rest: CUDA context, fragmentation)
 
 
@@ -135,19 +142,20 @@ class Footprint:
 def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], list[list[TensorInfo]]]:
     """The largest block as stored outside its routed experts, one routed expert as stored, the linears by role and
     the sites' linears (experts' included); the blocks of a model share their shapes, except an MoE model's dense
-    blocks: the first block of each kind stands for the others."""
+    blocks and a hybrid model's blocks of each mixer: the first block of each kind stands for the others."""
     cfg = ckpt.config
-    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
-    raw_block = max(sum(ckpt.stored_bytes(n) for n in ckpt.block_names(b)) for b in kinds.values())
+    kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
+    raw_block = max(ckpt.stored_bytes(*ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
     for b in kinds.values():
         linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
                         if ((role, "weight"), b) in ckpt.names})
     expert = 0
-    if True in kinds:
-        names = ckpt.experts[(kinds[True], 0)]
+    moe = [b for (routed, _), b in kinds.items() if routed]
+    if moe:
+        names = ckpt.experts[(moe[0], 0)]
         linears.update({param[0]: ckpt.info(name) for param, name in names.items()})
-        expert = sum(ckpt.tensors[part].nbytes for name in names.values() for part in ckpt.layout.stored(name))
+        expert = ckpt.stored_bytes(*names.values())
     sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
     return raw_block, expert, linears, [site for site in sites if site]
 
@@ -165,9 +173,10 @@ def encoded_sizes(ckpt: Checkpoint) -> dict[str, int]:
         mine = [n for n in names if n in encoded]
         return sum(ckpt.stored_bytes(n) for n in mine), sum(ckpt.info(n).nbytes for n in mine)
 
-    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}
+    kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}
     block = max((sizes(ckpt.block_names(b)) for b in kinds.values()), key=lambda s: s[1])
-    expert = sizes(list(ckpt.experts[(kinds[True], 0)].values())) if True in kinds else (0, 0)
+    moe = [b for (routed, _), b in kinds.items() if routed]
+    expert = sizes(list(ckpt.experts[(moe[0], 0)].values())) if moe else (0, 0)
     rows = getattr(ckpt.layout.format, "rows_at_once", 0)
     widest = max(ckpt.info(n).shape[1] for n in encoded)
     return dict(encoded=block[0], decoded=block[1], expert_encoded=expert[0], expert_decoded=expert[1],
@@ -188,7 +197,14 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
     scores = 0 if cfg.attn_softcap is None else SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen)
-    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores) * seqlen * 4
+    per_token = FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores
+    if "linear_attention" in cfg.layer_types:  # a Gated DeltaNet block's mixer, beside its input and output
+        nv = cfg.linear_v_heads
+        conv = 2 * cfg.linear_k_heads * cfg.linear_k_dim + nv * cfg.linear_v_dim
+        linear = (LINEAR_KEY_COPIES * nv * cfg.linear_k_dim + LINEAR_VALUE_COPIES * nv * cfg.linear_v_dim
+                  + LINEAR_CHUNK_COPIES * nv * CHUNK + conv + FORWARD_HIDDEN_COPIES * cfg.hidden_size)
+        per_token = max(per_token, linear)
+    return per_token * seqlen * 4
 
 
 def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
@@ -204,7 +220,7 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
     if cfg.pos != "rope":
         return 0
     return sum(2 * seqlen * cfg.head_dim * 4 + (0 if window is None else seqlen * seqlen * 4)
-               for _, window in layer_kinds(cfg, seqlen).values())
+               for kind, (_, window) in layer_kinds(cfg, seqlen).items() if kind != "linear_attention")
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
@@ -420,7 +436,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     result.read_bytes = result.output_bytes = stored
     if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
-        result.read_bytes += sum(ckpt.stored_bytes(name) for name in ckpt.expert_of)
+        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of)
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
     if result.placement == "disk":
         buffer = -(-opts.nsamples // opts.nproc) * seqlen * ckpt.config.hidden_size * 4

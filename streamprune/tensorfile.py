@@ -7,11 +7,13 @@ tensor at its own offset as soon as it is ready.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,28 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
+SLICE = re.compile(r"(.+)\[(\d+)\]")  # `NAME[i]`: slice i of tensor NAME along its first dimension
+
+
+def slice_name(tensor: str, index: int) -> str:
+    """The name of slice `index` (along the first dimension) of stored tensor `tensor`."""
+    return f"{tensor}[{index}]"
+
+
+def parse_slice(name: str) -> tuple[str, int] | None:
+    """(tensor, index) of a slice's name; None for a whole tensor's."""
+    m = SLICE.fullmatch(name)
+    return None if m is None else (m.group(1), int(m.group(2)))
+
+
+def lookup(infos: Mapping[str, TensorInfo], name: str) -> TensorInfo:
+    """Where stored tensor `name` lies, or a slice `NAME[i]` of one (its own contiguous byte range)."""
+    if name in infos:
+        return infos[name]
+    parsed = parse_slice(name)
+    if parsed is None or parsed[0] not in infos:
+        raise KeyError(name)
+    return infos[parsed[0]].slice(parsed[1])
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,19 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def keeping(self, rows: int) -> TensorInfo:
+        """This tensor cut to its first `rows` along the first dimension (a router's rows, fused experts' slices)."""
+        end = self.start + self.nbytes // self.shape[0] * rows
+        return dataclasses.replace(self, shape=(rows, *self.shape[1:]), end=end)
+
+    def slice(self, index: int) -> TensorInfo:
+        """Slice `index` of this tensor along its first dimension."""
+        if not 0 <= index < self.shape[0]:
+            raise KeyError(f"{self.name}[{index}]: index out of 0..{self.shape[0] - 1}")
+        size = self.nbytes // self.shape[0]
+        return dataclasses.replace(self, name=slice_name(self.name, index), shape=self.shape[1:],
+                                   start=self.start + index * size, end=self.start + (index + 1) * size)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -191,16 +228,29 @@ class ShardFile:
             raise
 
     def put(self, name: str, t: Tensor) -> None:
-        dtype, shape = self.meta[name]
+        """Tensor `name`, or a slice of one (`NAME[i]`), written at its place."""
+        tensor, index = parse_slice(name) or (name, None)
+        if tensor not in self.meta:
+            raise CheckpointError(f"{self.path}: {name} is not one of the tensors of this file")
+        dtype, shape = self.meta[tensor]
+        offset = self.offsets[tensor]
+        if index is not None:
+            offset += index * math.prod(shape[1:]) * dtype.itemsize
+            shape = shape[1:] if 0 <= index < shape[0] else ()
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
         # flattened before the byte view: a contiguous tensor with a size-1 dimension may keep an odd stride there
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        write_fully(self.fd, memoryview(data), self.offsets[name])
+        write_fully(self.fd, memoryview(data), offset)
         self.written.add(name)
 
+    def complete(self, name: str) -> bool:
+        dtype, shape = self.meta[name]
+        return name in self.written or (len(shape) > 0 and all(slice_name(name, i) in self.written
+                                                              for i in range(shape[0])))
+
     def close(self) -> None:
-        missing = sorted(set(self.meta) - self.written)
+        missing = sorted(n for n in self.meta if not self.complete(n))
         try:
             if missing:
                 raise CheckpointError(f"{self.path}: {len(missing)} tensor(s) were never written, e.g. {missing[0]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.errors import CheckpointError
 from streamprune.fileio import atomic_write
 from streamprune.formats import Layout, update_config, write_quantization_config
+from streamprune.fused import Piece, assemble
 from streamprune.journal import Journal
 from streamprune.report import LayerReport
 from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
@@ -96,12 +97,14 @@ def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, M
 class BlockShard:
     """One shard being written: tensors put as they are final, in any order; `close` puts it in place whole (and
     hands its layers' report rows to `on_close`), `abort` removes it. Over a context that yields no file, it keeps
-    nothing."""
+    nothing. A routed expert's linear stored fused (in `pieces`) waits for the others of its expert's slice, which is
+    then written whole (an expert's gate and up are solved together, its down alone)."""
 
     def __init__(self, context: contextlib.AbstractContextManager[ShardFile | None],
-                 on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None
-                 ) -> None:
-        self.context, self.on_close = context, on_close
+                 on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None,
+                 pieces: Mapping[str, Piece] | None = None) -> None:
+        self.context, self.on_close, self.pieces = context, on_close, pieces or {}
+        self.pending: dict[str, tuple[Piece, Tensor]] = {}
         self.file = context.__enter__()
 
     @property
@@ -109,12 +112,25 @@ class BlockShard:
         return None if self.file is None else self.file.path
 
     def put(self, name: str, tensor: Tensor) -> None:
+        piece = self.pieces.get(name)
+        if piece is None:
+            self.write(name, tensor)
+            return
+        self.pending[name] = (piece, tensor)
+        siblings = [n for n, (p, _) in self.pending.items() if p.slice == piece.slice]
+        if piece.part == "down" or len(siblings) == 2:
+            for part, value in assemble({n: self.pending.pop(n) for n in siblings}).items():
+                self.write(part, value)
+
+    def write(self, name: str, tensor: Tensor) -> None:
         if self.file is not None:
             self.file.put(name, tensor)
 
     def close(self, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Put the shard in place; `layers` and `experts` (the block's choice of routed experts, if any) are its
         report's."""
+        if self.pending:
+            raise CheckpointError(f"{sorted(self.pending)[0]}: written without the rest of its expert's slice")
         self.context.__exit__(None, None, None)
         self.on_close(layers, experts)
 
@@ -124,9 +140,11 @@ class BlockShard:
 
 
 class Sink(Protocol):
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
         """Shard `idx` of the output (0: the tensors outside the blocks; b + 1: block b), holding `meta`;
-        `read_back`: its file is read back before it is closed (the pruned experts of a block)."""
+        `read_back`: its file is read back before it is closed (the pruned experts of a block); `pieces`: the
+        routed experts' linears stored fused (see `BlockShard`)."""
 
     def finish(self) -> None:
         """Complete the output once every shard is in place."""
@@ -141,8 +159,10 @@ class CheckpointSink:
         self.ckpt, self.dir, self.layout, self.journal = ckpt, out_dir, layout, journal
         self.writer = ShardWriter(out_dir, ckpt.config.n_layers + 1)
 
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
-        return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts))
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
+        return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts),
+                          pieces)
 
     def record(self, idx: int, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Shard `idx`, written, flushed, renamed into place and checked, in the journal."""
@@ -176,11 +196,12 @@ class NoSink:
     def __init__(self, work: Path | None = None, name: str = "block") -> None:
         self.work, self.name = work, name
 
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
         if read_back:
             assert self.work is not None
-            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta))
-        return BlockShard(contextlib.nullcontext(None))
+            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta), pieces=pieces)
+        return BlockShard(contextlib.nullcontext(None), pieces=pieces)
 
     def finish(self) -> None:
         pass

@@ -6,6 +6,7 @@ quantized format, to that format's parts); a missing, misshapen or unknown tenso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from streamprune.arch.roles import BLOCK_ROLES, Role
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.formats import Layout, OutputFormat
+from streamprune.fused import Piece
 from streamprune.tensorfile import DTYPE_NAMES, TensorInfo
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -36,6 +38,7 @@ class Binding:
     location: dict[str, int | None] = field(default_factory=dict)  # tensor -> its block (None: outside)
     expert_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # an expert's tensor -> (block, expert)
     mtp: dict[str, int] = field(default_factory=dict)  # a multi-token-prediction layer's tensor -> its layer index
+    fused: dict[str, Piece] = field(default_factory=dict)  # a routed expert's linear stored fused -> its piece
 
     def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
         prefix = self.head_prefix if role in self.spec.unprefixed else self.prefix
@@ -77,6 +80,16 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
     fmt = fmt.bound(dtype, tensors)
     checks, encoded = _Checks(), set()
 
+    def check(name: str, info: TensorInfo, shape: tuple[int, ...]) -> None:
+        if info.shape != shape:
+            checks.bad.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+        if info.dtype.startswith("F8_") and fmt.name == "fp8":
+            checks.bad.append(f"{name} is {info.dtype} without its scale {fmt.names(name)[1]}")
+        elif info.dtype.startswith("F8_"):
+            checks.bad.append(f"{name} is {info.dtype} but config.json has no fp8 quantization_config")
+        elif info.dtype not in FLOAT_DTYPES:
+            checks.bad.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+
     def bind(param: Param, shape: tuple[int, ...], bid: int | None, xid: int | None = None) -> str | None:
         name = binding.name_of(*param, bid, xid)
         info = tensors.get(name)
@@ -88,38 +101,74 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
         if info is None:
             checks.missing.append(name)
             return None
-        if info.shape != shape:
-            checks.bad.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
-        if info.dtype.startswith("F8_") and fmt.name == "fp8":
-            checks.bad.append(f"{name} is {info.dtype} without its scale {fmt.names(name)[1]}")
-        elif info.dtype.startswith("F8_"):
-            checks.bad.append(f"{name} is {info.dtype} but config.json has no fp8 quantization_config")
-        elif info.dtype not in FLOAT_DTYPES:
-            checks.bad.append(f"{name} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+        check(name, info, shape)
         return name
 
     for param, shape in expected_params(cfg).items():
         if param[0] not in BLOCK_ROLES and (name := bind(param, shape, None)):
             binding.names[(param, None)] = name
     for bid in range(cfg.n_layers):
-        for param, shape in expected_params(cfg, moe=cfg.is_moe(bid)).items():
+        for param, shape in expected_params(cfg, *cfg.kind(bid)).items():
             if param[0] in BLOCK_ROLES and (name := bind(param, shape, bid)):
                 binding.names[(param, bid)] = name
+        if cfg.is_moe(bid) and stored_fused(binding, bid, tensors):
+            bind_fused(binding, cfg, bid, tensors, check)
+            continue
         for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
             binding.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
                                            if (name := bind(param, shape, bid, xid))}
-    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3)
+    fused = {piece.tensor for piece in binding.fused.values()}
+    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3 and n not in fused)
     if stacked:
         raise CheckpointError(
             f"{where}: {stacked[0]} holds every expert of a block in one 3-D tensor {list(tensors[stacked[0]].shape)}; "
-            "streamprune reads one tensor per expert, the layout published checkpoints and transformers' "
-            "save_pretrained write")
+            f"{spec.name} is read with one tensor per expert ({binding.name_of(Role.FFN_GATE_EXP, 'weight', 0, 0)}, "
+            "...), the layout its published checkpoints and transformers' save_pretrained write")
     checks.raise_any(where)
-    binding.layout = Layout(fmt, frozenset(encoded))
+    binding.layout = Layout(fmt, frozenset(encoded), binding.fused)
     locate(binding, cfg, tensors, where)
     if cfg.embed_scale != 1.0:  # Gemma multiplies by the scale as a tensor of the weights' dtype
         cfg.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype))
     return binding
+
+
+def fused_names(binding: Binding, bid: int) -> tuple[str, str] | None:
+    """The names of block `bid`'s fused gate_up and down tensors, where its family can store them fused."""
+    row = binding.spec.fused
+    if row is None:
+        return None
+    return binding.prefix + row.gate_up.format(bid=bid), binding.prefix + row.down.format(bid=bid)
+
+
+def stored_fused(binding: Binding, bid: int, tensors: dict[str, TensorInfo]) -> bool:
+    """Whether block `bid`'s routed experts are stored fused: its family's fused gate_up is there and its first
+    expert's own gate is not."""
+    names = fused_names(binding, bid)
+    first = binding.name_of(Role.FFN_GATE_EXP, "weight", bid, 0)
+    return names is not None and names[0] in tensors and first not in tensors
+
+
+def bind_fused(binding: Binding, cfg: ModelConfig, bid: int, tensors: dict[str, TensorInfo],
+               check: Callable[[str, TensorInfo, tuple[int, ...]], None]) -> None:
+    """Block `bid`'s routed experts from its fused tensors: each expert's linears, under the names a per-expert
+    checkpoint gives them, are pieces of its slices (fused.py); the tensors' shapes and dtypes are checked."""
+    row, names = binding.spec.fused, fused_names(binding, bid)
+    assert row is not None and names is not None
+    shapes = row.shapes(cfg.n_experts, cfg.expert_ffn_dim, cfg.hidden_size)
+    for name, shape in zip(names, shapes):
+        if name not in tensors:
+            raise CheckpointError(f"{name} is missing beside {names[0]} (routed experts stored fused)")
+        check(name, tensors[name], shape)
+    tensor_of = {Role.FFN_GATE_EXP: (names[0], "gate"), Role.FFN_UP_EXP: (names[0], "up"),
+                 Role.FFN_DOWN_EXP: (names[1], "down")}
+    for xid in range(cfg.n_experts):
+        experts = binding.experts[(bid, xid)] = {}
+        for param, shape in expert_params(cfg).items():
+            name = binding.name_of(*param, bid, xid)
+            tensor, part = tensor_of[param[0]]
+            binding.fused[name] = Piece(tensor, xid, part, tensors[tensor].shape, row)
+            binding.decoded[name] = (tensors[tensor].torch_dtype, tuple(shape))
+            experts[param] = name
 
 
 def check_encoded(fmt: OutputFormat, name: str, dtype: torch.dtype, shape: tuple[int, ...],
@@ -147,6 +196,7 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
     binding.expert_of = {name: key for key, names in binding.experts.items() for name in names.values()}
     binding.location.update({name: bid for name, (bid, _) in binding.expert_of.items()})
     parts = {stored for name in layout.encoded for stored in layout.stored(name)}
+    parts |= {piece.tensor for piece in layout.fused.values()}
     for role in spec.optional & set(spec.tensors):
         for bid in range(cfg.n_layers):
             name = binding.name_of(role, "inv_freq", bid)
@@ -164,6 +214,12 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
         for name in tensors:
             if name.startswith(prefix) and name not in binding.location:
                 binding.location[name], binding.mtp[name] = None, layer
+    if spec.mtp_prefix:  # stored apart (Qwen3-Next's mtp.fc, mtp.norm, mtp.layers.{i}): layer i counts past the last
+        for name in tensors:
+            if name.startswith(spec.mtp_prefix) and name not in binding.location:
+                index = name.removeprefix(spec.mtp_prefix + "layers.").split(".")[0]
+                binding.location[name] = None
+                binding.mtp[name] = cfg.n_layers + (int(index) if index.isdigit() else 0)
     unknown = sorted(set(tensors) - set(binding.location) - parts)
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} tensor(s) match no role of {spec.name}: {', '.join(unknown[:5])}")

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from streamprune.arch.config import ModelConfig
+from streamprune.arch.delta import gated_delta_net
 from streamprune.arch.layers import (
     activation,
     alibi_causal_bias,
@@ -78,7 +79,9 @@ def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, tuple[dict[str, Any]
 def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
     kinds = {}
     for kind, (rope, window) in layer_kinds(cfg, seqlen).items():
-        if cfg.pos == "rope":
+        if kind == "linear_attention":  # the delta rule's state carries the order of the tokens
+            kinds[kind] = Positions()
+        elif cfg.pos == "rope":
             inv_freq = rope_inv_freq(cfg.rotary_dim, rope, seqlen)
             cos, sin = rope_cos_sin(inv_freq, seqlen, rope.get("attention_factor", 1.0))
             kinds[kind] = Positions(cos=cos, sin=sin, bias=None if window is None else window_causal_bias(seqlen, window))
@@ -122,6 +125,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
         q, k, v = (linear(w, role, x) for role in (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V))
+        if cfg.attn_output_gate:  # each head's query features, then its output gate's (Qwen3-Next)
+            q, gate = q.view(B, T, nh, 2 * hd).chunk(2, dim=-1)  # (B, T, nh, hd) each
         if cfg.qk_norm and not cfg.qk_norm_per_head:  # over all heads' features at once (MiniMax-M2)
             q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
@@ -134,7 +139,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
     else:
         o = softcapped_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, score_rows(cfg, T))
-    return o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+    o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+    return o * torch.sigmoid(gate.reshape(B, T, nh * hd)) if cfg.attn_output_gate else o
 
 
 def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
@@ -302,12 +308,13 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     a = norm(cfg, w, Role.ATTN_NORM, x) if pre else x
     if stop_at(Site.ATTN_IN, a):
         return None
-    o = attend_latent(cfg, w, a, pos, stop_at) if cfg.kv_lora_rank else attend(cfg, w, a, pos)
+    o = mix(cfg, w, a, pos, stop_at)
     if o is None:
         return None
     if stop_at(Site.ATTN_OUT_IN, o):
         return None
-    h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, linear(w, Role.ATTN_OUT, o))
+    out_proj = linear(w, Role.SSM_OUT if (Role.SSM_OUT, "weight") in w else Role.ATTN_OUT, o)
+    h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, out_proj)
     h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
@@ -323,6 +330,15 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         y = linear(w, Role.FFN_DOWN, g)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
+
+
+def mix(cfg: ModelConfig, w: Weights, a: Tensor, pos: Positions, stop_at: Callable[[Site, Tensor], bool]
+        ) -> Tensor | None:
+    """The block's token mixer up to its output projection, of the kind its weights are: linear attention (Gated
+    DeltaNet), multi-head latent attention or attention."""
+    if (Role.SSM_OUT, "weight") in w:
+        return gated_delta_net(cfg, w, a)
+    return attend_latent(cfg, w, a, pos, stop_at) if cfg.kv_lora_rank else attend(cfg, w, a, pos)
 
 
 def moe_mlp(cfg: ModelConfig, w: Weights, m: Tensor, stop_at: Callable[[Site, Tensor], bool],

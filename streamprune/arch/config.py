@@ -16,7 +16,7 @@ MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 1 << 12
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass
@@ -73,6 +73,18 @@ class ModelConfig:
     qk_rope_dim: int = 0
     v_head_dim: int = 0
     latent_norm_eps: float = 1e-6  # of the latents' RMSNorms (transformers builds them with its default, not the config's)
+    # each head's query comes with as many features of an output gate (the q projection twice as wide: per head, the
+    # query then the gate); the attention's output is multiplied by their sigmoid before the output projection
+    attn_output_gate: bool = False
+    # Gated DeltaNet linear attention, in the blocks whose layer type is "linear_attention" (see delta.py): heads of
+    # keys (and queries) and of values, their widths, the causal convolution's taps, and the input projections fused
+    # by key head (Qwen3-Next's in_proj_qkvz, in_proj_ba) or split (Qwen3.5's in_proj_qkv, _z, _b, _a)
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    linear_conv: int = 0
+    linear_fused_in: bool = False
     attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
     final_softcap: float | None = None  # and so do the output logits
     final_norm: bool = True
@@ -154,6 +166,7 @@ class ModelConfig:
             raise CheckpointError(f"config.json: {self.rotary_dim} rotated features per head (partial_rotary_factor "
                                   f"x head_dim {self.head_dim}) is not an even number in 2..head_dim")
         self.check_experts()
+        self.check_linear_attention()
         assert self.qkv_layout in ("separate", "per_head", "concat"), self.qkv_layout  # set by a family's parser
         if self.qkv_layout == "per_head" and self.n_kv_heads != self.n_heads:
             raise CheckpointError(f"config.json: num_key_value_heads={self.n_kv_heads!r} must equal "
@@ -186,6 +199,25 @@ class ModelConfig:
             raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "
                                   f"split {self.n_experts} experts into groups holding the {self.experts_per_tok} "
                                   "each token is routed to")
+
+    def check_linear_attention(self) -> None:
+        """The linear-attention blocks' sizes, where the model has any."""
+        if "linear_attention" not in self.layer_types:
+            return
+        sizes = (self.linear_k_heads, self.linear_v_heads, self.linear_k_dim, self.linear_v_dim, self.linear_conv)
+        if not all(0 < n <= MAX_HIDDEN for n in sizes) or self.linear_v_heads % self.linear_k_heads:
+            raise CheckpointError(
+                f"config.json: linear attention with {self.linear_k_heads!r} key heads of {self.linear_k_dim!r}, "
+                f"{self.linear_v_heads!r} value heads of {self.linear_v_dim!r} and {self.linear_conv!r} convolution "
+                "taps: expected positive sizes, the value heads a multiple of the key heads")
+
+    def is_linear(self, bid: int) -> bool:
+        """Whether block `bid` mixes its tokens by linear attention (Gated DeltaNet) instead of attention."""
+        return self.layer_types[bid] == "linear_attention"
+
+    def kind(self, bid: int) -> tuple[bool, bool]:
+        """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention)."""
+        return self.is_moe(bid), self.is_linear(bid)
 
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""

@@ -18,6 +18,7 @@ from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import CheckpointError, UnsupportedModelError
+from streamprune import fused
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
@@ -113,6 +114,7 @@ QWEN_MOE = ArchSpec(
         Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_expert.down_proj",
         Role.FFN_GATE_INP_SHEXP: "layers.{bid}.mlp.shared_expert_gate",
     },
+    fused=fused.QWEN,
 )
 
 # DeepSeek-V3's MoE names, which GLM-4.5 takes too: the router with its selection bias, the routed experts and the

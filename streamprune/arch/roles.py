@@ -50,6 +50,19 @@ class Role(Enum):
     FFN_DOWN_SHEXP = "ffn_down_shexp"
     FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's scalar gate (1, hidden); never pruned
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5; see delta.py): the input projections, fused (q, k, v, z
+    # grouped by key head; b, a likewise) or split; the causal convolution; the decay's A_log and dt_bias (one
+    # parameter each, of the module); the gated output norm and the output projection
+    SSM_IN_QKVZ = "ssm_in_qkvz"
+    SSM_IN_BA = "ssm_in_ba"
+    SSM_IN_QKV = "ssm_in_qkv"
+    SSM_IN_Z = "ssm_in_z"
+    SSM_IN_B = "ssm_in_b"
+    SSM_IN_A = "ssm_in_a"
+    SSM_CONV1D = "ssm_conv1d"
+    SSM_A = "ssm_a"
+    SSM_NORM = "ssm_norm"
+    SSM_OUT = "ssm_out"
 
 
 class Site(Enum):
@@ -68,12 +81,16 @@ class Site(Enum):
 
 
 # The pruning order, as data: each entry is one input site and the linears that read it.
-# Linears of one site share one Hessian; later sites see the outputs of already pruned ones.
+# Linears of one site share one Hessian; later sites see the outputs of already pruned ones. A block's token mixer is
+# attention or linear attention: the same two sites (its input, the input of its output projection) with the roles
+# of its kind. Linear attention's decay and rate projections (b, a) are copied as read, as routers are: a few rows
+# that set how fast each head's state forgets, not a projection of the features (docs/architectures.md).
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
-    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA)),
+    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA,
+                    Role.SSM_IN_QKVZ, Role.SSM_IN_QKV, Role.SSM_IN_Z)),
     (Site.ATTN_Q_B_IN, (Role.ATTN_Q_B,)),
     (Site.ATTN_KV_B_IN, (Role.ATTN_KV_B,)),
-    (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
+    (Site.ATTN_OUT_IN, (Role.ATTN_OUT, Role.SSM_OUT)),
     (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
     (Site.SHEXP_DOWN_IN, (Role.FFN_DOWN_SHEXP,)),
@@ -94,7 +111,8 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_S
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
                                            Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
-                                           Role.ATTN_KV_A_NORM}
+                                           Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
+                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM}
 
 # The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
 ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})
