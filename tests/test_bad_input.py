@@ -184,6 +184,41 @@ def test_bad_family_config(families, tmp_path, text, variant, changes, expected)
     assert_names(fail_eval(model, text), *expected)
 
 
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> Path:
+    """A valid Qwen3.5-MoE with its experts stored fused (never modified)."""
+    return tiny.build(tmp_path_factory.mktemp("hybrid") / "qwen3.5", "qwen3.5-moe-fused")
+
+
+def _tensors(d: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(d / SINGLE_NAME)
+    edit(tensors)
+    save_file(tensors, d / SINGLE_NAME, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("breaker,expected", [
+    (lambda d: _tensors(d, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 48, 64)})),
+     ["model.layers.0.mlp.experts.gate_up_proj has shape [4, 48, 64], config.json implies [4, 64, 64]"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.1.mlp.experts.down_proj")),
+     ["model.layers.1.mlp.experts.down_proj is missing"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.2.linear_attn.A_log")),
+     ["missing 1 tensor(s)", "model.layers.2.linear_attn.A_log"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.0.linear_attn.conv1d.weight")),
+     ["missing 1 tensor(s)", "model.layers.0.linear_attn.conv1d.weight"]),
+    (lambda d: edit_config(d, layer_types=["linear_attention", "mamba", "linear_attention", "full_attention"]),
+     ["config.json", "'mamba'", "not supported", "linear_attention"]),
+    (lambda d: edit_config(d, linear_num_value_heads=3), ["config.json", "3 value heads", "multiple of the key heads"]),
+], ids=["fused-shape", "fused-down-missing", "linear-attention-tensor-missing", "conv-missing", "layer-type",
+        "value-heads"])
+def test_bad_hybrid_model(hybrid, tmp_path, text, breaker, expected):
+    """Refused in one line before anything is written."""
+    model = Path(shutil.copytree(hybrid, tmp_path / "model"))
+    breaker(model)
+    out = tmp_path / "out"
+    assert_names(fail("run", model, out, "--calib", text, "--nsamples", "2", "--seqlen", "32"), *expected)
+    assert not out.exists()
+
+
 def test_absurd_config_refused_before_reading_weights(model, text, monkeypatch):
     """Refused from config.json alone: no shard is even opened, let alone a tensor allocated."""
     import streamprune.checkpoint as checkpoint

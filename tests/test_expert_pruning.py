@@ -24,7 +24,8 @@ from streamprune.report import load_report
 from tests import tiny
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
-VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3"]
+VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
+            "qwen3.5-moe-fused", "qwen3.5-moe-image"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
@@ -104,10 +105,11 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
     assert report.experts, "no MoE block reported"
     for block in report.experts:
         bid = block["block"]
-        if not sequential:  # this block's dense attention on the written blocks' output
+        if not sequential:  # this block's dense attention (or linear attention) on the written blocks' output
             mixed = hf64(out)
             layer, dense_layer = mixed.model.layers[bid], dense.model.layers[bid]
-            layer.self_attn.load_state_dict(dense_layer.self_attn.state_dict())
+            mixer = "linear_attn" if hasattr(layer, "linear_attn") else "self_attn"
+            getattr(layer, mixer).load_state_dict(getattr(dense_layer, mixer).state_dict())
             m = moe_inputs(mixed, windows, bid)
         else:
             m = moe_inputs(written, windows, bid)
@@ -128,9 +130,9 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant):
-    """--sparsity 0: the kept experts (renumbered in order), the router's kept rows and every other tensor bit for
-    bit; the config's expert count updated; transformers loads it with no flag and its logits and perplexity equal
-    streamprune's."""
+    """--sparsity 0: the kept experts (renumbered in order; stored fused: their slices, in order), the router's kept
+    rows and every other tensor bit for bit; the config's expert count updated (an image-text model's in its
+    text_config); transformers loads it with no flag and its logits and perplexity equal streamprune's."""
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, sparsity=0.0, prune_experts=0.5, **ARGS)
     assert report.layers == []  # nothing solved
@@ -151,6 +153,9 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
             prefix = f"layers.{bid}."
             if prefix in name and ".experts." in name:
                 head, rest = name.split(".experts.")
+                if rest in ("gate_up_proj", "down_proj"):  # every expert's, fused: the kept slices
+                    expected[name] = t[keep]
+                    continue
                 xid, tail = rest.split(".", 1)
                 if int(xid) in keep:
                     expected[f"{head}.experts.{keep.index(int(xid))}.{tail}"] = t
@@ -161,6 +166,10 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         assert torch.equal(after[name], expected[name]), name
     n_in = json.loads((src / "config.json").read_text())
     n_out = json.loads((out / "config.json").read_text())
+    if "text_config" in n_in:
+        assert {k: v for k, v in n_out.items() if k != "text_config"} == \
+            {k: v for k, v in n_in.items() if k != "text_config"}
+        n_in, n_out = n_in["text_config"], n_out["text_config"]
     key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in n_in)
     assert n_out[key] == n_in[key] - math.floor(0.5 * n_in[key])
     assert n_out["num_experts_per_tok"] == n_in["num_experts_per_tok"]

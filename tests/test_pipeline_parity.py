@@ -30,7 +30,8 @@ NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
 
 # transformers' decoder blocks of each family, and their linears by the input they read, in pruning order
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "phi3": "model.layers",
-          "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers", "opt": "model.decoder.layers", "bloom": "transformer.h"}
+          "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers",
+          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers"}
 LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 STAGES = {
@@ -44,7 +45,23 @@ STAGES = {
     "opt": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
+    "qwen3_5_text": LLAMA_STAGES,  # its attention blocks (the q projection with the output gate's rows)
 }
+# the linear-attention blocks' mixer (Gated DeltaNet): the input projections, then the output projection; the decay
+# and rate projections (b, a) are copied as read (COPIED)
+LINEAR_STAGES = {
+    "qwen3_next": (("linear_attn.in_proj_qkvz",), ("linear_attn.out_proj",)),
+    "qwen3_5_text": (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)),
+}
+LINEAR_STAGES["qwen3_5_moe_text"] = LINEAR_STAGES["qwen3_5_text"]
+COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a"}
+
+
+def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
+    """`stages` (attention's, then the MLP's) as block `block` has them: a linear-attention block's mixer instead."""
+    if getattr(block, "block_type", None) == "linear_attention":
+        return LINEAR_STAGES[kind] + stages[2:]
+    return stages
 
 # Bounds measured for SparseGPT over model and window seeds 0-5 and 1 or 2 threads (the tests use seed 0):
 # float32 noise, amplified by the OBS sweep, reaches 2.1e-5 on later blocks; on block 0 with --no-sequential
@@ -108,12 +125,14 @@ def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern:
     written = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.double()
     kind = model.config.model_type
-    stages = STAGES[kind]
     rows = []
     for b, block in enumerate(model.get_submodule(BLOCKS[kind])):
         prefix = f"{BLOCKS[kind]}.{b}."
+        stages = block_stages(kind, block, STAGES[kind])
         linears = {name for name, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)}
-        assert linears == {name for stage in stages for name in stage}, linears  # every linear compared
+        assert linears - COPIED == {name for stage in stages for name in stage}, linears  # every linear compared
+        for name in linears & COPIED:  # copied bit for bit
+            assert torch.equal(written[prefix + name + ".weight"], dense[prefix + name + ".weight"]), name
         with torch.no_grad():
             for stage in stages:
                 for name in stage:
@@ -149,7 +168,7 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
-                                     "gemma3"])
+                                     "gemma3", "qwen3.5"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 
@@ -183,6 +202,7 @@ MOE_STAGES = {
 MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
               ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
 MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
+MOE_STAGES["qwen3_next"] = MOE_STAGES["qwen3_5_moe_text"] = MOE_STAGES["qwen2_moe"]
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
 
 
@@ -214,6 +234,10 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
         moe = block.mlp if hasattr(block.mlp, "experts") else None
         model_type = model.config.model_type
         stages = MOE_STAGES[model_type] if moe else MOE_DENSE_STAGES.get(model_type, LLAMA_STAGES)
+        stages = block_stages(model_type, block, stages)
+        for name, mod in block.named_modules():
+            if name in COPIED:
+                assert torch.equal(written[prefix + name + ".weight"], dense[prefix + name + ".weight"]), name
         with torch.no_grad():  # block b dense, experts included
             for name, p in block.named_parameters():
                 p.copy_(dense[prefix + name])
@@ -270,7 +294,8 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
+                                     "qwen3-next", "qwen3.5-moe-fused"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

@@ -17,6 +17,17 @@ GEMMA3_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, nu
                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 
+# the hybrid Qwen families: 3 Gated DeltaNet blocks and 1 of gated attention (a quarter of each head rotated), 2 key
+# heads shared by 4 value heads in the linear attention; the MoE ones 4 experts of which 2 per token, a gated shared
+# expert
+QWEN_HYBRID = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                   moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                   num_experts_per_tok=2, initializer_range=0.1)
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                   num_position_embeddings=16)
+
 # name -> (config class name, config kwargs)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -140,7 +151,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                          original_max_position_embeddings=32))),
     "bloom-6heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
                                          apply_residual_connection_post_layernorm=True)),
+    # Qwen3-Next: q/k/v/z and b/a projected fused by key head, block 1 a dense MLP, the chosen weights not renormalized
+    "qwen3-next": ("Qwen3NextConfig", dict(QWEN_HYBRID, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3.5": ("Qwen3_5TextConfig", QWEN_HYBRID),  # dense
+    "qwen3.5-moe": ("Qwen3_5MoeTextConfig", QWEN_HYBRID),  # one tensor per expert
+    "qwen3.5-moe-fused": ("Qwen3_5MoeTextConfig", QWEN_HYBRID),  # experts in 3-D tensors (see FUSED)
+    # the image-text model as published: the language model under model.language_model, experts fused, a vision tower
+    "qwen3.5-moe-image": ("Qwen3_5MoeConfig", dict(text_config=QWEN_HYBRID, vision_config=QWEN_VISION)),
 }
+# saved with every expert of a block in one tensor per projection (save_original_format=False), as released
+FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image"}
+# built by their image-text class (transformers' AutoModelForCausalLM gives the language model alone)
+IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration"}
 
 
 @functools.cache
@@ -195,30 +217,34 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
         kwargs = {**kwargs, "vocab_size": VOCAB}
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    with torch.no_grad():  # give norms and biases non-trivial values so they are exercised
+    if variant in IMAGE_TEXT:
+        model = getattr(transformers, IMAGE_TEXT[variant])(config).to(dtype).eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # give norms, biases and linear attention's decays non-trivial values so they are exercised
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or name.endswith(("bias", "A_log")):
                 p.add_(torch.randn_like(p) * 0.1)
         for name, b in model.named_buffers():  # a router's selection bias, zero as initialized, of the scores' size
             if name.endswith("e_score_correction_bias"):
                 b.add_(torch.randn_like(b) * 0.03)
     path.mkdir(parents=True, exist_ok=True)
     kw = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, safe_serialization=True, **kw)
+    model.save_pretrained(path, safe_serialization=True, save_original_format=variant not in FUSED, **kw)
     (path / "tokenizer.json").write_text(tokenizer_json())
     return path
 
 
-def deep(folder: Path, config_class: str, **config: object) -> tuple[Path, Path]:
+def deep(folder: Path, config_class: str, fused: bool = False, **config: object) -> tuple[Path, Path]:
     """A random model deeper than the variants (a run long enough to be killed midway) saved into `folder`/model with
-    the tokenizer, and 40,000 characters of calibration text in `folder`/calib.txt."""
+    the tokenizer (`fused`: its experts in 3-D tensors), and 40,000 characters of calibration text in
+    `folder`/calib.txt."""
     import transformers
 
     torch.manual_seed(0)
     model = folder / "model"
-    built = getattr(transformers, config_class)(vocab_size=VOCAB, max_position_embeddings=128, **config)
-    transformers.AutoModelForCausalLM.from_config(built).save_pretrained(model)
+    built = getattr(transformers, config_class)(vocab_size=VOCAB, **{"max_position_embeddings": 128, **config})
+    transformers.AutoModelForCausalLM.from_config(built).save_pretrained(model, save_original_format=not fused)
     (model / "tokenizer.json").write_text(tokenizer_json())
     calib = folder / "calib.txt"
     calib.write_text(sample_text(40000))
