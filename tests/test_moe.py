@@ -347,15 +347,17 @@ def test_fused_experts_stream_one_slice_at_a_time(tmp_path, calib, models, monke
 
 def with_qwen_mtp(src: Path, dst: Path) -> Path:
     """`src` (Qwen3.5-MoE) with a multi-token-prediction layer as Qwen3.5 is published: `mtp.fc`, `mtp.norm`, its
-    pre-norms and `mtp.layers.0.*` (a copy of the last block) in a shard of their own; mtp_num_hidden_layers 1."""
+    pre-norms and `mtp.layers.0.*` (a copy of the last block as stored, its experts fused where the block's are) in a
+    shard of their own; mtp_num_hidden_layers 1."""
     import shutil
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
     prefix = "model.language_model.layers.3." if "qwen3_5_moe\"" in (src / "config.json").read_text() else \
         "model.layers.3."
-    tensors = {n: t for n, t in stored(src).items() if n.startswith(prefix)}
+    tensors = {n: t for n, t in load_file(src / "model.safetensors").items() if n.startswith(prefix)}
+    assert any(n.endswith("experts.gate_up_proj") for n in tensors) == (src.name == "qwen3.5-moe-image")
     mtp = {n.replace(prefix, "mtp.layers.0."): t.clone() for n, t in tensors.items()}
     d = mtp["mtp.layers.0.input_layernorm.weight"].shape[0]
     mtp.update({"mtp.fc.weight": torch.randn(d, 2 * d), "mtp.norm.weight": torch.ones(d),
@@ -371,7 +373,7 @@ def with_qwen_mtp(src: Path, dst: Path) -> Path:
 def test_qwen_mtp_layers_copied_or_left_out(tmp_path, calib, models):
     """Qwen3.5's `mtp.*` layers are copied bit for bit and named in the report (layer 4, past the model's 4); with
     experts removed they are left out and text_config's mtp_num_hidden_layers set to 0."""
-    src = with_qwen_mtp(models["qwen3.5-moe-image"], tmp_path / "in")
+    src = with_qwen_mtp(models["qwen3.5-moe-image"], tmp_path / "in")  # the MTP layer's experts fused too
     mtp = {n: t for n, t in stored(src).items() if n.startswith("mtp.")}
     report = streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
     after = stored(tmp_path / "out")

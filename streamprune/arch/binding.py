@@ -117,8 +117,10 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
         for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
             binding.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
                                            if (name := bind(param, shape, bid, xid))}
-    fused = {piece.tensor for piece in binding.fused.values()}
-    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3 and n not in fused)
+    binding.mtp = mtp_layers(binding, cfg, tensors)
+    fused = {piece.tensor for piece in binding.fused.values()}  # and MTP layers, copied as stored, fused or not
+    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3
+                     and n not in fused and n not in binding.mtp)
     if stacked:
         raise CheckpointError(
             f"{where}: {stacked[0]} holds every expert of a block in one 3-D tensor {list(tensors[stacked[0]].shape)}; "
@@ -188,6 +190,24 @@ def check_encoded(fmt: OutputFormat, name: str, dtype: torch.dtype, shape: tuple
                               f"{DTYPE_NAMES[part_dtype]} {list(part_shape)} for {list(shape)}")
 
 
+def mtp_layers(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """The tensors of multi-token-prediction layers (copied as they are, never read) and each one's layer index: past
+    the model's blocks under its own names (DeepSeek-V3, GLM-4.5: `num_nextn_predict_layers` more `layers.{i}`), or
+    stored apart (Qwen3-Next's `mtp.fc`, `mtp.norm`, `mtp.layers.{i}`: layer i counts past the last block)."""
+    found = {}
+    nextn = get_int(cfg.raw, "num_nextn_predict_layers", default=0)
+    for layer in range(cfg.n_layers, cfg.n_layers + max(nextn, 0)):
+        prefix = f"{binding.prefix}layers.{layer}."
+        found.update({name: layer for name in tensors if name.startswith(prefix)})
+    prefix = binding.spec.mtp_prefix
+    if prefix:
+        for name in tensors:
+            if name.startswith(prefix):
+                index = name.removeprefix(prefix + "layers.").split(".")[0]
+                found[name] = cfg.n_layers + (int(index) if index.isdigit() else 0)
+    return found
+
+
 def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], where: Path) -> None:
     """Where each stored tensor belongs: its block index, or None for the globals; a tensor that belongs nowhere is
     refused."""
@@ -208,18 +228,7 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
     for name in tensors:  # a vision tower's tensors: copied as they are, never read as roles
         if name.startswith(spec.passthrough) and name not in binding.location:
             binding.location[name] = None
-    nextn = get_int(cfg.raw, "num_nextn_predict_layers", default=0)
-    for layer in range(cfg.n_layers, cfg.n_layers + max(nextn, 0)):  # multi-token prediction (DeepSeek-V3, GLM-4.5):
-        prefix = f"{binding.prefix}layers.{layer}."  # layers past the model's, copied as they are, never read
-        for name in tensors:
-            if name.startswith(prefix) and name not in binding.location:
-                binding.location[name], binding.mtp[name] = None, layer
-    if spec.mtp_prefix:  # stored apart (Qwen3-Next's mtp.fc, mtp.norm, mtp.layers.{i}): layer i counts past the last
-        for name in tensors:
-            if name.startswith(spec.mtp_prefix) and name not in binding.location:
-                index = name.removeprefix(spec.mtp_prefix + "layers.").split(".")[0]
-                binding.location[name] = None
-                binding.mtp[name] = cfg.n_layers + (int(index) if index.isdigit() else 0)
+    binding.location.update({name: None for name in binding.mtp if name not in binding.location})
     unknown = sorted(set(tensors) - set(binding.location) - parts)
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} tensor(s) match no role of {spec.name}: {', '.join(unknown[:5])}")

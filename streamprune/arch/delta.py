@@ -81,15 +81,16 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, chunk: 
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
     n = (T + pad) // chunk
-    q, k, v = (t.reshape(B, H, n, chunk, t.shape[-1]) for t in (q, k, v))  # (B, H, n, C, d)
+    q, k, v = (t.reshape(B, H, n, chunk, t.shape[-1]).contiguous() for t in (q, k, v))  # (B, H, n, C, d)
     c = g.reshape(B, H, n, chunk).cumsum(dim=-1)  # (B, H, n, C)
     beta = beta.reshape(B, H, n, chunk, 1)
     later = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)  # j > i
     decay = (c[..., :, None] - c[..., None, :]).masked_fill(later, float("-inf")).exp()  # (B, H, n, C, C): e^{c_i-c_j}
     system = (beta * (k @ k.transpose(-1, -2)) * decay).tril(-1)  # T below its unit diagonal
-    rhs = torch.cat((beta * v, beta * c[..., None].exp() * k), dim=-1)  # (B, H, n, C, dv + dk)
-    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u0, w = solved.split([dv, dk], dim=-1)  # u = u0 - w S0
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)  # T^-1, one small solve
+    u0 = inverse @ (beta * v)  # u = u0 - w S0
+    w = inverse @ (beta * c[..., None].exp() * k)
     scores = q @ k.transpose(-1, -2) * decay  # (B, H, n, C, C), zero above the diagonal
     q_decayed = q * c[..., None].exp()
     k_to_end = k * (c[..., -1:] - c).exp()[..., None]  # e^{c_C - c_j} k_j
