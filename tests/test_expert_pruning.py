@@ -21,7 +21,7 @@ from streamprune.errors import StreamPruneError
 from streamprune.evaluate import evaluate, logits
 from streamprune.plan import plan
 from streamprune.report import load_report
-from tests import tiny
+from tests import tiny, tolerance
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
 VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
@@ -181,7 +181,8 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
     windows = calib_eval_windows(out, calib)
     with torch.no_grad():
         nll = tiny.hf_model(out)(windows, labels=windows).loss
-    assert ours.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    ref = math.exp(float(nll))  # transformers' float32 mean over the 4 x 31 predicted tokens
+    assert ours.perplexity == pytest.approx(ref, rel=tolerance.perplexity(4 * 31, ref))
 
 
 def calib_eval_windows(model: Path, data: Path) -> torch.Tensor:
