@@ -84,7 +84,7 @@ class Site(Enum):
 # Linears of one site share one Hessian; later sites see the outputs of already pruned ones. A block's token mixer is
 # attention or linear attention: the same two sites (its input, the input of its output projection) with the roles
 # of its kind. Linear attention's decay and rate projections (b, a) are copied as read, as routers are: a few rows
-# that set how fast each head's state forgets, not a projection of the features (docs/architectures.md).
+# per block that gate each head's state, whose pruning showed neither cost nor gain (docs/architectures.md).
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
     (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA,
                     Role.SSM_IN_QKVZ, Role.SSM_IN_QKV, Role.SSM_IN_Z)),
