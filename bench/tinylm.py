@@ -1,4 +1,4 @@
-"""Small language models trained offline on English text shipped with Python: a LLaMA and a Mixtral.
+"""Small language models trained offline on English text shipped with Python: a LLaMA, a Mixtral and a Qwen3.5.
 
 Corpus: docstrings of a fixed list of pure-Python stdlib modules (parsed with ``ast``, never
 imported), then the ``pydoc_data.topics`` help texts in sorted key order, joined by blank lines and
@@ -7,11 +7,13 @@ model are trained on the train text only; the float32 checkpoint (with ``tokeniz
 ``train.txt``, ``test.txt``, ``build_info.json``) is cached as ``<name>-<version>`` in
 ``$STREAMPRUNE_CACHE`` (default ``~/.cache/streamprune``); bump a recipe's version when it changes.
 
-Two recipes share the corpus, tokenizer, schedule and seed: ``TINYLM`` (``tinylm-v2``, the demo's
-LLaMA) and ``TINYMOE`` (``tinymoe-v2``), the same hidden size and depth with each MLP replaced by 8
+Three recipes share the corpus, tokenizer, schedule and seed: ``TINYLM`` (``tinylm-v2``, the demo's
+LLaMA); ``TINYMOE`` (``tinymoe-v2``), the same hidden size and depth with each MLP replaced by 8
 Mixtral experts of width 144 under top-2 routing (softmax, top 2, renormalized), trained with
 a load-balancing loss per block so that every expert receives tokens; it is a bench fixture for
-``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``.
+``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``; and
+``TINYHYBRID`` (``tinyhybrid-v1``), the LLaMA's sizes as a Qwen3.5 (three Gated DeltaNet blocks, then one of gated
+attention), the fixture of ``bench/hybrid_sites.py`` (``--hybrid``), also built on demand only.
 
 The demo model is not trained where it is used: ``bench/tinylm-v2/`` holds the one this recipe trained (see its
 NOTICE.md), so that the demo, the tests and the benchmarks see the same model on every machine. The corpus is what
