@@ -173,7 +173,7 @@ class Checkpoint:
         parts = {part for name in gone for part in self.layout.stored(name)}
         out.tensors = {name: info for name, info in self.tensors.items() if name not in parts}
         out.decoded = {name: info for name, info in self.decoded.items() if name not in gone}
-        fused = {piece.tensor for piece in self.layout.fused.values()}  # cut along the experts, as the router is
+        fused = self.layout.fused_tensors()  # cut along the experts, as the router is
         out.tensors.update({name: self.tensors[name].keeping(kept) for name in fused})
         out.layout = dataclasses.replace(self.layout, fused={
             name: dataclasses.replace(piece, shape=(kept, *piece.shape[1:]))

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.fileio import atomic_write
-from streamprune.fused import Piece
+from streamprune.fused import Piece, join
+from streamprune.tensorfile import slice_name
 
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
 
@@ -415,18 +416,33 @@ class Layout:
     encoded: frozenset[str] = frozenset()
     fused: Mapping[str, Piece] = dataclasses.field(default_factory=dict)
 
+    def encodes(self, name: str) -> bool:
+        """Whether tensor `name` is stored in this layout's format rather than as itself."""
+        return name in self.encoded and self.format.name != DenseFormat.name
+
     def stored(self, name: str) -> list[str]:
         """The stored tensors (or slices of them) that hold tensor `name`."""
         if name in self.fused:
-            return [self.fused[name].slice]
+            piece = self.fused[name]
+            if self.encodes(name):  # the expert's slice of each of the format's parts
+                return [slice_name(part, piece.expert) for part in self.format.names(piece.tensor)]
+            return [piece.slice]
         return self.format.names(name) if name in self.encoded else [name]
 
     def meta(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
         """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes (a
-        fused expert's: the whole fused tensor)."""
+        fused expert's: the whole fused tensor, or its format's parts)."""
         if name in self.fused:
-            return {self.fused[name].tensor: (dtype, self.fused[name].shape)}
+            piece = self.fused[name]
+            if self.encodes(name):
+                return self.format.tensors(piece.tensor, dtype, piece.shape)
+            return {piece.tensor: (dtype, piece.stored_shape)}
         return self.format.tensors(name, dtype, shape) if name in self.encoded else {name: (dtype, tuple(shape))}
+
+    def fused_tensors(self) -> set[str]:
+        """The stored tensors that hold routed experts fused (a format's parts where it encodes them)."""
+        return {part for name, piece in self.fused.items()
+                for part in (self.format.names(piece.tensor) if self.encodes(name) else [piece.tensor])}
 
     def parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
         """What `encode` gives for tensor `name`, with dtypes and shapes (a fused expert's linear: itself, a piece)."""
@@ -434,16 +450,49 @@ class Layout:
 
     def encode(self, name: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
         """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`; a fused
-        expert's linear is a piece, put together with its expert's others when written (`fused.assemble`)."""
+        expert's linear is a piece, put together with its expert's others when written (`assemble`), its value as the
+        format will decode it."""
         if name in self.fused:
+            if self.encodes(name):  # as it will decode: the formats that store fused experts encode row by row
+                piece = self.fused[name]
+                value = self.format.decode(piece.tensor, self.format.encode(piece.tensor, value, quant))
             return {name: value}
         return self.format.encode(name, value, quant) if name in self.encoded else {name: value}
 
     def weight(self, name: str, raw: Mapping[str, Tensor]) -> Tensor:
         """Tensor `name` as the run used it, from the stored tensors in `raw` (or its piece, as `encode` gave it)."""
         if name in self.fused:
-            return raw[name] if name in raw else self.fused[name].take(raw[self.fused[name].slice])
+            piece = self.fused[name]
+            if name in raw:
+                return raw[name]
+            if self.encodes(name):  # the piece's rows of each part of the expert's slice, decoded
+                return self.format.decode(piece.tensor, {
+                    part: piece.take(raw[slice_name(part, piece.expert)], stored_dense=False)
+                    for part in self.format.names(piece.tensor)})
+            return piece.take(raw[piece.slice])
         return self.format.decode(name, raw) if name in self.encoded else raw[name]
+
+    def assemble(self, pending: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The expert slices whose pieces (fused experts' linears, as `encode` gave them) are all in `pending`, as
+        stored: those pieces are taken out of `pending`; the others wait there for their siblings."""
+        slices: dict[str, list[str]] = {}
+        for name in pending:
+            slices.setdefault(self.fused[name].slice, []).append(name)
+        out = {}
+        for names in slices.values():
+            pieces = [(self.fused[n], pending[n]) for n in names]
+            value = join(pieces)
+            if value is None:
+                continue
+            for n in names:
+                del pending[n]
+            piece = pieces[0][0]
+            if self.encodes(names[0]):
+                for part, t in self.format.encode(piece.tensor, value).items():
+                    out[slice_name(part, piece.expert)] = t
+            else:
+                out[piece.slice] = value.T.contiguous() if piece.transposed else value.contiguous()
+        return out
 
 
 def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable[str]) -> None:

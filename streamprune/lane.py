@@ -101,7 +101,7 @@ class PruneLane(Consumer):
             # the others now)
             self.shard = self.sink.open(bid + 1, block_meta(self.job.out, bid, self.job.layout),
                                         read_back=moe and calib is not None and not self.sequential,
-                                        pieces=self.job.layout.fused)
+                                        layout=self.job.layout)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
             router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
                       if b == bid and role in ROUTER_ROLES} if removes else set()
@@ -183,6 +183,11 @@ class PruneLane(Consumer):
             xid = self.keep.index(xid)
         we = dict(part.w) if self.copy else part.w
         if self.job.solves:
+            out = self.job.out.experts[(bid, xid)]
+            biases = {name: out[param] for param, name in self.ckpt.experts[(bid, part.xid)].items() if param[1] != "weight"}
+            if biases:  # written as read
+                with self.report.timed("write", bid):
+                    self.put_as_read(biases, part.raw)
             if not self.copy:
                 part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
             self.prune_expert(bid, xid, we)
@@ -328,7 +333,7 @@ class PruneLane(Consumer):
         """Prune routed expert `xid` in place in `we`: its gate and up projections from the rows of the tokens routed
         to it (or of every token, see `expert_rows`), its down projection from their hidden activations through the
         pruned gate and up; with --sequential its weighted output is added to the block's output."""
-        names = {param[0]: name for param, name in self.job.out.experts[(bid, xid)].items()}
+        names = {param[0]: name for param, name in self.job.out.experts[(bid, xid)].items() if param[1] == "weight"}
         (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
         if self.calib is None:  # magnitude without calibration data
             for roles in (in_roles, down_roles):

@@ -154,7 +154,7 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
     moe = [b for (routed, _), b in kinds.items() if routed]
     if moe:
         names = ckpt.experts[(moe[0], 0)]
-        linears.update({param[0]: ckpt.info(name) for param, name in names.items()})
+        linears.update({param[0]: ckpt.info(name) for param, name in names.items() if param[1] == "weight"})
         expert = ckpt.stored_bytes(*names.values())
     sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
     return raw_block, expert, linears, [site for site in sites if site]
@@ -192,11 +192,13 @@ def site_widths(order: tuple[tuple[Site, tuple[Role, ...]], ...], linears: dict[
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
     hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
-    soft-capped attention, which no fused kernel computes, holds them for `score_rows` queries at a time."""
+    soft-capped attention and attention with sinks, which no fused kernel computes, hold them for `score_rows`
+    queries at a time."""
     width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
-    scores = 0 if cfg.attn_softcap is None else SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen)
+    explicit = cfg.attn_softcap is not None or cfg.attn_sinks
+    scores = SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen) if explicit else 0
     per_token = FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores
     if "linear_attention" in cfg.layer_types:  # a Gated DeltaNet block's mixer, beside its input and output
         nv = cfg.linear_v_heads

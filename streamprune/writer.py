@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +20,6 @@ from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.errors import CheckpointError
 from streamprune.fileio import atomic_write
 from streamprune.formats import Layout, update_config, write_quantization_config
-from streamprune.fused import Piece, assemble
 from streamprune.journal import Journal
 from streamprune.report import LayerReport
 from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
@@ -81,7 +80,8 @@ def output_linears(ckpt: Checkpoint) -> list[str]:
     EXPERT_SEQUENTIAL."""
     names = [name for ((role, kind), bid), name in ckpt.names.items()
              if bid is not None and kind == "weight" and role in PRUNABLE]
-    return names + [name for names in ckpt.experts.values() for (role, _), name in names.items() if role in PRUNABLE]
+    return names + [name for names in ckpt.experts.values() for (role, kind), name in names.items()
+                    if role in PRUNABLE and kind == "weight"]
 
 
 def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, Meta]:
@@ -97,14 +97,14 @@ def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, M
 class BlockShard:
     """One shard being written: tensors put as they are final, in any order; `close` puts it in place whole (and
     hands its layers' report rows to `on_close`), `abort` removes it. Over a context that yields no file, it keeps
-    nothing. A routed expert's linear stored fused (in `pieces`) waits for the others of its expert's slice, which is
-    then written whole (an expert's gate and up are solved together, its down alone)."""
+    nothing. A routed expert's linear stored fused (in `layout.fused`) waits for the others of its expert's slice,
+    which is then written whole (an expert's gate and up are solved together, its down alone)."""
 
     def __init__(self, context: contextlib.AbstractContextManager[ShardFile | None],
                  on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None,
-                 pieces: Mapping[str, Piece] | None = None) -> None:
-        self.context, self.on_close, self.pieces = context, on_close, pieces or {}
-        self.pending: dict[str, tuple[Piece, Tensor]] = {}
+                 layout: Layout | None = None) -> None:
+        self.context, self.on_close, self.layout = context, on_close, layout
+        self.pending: dict[str, Tensor] = {}
         self.file = context.__enter__()
 
     @property
@@ -112,15 +112,12 @@ class BlockShard:
         return None if self.file is None else self.file.path
 
     def put(self, name: str, tensor: Tensor) -> None:
-        piece = self.pieces.get(name)
-        if piece is None:
+        if self.layout is None or name not in self.layout.fused:
             self.write(name, tensor)
             return
-        self.pending[name] = (piece, tensor)
-        siblings = [n for n, (p, _) in self.pending.items() if p.slice == piece.slice]
-        if piece.part == "down" or len(siblings) == 2:
-            for part, value in assemble({n: self.pending.pop(n) for n in siblings}).items():
-                self.write(part, value)
+        self.pending[name] = tensor
+        for part, value in self.layout.assemble(self.pending).items():
+            self.write(part, value)
 
     def write(self, name: str, tensor: Tensor) -> None:
         if self.file is not None:
@@ -141,10 +138,10 @@ class BlockShard:
 
 class Sink(Protocol):
     def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
-             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
+             layout: Layout | None = None) -> BlockShard:
         """Shard `idx` of the output (0: the tensors outside the blocks; b + 1: block b), holding `meta`;
-        `read_back`: its file is read back before it is closed (the pruned experts of a block); `pieces`: the
-        routed experts' linears stored fused (see `BlockShard`)."""
+        `read_back`: its file is read back before it is closed (the pruned experts of a block); `layout`: the
+        output's, where it stores routed experts fused (see `BlockShard`)."""
 
     def finish(self) -> None:
         """Complete the output once every shard is in place."""
@@ -160,9 +157,9 @@ class CheckpointSink:
         self.writer = ShardWriter(out_dir, ckpt.config.n_layers + 1)
 
     def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
-             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
+             layout: Layout | None = None) -> BlockShard:
         return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts),
-                          pieces)
+                          layout)
 
     def record(self, idx: int, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Shard `idx`, written, flushed, renamed into place and checked, in the journal."""
@@ -197,11 +194,11 @@ class NoSink:
         self.work, self.name = work, name
 
     def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
-             pieces: Mapping[str, Piece] | None = None) -> BlockShard:
+             layout: Layout | None = None) -> BlockShard:
         if read_back:
             assert self.work is not None
-            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta), pieces=pieces)
-        return BlockShard(contextlib.nullcontext(None), pieces=pieces)
+            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta), layout=layout)
+        return BlockShard(contextlib.nullcontext(None), layout=layout)
 
     def finish(self) -> None:
         pass

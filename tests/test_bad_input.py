@@ -200,7 +200,7 @@ def _tensors(d: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
     (lambda d: _tensors(d, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 48, 64)})),
      ["model.layers.0.mlp.experts.gate_up_proj has shape [4, 48, 64], config.json implies [4, 64, 64]"]),
     (lambda d: _tensors(d, lambda t: t.pop("model.layers.1.mlp.experts.down_proj")),
-     ["model.layers.1.mlp.experts.down_proj is missing"]),
+     ["missing 1 tensor(s)", "model.layers.1.mlp.experts.down_proj"]),
     (lambda d: _tensors(d, lambda t: t.pop("model.layers.2.linear_attn.A_log")),
      ["missing 1 tensor(s)", "model.layers.2.linear_attn.A_log"]),
     (lambda d: _tensors(d, lambda t: t.pop("model.layers.0.linear_attn.conv1d.weight")),

@@ -78,6 +78,7 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
     binding = Binding(spec, *detect_prefix(spec, tensors, where), Layout(fmt))
     dtype = tensors[binding.name_of(Role.TOKEN_EMBD, "weight")].torch_dtype
     fmt = fmt.bound(dtype, tensors)
+    binding.layout = Layout(fmt)
     checks, encoded = _Checks(), set()
 
     def check(name: str, info: TensorInfo, shape: tuple[int, ...]) -> None:
@@ -112,15 +113,15 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
             if param[0] in BLOCK_ROLES and (name := bind(param, shape, bid)):
                 binding.names[(param, bid)] = name
         if cfg.is_moe(bid) and stored_fused(binding, bid, tensors):
-            bind_fused(binding, cfg, bid, tensors, check)
+            encoded |= bind_fused(binding, cfg, bid, tensors, dtype, check, checks)
             continue
         for xid in range(cfg.n_experts if cfg.is_moe(bid) else 0):
             binding.experts[(bid, xid)] = {param: name for param, shape in expert_params(cfg).items()
                                            if (name := bind(param, shape, bid, xid))}
     binding.mtp = mtp_layers(binding, cfg, tensors)
-    fused = {piece.tensor for piece in binding.fused.values()}  # and MTP layers, copied as stored, fused or not
-    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3
-                     and n not in fused and n not in binding.mtp)
+    bound = Layout(fmt, frozenset(encoded), binding.fused)  # its parts, and MTP layers (copied as stored), are no
+    stored = stored_parts(bound) | set(binding.mtp)          # stacked experts
+    stacked = sorted(n for n, info in tensors.items() if ".experts." in n and len(info.shape) == 3 and n not in stored)
     if stacked:
         raise CheckpointError(
             f"{where}: {stacked[0]} holds every expert of a block in one 3-D tensor {list(tensors[stacked[0]].shape)}; "
@@ -143,34 +144,58 @@ def fused_names(binding: Binding, bid: int) -> tuple[str, str] | None:
 
 
 def stored_fused(binding: Binding, bid: int, tensors: dict[str, TensorInfo]) -> bool:
-    """Whether block `bid`'s routed experts are stored fused: its family's fused gate_up is there and its first
-    expert's own gate is not."""
+    """Whether block `bid`'s routed experts are stored fused: its family's fused gate_up is there (as itself or as
+    its format's parts) and its first expert's own gate is not."""
     names = fused_names(binding, bid)
     first = binding.name_of(Role.FFN_GATE_EXP, "weight", bid, 0)
-    return names is not None and names[0] in tensors and first not in tensors
+    if names is None or first in tensors:
+        return False
+    return names[0] in tensors or binding.layout.format.stores(names[0], tensors)
 
 
-def bind_fused(binding: Binding, cfg: ModelConfig, bid: int, tensors: dict[str, TensorInfo],
-               check: Callable[[str, TensorInfo, tuple[int, ...]], None]) -> None:
+def bind_fused(binding: Binding, cfg: ModelConfig, bid: int, tensors: dict[str, TensorInfo], dtype: torch.dtype,
+               check: Callable[[str, TensorInfo, tuple[int, ...]], None], checks: _Checks) -> set[str]:
     """Block `bid`'s routed experts from its fused tensors: each expert's linears, under the names a per-expert
-    checkpoint gives them, are pieces of its slices (fused.py); the tensors' shapes and dtypes are checked."""
+    checkpoint gives them, are pieces of its slices (fused.py); the tensors' shapes and dtypes are checked. A fused
+    tensor the checkpoint's format stores (MXFP4's blocks and scales) decodes to `dtype`. Returns the experts' names
+    stored encoded."""
     row, names = binding.spec.fused, fused_names(binding, bid)
     assert row is not None and names is not None
-    shapes = row.shapes(cfg.n_experts, cfg.expert_ffn_dim, cfg.hidden_size)
-    for name, shape in zip(names, shapes):
-        if name not in tensors:
-            raise CheckpointError(f"{name} is missing beside {names[0]} (routed experts stored fused)")
-        check(name, tensors[name], shape)
-    tensor_of = {Role.FFN_GATE_EXP: (names[0], "gate"), Role.FFN_UP_EXP: (names[0], "up"),
-                 Role.FFN_DOWN_EXP: (names[1], "down")}
+    fmt, encoded = binding.layout.format, set()
+    shapes = dict(zip(names, row.shapes(cfg.n_experts, cfg.expert_ffn_dim, cfg.hidden_size)))
+    stored_encoded = {name: fmt.stores(name, tensors) for name in names}
+    for name, shape in shapes.items():
+        if stored_encoded[name]:
+            check_encoded(fmt, name, dtype, shape, tensors, checks)
+        elif name not in tensors:
+            checks.missing.append(name)
+        else:
+            check(name, tensors[name], (shape[0], *shape[1:][::-1]) if row.transposed else shape)
+    if row.bias:
+        for name, shape in shapes.items():
+            if name + "_bias" not in tensors:
+                checks.missing.append(name + "_bias")
+            else:
+                check(name + "_bias", tensors[name + "_bias"], shape[:2])
+    of = {Role.FFN_GATE_EXP: (names[0], "gate"), Role.FFN_UP_EXP: (names[0], "up"), Role.FFN_DOWN_EXP: (names[1], "down")}
     for xid in range(cfg.n_experts):
         experts = binding.experts[(bid, xid)] = {}
         for param, shape in expert_params(cfg).items():
             name = binding.name_of(*param, bid, xid)
-            tensor, part = tensor_of[param[0]]
-            binding.fused[name] = Piece(tensor, xid, part, tensors[tensor].shape, row)
-            binding.decoded[name] = (tensors[tensor].torch_dtype, tuple(shape))
+            tensor, part = of[param[0]]
+            if param[1] == "bias":
+                tensor += "_bias"
+                info = tensors.get(tensor)
+                binding.fused[name] = Piece(tensor, xid, part, shapes[of[param[0]][0]][:2], row, "bias")
+                binding.decoded[name] = (dtype if info is None else info.torch_dtype, tuple(shape))
+            else:
+                info = tensors.get(tensor)
+                binding.fused[name] = Piece(tensor, xid, part, shapes[tensor], row)
+                binding.decoded[name] = (dtype if info is None else info.torch_dtype, tuple(shape))
+                if stored_encoded[tensor]:
+                    encoded.add(name)
             experts[param] = name
+    return encoded
 
 
 def check_encoded(fmt: OutputFormat, name: str, dtype: torch.dtype, shape: tuple[int, ...],
@@ -208,6 +233,12 @@ def mtp_layers(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo
     return found
 
 
+def stored_parts(layout: Layout) -> set[str]:
+    """The stored tensors that hold a checkpoint's encoded linears and fused experts (not names of the model)."""
+    parts = {part for name in layout.encoded if name not in layout.fused for part in layout.stored(name)}
+    return parts | layout.fused_tensors()
+
+
 def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], where: Path) -> None:
     """Where each stored tensor belongs: its block index, or None for the globals; a tensor that belongs nowhere is
     refused."""
@@ -215,8 +246,7 @@ def locate(binding: Binding, cfg: ModelConfig, tensors: dict[str, TensorInfo], w
     binding.location = {name: bid for (_, bid), name in binding.names.items()}  # by the names the model uses
     binding.expert_of = {name: key for key, names in binding.experts.items() for name in names.values()}
     binding.location.update({name: bid for name, (bid, _) in binding.expert_of.items()})
-    parts = {stored for name in layout.encoded for stored in layout.stored(name)}
-    parts |= {piece.tensor for piece in layout.fused.values()}
+    parts = stored_parts(layout)
     for role in spec.optional & set(spec.tensors):
         for bid in range(cfg.n_layers):
             name = binding.name_of(role, "inv_freq", bid)

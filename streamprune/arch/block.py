@@ -135,10 +135,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q, k))
-    if cfg.attn_softcap is None:
+    sinks = param(w, Role.ATTN_SINKS, "sinks", q)
+    if cfg.attn_softcap is None and sinks is None:
         o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
     else:
-        o = softcapped_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, score_rows(cfg, T))
+        o = explicit_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
     o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return o * torch.sigmoid(gate.reshape(B, T, nh * hd)) if cfg.attn_output_gate else o
 
@@ -171,33 +172,40 @@ def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
 
 
 def score_rows(cfg: ModelConfig, seqlen: int) -> int:
-    """Queries per chunk of soft-capped attention: the (H, rows, T) scores of a window take about as much as one
+    """Queries per chunk of explicit attention: the (H, rows, T) scores of a window take about as much as one
     (T, hidden) hidden state."""
     return max(1, min(seqlen, cfg.hidden_size // cfg.n_heads))
 
 
-def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, cap: float,
-                         rows: int) -> Tensor:
-    """Causal attention (B, H, T, hd) -> (B, H, T, hd) whose logits are soft-capped, cap * tanh(logits / cap),
-    before the mask (Gemma 2). No fused kernel applies a function to the logits, so the scores are computed, but
-    `rows` queries at a time: (B, H, rows, T), never (B, H, T, T). `bias` is an additive (1, 1, T, T) window mask
-    with the causal one in it; None is plain causal."""
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, cap: float | None,
+                       sinks: Tensor | None, rows: int) -> Tensor:
+    """Causal attention (B, H, T, hd) -> (B, H, T, hd) whose logits no fused kernel computes: soft-capped, cap *
+    tanh(logits / cap), before the mask (Gemma 2), or beside a learned logit per head (`sinks`, (H,)) that joins each
+    query's softmax and whose value is zero (gpt-oss). The scores are computed, but `rows` queries at a time: (B, H,
+    rows, T), never (B, H, T, T). `bias` is an additive (1, 1, T, T) window mask with the causal one in it; None is
+    plain causal."""
     B, H, T, hd = q.shape
     nkv = k.shape[1]
     q = q.view(B, nkv, H // nkv, T, hd)  # query heads grouped by the key head they share
     k, v = k[:, :, None], v[:, :, None]  # (B, nkv, 1, T, hd)
     out = torch.empty_like(q)
     keys = torch.arange(T, device=q.device)
+    sink = None if sinks is None else sinks.view(1, nkv, H // nkv, 1, 1)  # beside each query's scores
     for i in range(0, T, rows):
         j = min(i + rows, T)
-        s = torch.matmul(q[:, :, :, i:j], k.transpose(-1, -2))  # (B, nkv, H/nkv, rows, T)
-        s.mul_(scale).div_(cap).tanh_().mul_(cap)
+        s = torch.matmul(q[:, :, :, i:j], k.transpose(-1, -2)).mul_(scale)  # (B, nkv, H/nkv, rows, T)
+        if cap is not None:
+            s.div_(cap).tanh_().mul_(cap)
         if bias is None:
             s.masked_fill_(keys[None, :] > keys[i:j, None], float("-inf"))  # (rows, T): the future
         else:
             s.add_(bias[0, 0, i:j])  # (rows, T)
-        out[:, :, :, i:j] = torch.matmul(torch.softmax(s, dim=-1), v)
-        del s
+        if sink is None:
+            p = torch.softmax(s, dim=-1)
+        else:  # the sink's share of the softmax goes nowhere
+            p = torch.softmax(torch.cat((s, sink.expand(*s.shape[:-1], 1)), dim=-1), dim=-1)[..., :-1]
+        out[:, :, :, i:j] = torch.matmul(p, v)
+        del s, p
     return out.view(B, H, T, hd)
 
 
@@ -231,6 +239,10 @@ def ffn_hidden(cfg: ModelConfig, w: Weights, x: Tensor, gate: Role = Role.FFN_GA
     if cfg.gate_up_fused and gate is Role.FFN_GATE:
         g, u = linear(w, Role.FFN_GATE_UP, x).chunk(2, dim=-1)  # (B, T, ffn_dim) each
         return activation(cfg.act, g) * u
+    if cfg.swiglu_limit is not None:  # gpt-oss's clamped SwiGLU
+        g = linear(w, gate, x).clamp(max=cfg.swiglu_limit)
+        u = linear(w, up, x).clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
+        return g * torch.sigmoid(cfg.swiglu_alpha * g) * (u + 1)
     if cfg.gated:
         return activation(cfg.act, linear(w, gate, x)) * linear(w, up, x)
     return activation(cfg.act, linear(w, up, x))
@@ -247,6 +259,9 @@ def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
     selection bias, where there is one, among the experts of the best `topk_group` groups, where the router is
     group-limited; their scores renormalized where the config says so, times the routed scaling factor.
     (tokens, D) -> chosen experts (tokens, k) and their weights (tokens, k) in m's dtype."""
+    if cfg.router == "topk_softmax":  # the top-k logits (with the router's bias) and their softmax (gpt-oss)
+        top, chosen = torch.topk(linear(w, Role.FFN_GATE_INP, m), cfg.experts_per_tok, dim=-1)  # (tokens, k)
+        return chosen, torch.softmax(top, dim=-1).to(m.dtype)
     if cfg.router == "softmax":  # logits in m's dtype (Mixtral, Qwen-MoE)
         scores = torch.softmax(linear(w, Role.FFN_GATE_INP, m), dim=-1, dtype=torch.float32)  # (tokens, n_experts)
     else:  # logits in float32 (DeepSeek-V3, GLM-4.5, MiniMax-M2)

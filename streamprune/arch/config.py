@@ -42,6 +42,10 @@ class ModelConfig:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
     post_norms: bool = False  # Gemma: the attention's and the MLP's outputs are normalized before each residual add
     act: str = "silu"  # "silu" | "relu" | "gelu" | "gelu_tanh"
+    # gpt-oss's clamped SwiGLU where set: gate clamped above at the limit, up to [-limit, limit], then
+    # gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     gated: bool = True  # act(gate(x)) * up(x)
     gate_up_fused: bool = False  # gate and up stored as one matrix, gate rows first (Phi-3)
     pos: str = "rope"  # "rope" | "learned" | "alibi"
@@ -85,6 +89,7 @@ class ModelConfig:
     linear_v_dim: int = 0
     linear_conv: int = 0
     linear_fused_in: bool = False
+    attn_sinks: bool = False  # a learned logit per head joins each query's softmax, its value zero (gpt-oss)
     attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
     final_softcap: float | None = None  # and so do the output logits
     final_norm: bool = True
@@ -103,13 +108,16 @@ class ModelConfig:
     shared_ffn_dim: int = 0
     norm_topk_prob: bool = False  # the kept routing weights are renormalized to sum to 1
     shared_gate: bool = True  # the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE); else added as is
-    # the router's scores: "softmax" over the experts, or each expert's "sigmoid"; with `router_bias`, a per-expert
+    # the router's scores: "softmax" over the experts, each expert's "sigmoid", or "topk_softmax": the top-k logits
+    # chosen, then their softmax (gpt-oss); with `router_bias`, a per-expert
     # bias (DeepSeek-V3's e_score_correction_bias) is added to the scores for choosing the experts, not to their
     # weights; group-limited choice: the experts fall into `n_group` groups, only the experts of the `topk_group`
     # groups of highest score (the sum of a group's two best biased scores) can be chosen; the chosen weights are
     # multiplied by `routed_scaling`
     router: str = "softmax"
     router_bias: bool = False
+    router_logit_bias: bool = False  # the router's linear adds a bias to its logits (gpt-oss)
+    expert_bias: bool = False  # each routed expert's projections have biases (gpt-oss)
     n_group: int = 1
     topk_group: int = 1
     routed_scaling: float = 1.0
@@ -191,9 +199,9 @@ class ModelConfig:
         if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
             raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
                                   f"{self.shared_ffn_dim!r} out of range")
-        if self.router not in ("softmax", "sigmoid"):
+        if self.router not in ("softmax", "sigmoid", "topk_softmax"):
             raise UnsupportedModelError(f"config.json: router scoring {self.router!r} is not supported; expected "
-                                        "softmax or sigmoid")
+                                        "softmax, sigmoid or topk_softmax")
         if (self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
                 or self.experts_per_tok > self.topk_group * (self.n_experts // self.n_group)):
             raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "

@@ -32,6 +32,7 @@ class Role(Enum):
     ATTN_KV_A_NORM = "attn_kv_a_norm"
     ATTN_KV_B = "attn_kv_b"
     ATTN_OUT = "attn_out"
+    ATTN_SINKS = "attn_sinks"  # a learned softmax logit per head, of the attention module (gpt-oss's `sinks`)
     ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
     FFN_NORM = "ffn_norm"
     FFN_POST_NORM = "ffn_post_norm"  # norm of the MLP's output before the residual add (Gemma)
@@ -112,7 +113,7 @@ BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.R
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
                                            Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
                                            Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
-                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM}
+                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS}
 
 # The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
 ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})

@@ -111,8 +111,10 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         norm(Role.FFN_POST_NORM, d)
     if not linear_attn:
         linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
+    if cfg.attn_sinks and not linear_attn:
+        params[(Role.ATTN_SINKS, "sinks")] = (cfg.n_heads,)
     if moe:
-        linear(Role.FFN_GATE_INP, cfg.n_experts, d, False)
+        linear(Role.FFN_GATE_INP, cfg.n_experts, d, cfg.router_logit_bias)
         if cfg.router_bias:  # added to the scores to choose the experts (DeepSeek-V3's name)
             params[(Role.FFN_EXP_PROBS_B, "e_score_correction_bias")] = (cfg.n_experts,)
         if cfg.shared_ffn_dim:
@@ -152,8 +154,12 @@ def linear_attention(cfg: ModelConfig, params: dict[Param, tuple[int, ...]]) -> 
 
 
 def expert_params(cfg: ModelConfig) -> dict[Param, tuple[int, ...]]:
-    """The parameters of one routed expert (a gated MLP without biases), with their shapes."""
+    """The parameters of one routed expert (a gated MLP, with biases where the config says), with their shapes."""
     d, f = cfg.hidden_size, cfg.expert_ffn_dim
-    return {(Role.FFN_GATE_EXP, "weight"): (f, d), (Role.FFN_UP_EXP, "weight"): (f, d),
-            (Role.FFN_DOWN_EXP, "weight"): (d, f)}
+    params: dict[Param, tuple[int, ...]] = {(Role.FFN_GATE_EXP, "weight"): (f, d), (Role.FFN_UP_EXP, "weight"): (f, d),
+                                            (Role.FFN_DOWN_EXP, "weight"): (d, f)}
+    if cfg.expert_bias:
+        params.update({(Role.FFN_GATE_EXP, "bias"): (f,), (Role.FFN_UP_EXP, "bias"): (f,),
+                       (Role.FFN_DOWN_EXP, "bias"): (d,)})
+    return params
 
