@@ -404,6 +404,94 @@ class Fp8BlockFormat(OutputFormat):
         return qc
 
 
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the FP4 (e2m1) magnitudes of codes 0-7; codes 8-15 are their negatives
+MX_BLOCK = 32  # values per MXFP4 scale
+E2M1_EMAX = 2  # the exponent of e2m1's largest value, 1.5 x 2^2
+E8M0_NAN = 255
+
+
+@dataclass(frozen=True)
+class Mxfp4Format(OutputFormat):
+    """OCP Microscaling FP4 (MXFP4), as gpt-oss's and DeepSeek-V4's routed experts are published: each run of 32
+    input features of an output row shares one power-of-two scale. `<w>_blocks` (uint8 [..., out, in / 32, 16]: two
+    e2m1 codes a byte, the lower nibble first) and `<w>_scales` (uint8 [..., out, in / 32], e8m0: 2^(s - 127)); W =
+    code value x scale. Encoding takes each block's shared exponent floor(log2(amax)) - 2 (OCP MX: e2m1's largest
+    exponent off that of the largest magnitude), divides by it, rounds to the nearest e2m1 value (ties to the even
+    code) and saturates at 6; zeros stay exactly 0. Decoding is exact in any float dtype of the model (an e2m1 value
+    times a power of two), as a loader that dequantizes computes it."""
+
+    name: ClassVar[str] = "mxfp4"
+    dtype: torch.dtype = torch.bfloat16  # the model's (decoded weights')
+    rows_at_once: int = 4096  # rows decoded or encoded at a time: the temporaries stay small
+
+    def names(self, weight: str) -> list[str]:
+        return [weight + "_blocks", weight + "_scales"]
+
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        *lead, rows, cols = shape
+        if cols % MX_BLOCK:
+            raise CheckpointError(f"{weight}: {cols} input features are not a multiple of {MX_BLOCK} (MXFP4 blocks)")
+        blocks, scales = self.names(weight)
+        return {blocks: (torch.uint8, (*lead, rows, cols // MX_BLOCK, MX_BLOCK // 2)),
+                scales: (torch.uint8, (*lead, rows, cols // MX_BLOCK))}
+
+    def stores(self, weight: str, tensors: Mapping[str, Any]) -> bool:
+        return weight not in tensors and any(name in tensors for name in self.names(weight))
+
+    def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
+        return dataclasses.replace(self, dtype=dtype)
+
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        blocks, scales = (stored[n] for n in self.names(weight))
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != MX_BLOCK // 2 \
+                or blocks.shape[:-1] != scales.shape:
+            raise CheckpointError(f"{weight}: MXFP4 blocks {blocks.dtype} {list(blocks.shape)} and scales {scales.dtype} "
+                                  f"{list(scales.shape)} do not fit (uint8 [..., rows, groups, 16] and [..., rows, groups])")
+        if bool((scales == E8M0_NAN).any()):
+            raise CheckpointError(f"{weight}_scales holds the e8m0 code 255 (NaN)")
+        lut = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32, device=blocks.device)
+        *lead, rows, groups, _ = blocks.shape
+        flat_blocks, flat_scales = blocks.reshape(-1, groups, MX_BLOCK // 2), scales.reshape(-1, groups)
+        out = torch.empty(flat_blocks.shape[0], groups * MX_BLOCK, dtype=self.dtype, device=blocks.device)
+        for r in range(0, flat_blocks.shape[0], self.rows_at_once):
+            b = flat_blocks[r : r + self.rows_at_once]
+            values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # (R, groups, 16, 2)
+            scale = torch.exp2(flat_scales[r : r + self.rows_at_once].float() - 127)  # (R, groups)
+            out[r : r + self.rows_at_once] = (values.reshape(b.shape[0], groups, MX_BLOCK) * scale[..., None]).reshape(
+                b.shape[0], -1).to(self.dtype)
+        return out.reshape(*lead, rows, groups * MX_BLOCK)
+
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        if quant is not None:
+            raise ArgumentError(f"{weight}: --format mxfp4 stores FP4 values of its own scales; --wbits quantizes to "
+                                "integers (use --format compressed-tensors or dense)")
+        *lead, rows, cols = value.shape
+        groups = cols // MX_BLOCK
+        self.tensors(weight, value.dtype, tuple(value.shape))  # refuses a width that is no multiple of 32
+        flat = value.reshape(-1, groups, MX_BLOCK)
+        blocks = torch.empty(flat.shape[0], groups, MX_BLOCK // 2, dtype=torch.uint8, device=value.device)
+        scales = torch.empty(flat.shape[0], groups, dtype=torch.uint8, device=value.device)
+        midpoints = torch.tensor([(a + b) / 2 for a, b in zip(E2M1, E2M1[1:])], dtype=torch.float32, device=value.device)
+        for r in range(0, flat.shape[0], self.rows_at_once):
+            v = flat[r : r + self.rows_at_once].float()  # (R, groups, 32)
+            amax = v.abs().amax(dim=-1)
+            exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - E2M1_EMAX, torch.full_like(amax, -127))
+            code = (exponent + 127).clamp(0, E8M0_NAN - 1)
+            scaled = (v.abs() / torch.exp2(code - 127)[..., None]).clamp(max=E2M1[-1])
+            index = torch.bucketize(scaled, midpoints)  # nearest magnitude, a tie to the lower one...
+            tie = (index < len(midpoints)) & (scaled == midpoints[index.clamp(max=len(midpoints) - 1)]) & (index % 2 == 1)
+            index = index + tie.to(index.dtype)  # ...then to the even code
+            nibble = (index + 8 * ((v < 0) & (index > 0)).to(index.dtype)).to(torch.uint8)  # no -0: a zero is code 0
+            blocks[r : r + self.rows_at_once] = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+            scales[r : r + self.rows_at_once] = code.to(torch.uint8)
+        name_blocks, name_scales = self.names(weight)
+        return {name_blocks: blocks.reshape(*lead, rows, groups, MX_BLOCK // 2),
+                name_scales: scales.reshape(*lead, rows, groups)}
+
+    def quantization_config(self, ignore: Iterable[str]) -> dict[str, Any]:
+        return {"quant_method": "mxfp4", "modules_to_not_convert": sorted(set(ignore))}
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint stores its tensors: the linear weights in `encoded` (by their dense names) as `format`
@@ -518,7 +606,7 @@ def update_config(out_dir: Path, changes: dict[str, Any], remove: Iterable[str] 
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-FORMATS = ("dense", "compressed-tensors", "fp8")
+FORMATS = ("dense", "compressed-tensors", "fp8", "mxfp4")
 
 
 def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
@@ -558,6 +646,11 @@ def make_format(name: str, grid: GridArgs | None = None) -> OutputFormat:
             raise ArgumentError("--format fp8 stores float8 weights; --wbits quantizes to integers (use --format "
                                 "compressed-tensors or dense)")
         return Fp8BlockFormat()
+    if name == "mxfp4":
+        if grid is not None:
+            raise ArgumentError("--format mxfp4 stores FP4 values of its own scales; --wbits quantizes to integers (use "
+                                "--format compressed-tensors or dense)")
+        return Mxfp4Format()
     raise ArgumentError(f"format {name!r} is not one of {', '.join(FORMATS)}")
 
 
@@ -571,10 +664,12 @@ def format_of(config: Mapping[str, Any], where: str = "config.json") -> OutputFo
     method, fmt = qc.get("quant_method"), qc.get("format")
     if method == "fp8":
         return fp8_format_of(qc, where)
+    if method == "mxfp4":
+        return Mxfp4Format()
     if method != "compressed-tensors" or fmt != "pack-quantized":
         raise CheckpointError(f"{where}: quantization_config with quant_method {method!r} and format {fmt!r} is not "
-                              "supported; streamprune reads unquantized, fp8 (block scales) and compressed-tensors "
-                              "pack-quantized checkpoints")
+                              "supported; streamprune reads unquantized, fp8 (block scales), mxfp4 and "
+                              "compressed-tensors pack-quantized checkpoints")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise CheckpointError(f"{where}: streamprune reads a compressed-tensors config with one config group, "

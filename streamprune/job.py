@@ -296,12 +296,15 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions,
         grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
     # fp8 as read keeps the input's tiles and scales' dtype; packed integers take the run's own grid (--wbits)
     fmt = given if name == given.name == "fp8" else make_format(name, grid).bound(ckpt.dtype, {})
-    if ckpt.layout.fused and fmt.name != "dense":
+    if ckpt.layout.fused and fmt.name not in ("dense", "mxfp4"):
         fused = next(iter(ckpt.layout.fused.values())).tensor
-        raise ArgumentError(f"--format {fmt.name}: the routed experts are stored fused ({fused}, ...) and are written "
-                            "back fused in the model's dtype; use --format dense (--wbits rounds their weights to the "
-                            "grid in that dtype)")
-    layout = Layout(fmt, frozenset(output_linears(ckpt)))
+        raise ArgumentError(f"--format {fmt.name}: the routed experts are stored fused ({fused}, ...), which dense "
+                            "and mxfp4 write back; use --format dense (--wbits rounds their weights to the grid in "
+                            "the model's dtype) or mxfp4")
+    if fmt.name == "mxfp4" and not ckpt.config.n_experts:
+        raise ArgumentError(f"--format mxfp4 stores routed experts; model_type {ckpt.config.model_type!r} has none")
+    # MXFP4 encodes the routed experts only, as gpt-oss is published; the other formats every pruned linear
+    layout = Layout(fmt, frozenset(n for n in output_linears(ckpt) if fmt.name != "mxfp4" or n in ckpt.expert_of))
     unpruned = sorted(ckpt.layout.encoded - layout.encoded)
     if unpruned:
         raise ArgumentError(f"{unpruned[0]} is stored {given.name} but is not a linear streamprune prunes "
