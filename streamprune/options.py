@@ -227,9 +227,11 @@ class PruneOptions:
     format: str | None = option(
         None, "How the pruned linears are written: 'dense' (weights in the model's dtype; with --wbits, the "
               "dequantized values), 'compressed-tensors' (needs --wbits: int weights packed into int32 with "
-              "per-group scales, the pack-quantized format transformers and vLLM load) or 'fp8' (float8 e4m3 with a "
-              "scale per 128 x 128 tile, as DeepSeek-V3 is published). Default: as the input stores them (fp8 for an "
-              "fp8 checkpoint, else dense).", (RUN,), choices=FORMATS, fingerprint=when_not_dense)
+              "per-group scales, the pack-quantized format transformers and vLLM load), 'fp8' (float8 e4m3 with a "
+              "scale per 128 x 128 tile, as DeepSeek-V3 is published) or 'mxfp4' (the routed experts in FP4 with a "
+              "power-of-two scale per 32 inputs, as gpt-oss is published; the other linears dense). Default: as the "
+              "input stores them (fp8 or mxfp4 for such a checkpoint, else dense).", (RUN,), choices=FORMATS,
+        fingerprint=when_not_dense)
     eval: Path | None = option(
         None, "Also compute the pruned model's perplexity on this file (.txt, .jsonl with 'text', or .npy token ids) "
               "in the same pass, on the windows `streamprune eval` would draw.", ALL, flag="--eval",

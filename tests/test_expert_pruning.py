@@ -25,7 +25,7 @@ from tests import tiny, tolerance
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
 VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
-            "qwen3.5-moe-fused", "qwen3.5-moe-image"]
+            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
@@ -66,9 +66,7 @@ def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float],
     with torch.no_grad():
         for j in range(experts.num_experts):
             token, slot = torch.where(chosen == j)
-            gate, up = torch.nn.functional.linear(m[token], experts.gate_up_proj[j]).chunk(2, dim=-1)
-            f = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[j])
-            norms = torch.linalg.vector_norm(f, dim=-1)
+            norms = torch.linalg.vector_norm(expert_output(experts, j, m[token]), dim=-1)
             g = weights[token, slot].double()
             n = int(token.numel())
             tokens.append(n)
@@ -78,9 +76,23 @@ def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float],
 
 
 def router(moe, m: torch.Tensor):
-    """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's bias."""
+    """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's bias,
+    gpt-oss's is `router`."""
+    if hasattr(moe, "router"):
+        return moe.router(m)
     bias = getattr(moe, "e_score_correction_bias", None)
     return moe.gate(m) if bias is None else moe.gate(m, bias)
+
+
+def expert_output(experts, j: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `j` of transformers' fused experts module on its tokens `x`: gpt-oss's x @ W + b with gate and up
+    interleaved and its clamped SwiGLU, or the others' gated MLP."""
+    F = torch.nn.functional
+    if hasattr(experts, "gate_up_proj_bias"):
+        hidden = experts._apply_gate(x @ experts.gate_up_proj[j] + experts.gate_up_proj_bias[j])
+        return hidden @ experts.down_proj[j] + experts.down_proj_bias[j]
+    gate, up = F.linear(x, experts.gate_up_proj[j]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[j])
 
 
 def lowest(scores: list[float], removed: int, groups: int = 1) -> list[int]:
@@ -142,7 +154,8 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
     for name, t in before.items():
         if ".experts." in name:
             continue
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "e_score_correction_bias")):
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "e_score_correction_bias",
+                          "mlp.router.weight", "mlp.router.bias")):
             router[name] = t
         else:
             expected[name] = t
@@ -153,7 +166,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
             prefix = f"layers.{bid}."
             if prefix in name and ".experts." in name:
                 head, rest = name.split(".experts.")
-                if rest in ("gate_up_proj", "down_proj"):  # every expert's, fused: the kept slices
+                if "." not in rest:  # every expert's, fused (weights, biases): the kept slices
                     expected[name] = t[keep]
                     continue
                 xid, tail = rest.split(".", 1)

@@ -28,7 +28,7 @@ def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
     return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2",
                                                  "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
-                                                 "qwen3.5-moe-image")}
+                                                 "qwen3.5-moe-image", "gpt-oss")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -39,14 +39,15 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
-                                     "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image"])
+                                     "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
+                                     "gpt-oss"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
     before, after = stored(src), stored(out)
     assert set(before) == set(after)
     ckpt = Checkpoint(src)
-    experts = set(ckpt.expert_of)
+    experts = {n for n in ckpt.expert_of if n.endswith(".weight")}  # gpt-oss's expert biases are copied
     pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
                         and param[0] in PRUNABLE}
     assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",

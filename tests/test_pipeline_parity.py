@@ -203,6 +203,7 @@ MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_att
               ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
 MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
 MOE_STAGES["qwen3_next"] = MOE_STAGES["qwen3_5_moe_text"] = MOE_STAGES["qwen2_moe"]
+MOE_STAGES["gpt_oss"] = LLAMA_STAGES[:2]
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
 
 
@@ -263,6 +264,15 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     return rows
 
 
+def router(moe, m: torch.Tensor):
+    """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's
+    selection bias, gpt-oss's is `router`."""
+    if hasattr(moe, "router"):
+        return moe.router(m)
+    bias = getattr(moe, "e_score_correction_bias", None)
+    return moe.gate(m) if bias is None else moe.gate(m, bias)
+
+
 def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written: dict, method: str,
                 sequential: bool, min_tokens: int) -> list[Row]:
     """Each routed expert of block `b` re-derived from the MoE input and transformers' own router: its gate and up
@@ -270,10 +280,13 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
     hidden activations through the pruned (sequential) or dense gate and up projections."""
     prefix = f"model.layers.{b}.mlp.experts."
     m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
-    bias = getattr(moe, "e_score_correction_bias", None)  # MiniMax-M2's router takes its block's selection bias
-    _, _, chosen = moe.gate(m) if bias is None else moe.gate(m, bias)
+    _, _, chosen = router(moe, m)
     gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
     gate_up_w, down_w = written[prefix + "gate_up_proj"].double(), written[prefix + "down_proj"].double()
+    oss = hasattr(moe.experts, "gate_up_proj_bias")  # gpt-oss: x @ W + b, gate and up interleaved, the clamped SwiGLU
+    if oss:  # as linear weights, gate rows then up rows
+        gate_up, gate_up_w = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1).transpose(1, 2) for t in (gate_up, gate_up_w))
+        down, down_w = down.transpose(1, 2), down_w.transpose(1, 2)
     ffn = down.shape[2]
     rows = []
 
@@ -288,14 +301,19 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
         row(f"expert {e} gate ({n} tokens)", gate_up[e, :ffn], x, gate_up_w[e, :ffn])
         row(f"expert {e} up ({n} tokens)", gate_up[e, ffn:], x, gate_up_w[e, ffn:])
         gu = gate_up_w[e] if sequential else gate_up[e].double()
-        hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
+        if oss:
+            bias = moe.experts.gate_up_proj_bias[e].double()
+            interleaved = torch.stack((x @ gu[:ffn].T + bias[0::2], x @ gu[ffn:].T + bias[1::2]), dim=-1).flatten(-2)
+            hidden = moe.experts._apply_gate(interleaved)
+        else:
+            hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
         row(f"expert {e} down", down[e], hidden, down_w[e])
     return rows
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
-                                     "qwen3-next", "qwen3.5-moe-fused"])
+                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

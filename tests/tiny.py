@@ -158,9 +158,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3.5-moe-fused": ("Qwen3_5MoeTextConfig", QWEN_HYBRID),  # experts in 3-D tensors (see FUSED)
     # the image-text model as published: the language model under model.language_model, experts fused, a vision tower
     "qwen3.5-moe-image": ("Qwen3_5MoeConfig", dict(text_config=QWEN_HYBRID, vision_config=QWEN_VISION)),
+    # gpt-oss: sinks, q/k/v/o and expert biases, a 16-token sliding window in blocks 0 and 2 (the test windows are
+    # longer), YaRN, a router with a bias and top-2 of 4 experts, the clamped SwiGLU (a limit the activations reach)
+    "gpt-oss": ("GptOssConfig", dict(hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=16, swiglu_limit=0.4,
+                                     initializer_range=0.1,
+                                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0,
+                                                          beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                          original_max_position_embeddings=32))),
 }
 # saved with every expert of a block in one tensor per projection (save_original_format=False), as released
-FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image"}
+FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}
 # built by their image-text class (transformers' AutoModelForCausalLM gives the language model alone)
 IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration"}
 
@@ -225,6 +234,8 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(("bias", "A_log")):
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("sinks"):  # attention sinks of gpt-oss, large enough to take a share of the softmax
+                p.copy_(torch.randn_like(p))
         for name, b in model.named_buffers():  # a router's selection bias, zero as initialized, of the scores' size
             if name.endswith("e_score_correction_bias"):
                 b.add_(torch.randn_like(b) * 0.03)
