@@ -5,6 +5,7 @@ nothing is read, since the plan reads headers only. DeepSeek-V3 (671B): float8 e
 128 x 128 tile, bfloat16 embeddings, norms and routers, the multi-token-prediction layer, one shard per block.
 Qwen3.6-35B-A3B and Qwen3.5-397B-A17B: bfloat16, the image-text model's names and shapes as transformers builds them
 (the vision tower included; each block's 256 or 512 routed experts fused in two 3-D tensors), and an MTP layer.
+gpt-oss-120b: bfloat16 attention, sinks, router and biases, its 128 experts per block fused in MXFP4.
 
     python bench/giants.py                 # each, on a 24 GiB GPU, 128 x 2048 calibration tokens
     python bench/giants.py --record        # and into bench/RESULTS.md
@@ -163,11 +164,51 @@ def qwen35(path: Path, sizes: dict) -> int:
     return write(path, raw, shards)
 
 
+# gpt-oss-120b's config.json as released (the keys the model reads)
+GPT_OSS_120B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+    "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "head_dim": 64, "num_local_experts": 128, "num_experts_per_tok": 4, "sliding_window": 128,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0, "attention_bias": True,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096}, "rope_theta": 150000,
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
+
+
+def gpt_oss(path: Path) -> int:
+    """gpt-oss-120b as released: bf16 attention (with its sinks), router and biases, the experts' projections in
+    MXFP4 (uint8 blocks of 16 bytes and e8m0 scales per 32 inputs, outputs first), one shard per block."""
+    c = GPT_OSS_120B
+    d, f, n, e = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_local_experts"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    U8 = torch.uint8
+    shards = [{"model.embed_tokens.weight": (BF16, (c["vocab_size"], d)), "model.norm.weight": (BF16, (d,)),
+               "lm_head.weight": (BF16, (c["vocab_size"], d))}]
+    for b in range(n):
+        p = f"model.layers.{b}."
+        shard = {p + "input_layernorm.weight": (BF16, (d,)), p + "post_attention_layernorm.weight": (BF16, (d,)),
+                 p + "self_attn.sinks": (BF16, (c["num_attention_heads"],)), p + "mlp.router.weight": (BF16, (e, d)),
+                 p + "mlp.router.bias": (BF16, (e,))}
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shard.update({p + f"self_attn.{name}.weight": (BF16, (rows, d)), p + f"self_attn.{name}.bias": (BF16, (rows,))})
+        shard.update({p + "self_attn.o_proj.weight": (BF16, (d, q)), p + "self_attn.o_proj.bias": (BF16, (d,))})
+        for name, rows, cols in (("gate_up_proj", 2 * f, d), ("down_proj", d, f)):
+            shard.update({p + f"mlp.experts.{name}_blocks": (U8, (e, rows, cols // 32, 16)),
+                          p + f"mlp.experts.{name}_scales": (U8, (e, rows, cols // 32)),
+                          p + f"mlp.experts.{name}_bias": (BF16, (e, rows))})
+        shards.append(shard)
+    return write(path, c, shards)
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.1f}"
 
 
 MODELS = {"DeepSeek-V3": (deepseek_v3, "FP8, block scales", "FP8 out"),
+          "gpt-oss-120b": (gpt_oss, "MXFP4 experts", "MXFP4 out"),
           **{name: (lambda path, sizes=sizes: qwen35(path, sizes), "BF16, experts fused", "BF16 out")
              for name, sizes in QWEN.items()}}
 
