@@ -36,7 +36,7 @@ from torch import Tensor
 from streamprune.activations import Activations, DiskActivations
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden
-from streamprune.arch.roles import ROUTER_ROLES
+from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.experts import Tally, choose, decision, random_scores, tally
@@ -80,7 +80,7 @@ class PruneLane(Consumer):
         # removing routed experts: each MoE block keeps `kept` experts (else None); the block's router tensors as read,
         # the experts' sums (survey) and the ones kept, in order
         self.kept = job.out.config.n_experts if job.out is not job.ckpt else None
-        self.router: dict[str, Tensor] = {}
+        self.router: dict[str, tuple[Tensor, int]] = {}  # name -> (tensor, the axis of its experts)
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
         self.decision: dict[str, Any] | None = None
@@ -103,9 +103,9 @@ class PruneLane(Consumer):
                                         read_back=moe and calib is not None and not self.sequential,
                                         layout=self.job.layout)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
-            router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
-                      if b == bid and role in ROUTER_ROLES} if removes else set()
-            self.router = {name: block.raw[name] for name in router}
+            router = {self.ckpt.names[((role, kind), bid)]: expert_axis(role) for ((role, kind), b) in self.ckpt.names
+                      if b == bid and role in ROUTER_ROLES} if removes else {}
+            self.router = {name: (block.raw[name], axis) for name, axis in router.items()}
             self.put_as_read({n: n for n in self.ckpt.block_names(bid) if n not in pruned and n not in router},
                              block.raw)
             if not self.copy:
@@ -162,11 +162,11 @@ class PruneLane(Consumer):
                 scores = [t.score(criterion) for t in tallies]
             self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
             self.decision = decision(bid, criterion, scores, tallies, self.keep)
-            for name, tensor in self.router.items():
-                self.shard.put(name, tensor[self.keep])
+            for name, (tensor, axis) in self.router.items():
+                self.shard.put(name, tensor.index_select(axis, torch.tensor(self.keep)).contiguous())
             rows = torch.tensor(self.keep, device=self.device)
             for param in [p for p in self.w if p[0] in ROUTER_ROLES]:
-                self.w[param] = self.w[param][rows]
+                self.w[param] = self.w[param].index_select(expert_axis(param[0]), rows)
             if self.routes is not None:
                 assert self.stats is not None
                 self.routes = route_all(self.ckpt, self.w, self.stats, self.job.batch, self.device)

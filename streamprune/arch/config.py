@@ -117,6 +117,7 @@ class ModelConfig:
     router: str = "softmax"
     router_bias: bool = False
     router_logit_bias: bool = False  # the router's linear adds a bias to its logits (gpt-oss)
+    router_bias_2d: bool = False  # the selection bias is stored (1, n_experts) (ERNIE 4.5)
     expert_bias: bool = False  # each routed expert's projections have biases (gpt-oss)
     n_group: int = 1
     topk_group: int = 1
