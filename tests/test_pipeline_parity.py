@@ -204,7 +204,10 @@ MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_att
 MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
 MOE_STAGES["qwen3_next"] = MOE_STAGES["qwen3_5_moe_text"] = MOE_STAGES["qwen2_moe"]
 MOE_STAGES["gpt_oss"] = LLAMA_STAGES[:2]
+MOE_STAGES["hy_v3"] = MOE_STAGES["ernie4_5_moe"] = MOE_STAGES["glm4_moe"]
+MOE_STAGES["glm4_moe_lite"] = MOE_STAGES["deepseek_v3"]
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
+MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["deepseek_v3"]
 
 
 @torch.no_grad()
@@ -313,7 +316,8 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
-                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss"])
+                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
+                                     "glm4.7-flash"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 
