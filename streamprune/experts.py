@@ -23,7 +23,7 @@ import torch
 
 from streamprune.activations import Activations
 from streamprune.arch import ModelConfig, Role
-from streamprune.arch.block import Weights, expert_hidden, linear
+from streamprune.arch.block import Weights, expert_hidden, expert_input, linear
 from streamprune.errors import ArgumentError
 from streamprune.forward import Routes
 
@@ -87,11 +87,13 @@ def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: t
     t = Tally()
     for i, j, token, weight in rows:
         if token.numel():
-            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, m.rows(i, j, token, device)))  # (n, D)
+            x = expert_input(cfg, m.rows(i, j, token, device), weight)  # what the expert sees (weighted: Llama 4)
+            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, x))  # (n, D)
             norms = torch.linalg.vector_norm(f.double(), dim=-1)  # (n,)
             t.tokens += int(token.numel())
             t.norm += float(norms.sum())
-            t.weighted_norm += float((weight.double() * norms).sum())
+            # g_j(x) ||f_j(x)||: the norm of the expert's share of the output (||f_j(g_j x)|| where weighted before)
+            t.weighted_norm += float(norms.sum() if cfg.weight_expert_input else (weight.double() * norms).sum())
     return t
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations, DiskActivations
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
-from streamprune.arch.block import expert_hidden
+from streamprune.arch.block import expert_hidden, expert_input
 from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
@@ -346,8 +346,8 @@ class PruneLane(Consumer):
         row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
         p_in, p_down = (self.new_pruner(we, roles, bid, names) for _, roles in EXPERT_SEQUENTIAL)
         with self.report.timed("calibrate", bid):
-            for i, j, token, _ in rows_in:
-                m = stats.rows(i, j, token, self.device)
+            for i, j, token, weight in rows_in:
+                m = self.expert_input(stats.rows(i, j, token, self.device), weight)
                 with self.report.timed("hessian", bid):
                     p_in.add_batch(m)
                     if not sequential:  # the dense expert's hidden activations
@@ -357,8 +357,9 @@ class PruneLane(Consumer):
         self.prune_roles(bid, we, p_in, in_roles, names, **row)
         if sequential:
             with self.report.timed("hessian", bid):
-                for i, j, token, _ in rows_in:
-                    p_down.add_batch(expert_hidden(cfg, we, stats.rows(i, j, token, self.device)))
+                for i, j, token, weight in rows_in:
+                    p_down.add_batch(expert_hidden(cfg, we, self.expert_input(stats.rows(i, j, token, self.device),
+                                                                              weight)))
             self.merge(bid, p_down)
         self.check_inputs(bid, p_down, [names[r] for r in down_roles])
         self.prune_roles(bid, we, p_down, down_roles, names, **row)
@@ -366,6 +367,11 @@ class PruneLane(Consumer):
             assert self.calib is not None
             with self.report.timed("forward", bid):
                 add_expert(self.ckpt, we, rows, stats, self.calib.scratch, self.device)
+
+    def expert_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        """What enters a routed expert from token rows `x` (block.expert_input); the rows of every token, which come
+        without weights (`expert_rows`), as they are."""
+        return x if weight.numel() == 0 else expert_input(self.ckpt.config, x, weight)
 
     def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
         """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)
