@@ -29,6 +29,14 @@ QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, o
                    num_position_embeddings=16)
 
 # name -> (config class name, config kwargs)
+LLAMA4_TEXT = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                   num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8,
+                   no_rope_layers=[1, 1, 1, 0], floor_scale=4, attn_scale=0.5, max_position_embeddings=128,
+                   initializer_range=0.1,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=32))
+
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=4, max_position_embeddings=128)),
@@ -198,12 +206,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         vision_config=dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                            pos_emb_height=4, pos_emb_width=4, pos_emb_time=2),
         projection_hidden_size=32, tie_word_embeddings=False)),
+    # Llama 4: blocks 0-2 rotate and attend within 8-token chunks (the test windows are longer), unit-RMS q/k; block 3
+    # NoPE, its queries' temperature growing every 4 tokens; blocks 1 and 3 route top-1 of 4 experts (fused, as
+    # transformers always saves them) by a sigmoid weighting their input, beside a shared expert
+    "llama4": ("Llama4TextConfig", LLAMA4_TEXT),
+    # the image-text model as released: the language model under language_model., a vision tower and projector
+    "llama4-image": ("Llama4Config", dict(text_config=LLAMA4_TEXT, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+        projector_input_dim=32, projector_output_dim=64, vision_output_dim=32))),
 }
 # saved with every expert of a block in one tensor per projection (save_original_format=False), as released
 FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}
 # built by their image-text class (transformers' AutoModelForCausalLM gives the language model alone)
 IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration",
-              "kimi-k2.5": "Kimi_K25ForConditionalGeneration"}
+              "kimi-k2.5": "Kimi_K25ForConditionalGeneration",
+              "llama4-image": "Llama4ForConditionalGeneration"}
 
 
 @functools.cache
@@ -322,5 +339,7 @@ def hf_model(path: Path):
     import json
 
     model_type = json.loads((path / "config.json").read_text())["model_type"]
-    cls = transformers.Kimi_K25ForConditionalGeneration if model_type == "kimi_k25" else transformers.AutoModelForCausalLM
+    image_text = {"kimi_k25": transformers.Kimi_K25ForConditionalGeneration,
+                  "llama4": transformers.Llama4ForConditionalGeneration}
+    cls = image_text.get(model_type, transformers.AutoModelForCausalLM)
     return cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
