@@ -163,8 +163,8 @@ def families(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("variant,changes,expected", [
     ("qwen3-window", dict(layer_types=["full_attention"]),
      ["config.json", "layer_types=['full_attention']", "2 layer types"]),
-    ("qwen3-window", dict(layer_types=["full_attention", "chunked_attention"]),
-     ["config.json", "'chunked_attention'", "not supported"]),
+    ("qwen3-window", dict(layer_types=["full_attention", "block_sparse_attention"]),
+     ["config.json", "'block_sparse_attention'", "not supported"]),
     ("phi3-longrope", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
                                             "long_factor": [1.0] * 8, "original_max_position_embeddings": 32}),
      ["config.json", "short_factor=[1.0, 1.0, 1.0]", "8 numbers"]),
