@@ -165,6 +165,8 @@ def families(tmp_path_factory) -> dict[str, Path]:
      ["config.json", "layer_types=['full_attention']", "2 layer types"]),
     ("qwen3-window", dict(layer_types=["full_attention", "block_sparse_attention"]),
      ["config.json", "'block_sparse_attention'", "not supported"]),
+    ("qwen3-window", dict(layer_types=["full_attention", "chunked_attention"]),
+     ["config.json", "chunked attention layers without attention_chunk_size"]),
     ("phi3-longrope", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
                                             "long_factor": [1.0] * 8, "original_max_position_embeddings": 32}),
      ["config.json", "short_factor=[1.0, 1.0, 1.0]", "8 numbers"]),
@@ -176,7 +178,7 @@ def families(tmp_path_factory) -> dict[str, Path]:
     ("gemma3", dict(use_bidirectional_attention=True), ["config.json", "use_bidirectional_attention=True"]),
     ("gemma3", dict(final_logit_softcapping=-1.0), ["config.json", "final_softcap=-1.0", "not positive"]),
     ("gemma3-image", dict(text_config="gemma"), ["config.json", "text_config='gemma'", "not an object"]),
-], ids=["layer-types-length", "layer-type-unknown", "longrope-factors", "longrope-original-str", "rope-type",
+], ids=["layer-types-length", "layer-type-unknown", "chunk-size-missing", "longrope-factors", "longrope-original-str", "rope-type",
         "bidirectional", "softcap-negative", "text-config"])
 def test_bad_family_config(families, tmp_path, text, variant, changes, expected):
     model = Path(shutil.copytree(families[variant], tmp_path / "model"))
