@@ -147,11 +147,14 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
     kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
     raw_block = max(ckpt.stored_bytes(*ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
-    for b in kinds.values():
-        linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
-                        if ((role, "weight"), b) in ckpt.names})
+    for b in kinds.values():  # each role's largest (Gemma 4's global blocks have wider heads)
+        for role in PRUNABLE:
+            if ((role, "weight"), b) in ckpt.names:
+                info = ckpt.info(ckpt.names[((role, "weight"), b)])
+                if role not in linears or info.nbytes > linears[role].nbytes:
+                    linears[role] = info
     expert = 0
-    moe = [b for (routed, _), b in kinds.items() if routed]
+    moe = [b for kind, b in kinds.items() if kind[0]]
     if moe:
         names = ckpt.experts[(moe[0], 0)]
         linears.update({param[0]: ckpt.info(name) for param, name in names.items() if param[1] == "weight"})
@@ -175,7 +178,7 @@ def encoded_sizes(ckpt: Checkpoint) -> dict[str, int]:
 
     kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}
     block = max((sizes(ckpt.block_names(b)) for b in kinds.values()), key=lambda s: s[1])
-    moe = [b for (routed, _), b in kinds.items() if routed]
+    moe = [b for kind, b in kinds.items() if kind[0]]
     expert = sizes(list(ckpt.experts[(moe[0], 0)].values())) if moe else (0, 0)
     rows = getattr(ckpt.layout.format, "rows_at_once", 0)
     widest = max(ckpt.info(n).shape[1] for n in encoded)
@@ -194,7 +197,7 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
     soft-capped attention and attention with sinks, which no fused kernel computes, hold them for `score_rows`
     queries at a time."""
-    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+    width = max(cfg.hidden_size, *(cfg.n_heads * cfg.block(b).head_dim for b in range(cfg.n_layers)))
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
     explicit = cfg.attn_softcap is not None or cfg.attn_sinks
@@ -223,7 +226,7 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
         return 0
     total = 0
     for name, kind in layer_kinds(cfg, seqlen).items():
-        total += 0 if kind.rope is None else 2 * seqlen * cfg.head_dim * 4
+        total += 0 if kind.rope is None else 2 * seqlen * kind.rotary_dim * 4
         total += seqlen * seqlen * 4 if kind.masked else 0
         total += seqlen * 4 if name.endswith(":nope") and cfg.nope_temperature is not None else 0
     return total

@@ -76,6 +76,7 @@ class Kind:
     rope: dict[str, Any] | None
     window: int | None = None
     chunk: int | None = None
+    rotary_dim: int = 0  # the features of each head RoPE rotates (the blocks' own heads': Gemma 4's global ones wider)
 
     @property
     def masked(self) -> bool:
@@ -94,7 +95,8 @@ def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, Kind]:
         rope = cfg.rope_sliding if layer_type == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
         positional = cfg.pos == "rope" and layer_type != "linear_attention" and bid not in cfg.nope_layers
         kinds[name] = Kind(rope if positional else None, window if window is not None and window < seqlen else None,
-                           chunk if chunk is not None and chunk < seqlen else None)
+                           chunk if chunk is not None and chunk < seqlen else None,
+                           cfg.block(bid).rotary_dim if positional else 0)
     return kinds
 
 
@@ -107,7 +109,7 @@ def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
             continue
         p = Positions()  # the delta rule's state carries the order of the tokens; learned positions are embedded
         if kind.rope is not None:
-            inv_freq = rope_inv_freq(cfg.rotary_dim, kind.rope, seqlen)
+            inv_freq = rope_inv_freq(kind.rotary_dim, kind.rope, seqlen)
             p.cos, p.sin = rope_cos_sin(inv_freq, seqlen, kind.rope.get("attention_factor", 1.0))
         if kind.window is not None:
             p.bias = window_causal_bias(seqlen, kind.window)
@@ -151,7 +153,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = linear(w, Role.ATTN_QKV, x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
-        q, k, v = (linear(w, role, x) for role in (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V))
+        q, k = linear(w, Role.ATTN_Q, x), linear(w, Role.ATTN_K, x)
+        v = linear(w, Role.ATTN_V, x) if (Role.ATTN_V, "weight") in w else k  # Gemma 4's global blocks: the keys'
+        # the heads' width and key-value heads as this block's weights have them (Gemma 4's global blocks: their own)
+        hd = q.shape[-1] // (nh * (2 if cfg.attn_output_gate else 1))
+        nkv = k.shape[-1] // hd
         if cfg.attn_output_gate:  # each head's query features, then its output gate's (Qwen3-Next)
             q, gate = q.view(B, T, nh, 2 * hd).chunk(2, dim=-1)  # (B, T, nh, hd) each
         if cfg.qk_norm and not cfg.qk_norm_per_head:  # over all heads' features at once (MiniMax-M2)
@@ -159,6 +165,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     if cfg.qk_norm and cfg.qk_norm_per_head:  # over each head's hd features
         q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
+    if cfg.v_norm:
+        v = rms_norm(v, None, cfg.norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q, k))
@@ -166,11 +174,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
             q, k = rms_norm(q, None, cfg.norm_eps), rms_norm(k, None, cfg.norm_eps)
     if pos.q_scale is not None:
         q = q * pos.q_scale[:, None]
-    sinks = param(w, Role.ATTN_SINKS, "sinks", q)
+    sinks, scale = param(w, Role.ATTN_SINKS, "sinks", q), cfg.scale_for(hd)
     if cfg.attn_softcap is None and sinks is None:
-        o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+        o = fused_attention(q, k, v, pos.bias, scale)
     else:
-        o = explicit_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
+        o = explicit_attention(q, k, v, pos.bias, scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
     o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return o * torch.sigmoid(gate.reshape(B, T, nh * hd)) if cfg.attn_output_gate else o
 
@@ -389,6 +397,8 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
             return None
         y = linear(w, Role.FFN_DOWN, g)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
+    if cfg.layer_scalar:
+        out = out * param(w, Role.LAYER_SCALAR, "layer_scalar", out)
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ class ModelConfig:
     qk_norm_per_head: bool = True  # or, False, over the projection's whole width (MiniMax-M2)
     # queries and keys scaled to unit RMS per head, without weights, after RoPE, in the blocks that rotate (Llama 4)
     qk_unit_norm: bool = False
+    v_norm: bool = False  # values scaled to unit RMS per head, without weights (Gemma 4)
+    # the full-attention blocks' own head width and key-value heads where > 0 (Gemma 4: wider heads, fewer of them),
+    # and whether their values are their keys' projection (no v projection: Gemma 4's attention_k_eq_v)
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_values_from_keys: bool = False
+    values_from_keys: bool = False  # this block's (ModelConfig.block)
     out_bias: bool = False
     mlp_bias: bool = False
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
@@ -135,6 +143,7 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling: float = 1.0
     dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
+    layer_scalar: bool = False  # the block's output multiplied by a stored scalar (Gemma 4)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -189,7 +198,7 @@ class ModelConfig:
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
         if self.pos == "rope" and self.rotary_dim == 0:
-            self.rotary_dim = int(self.head_dim * self.rope.get("partial_rotary_factor", 1.0))
+            self.rotary_dim = rotary_dim(self.rope, self.head_dim)
         if self.pos == "rope" and (not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
             raise CheckpointError(f"config.json: {self.rotary_dim} rotated features per head (partial_rotary_factor "
                                   f"x head_dim {self.head_dim}) is not an even number in 2..head_dim")
@@ -239,13 +248,26 @@ class ModelConfig:
                 f"{self.linear_v_heads!r} value heads of {self.linear_v_dim!r} and {self.linear_conv!r} convolution "
                 "taps: expected positive sizes, the value heads a multiple of the key heads")
 
+    def block(self, bid: int) -> ModelConfig:
+        """The config as block `bid` sees it: a full-attention block's own head width and key-value heads (Gemma 4's
+        global blocks), else this one."""
+        if self.layer_types[bid] != "full_attention" or not (self.global_head_dim or self.global_kv_heads
+                                                               or self.global_values_from_keys):
+            return self
+        head_dim = self.global_head_dim or self.head_dim
+        return dataclasses.replace(self, head_dim=head_dim, n_kv_heads=self.global_kv_heads or self.n_kv_heads,
+                                   rotary_dim=rotary_dim(self.rope, head_dim), global_head_dim=0, global_kv_heads=0,
+                                   global_values_from_keys=False, values_from_keys=self.global_values_from_keys)
+
     def is_linear(self, bid: int) -> bool:
         """Whether block `bid` mixes its tokens by linear attention (Gated DeltaNet) instead of attention."""
         return self.layer_types[bid] == "linear_attention"
 
-    def kind(self, bid: int) -> tuple[bool, bool]:
-        """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention)."""
-        return self.is_moe(bid), self.is_linear(bid)
+    def kind(self, bid: int) -> tuple[bool, bool, tuple[int, int]]:
+        """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention, its heads'
+        width and key-value heads)."""
+        b = self.block(bid)
+        return self.is_moe(bid), self.is_linear(bid), (b.head_dim, b.n_kv_heads)
 
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
@@ -265,7 +287,11 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+        return self.scale_for(self.head_dim)
+
+    def scale_for(self, head_dim: int) -> float:
+        """The attention's softmax scale for heads `head_dim` wide."""
+        scalar = head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
         return 1.0 / math.sqrt(scalar) if self.attn_scale_factor == 1.0 else scalar ** -0.5 * self.attn_scale_factor
 
     @property
@@ -284,6 +310,14 @@ class ModelConfig:
             raise ArgumentError(
                 f"seqlen {seqlen} exceeds the model's maximum positions ({self.max_positions})"
             )
+
+
+def rotary_dim(rope: dict[str, Any], head_dim: int) -> int:
+    """How many of a head's features RoPE `rope` rotates: int(head_dim x partial_rotary_factor), or all of them for
+    proportional RoPE (Gemma 4: every feature pair of the head, the unrotated ones at frequency zero)."""
+    if rope.get("rope_type") == "proportional":
+        return head_dim
+    return int(head_dim * rope.get("partial_rotary_factor", 1.0))
 
 
 def get_layer_types(raw: dict[str, Any], n_layers: int, sliding: Callable[[int], bool]) -> list[str]:

@@ -51,6 +51,7 @@ class Role(Enum):
     FFN_DOWN_SHEXP = "ffn_down_shexp"
     FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's scalar gate (1, hidden); never pruned
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
+    LAYER_SCALAR = "layer_scalar"  # the block's output multiplied by it (Gemma 4's `layer_scalar`, (1,))
     # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5; see delta.py): the input projections, fused (q, k, v, z
     # grouped by key head; b, a likewise) or split; the causal convolution; the decay's A_log and dt_bias (one
     # parameter each, of the module); the gated output norm and the output projection
@@ -113,7 +114,8 @@ BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.R
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
                                            Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
                                            Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
-                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS}
+                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS,
+                                           Role.LAYER_SCALAR}
 
 # The router's tensors: one entry per routed expert (cut to the kept ones when experts are removed), along their
 # first axis (the router's rows and biases) or, for the selection bias, its last (ERNIE 4.5 stores it (1, n_experts)).

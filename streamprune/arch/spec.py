@@ -105,7 +105,8 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
     else:
         linear(Role.ATTN_Q, q_out * (2 if cfg.attn_output_gate else 1), d, cfg.qkv_bias)
         linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
-        linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
+        if not cfg.values_from_keys:
+            linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
     if cfg.qk_norm and not linear_attn:
         norm(Role.ATTN_Q_NORM, hd if cfg.qk_norm_per_head else q_out)
         norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
@@ -116,6 +117,8 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if cfg.attn_sinks and not linear_attn:
         params[(Role.ATTN_SINKS, "sinks")] = (cfg.n_heads,)
+    if cfg.layer_scalar:
+        params[(Role.LAYER_SCALAR, "layer_scalar")] = (1,)
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, cfg.router_logit_bias)
         if cfg.router_bias:  # added to the scores to choose the experts (DeepSeek-V3's name)
