@@ -31,7 +31,8 @@ NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
 # transformers' decoder blocks of each family, and their linears by the input they read, in pruning order
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "phi3": "model.layers",
           "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers",
-          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers"}
+          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers",
+          "gemma4_text": "model.layers", "gemma4": "model.language_model.layers"}
 LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 STAGES = {
@@ -46,6 +47,8 @@ STAGES = {
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
     "qwen3_5_text": LLAMA_STAGES,  # its attention blocks (the q projection with the output gate's rows)
+    "gemma4_text": LLAMA_STAGES,  # its global blocks without v_proj (their values are the keys' projection)
+    "gemma4": LLAMA_STAGES,
 }
 # the linear-attention blocks' mixer (Gated DeltaNet): the input projections, then the output projection; the decay
 # and rate projections (b, a) are copied as read (COPIED)
@@ -61,7 +64,8 @@ def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
     """`stages` (attention's, then the MLP's) as block `block` has them: a linear-attention block's mixer instead."""
     if getattr(block, "block_type", None) == "linear_attention":
         return LINEAR_STAGES[kind] + stages[2:]
-    return stages
+    present = {name for name, _ in block.named_modules()}  # Gemma 4's global blocks have no v_proj
+    return tuple(tuple(name for name in stage if name in present) for stage in stages)
 
 # Bounds measured for SparseGPT over model and window seeds 0-5 and 1 or 2 threads (the tests use seed 0):
 # float32 noise, amplified by the OBS sweep, reaches 2.1e-5 on later blocks; on block 0 with --no-sequential
@@ -168,7 +172,7 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
-                                     "gemma3", "qwen3.5"])
+                                     "gemma3", "qwen3.5", "gemma4", "gemma4-image"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 
