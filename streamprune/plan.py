@@ -25,7 +25,7 @@ from torch import Tensor
 
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
-from streamprune.arch.block import layer_kinds, score_rows
+from streamprune.arch.block import index_rows, layer_kinds, score_rows
 from streamprune.arch.delta import CHUNK
 from streamprune.calib import eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
@@ -47,6 +47,10 @@ FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
 # Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
 SOFTCAP_SCORE_COPIES = 2
+# DeepSeek sparse attention's indexer: float32 copies of its queries (projected, rotated, upcast) and of one chunk of
+# its scores (the products, their relu, the heads' weighted sum)
+INDEX_QUERY_COPIES = 3
+INDEX_SCORE_COPIES = 3
 # Linear attention (Gated DeltaNet), per token of a window: float32 copies of every value head's queries and keys, of
 # its values and outputs, of its chunks' (C x C) decays, triangular systems and scores, and the convolution's input
 # (fitted to VmHWM at 2048 tokens on six head layouts, which it exceeds by 1-16%)
@@ -209,6 +213,9 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
         linear = (LINEAR_KEY_COPIES * nv * cfg.linear_k_dim + LINEAR_VALUE_COPIES * nv * cfg.linear_v_dim
                   + LINEAR_CHUNK_COPIES * nv * CHUNK + conv + FORWARD_HIDDEN_COPIES * cfg.hidden_size)
         per_token = max(per_token, linear)
+    if cfg.index_topk and cfg.index_topk < seqlen:  # sparse attention: its (T, T) mask, the indexer's queries, and
+        per_token += seqlen + INDEX_QUERY_COPIES * cfg.index_heads * cfg.index_head_dim  # the (rows, heads, T) scores
+        per_token += INDEX_SCORE_COPIES * cfg.index_heads * index_rows(cfg, seqlen)  # of a chunk (T per token's worth)
     return per_token * seqlen * 4
 
 

@@ -206,8 +206,45 @@ def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
     q_rot, k_rot = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q_rot, k_rot.view(B, 1, T, rope)))
     q = torch.cat((q_nope, q_rot), dim=-1)
     k = torch.cat((k_nope, k_rot.expand(B, nh, T, rope)), dim=-1)
-    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)  # (B, nh, T, dv)
+    bias = pos.bias
+    if cfg.index_topk and cfg.index_topk < T:  # DeepSeek sparse attention: only the keys the indexer picks
+        bias = indexed_bias(cfg, w, x, latent, pos)
+    o = fused_attention(q, k, v, bias, cfg.attn_scale)  # (B, nh, T, dv)
     return o.transpose(1, 2).reshape(B, T, nh * dv)
+
+
+def indexed_bias(cfg: ModelConfig, w: Weights, x: Tensor, latent: Tensor, pos: Positions) -> Tensor:
+    """The additive mask (B, 1, T, T) of DeepSeek sparse attention: each query sees the `index_topk` earlier keys its
+    lightning indexer scores highest, -inf elsewhere. A key's score for a query is the sum over the indexer's heads of
+    the head's weight (from the block's input) times relu(q . k / sqrt(index_head_dim)), in float32: per-head queries
+    from the query latent, one key from the block's input through its LayerNorm, their first qk_rope_dim features
+    rotated. Scored `index_rows` queries at a time: (B, rows, heads, T), never (B, T, heads, T)."""
+    B, T, _ = x.shape
+    nh, hd, rope = cfg.index_heads, cfg.index_head_dim, cfg.qk_rope_dim
+    q = linear(w, Role.ATTN_IDX_Q_B, latent).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+    k = layer_norm(linear(w, Role.ATTN_IDX_K, x), param(w, Role.ATTN_IDX_K_NORM, "weight", x),
+                   param(w, Role.ATTN_IDX_K_NORM, "bias", x), 1e-6)[:, None]  # (B, 1, T, hd)
+    q, k = (torch.cat((apply_rope(t[..., :rope], pos.cos, pos.sin, cfg.index_rope_interleave), t[..., rope:]), dim=-1)
+            for t in (q, k))
+    q, k = q.transpose(1, 2).float(), k.transpose(-1, -2).float()  # (B, T, nh, hd), (B, 1, hd, T)
+    weights = linear(w, Role.ATTN_IDX_WEIGHTS, x).float() * nh ** -0.5  # (B, T, nh)
+    bias = torch.full((B, 1, T, T), float("-inf"), device=x.device, dtype=x.dtype)
+    keys, rows = torch.arange(T, device=x.device), index_rows(cfg, T)
+    for i in range(0, T, rows):
+        j = min(i + rows, T)
+        scores = torch.relu(torch.matmul(q[:, i:j], k) * hd ** -0.5)  # (B, rows, nh, T)
+        index = torch.matmul(weights[:, i:j, None], scores)[:, :, 0]  # (B, rows, T)
+        future = keys[None, :] > keys[i:j, None]  # (rows, T)
+        index.masked_fill_(future, float("-inf"))
+        chosen = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, index.topk(cfg.index_topk, dim=-1).indices, True)
+        bias[:, 0, i:j].masked_fill_(chosen & ~future, 0.0)
+    return bias
+
+
+def index_rows(cfg: ModelConfig, seqlen: int) -> int:
+    """Queries per chunk of the sparse attention's indexer: the (rows, index heads, T) scores of a window take about as
+    much as one (T, hidden) hidden state."""
+    return max(1, min(seqlen, cfg.hidden_size // max(cfg.index_heads, 1)))
 
 
 def score_rows(cfg: ModelConfig, seqlen: int) -> int:

@@ -86,6 +86,13 @@ class ModelConfig:
     qk_nope_dim: int = 0
     qk_rope_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek sparse attention where index_topk > 0 (DeepSeek-V3.2, GLM-5): each query attends to the `index_topk`
+    # earlier keys its lightning indexer scores highest (`index_heads` heads `index_head_dim` wide, their first
+    # qk_rope_dim features rotated, in interleaved pairs where `index_rope_interleave`)
+    index_topk: int = 0
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_rope_interleave: bool = False
     latent_norm_eps: float = 1e-6  # of the latents' RMSNorms (transformers builds them with its default, not the config's)
     # each head's query comes with as many features of an output gate (the q projection twice as wide: per head, the
     # query then the gate); the attention's output is multiplied by their sigmoid before the output projection

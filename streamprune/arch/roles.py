@@ -31,6 +31,12 @@ class Role(Enum):
     ATTN_KV_A_MQA = "attn_kv_a_mqa"
     ATTN_KV_A_NORM = "attn_kv_a_norm"
     ATTN_KV_B = "attn_kv_b"
+    # DeepSeek sparse attention's lightning indexer (DeepSeek-V3.2, GLM-5): its queries from the query latent, one key
+    # from the block's input (with its LayerNorm), each head's weight from the block's input; copied, never pruned
+    ATTN_IDX_Q_B = "attn_idx_q_b"
+    ATTN_IDX_K = "attn_idx_k"
+    ATTN_IDX_K_NORM = "attn_idx_k_norm"
+    ATTN_IDX_WEIGHTS = "attn_idx_weights"
     ATTN_OUT = "attn_out"
     ATTN_SINKS = "attn_sinks"  # a learned softmax logit per head, of the attention module (gpt-oss's `sinks`)
     ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
@@ -115,7 +121,8 @@ BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.R
                                            Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
                                            Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
                                            Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS,
-                                           Role.LAYER_SCALAR}
+                                           Role.LAYER_SCALAR, Role.ATTN_IDX_Q_B, Role.ATTN_IDX_K,
+                                           Role.ATTN_IDX_K_NORM, Role.ATTN_IDX_WEIGHTS}
 
 # The router's tensors: one entry per routed expert (cut to the kept ones when experts are removed), along their
 # first axis (the router's rows and biases) or, for the selection bias, its last (ERNIE 4.5 stores it (1, n_experts)).

@@ -99,6 +99,11 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         linear(Role.ATTN_KV_A_MQA, cfg.kv_lora_rank + cfg.qk_rope_dim, d, cfg.qkv_bias)
         norm(Role.ATTN_KV_A_NORM, cfg.kv_lora_rank)
         linear(Role.ATTN_KV_B, cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank, False)
+        if cfg.index_topk:  # the lightning indexer (LayerNorm of its key, with a bias, whatever the model's norms)
+            linear(Role.ATTN_IDX_Q_B, cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank, False)
+            linear(Role.ATTN_IDX_K, cfg.index_head_dim, d, False)
+            params[(Role.ATTN_IDX_K_NORM, "weight")] = params[(Role.ATTN_IDX_K_NORM, "bias")] = (cfg.index_head_dim,)
+            linear(Role.ATTN_IDX_WEIGHTS, cfg.index_heads, d, False)
         q_out = cfg.n_heads * cfg.v_head_dim  # what the output projection reads
     elif cfg.qkv_layout != "separate":
         linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
