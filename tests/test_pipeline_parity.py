@@ -57,7 +57,9 @@ LINEAR_STAGES = {
     "qwen3_5_text": (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)),
 }
 LINEAR_STAGES["qwen3_5_moe_text"] = LINEAR_STAGES["qwen3_5_text"]
-COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a"}
+COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+          # DeepSeek sparse attention's indexer: it picks the keys, copied as routers are
+          "self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj"}
 
 
 def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
@@ -215,8 +217,10 @@ FEED_FORWARD = tuple(tuple(n.replace("mlp.", "feed_forward.") for n in stage) fo
 MOE_STAGES["llama4_text"] = FEED_FORWARD[:2] + (("feed_forward.shared_expert.gate_proj",
                                                  "feed_forward.shared_expert.up_proj"),
                                                 ("feed_forward.shared_expert.down_proj",))
+MOE_STAGES["glm_moe_dsa"] = MOE_STAGES["deepseek_v32"] = MOE_STAGES["deepseek_v3"]  # the indexer: COPIED
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:], "llama4_text": FEED_FORWARD}  # a dense block (else
-MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
+MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["glm_moe_dsa"] = MOE_DENSE_STAGES["deepseek_v32"] = \
+    MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
 
 
 @torch.no_grad()
@@ -337,7 +341,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
-                                     "glm4.7-flash", "llama4"])
+                                     "glm4.7-flash", "llama4", "glm5", "deepseek-v3.2"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

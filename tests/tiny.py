@@ -44,6 +44,11 @@ GEMMA4_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, nu
                    attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=8, max_position_embeddings=128,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                    final_logit_softcapping=30.0, initializer_range=0.1)
+SPARSE_ATTENTION = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.8, index_topk=8,
+                        index_n_heads=2, index_head_dim=16, max_position_embeddings=128, initializer_range=0.1)
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -227,6 +232,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma4-image": ("Gemma4Config", dict(text_config=GEMMA4_TEXT, audio_config=None, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         head_dim=16))),
+    # GLM-5 and DeepSeek-V3.2: GLM-4.7-Flash's blocks with DeepSeek sparse attention, each query attending to the 8
+    # earlier keys its indexer scores highest (the test windows are longer; GLM-5's indexer rotates interleaved pairs)
+    "glm5": ("GlmMoeDsaConfig", dict(SPARSE_ATTENTION, mlp_layer_types=["dense", "sparse", "sparse"])),
+    "deepseek-v3.2": ("DeepseekV32Config", dict(SPARSE_ATTENTION, first_k_dense_replace=1)),
 }
 # saved with every expert of a block in one tensor per projection (save_original_format=False), as released
 FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}

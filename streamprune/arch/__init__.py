@@ -15,7 +15,7 @@ REGISTRY: dict[str, ArchSpec] = {
                                   moe.MIXTRAL, moe.QWEN_MOE, moe.GLM4_MOE, moe.MINIMAX_M2, deepseek.SPEC,
                                   qwen3_next.SPEC, qwen3_next.IMAGE_TEXT_SPEC, gpt_oss.SPEC, moe.HY_V3,
                                   moe.ERNIE4_5_MOE, deepseek.IMAGE_TEXT_SPEC, llama4.SPEC, llama4.IMAGE_TEXT_SPEC,
-                                  gemma4.SPEC, gemma4.IMAGE_TEXT_SPEC)
+                                  gemma4.SPEC, gemma4.IMAGE_TEXT_SPEC, deepseek.SPARSE_ATTENTION)
     for model_type in spec.model_types
 }
 
@@ -50,6 +50,8 @@ ARCHITECTURES: dict[str, str] = {
     "Llama4ForConditionalGeneration": "llama4",
     "Gemma4ForCausalLM": "gemma4_text",
     "Gemma4ForConditionalGeneration": "gemma4",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
 }
 
 
