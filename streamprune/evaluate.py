@@ -8,12 +8,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from streamprune.activations import Activations, make_store
+from streamprune.activations import Activations, copy_store, make_store
 from streamprune.arch.block import LayerPositions, head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
@@ -22,6 +23,7 @@ from streamprune.forward import Routes, add_expert, embed_windows, forward_block
 from streamprune.loop import Consumer, Status, tracked, walk
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 from streamprune.options import EvalOptions
+from streamprune.perlayer import PerLayerInputs
 from streamprune.plan import decide, eval_footprint, eval_sizes
 from streamprune.stream import BlockStream, Part
 
@@ -65,13 +67,21 @@ class HiddenStream(Consumer):
         self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
         self.x, self.scratch = store, scratch
         self.routes: Routes | None = None  # of the MoE block entered, else None
+        # a model with per-layer inputs: the embeddings kept beside, in a buffer placed as `store` is
+        self.inputs = PerLayerInputs(ckpt, windows, store.like("_embeds")) if ckpt.config.per_layer_dim else None
         if embed:
             self.embed()
         self.pos = positions(ckpt.config, windows.shape[1]).to(device, torch.float32) if pos is None else pos
 
     def embed(self) -> None:
-        """The windows' embeddings: the hidden states entering block 0."""
+        """The windows' embeddings: the hidden states entering block 0 (and, for per-layer inputs, kept)."""
         embed_windows(self.ckpt, self.windows, self.device, self.x, self.batch)
+        if self.inputs is not None:
+            copy_store(self.x, self.inputs.embeds, self.batch)
+
+    def per_layer(self, bid: int) -> Callable[[int, int], Tensor] | None:
+        """Block `bid`'s per-layer inputs of windows i..j-1, where the model has them."""
+        return None if self.inputs is None else self.inputs.of(bid, self.device)
 
     @torch.no_grad()
     def enter(self, block: Part) -> None:
@@ -79,9 +89,10 @@ class HiddenStream(Consumer):
         if self.ckpt.n_experts(bid):
             assert self.scratch is not None, "an MoE block needs a second activation buffer"
             self.routes = forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.scratch, self.batch,
-                                        self.device)
+                                        self.device, per_layer=self.per_layer(bid))
         else:
-            forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.x, self.batch, self.device)
+            forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.x, self.batch, self.device,
+                          per_layer=self.per_layer(bid))
 
     def expert(self, part: Part) -> None:
         assert self.routes is not None and self.scratch is not None, "an expert outside an MoE block"
@@ -105,6 +116,8 @@ class HiddenStream(Consumer):
         for store in (self.x, self.scratch):
             if store is not None:
                 store.close()
+        if self.inputs is not None:
+            self.inputs.close()
 
 
 def final_hidden(ckpt: Checkpoint, windows: Tensor, device: torch.device, store: Activations, batch: int,

@@ -213,6 +213,7 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
         linear = (LINEAR_KEY_COPIES * nv * cfg.linear_k_dim + LINEAR_VALUE_COPIES * nv * cfg.linear_v_dim
                   + LINEAR_CHUNK_COPIES * nv * CHUNK + conv + FORWARD_HIDDEN_COPIES * cfg.hidden_size)
         per_token = max(per_token, linear)
+    per_token += 3 * cfg.per_layer_dim  # per-layer inputs: the block's own, its projection and its gated copy
     if cfg.index_topk and cfg.index_topk < seqlen:  # sparse attention: its (T, T) mask, the indexer's queries, and
         per_token += seqlen + INDEX_QUERY_COPIES * cfg.index_heads * cfg.index_head_dim  # the (rows, heads, T) scores
         per_token += INDEX_SCORE_COPIES * cfg.index_heads * index_rows(cfg, seqlen)  # of a chunk (T per token's worth)
@@ -222,6 +223,15 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
 def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     """Each token's chosen experts (int64) and weights (float32), and the selection of one expert's rows."""
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
+
+
+def per_layer_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """A block's slices of the per-layer inputs' projection and table (perlayer.py), in float32, for windows of
+    `tokens` tokens (at most that many distinct ids), and its inputs of one window's worth of rows, as stored."""
+    if not cfg.per_layer_dim:
+        return 0
+    ids = min(tokens, cfg.vocab_size, cfg.per_layer_vocab)
+    return (cfg.per_layer_dim * cfg.hidden_size + 2 * ids * cfg.per_layer_dim) * 4
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
@@ -263,9 +273,11 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
-    evals = dict(eval_activations=eval_streams * (2 if cfg.n_experts else 1) * eval_windows * eval_seqlen
+    kept = 1 if cfg.per_layer_dim else 0  # per-layer inputs: each stream's embeddings, kept beside its buffers
+    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) + kept) * eval_windows * eval_seqlen
                  * cfg.hidden_size * 4,
-                 positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
+                 positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
+                 if eval_streams else 0,
                  per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
                  routes=routes_bytes(cfg, eval_windows * eval_seqlen) if eval_streams else 0)
     if not keep and not owl:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
@@ -274,9 +286,10 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     if not keep:  # magnitude with --allocation owl: the dense pass's one buffer (updated in place) and its forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0,
                          per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-                         activations=nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+                         activations=(1 + kept) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
                          eval_activations=evals["eval_activations"],
-                         positions=positions_bytes(cfg, seqlen) + evals["positions"], calib_ids=nsamples * seqlen * 8,
+                         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen)
+                         + evals["positions"], calib_ids=nsamples * seqlen * 8,
                          calib_read=read_workspace(seqlen), routes=evals["routes"], **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
     # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
@@ -290,8 +303,9 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
-        eval_activations=evals["eval_activations"], positions=positions_bytes(cfg, seqlen) + evals["positions"],
+        activations=(2 + kept) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+        eval_activations=evals["eval_activations"],
+        positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
@@ -325,13 +339,15 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    buffers = 2 if cfg.n_experts else 1  # an MoE block writes its output into a second buffer
+    # an MoE block writes its output into a second buffer; per-layer inputs keep the embeddings beside
+    buffers = (2 if cfg.n_experts else 1) + (1 if cfg.per_layer_dim else 0)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
                      activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                     positions=positions_bytes(cfg, seqlen), expert_stored=expert,
+                     positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen),
+                     expert_stored=expert,
                      routes=routes_bytes(cfg, nsamples * seqlen), **encoded_sizes(ckpt))
 
 

@@ -396,12 +396,14 @@ def post_norm(cfg: ModelConfig, w: Weights, role: Role, y: Tensor) -> Tensor:
 
 
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
-                  until: Site | None = None, routed: Routed | None = None) -> Tensor | None:
+                  until: Site | None = None, routed: Routed | None = None, per_layer: Tensor | None = None
+                  ) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
-    An MoE block (its router in `w`) takes its routed experts as `routed`.
+    An MoE block (its router in `w`) takes its routed experts as `routed`; a block with per-layer inputs (Gemma 4's
+    edge models) its own, (B, T, per_layer_dim), as `per_layer`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -434,6 +436,14 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
             return None
         y = linear(w, Role.FFN_DOWN, g)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
+    if cfg.per_layer_dim:  # its per-layer input, gated by the block's output, projected back onto the residual stream
+        assert per_layer is not None, "a block with per-layer inputs needs its own"
+        if stop_at(Site.PLE_IN, out):
+            return None
+        g = activation(cfg.act, linear(w, Role.PLE_GATE, out)) * per_layer
+        if stop_at(Site.PLE_PROJ_IN, g):
+            return None
+        out = out + norm(cfg, w, Role.PLE_POST_NORM, linear(w, Role.PLE_PROJ, g))
     if cfg.layer_scalar:
         out = out * param(w, Role.LAYER_SCALAR, "layer_scalar", out)
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)

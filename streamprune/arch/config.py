@@ -151,6 +151,10 @@ class ModelConfig:
     routed_scaling: float = 1.0
     dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
     layer_scalar: bool = False  # the block's output multiplied by a stored scalar (Gemma 4)
+    # per-layer inputs where per_layer_dim > 0 (Gemma 4's E2B/E4B): each block adds a projection of its own
+    # `per_layer_dim` inputs, from a table of `per_layer_vocab` rows and from the embedding (see perlayer.py)
+    per_layer_dim: int = 0
+    per_layer_vocab: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -81,6 +81,14 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
     if cfg.embed_dim != d:
         linear(Role.PROJ_IN, d, cfg.embed_dim, False)
         linear(Role.PROJ_OUT, cfg.embed_dim, d, False)
+    if cfg.per_layer_dim:  # the table of per-layer inputs, the embedding's projection into them and its norm (model-
+        every = cfg.n_layers * cfg.per_layer_dim  # wide, each read one block's slice at a time); each block's gate,
+        params[(Role.PLE_EMBD, "weight")] = (cfg.per_layer_vocab, every)  # projection and norm
+        linear(Role.PLE_MODEL_PROJ, every, d, False)
+        norm(Role.PLE_PROJ_NORM, cfg.per_layer_dim)
+        linear(Role.PLE_GATE, cfg.per_layer_dim, d, False)
+        linear(Role.PLE_PROJ, d, cfg.per_layer_dim, False)
+        norm(Role.PLE_POST_NORM, d)
     if cfg.final_norm:
         norm(Role.OUTPUT_NORM, d)
     if not cfg.tie_word_embeddings:
