@@ -47,8 +47,10 @@ STAGES = {
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
     "qwen3_5_text": LLAMA_STAGES,  # its attention blocks (the q projection with the output gate's rows)
-    "gemma4_text": LLAMA_STAGES,  # its global blocks without v_proj (their values are the keys' projection)
-    "gemma4": LLAMA_STAGES,
+    # Gemma 4: its global blocks without v_proj where their values are the keys' projection; the per-layer inputs'
+    # gate and projection where the model has them
+    "gemma4_text": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
+    "gemma4": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
 }
 # the linear-attention blocks' mixer (Gated DeltaNet): the input projections, then the output projection; the decay
 # and rate projections (b, a) are copied as read (COPIED)
@@ -66,8 +68,9 @@ def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
     """`stages` (attention's, then the MLP's) as block `block` has them: a linear-attention block's mixer instead."""
     if getattr(block, "block_type", None) == "linear_attention":
         return LINEAR_STAGES[kind] + stages[2:]
-    present = {name for name, _ in block.named_modules()}  # Gemma 4's global blocks have no v_proj
-    return tuple(tuple(name for name in stage if name in present) for stage in stages)
+    present = {name for name, _ in block.named_modules()}  # Gemma 4's global blocks may have no v_proj
+    stages = tuple(tuple(name for name in stage if name in present) for stage in stages)
+    return tuple(stage for stage in stages if stage)
 
 # Bounds measured for SparseGPT over model and window seeds 0-5 and 1 or 2 threads (the tests use seed 0):
 # float32 noise, amplified by the OBS sweep, reaches 2.1e-5 on later blocks; on block 0 with --no-sequential
@@ -174,7 +177,7 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
-                                     "gemma3", "qwen3.5", "gemma4", "gemma4-image"])
+                                     "gemma3", "qwen3.5", "gemma4", "gemma4-image", "gemma4-e2b"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 

@@ -6,7 +6,9 @@ keys, and of values without weights; attention unscaled (the norms set it); glob
 (`global_head_dim`) and key-value heads (`num_global_key_value_heads`, where `attention_k_eq_v`), whose values are
 their keys' projection where `attention_k_eq_v` (no v_proj), rotated by proportional RoPE (every feature pair of the
 head, the first `partial_rotary_factor` of the frequencies, the rest at zero); each block's output multiplied by its
-stored `layer_scalar`.
+stored `layer_scalar`. The edge models (E2B, E4B) add per-layer inputs (`hidden_size_per_layer_input`; perlayer.py):
+after its MLP, each block gates its own inputs by its output (GELU of `per_layer_input_gate`), projects them back
+(`per_layer_projection`, normalized) and adds them to the residual stream.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     text = text_config(raw)
     n_layers = get_int(text, "num_hidden_layers")
     missing = [what for what, present in (
-        ("per-layer inputs (hidden_size_per_layer_input)", get_int(text, "hidden_size_per_layer_input", default=0)),
         ("keys and values shared across blocks (num_kv_shared_layers)", get_int(text, "num_kv_shared_layers",
                                                                                   default=0)),
         ("routed experts beside the MLP (enable_moe_block)", get_bool(text, "enable_moe_block", False)),
@@ -88,12 +89,20 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         base, family="gemma4", model_type=raw["model_type"], norm_offset=0.0, v_norm=True, layer_scalar=True,
         global_head_dim=head_dim if head_dim != base.head_dim else 0, global_kv_heads=kv_heads,
         global_values_from_keys=get_bool(text, "attention_k_eq_v", False),
+        per_layer_dim=get_int(text, "hidden_size_per_layer_input", default=256),
+        per_layer_vocab=get_int(text, "vocab_size_per_layer_input", default=262144),
         head_dim=get_int(text, "head_dim", default=256), raw=raw)
 
 
 TENSORS = {
     **{role: name for role, name in gemma.TENSORS.items()},
     Role.LAYER_SCALAR: "layers.{bid}",  # its buffer `layer_scalar`
+    Role.PLE_EMBD: "embed_tokens_per_layer",
+    Role.PLE_MODEL_PROJ: "per_layer_model_projection",
+    Role.PLE_PROJ_NORM: "per_layer_projection_norm",
+    Role.PLE_GATE: "layers.{bid}.per_layer_input_gate",
+    Role.PLE_PROJ: "layers.{bid}.per_layer_projection",
+    Role.PLE_POST_NORM: "layers.{bid}.post_per_layer_input_norm",
 }
 # a checkpoint of the language model alone may keep the image-text model's names
 TEXT_LAYOUTS = (("model.", ""), ("model.language_model.", ""), ("", ""))
