@@ -225,6 +225,17 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
 
 
+def carried_width(cfg: ModelConfig) -> int:
+    """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
+    per-layer inputs; the keys and values of each block that later blocks reuse."""
+    width = cfg.hidden_size if cfg.per_layer_dim else 0
+    for bid in range(cfg.n_layers):
+        if cfg.kv_mode(bid) == "store":
+            b = cfg.block(bid)
+            width += 2 * b.n_kv_heads * b.head_dim
+    return width
+
+
 def per_layer_bytes(cfg: ModelConfig, tokens: int) -> int:
     """A block's slices of the per-layer inputs' projection and table (perlayer.py), in float32, for windows of
     `tokens` tokens (at most that many distinct ids), and its inputs of one window's worth of rows, as stored."""
@@ -273,9 +284,9 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
-    kept = 1 if cfg.per_layer_dim else 0  # per-layer inputs: each stream's embeddings, kept beside its buffers
-    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) + kept) * eval_windows * eval_seqlen
-                 * cfg.hidden_size * 4,
+    kept = carried_width(cfg)  # each stream's embeddings and shared keys and values, kept beside its buffers
+    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) * cfg.hidden_size + kept) * eval_windows
+                 * eval_seqlen * 4,
                  positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
                  if eval_streams else 0,
                  per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
@@ -286,7 +297,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     if not keep:  # magnitude with --allocation owl: the dense pass's one buffer (updated in place) and its forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0,
                          per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-                         activations=(1 + kept) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+                         activations=(cfg.hidden_size + kept) * nsamples * seqlen * 4 + evals["eval_activations"],
                          eval_activations=evals["eval_activations"],
                          positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen)
                          + evals["positions"], calib_ids=nsamples * seqlen * 8,
@@ -303,7 +314,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=(2 + kept) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+        activations=(2 * cfg.hidden_size + kept) * nsamples * seqlen * 4 + evals["eval_activations"],
         eval_activations=evals["eval_activations"],
         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
@@ -339,12 +350,12 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    # an MoE block writes its output into a second buffer; per-layer inputs keep the embeddings beside
-    buffers = (2 if cfg.n_experts else 1) + (1 if cfg.per_layer_dim else 0)
+    # an MoE block writes its output into a second buffer; per-layer inputs and shared keys and values keep theirs
+    width = (2 if cfg.n_experts else 1) * cfg.hidden_size + carried_width(cfg)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
-                     activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
+                     activations=width * nsamples * seqlen * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
                      positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen),
                      expert_stored=expert,

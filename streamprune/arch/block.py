@@ -55,6 +55,17 @@ class Positions:
 
 
 @dataclass
+class Carried:
+    """What one batch of windows brings a block beside its hidden states: its per-layer inputs ((B, T, per_layer_dim):
+    Gemma 4's edge models); the keys and values of the earlier block it reuses ((B, kv heads, T, head dim) each,
+    normalized and rotated: Gemma 4's shared key-values); and, where later blocks reuse this one's, what takes them."""
+
+    per_layer: Tensor | None = None
+    kv: tuple[Tensor, Tensor] | None = None
+    keep_kv: Callable[[Tensor, Tensor], None] | None = None
+
+
+@dataclass
 class LayerPositions:
     """Positions of every kind of block in a model, shared by the blocks of that kind."""
 
@@ -143,8 +154,10 @@ def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
     return layer_norm(x, weight, param(w, role, "bias", x), cfg.norm_eps)
 
 
-def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
-    """Multi-head attention up to (not including) the output projection."""
+def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
+           keep_kv: Callable[[Tensor, Tensor], None] | None = None) -> Tensor:
+    """Multi-head attention up to (not including) the output projection; `keep_kv` takes the keys and values, as
+    attended, where later blocks reuse them."""
     B, T, _ = x.shape
     nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if cfg.qkv_layout == "per_head":  # BLOOM interleaves q, k, v per head
@@ -174,6 +187,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
             q, k = rms_norm(q, None, cfg.norm_eps), rms_norm(k, None, cfg.norm_eps)
     if pos.q_scale is not None:
         q = q * pos.q_scale[:, None]
+    if keep_kv is not None:
+        keep_kv(k, v)
     sinks, scale = param(w, Role.ATTN_SINKS, "sinks", q), cfg.scale_for(hd)
     if cfg.attn_softcap is None and sinks is None:
         o = fused_attention(q, k, v, pos.bias, scale)
@@ -181,6 +196,19 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         o = explicit_attention(q, k, v, pos.bias, scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
     o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return o * torch.sigmoid(gate.reshape(B, T, nh * hd)) if cfg.attn_output_gate else o
+
+
+def attend_shared(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, kv: tuple[Tensor, Tensor]) -> Tensor:
+    """Attention of a block that reuses an earlier block's keys and values (Gemma 4's shared key-values): its own
+    queries (normalized per head, rotated) over `kv`, up to the output projection."""
+    B, T, _ = x.shape
+    k, v = kv
+    q = linear(w, Role.ATTN_Q, x).view(B, T, cfg.n_heads, k.shape[-1])
+    q = norm(cfg, w, Role.ATTN_Q_NORM, q).transpose(1, 2)  # (B, nh, T, hd)
+    if pos.cos is not None:
+        q = apply_rope(q, pos.cos, pos.sin, cfg.rope_interleave)
+    o = fused_attention(q, k, v, pos.bias, cfg.scale_for(k.shape[-1]))
+    return o.transpose(1, 2).reshape(B, T, -1)
 
 
 def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
@@ -396,14 +424,14 @@ def post_norm(cfg: ModelConfig, w: Weights, role: Role, y: Tensor) -> Tensor:
 
 
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
-                  until: Site | None = None, routed: Routed | None = None, per_layer: Tensor | None = None
+                  until: Site | None = None, routed: Routed | None = None, carried: Carried | None = None
                   ) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
-    An MoE block (its router in `w`) takes its routed experts as `routed`; a block with per-layer inputs (Gemma 4's
-    edge models) its own, (B, T, per_layer_dim), as `per_layer`.
+    An MoE block (its router in `w`) takes its routed experts as `routed`; what it takes from elsewhere (per-layer
+    inputs, shared keys and values) comes as `carried`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -415,7 +443,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     a = norm(cfg, w, Role.ATTN_NORM, x) if pre else x
     if stop_at(Site.ATTN_IN, a):
         return None
-    o = mix(cfg, w, a, pos, stop_at)
+    o = mix(cfg, w, a, pos, stop_at, carried)
     if o is None:
         return None
     if stop_at(Site.ATTN_OUT_IN, o):
@@ -437,10 +465,10 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         y = linear(w, Role.FFN_DOWN, g)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
     if cfg.per_layer_dim:  # its per-layer input, gated by the block's output, projected back onto the residual stream
-        assert per_layer is not None, "a block with per-layer inputs needs its own"
+        assert carried is not None and carried.per_layer is not None, "a block with per-layer inputs needs its own"
         if stop_at(Site.PLE_IN, out):
             return None
-        g = activation(cfg.act, linear(w, Role.PLE_GATE, out)) * per_layer
+        g = activation(cfg.act, linear(w, Role.PLE_GATE, out)) * carried.per_layer
         if stop_at(Site.PLE_PROJ_IN, g):
             return None
         out = out + norm(cfg, w, Role.PLE_POST_NORM, linear(w, Role.PLE_PROJ, g))
@@ -449,13 +477,17 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 
-def mix(cfg: ModelConfig, w: Weights, a: Tensor, pos: Positions, stop_at: Callable[[Site, Tensor], bool]
-        ) -> Tensor | None:
+def mix(cfg: ModelConfig, w: Weights, a: Tensor, pos: Positions, stop_at: Callable[[Site, Tensor], bool],
+        carried: Carried | None = None) -> Tensor | None:
     """The block's token mixer up to its output projection, of the kind its weights are: linear attention (Gated
-    DeltaNet), multi-head latent attention or attention."""
+    DeltaNet), multi-head latent attention, attention over an earlier block's keys and values, or attention."""
     if (Role.SSM_OUT, "weight") in w:
         return gated_delta_net(cfg, w, a)
-    return attend_latent(cfg, w, a, pos, stop_at) if cfg.kv_lora_rank else attend(cfg, w, a, pos)
+    if cfg.kv_lora_rank:
+        return attend_latent(cfg, w, a, pos, stop_at)
+    if carried is not None and carried.kv is not None:
+        return attend_shared(cfg, w, a, pos, carried.kv)
+    return attend(cfg, w, a, pos, None if carried is None else carried.keep_kv)
 
 
 def moe_mlp(cfg: ModelConfig, w: Weights, m: Tensor, stop_at: Callable[[Site, Tensor], bool],

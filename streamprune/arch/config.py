@@ -155,6 +155,11 @@ class ModelConfig:
     # `per_layer_dim` inputs, from a table of `per_layer_vocab` rows and from the embedding (see perlayer.py)
     per_layer_dim: int = 0
     per_layer_vocab: int = 0
+    # the last `kv_shared_layers` blocks reuse the keys and values of the last earlier block of their layer type (no
+    # k/v projections of their own; Gemma 4's edge models), their MLP twice as wide where `double_wide_mlp`
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    kv_reused: bool = False  # this block's (ModelConfig.block)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +205,11 @@ class ModelConfig:
             raise CheckpointError("config.json: chunked attention layers without attention_chunk_size")
         if not self.nope_layers <= set(range(self.n_layers)):
             raise CheckpointError(f"config.json: NoPE layers {sorted(self.nope_layers)} outside 0..{self.n_layers - 1}")
+        if self.kv_shared_layers and (not 0 < self.kv_shared_layers < self.n_layers or any(
+                kind not in self.layer_types[:self.n_layers - self.kv_shared_layers]
+                for kind in self.layer_types[self.n_layers - self.kv_shared_layers:])):
+            raise CheckpointError(f"config.json: num_kv_shared_layers={self.kv_shared_layers}: the last blocks reuse "
+                                  "the keys and values of an earlier block of their layer type, which must exist")
         if self.nope_temperature is not None and not (self.nope_temperature[0] > 0 and self.nope_temperature[1] >= 0):
             raise CheckpointError(f"config.json: floor_scale / attn_scale {self.nope_temperature} must be positive")
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
@@ -261,24 +271,48 @@ class ModelConfig:
 
     def block(self, bid: int) -> ModelConfig:
         """The config as block `bid` sees it: a full-attention block's own head width and key-value heads (Gemma 4's
-        global blocks), else this one."""
-        if self.layer_types[bid] != "full_attention" or not (self.global_head_dim or self.global_kv_heads
-                                                               or self.global_values_from_keys):
+        global blocks), a block reusing another's keys and values without k/v projections and with its MLP's width;
+        else this one."""
+        changes: dict[str, Any] = {}
+        if self.layer_types[bid] == "full_attention" and (self.global_head_dim or self.global_kv_heads
+                                                          or self.global_values_from_keys):
+            head_dim = self.global_head_dim or self.head_dim
+            changes.update(head_dim=head_dim, n_kv_heads=self.global_kv_heads or self.n_kv_heads,
+                           rotary_dim=rotary_dim(self.rope, head_dim), values_from_keys=self.global_values_from_keys)
+        if self.kv_mode(bid) == "reuse":
+            changes.update(kv_reused=True, ffn_dim=self.ffn_dim * (2 if self.double_wide_mlp else 1))
+        if not changes:
             return self
-        head_dim = self.global_head_dim or self.head_dim
-        return dataclasses.replace(self, head_dim=head_dim, n_kv_heads=self.global_kv_heads or self.n_kv_heads,
-                                   rotary_dim=rotary_dim(self.rope, head_dim), global_head_dim=0, global_kv_heads=0,
-                                   global_values_from_keys=False, values_from_keys=self.global_values_from_keys)
+        return dataclasses.replace(self, **changes, global_head_dim=0, global_kv_heads=0, global_values_from_keys=False,
+                                   kv_shared_layers=0)
+
+    def kv_mode(self, bid: int) -> str | None:
+        """Whether block `bid` "reuse"s an earlier block's keys and values, "store"s its own for later blocks (the last
+        block of its layer type before the reusing ones), or neither (None)."""
+        first = self.n_layers - self.kv_shared_layers
+        if not self.kv_shared_layers:
+            return None
+        if bid >= first:
+            return "reuse"
+        reused = self.layer_types[bid] in self.layer_types[first:]
+        return "store" if reused and self.kv_source(bid) == bid else None
+
+    def kv_source(self, bid: int) -> int:
+        """The block whose keys and values block `bid`'s layer type reuses: the last of that type before the reusing
+        blocks."""
+        first = self.n_layers - self.kv_shared_layers
+        kind = self.layer_types[bid]
+        return max(b for b in range(first) if self.layer_types[b] == kind)
 
     def is_linear(self, bid: int) -> bool:
         """Whether block `bid` mixes its tokens by linear attention (Gated DeltaNet) instead of attention."""
         return self.layer_types[bid] == "linear_attention"
 
-    def kind(self, bid: int) -> tuple[bool, bool, tuple[int, int]]:
+    def kind(self, bid: int) -> tuple[bool, bool, tuple[int, int, bool, int]]:
         """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention, its heads'
-        width and key-value heads)."""
+        width and key-value heads, whether it reuses another's keys and values, its MLP's width)."""
         b = self.block(bid)
-        return self.is_moe(bid), self.is_linear(bid), (b.head_dim, b.n_kv_heads)
+        return self.is_moe(bid), self.is_linear(bid), (b.head_dim, b.n_kv_heads, b.kv_reused, b.ffn_dim)
 
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""

@@ -117,12 +117,14 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
     else:
         linear(Role.ATTN_Q, q_out * (2 if cfg.attn_output_gate else 1), d, cfg.qkv_bias)
-        linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
-        if not cfg.values_from_keys:
+        if not cfg.kv_reused:  # a block reusing another's keys and values has no k/v projections (nor a k norm)
+            linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
+        if not cfg.values_from_keys and not cfg.kv_reused:
             linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
     if cfg.qk_norm and not linear_attn:
         norm(Role.ATTN_Q_NORM, hd if cfg.qk_norm_per_head else q_out)
-        norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
+        if not cfg.kv_reused:
+            norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
     if cfg.post_norms:
         norm(Role.ATTN_POST_NORM, d)
         norm(Role.FFN_POST_NORM, d)
