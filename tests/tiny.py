@@ -229,9 +229,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         projector_input_dim=32, projector_output_dim=64, vision_output_dim=32))),
     "gemma4": ("Gemma4TextConfig", GEMMA4_TEXT),
     # Gemma 4 as the edge models (E2B, E4B) are made: per-layer inputs, 8 per block, from a table of 300 rows (more
-    # than the vocabulary) and the embedding; the global blocks' values their own
+    # than the vocabulary) and the embedding; the global blocks' values their own; blocks 2 and 3 reuse the keys and
+    # values of blocks 0 and 1 (their layer types'), their MLPs twice as wide
     "gemma4-e2b": ("Gemma4TextConfig", dict(GEMMA4_TEXT, attention_k_eq_v=False, num_global_key_value_heads=None,
-                                            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300)),
+                                            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300,
+                                            num_kv_shared_layers=2, use_double_wide_mlp=True)),
     # the image-text model as released: the language model under model.language_model., a vision tower
     "gemma4-image": ("Gemma4Config", dict(text_config=GEMMA4_TEXT, audio_config=None, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

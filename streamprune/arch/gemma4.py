@@ -66,13 +66,9 @@ def global_geometry(text: dict[str, Any], layer_types: list[str]) -> tuple[int, 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     text = text_config(raw)
     n_layers = get_int(text, "num_hidden_layers")
-    missing = [what for what, present in (
-        ("keys and values shared across blocks (num_kv_shared_layers)", get_int(text, "num_kv_shared_layers",
-                                                                                  default=0)),
-        ("routed experts beside the MLP (enable_moe_block)", get_bool(text, "enable_moe_block", False)),
-    ) if present]
-    if missing:
-        raise UnsupportedModelError(f"config.json: Gemma 4 with {missing[0]} is not supported yet")
+    if get_bool(text, "enable_moe_block", False):
+        raise UnsupportedModelError("config.json: Gemma 4 with routed experts beside the MLP (enable_moe_block) is not "
+                                    "supported yet")
     layer_types = text.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention"
                                               for i in range(n_layers)]
     if isinstance(layer_types, list) and layer_types:  # transformers makes the last block global, whatever it says
@@ -91,6 +87,8 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         global_values_from_keys=get_bool(text, "attention_k_eq_v", False),
         per_layer_dim=get_int(text, "hidden_size_per_layer_input", default=256),
         per_layer_vocab=get_int(text, "vocab_size_per_layer_input", default=262144),
+        kv_shared_layers=get_int(text, "num_kv_shared_layers", default=0),
+        double_wide_mlp=get_bool(text, "use_double_wide_mlp", False),
         head_dim=get_int(text, "head_dim", default=256), raw=raw)
 
 
