@@ -8,7 +8,9 @@ their keys' projection where `attention_k_eq_v` (no v_proj), rotated by proporti
 head, the first `partial_rotary_factor` of the frequencies, the rest at zero); each block's output multiplied by its
 stored `layer_scalar`. The edge models (E2B, E4B) add per-layer inputs (`hidden_size_per_layer_input`; perlayer.py):
 after its MLP, each block gates its own inputs by its output (GELU of `per_layer_input_gate`), projects them back
-(`per_layer_projection`, normalized) and adds them to the residual stream.
+(`per_layer_projection`, normalized) and adds them to the residual stream; and their last `num_kv_shared_layers`
+blocks reuse the keys and values of the last earlier block of their layer type (no k/v projections of their own; their
+MLP twice as wide where `use_double_wide_mlp`). The MoE block (`enable_moe_block`, 26B-A4B) is refused.
 """
 
 from __future__ import annotations
