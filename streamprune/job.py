@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from streamprune.arch import PRUNABLE
-from streamprune.calib import calib_windows
+from streamprune.calib import CalibSource, calib_sources, source_windows
 from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
 from streamprune.formats import CompressedTensorsFormat, DenseFormat, Layout, make_format
-from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
+from streamprune.journal import (JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint,
+                                 sources_digest)
 from streamprune.memory import MEMORY_CSV, resolve_device
 from streamprune.options import RUN, SWEEP, PruneOptions, Scope, check, fingerprint_args, finite_at_least
 from streamprune.plan import MemoryPlan, decide, eval_sizes, eval_tasks, footprint, plan_sweep, run_eval_windows
@@ -117,6 +118,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     the fingerprint is that of the whole job, the same as with one process."""
     ranks = ranks or Ranks()
     check(opts, RUN)
+    opts = with_sources(opts)
     cls, pattern = method(opts.method), Pattern.parse(opts.pattern)
     sparsity = resolve_sparsity(opts.sparsity, pattern)
     knobs = {k: getattr(opts, k) for k in cls.knobs}
@@ -131,14 +133,15 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
-    calib = None if opts.calib is None else Path(opts.calib)
+    calib: tuple[CalibSource, ...] | None = opts.calib or None  # type: ignore[assignment]
     reads = solves and cls.accumulates(errors)  # the method reads calibration statistics
     if calib is not None and not reads and not owl and not surveys:
+        files = ", ".join(str(s.path) for s in calib)
         if solves:
             logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
-                           opts.method, calib)
+                           opts.method, files)
         else:
-            logger.warning("random expert removal with --sparsity 0 reads no calibration data: %s is not used", calib)
+            logger.warning("random expert removal with --sparsity 0 reads no calibration data: %s is not used", files)
         calib = None
     if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
         what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
@@ -147,7 +150,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     if owl and ckpt.config.n_experts:
         raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
                             f"{ckpt.config.model_type!r}); use --allocation uniform")
-    drawn = None if calib is None else draw_windows(ckpt, calib, opts, seqlen)
+    drawn = None if calib is None else draw_windows(ckpt, calib, opts.seed, seqlen)
     windows = drawn if reads or surveys else None  # magnitude: the windows serve only OWL's dense pass
     check_out_dir(model_dir, out_dir)
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen,
@@ -166,13 +169,14 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     if decision.offload_hessian:
         logger.info("X^T X waits in host memory while its solver matrix is on the GPU, to fit the GPU budget")
     args = {**opts.args(RUN), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
-            "calib": None if calib is None else str(calib), "device": str(device),
+            "calib": None if calib is None else [s.to_dict() for s in calib], "device": str(device),
             "offload_activations": decision.placement, "batch": decision.batch,
             "offload_hessian": decision.offload_hessian, "layer_errors": errors,
             "eval_seqlen": None if ewindows is None else ewindows.shape[1]}
     scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None,
                   {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)})  # type: ignore[arg-type]
-    fprint = fingerprint(ckpt, None if drawn is None else calib_digest(calib, drawn), fingerprint_args(args, RUN, scope))
+    fprint = fingerprint(ckpt, None if drawn is None else sources_digest(calib, drawn),
+                         fingerprint_args(args, RUN, scope))
     state, finished = previous_job(out_dir, fprint, opts, RUN)
     if finished:
         return load_report(out_dir)
@@ -197,6 +201,7 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ArgumentError("sweep runs in one process: launch it without torchrun")
     check(opts, SWEEP)
+    opts = with_sources(opts)
     points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
     if opts.calib is None:
         raise DataError("sweep needs calibration data: pass --calib FILE")
@@ -208,8 +213,8 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
         cls.check({k: getattr(opts, k) for k in cls.knobs}, pattern)
     device = resolve_device(opts.device)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
-    calib = Path(opts.calib)
-    windows = draw_windows(ckpt, calib, opts, seqlen)
+    calib: tuple[CalibSource, ...] = opts.calib  # type: ignore[assignment]
+    windows = draw_windows(ckpt, calib, opts.seed, seqlen)
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
     assert ewindows is not None
     save_dir = None if opts.save_dir is None else Path(opts.save_dir)
@@ -220,12 +225,12 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     acts = sum(b for what, b, _ in plan.consumers if "activations" in what or "hidden states" in what)
     check_disk(out_dir, "the sweep", {"two saved states of the points' streams": 2 * acts,
                                       "temporary activations": acts if plan.placement == "disk" else 0})
-    args = {**opts.args(SWEEP), "calib": str(calib), "seqlen": seqlen, "device": str(device), "eval": str(opts.eval),
+    args = {**opts.args(SWEEP), "calib": [s.to_dict() for s in calib], "seqlen": seqlen, "device": str(device), "eval": str(opts.eval),
             "eval_seqlen": ewindows.shape[1], "offload_activations": plan.placement, "batch": plan.batch,
             "points": [dataclasses.asdict(p) for p in points]}
     knobs = frozenset(k for p in points for k in method(p.method).knobs)
     scope = Scope(knobs, bool(ckpt.config.n_experts), digests={"eval": calib_digest(Path(opts.eval), ewindows)})
-    fprint = fingerprint(ckpt, calib_digest(calib, windows),
+    fprint = fingerprint(ckpt, sources_digest(calib, windows),
                          fingerprint_args(args, SWEEP, scope) | {"points": args["points"]})
     state, finished = previous_job(out_dir, fprint, opts, SWEEP)
     if finished:
@@ -247,7 +252,7 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
                windows=windows if cls.accumulates(errors) else None, placement=plan.placement, batch=plan.batch,
                offload_hessian=plan.offload_hessian, grid=None,
                layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt)), ckpt.layout.fused),
-               args={**popts.args(RUN), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen,
+               args={**popts.args(RUN), "calib": [s.to_dict() for s in opts.calib], "eval": str(opts.eval), "seqlen": seqlen,
                      "device": str(device)}, eval_windows=ewindows)
 
 
@@ -257,9 +262,17 @@ def open_model(model_dir: Path) -> Checkpoint:
     return ckpt
 
 
-def draw_windows(ckpt: Checkpoint, calib: Path, opts: PruneOptions, seqlen: int) -> Tensor:
+def with_sources(opts: PruneOptions) -> PruneOptions:
+    """`opts` with --calib as its sources (each FILE[:N] with its count) and --nsamples as their total count."""
+    sources = calib_sources(opts.calib, opts.nsamples)
+    if not sources:
+        return dataclasses.replace(opts, calib=None)
+    return dataclasses.replace(opts, calib=sources, nsamples=sum(s.windows for s in sources))
+
+
+def draw_windows(ckpt: Checkpoint, sources: tuple[CalibSource, ...], seed: int, seqlen: int) -> Tensor:
     ckpt.config.check_seqlen(seqlen)
-    return calib_windows(calib, ckpt.dir, ckpt.config.vocab_size, seqlen, opts.nsamples, opts.seed)
+    return source_windows(sources, ckpt.dir, ckpt.config.vocab_size, seqlen, seed)
 
 
 def check_allocation(opts: PruneOptions, pattern: Pattern) -> bool:

@@ -90,6 +90,7 @@ class Decl:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None  # the smallest value accepted
     parse: Callable[[str], Any] | None = None  # the command line's text to the value (a size, a list)
+    repeat: bool = False  # the command line takes it several times (its values as a tuple of texts)
     fingerprint: Rule | None = None  # part of the fingerprint under this rule (None: never)
 
     def flags(self, name: str) -> list[str]:
@@ -167,9 +168,11 @@ class PruneOptions:
         None, "Fraction of weights removed per matrix, in [0, 1) (default 0.5; N:M implies it).", (RUN,),
         fingerprint=always)
     pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 or 4:8.", (RUN,), fingerprint=always)
-    calib: Path | None = option(None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.",
-                                RUN_SWEEP)
-    nsamples: int = option(128, "Number of calibration windows.", ALL, fingerprint=always)
+    calib: tuple[str, ...] | Path | None = option(
+        None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids; FILE:N draws N windows from FILE "
+              "(default --nsamples); repeat it to calibrate on several files.", ALL, repeat=True)
+    nsamples: int = option(128, "Number of calibration windows (of each --calib FILE given without a count).", ALL,
+                           fingerprint=always)
     seqlen: int | None = option(None, "Calibration window length (default: the model's maximum, at most 2048).", ALL,
                                 fingerprint=always)
     seed: int = option(0, "Seed for drawing calibration windows.", RUN_SWEEP, fingerprint=always)

@@ -27,7 +27,7 @@ from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import layer_kinds, score_rows
 from streamprune.arch.delta import CHUNK
-from streamprune.calib import eval_windows, load_tokens, read_workspace
+from streamprune.calib import calib_sources, eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
@@ -419,7 +419,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """
     from streamprune.options import PLAN, PruneOptions
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     ckpt = Checkpoint(model_dir)
     dev = planned_device(opts.device, opts.max_gpu_memory)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
@@ -445,6 +445,13 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
         result.disk_read_per_block, result.disk_written_per_block = disk_io_per_block(
             ckpt, opts.sequential, buffer, opts.prune_experts is not None)
     return result
+
+
+def counted(opts: Any) -> Any:
+    """`opts` with --nsamples as the windows of its --calib sources (each FILE:N counts N, a FILE without a count
+    --nsamples), when there are any; the files are not read."""
+    sources = calib_sources(opts.calib, opts.nsamples)
+    return dataclasses.replace(opts, nsamples=sum(s.windows for s in sources)) if sources else opts
 
 
 def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: bool = False) -> tuple[int, int]:
@@ -473,7 +480,7 @@ def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     from streamprune.options import PLAN, PruneOptions
     from streamprune.sweep import sweep_points
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     if opts.nproc != 1:
         raise ArgumentError("--sweep plans one process; drop --nproc")
     if opts.eval is None:
