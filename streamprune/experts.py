@@ -15,17 +15,23 @@ experts in every group, the lowest-scoring of each, so that its groups stay whol
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from streamprune.activations import Activations
 from streamprune.arch import ModelConfig, Role
 from streamprune.arch.block import Weights, expert_hidden, linear
+from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.forward import Routes
+from streamprune.journal import model_digest
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +45,9 @@ def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
     n, g = cfg.n_experts, cfg.n_group
     if not n:
         raise ArgumentError(f"--prune-experts {fraction!r}: model_type {cfg.model_type!r} has no routed experts")
-    if not 0 < fraction < 1:
-        raise ArgumentError(f"--prune-experts {fraction!r} must be a fraction in (0, 1)")
+    if not 0 <= fraction < 1:
+        raise ArgumentError(f"--prune-experts {fraction!r} must be a fraction in [0, 1) (0: every expert scored, "
+                            "none removed)")
     per_group = n // g - math.floor(fraction * n / g)
     while per_group > 0 and per_group * g % multiple:
         per_group -= 1
@@ -58,10 +65,58 @@ def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
         raise ArgumentError(f"--prune-experts {fraction:g} leaves {per_group} of {n // g} experts in each of the {g} "
                             "groups of the router (n_group), which scores a group by its two best experts: keep at "
                             "least 2 per group")
-    if kept == n:
+    if kept == n and fraction > 0:
         logger.warning("--prune-experts %g removes none of the %d routed experts of a block (floor(%g x %d) = 0)",
                        fraction, n, fraction, n)
     return kept
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a job does to the routed experts of each MoE block (--prune-experts): keeps `kept` of them, those
+    `criterion` scores highest, or with `scores` (--expert-scores) those the scores of a report rank highest."""
+
+    kept: int
+    criterion: str
+    scores: dict[int, list[float]] | None = None  # per MoE block, from the report named in `source`
+    source: dict[str, Any] | None = None  # where `scores` came from: the report's file, sha256 and criterion
+
+    @property
+    def known(self) -> bool:
+        """The scores are known before the block's experts are read (a report's, or random ones)."""
+        return self.scores is not None or self.criterion == "random"
+
+    def of(self, bid: int, n: int, seed: int) -> list[float]:
+        """The scores of block `bid`'s `n` experts when they are known up front."""
+        return random_scores(n, seed, bid) if self.scores is None else self.scores[bid]
+
+
+def load_scores(path: Path, ckpt: Checkpoint) -> tuple[dict[int, list[float]], dict[str, Any]]:
+    """Every MoE block's expert scores from the report a run of this model wrote (`--prune-experts`, 0 to only score
+    them), and where they came from; refused when the report holds none, or was made of a model with another expert
+    count, or of another model."""
+    label = f"--expert-scores {str(path)!r}"
+    try:
+        raw = path.read_bytes()
+        report = json.loads(raw)
+        blocks = {int(b["block"]): b for b in report["experts"]}
+        scores = {bid: [float(e["score"]) for e in b["experts"]] for bid, b in blocks.items()}
+        model = report["fingerprint"]["model"]
+    except OSError as e:
+        raise ArgumentError(f"{label}: cannot read: {e.strerror or e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArgumentError(f"{label}: holds no expert scores (a report of `streamprune run --prune-experts`, 0 "
+                            "to score without removing)") from e
+    moe = {b: ckpt.n_experts(b) for b in range(ckpt.config.n_layers) if ckpt.n_experts(b)}
+    for bid, n in moe.items():
+        if len(scores.get(bid, [])) != n:
+            got = f"{len(scores[bid])} experts' scores" if bid in scores else "no scores"
+            raise ArgumentError(f"{label}: block {bid} has {got}; the model has {n} routed experts there")
+    if sorted(scores) != sorted(moe) or model != model_digest(ckpt):
+        raise ArgumentError(f"{label}: the scores of another model (its fingerprint's model differs from "
+                            f"{str(ckpt.dir)!r})")
+    criterion = str(blocks[min(blocks)].get("criterion"))
+    return scores, {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "criterion": criterion}
 
 
 @dataclass
@@ -111,10 +166,12 @@ def choose(scores: list[float], kept: int, groups: int = 1) -> list[int]:
     return [x for x in range(len(scores)) if x not in removed]
 
 
-def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally] | None, kept: list[int]) -> dict:
-    """The report's and the journal's record of one MoE block's choice."""
+def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally] | None, kept: list[int],
+             source: str | None = None) -> dict:
+    """The report's and the journal's record of one MoE block's choice (`source`: the report the scores were read
+    from, if any)."""
     new = {x: k for k, x in enumerate(kept)}
-    return {"block": bid, "criterion": criterion, "kept": len(kept), "removed": [x for x in range(len(scores))
-                                                                               if x not in new],
+    return {"block": bid, "criterion": criterion, **({"scores_from": source} if source else {}), "kept": len(kept),
+            "removed": [x for x in range(len(scores)) if x not in new],
             "experts": [{"expert": x, "score": s, "routed_tokens": None if tallies is None else tallies[x].tokens,
                          "kept": x in new, "index": new.get(x)} for x, s in enumerate(scores)]}

@@ -28,7 +28,7 @@ from streamprune.calib import CalibSource, calib_sources, source_windows
 from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
-from streamprune.experts import kept_experts
+from streamprune.experts import Removal, kept_experts, load_scores
 from streamprune.formats import CompressedTensorsFormat, DenseFormat, Layout, make_format
 from streamprune.journal import (JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint,
                                  sources_digest)
@@ -66,6 +66,7 @@ class Job:
     grid: Grid | None  # the quantization grid of the kept weights, if any
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
     solves: bool = True  # False: routed experts are removed and nothing else changes (every kept tensor copied)
+    removal: Removal | None = None  # --prune-experts: how many experts each MoE block keeps, and by which scores
     # the linears `grid` quantizes (None: every pruned one); a packed input written as stored quantizes only those it
     # stores packed (Kimi-K2-Thinking's routed experts), on its own grid
     quantized: frozenset[str] | None = None
@@ -126,10 +127,11 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     errors = default_errors(cls, opts.layer_errors)
     owl = check_allocation(opts, pattern)
     ckpt = open_model(model_dir)
-    kept = None if opts.prune_experts is None else kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
+    removal = expert_removal(ckpt, opts)
+    kept = None if removal is None else removal.kept
     solves = kept is None or sparsity > 0 or pattern.structured or opts.wbits is not None
     errors = errors and solves
-    surveys = kept is not None and opts.expert_criterion != "random"  # the experts' scores read the calibration data
+    surveys = removal is not None and not removal.known  # the experts' scores read the calibration data
     grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
@@ -141,7 +143,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
             logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
                            opts.method, files)
         else:
-            logger.warning("random expert removal with --sparsity 0 reads no calibration data: %s is not used", files)
+            logger.warning("expert removal by %s with --sparsity 0 reads no calibration data: %s is not used",
+                           "random scores" if removal and removal.scores is None else "the scores of a report", files)
         calib = None
     if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
         what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
@@ -173,8 +176,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
             "offload_activations": decision.placement, "batch": decision.batch,
             "offload_hessian": decision.offload_hessian, "layer_errors": errors,
             "eval_seqlen": None if ewindows is None else ewindows.shape[1]}
-    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None,
-                  {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)})  # type: ignore[arg-type]
+    digests = {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)}  # type: ignore[arg-type]
+    if removal is not None and removal.source is not None:
+        digests["expert_scores"] = removal.source["sha256"]
+    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None, digests)
     fprint = fingerprint(ckpt, None if drawn is None else sources_digest(calib, drawn),
                          fingerprint_args(args, RUN, scope))
     state, finished = previous_job(out_dir, fprint, opts, RUN)
@@ -189,7 +194,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     return Job(ckpt=ckpt, out=out, opts=opts, out_dir=out_dir,
                pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs, seqlen=seqlen,
                device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
-               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args, quantized=quantized,
+               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, removal=removal,
+               args=args, quantized=quantized,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
                owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks,
                tasks=tasks, task_sequences=sequences)
@@ -260,6 +266,21 @@ def open_model(model_dir: Path) -> Checkpoint:
     """The checkpoint to prune (dense, fp8, or packed: see `output_layout` for how each is written)."""
     ckpt = Checkpoint(model_dir)
     return ckpt
+
+
+def expert_removal(ckpt: Checkpoint, opts: PruneOptions) -> Removal | None:
+    """--prune-experts: the experts each MoE block keeps, and the scores that choose them (a report's with
+    --expert-scores, else the criterion's); None without it."""
+    if opts.prune_experts is None:
+        if opts.expert_scores is not None:
+            raise ArgumentError(f"--expert-scores {str(opts.expert_scores)!r} needs --prune-experts F (the fraction of "
+                                "each block's experts to remove)")
+        return None
+    kept = kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
+    if opts.expert_scores is None:
+        return Removal(kept, opts.expert_criterion)
+    scores, source = load_scores(Path(opts.expert_scores), ckpt)
+    return Removal(kept, source["criterion"], scores, source)
 
 
 def with_sources(opts: PruneOptions) -> PruneOptions:

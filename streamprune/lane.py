@@ -39,7 +39,7 @@ from streamprune.arch.block import expert_hidden
 from streamprune.arch.roles import ROUTER_ROLES
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
-from streamprune.experts import Tally, choose, decision, random_scores, tally
+from streamprune.experts import Tally, choose, decision, tally
 from streamprune.forward import Routes, add_expert, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
@@ -79,7 +79,8 @@ class PruneLane(Consumer):
         self.stats: Activations | None = None
         # removing routed experts: each MoE block keeps `kept` experts (else None); the block's router tensors as read,
         # the experts' sums (survey) and the ones kept, in order
-        self.kept = job.out.config.n_experts if job.out is not job.ckpt else None
+        self.removal = job.removal
+        self.kept = None if job.removal is None else job.removal.kept
         self.router: dict[str, Tensor] = {}
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
@@ -122,7 +123,9 @@ class PruneLane(Consumer):
             self.status.phase(f"block {bid}: forward")
             with self.report.timed("forward", bid):
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
-        if not removes:
+        if removes and not self.surveys(block):  # the scores are known: the experts are read once
+            self.reduce(block)
+        elif not removes:
             self.release_block(moe)
 
     def enter_streams(self, block: Part) -> None:
@@ -135,11 +138,11 @@ class PruneLane(Consumer):
             self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
 
     def surveys(self, block: Part) -> bool:
-        return self.kept is not None and self.ckpt.n_experts(block.bid) > 0
+        return self.removal is not None and not self.removal.known and self.ckpt.n_experts(block.bid) > 0
 
     def survey(self, part: Part) -> None:
         """Expert `part` as read: its sums over the tokens the full router sends it."""
-        if not self.surveys(part) or self.opts.expert_criterion == "random":
+        if not self.surveys(part):
             return
         assert self.routes is not None and self.stats is not None and part.xid is not None
         with self.report.timed("survey", part.bid):
@@ -147,21 +150,26 @@ class PruneLane(Consumer):
                                       self.device))
 
     def surveyed(self, block: Part) -> None:
-        """Every expert scored: the best `kept` chosen, the router cut to them (written bit for bit, row by row),
-        and the tokens routed again by the reduced router."""
-        bid, criterion, n = block.bid, self.opts.expert_criterion, self.ckpt.n_experts(block.bid)
-        if not self.surveys(block):
-            return
-        assert self.kept is not None and self.shard is not None
+        if self.surveys(block):
+            self.reduce(block)
+
+    def reduce(self, block: Part) -> None:
+        """Every expert scored (surveyed, or known up front): the best `kept` chosen, the router cut to them (written
+        bit for bit, row by row), and the tokens routed again by the reduced router."""
+        bid, n, removal = block.bid, self.ckpt.n_experts(block.bid), self.removal
+        assert removal is not None and self.kept is not None and self.shard is not None
         with self.report.timed("survey", bid):
-            if criterion == "random":
-                scores, tallies = random_scores(n, self.opts.seed, bid), None
+            tallies = None
+            if removal.known:
+                scores = removal.of(bid, n, self.opts.seed)
             else:
                 tallies = [Tally(self.ranks.sum_int(t.tokens), self.ranks.sum_float(t.norm),
                                  self.ranks.sum_float(t.weighted_norm)) for t in self.tallies]  # every rank's share
-                scores = [t.score(criterion) for t in tallies]
+                scores = [t.score(removal.criterion) for t in tallies]
+            criterion = removal.criterion
             self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
-            self.decision = decision(bid, criterion, scores, tallies, self.keep)
+            self.decision = decision(bid, criterion, scores, tallies, self.keep,
+                                     None if removal.source is None else removal.source["file"])
             for name, tensor in self.router.items():
                 self.shard.put(name, tensor[self.keep])
             rows = torch.tensor(self.keep, device=self.device)

@@ -218,6 +218,11 @@ class PruneOptions:
                 "to the expert of router weight x output norm), ean (sum of its output norms over them), frequency "
                 "(how many are routed to it) or random (drawn from --seed).", RUN_PLAN, choices=EXPERT_CRITERIA,
         fingerprint=when_experts_removed)
+    expert_scores: Path | None = option(
+        None, "--prune-experts: remove the experts with the lowest scores of this report (streamprune_report.json "
+              "of a run of the same model, e.g. with --prune-experts 0, which scores every expert and removes none) "
+              "instead of scoring them: no calibration data is read unless something else needs it.", RUN_PLAN,
+        fingerprint=when_given)
     experts_multiple: int = option(1, "--prune-experts: round the kept count down to a multiple of this (as "
                                       "expert-parallel serving needs).", RUN_PLAN, minimum=1,
                                    fingerprint=when_experts_removed)

@@ -110,6 +110,7 @@ class Run:
                                                    **mtp_layers(self.ckpt, job.out)},
                              fingerprint=job.fingerprint, environment=env)
         self.report.device = job.device
+        self.report.expert_scores = None if job.removal is None else job.removal.source
         before = self.journal.environment
         self.report.environment_changes = [f"{k}: {before.get(k)!r} before, {v!r} now" for k, v in env.items()
                                            if before.get(k) != v]

@@ -436,14 +436,16 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     result = memory_plan(fp, dev, decision, nproc=opts.nproc, tasks=bool(opts.eval_tasks))
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     result.read_bytes = result.output_bytes = stored
-    if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
+    # scores read from the calibration data: a survey pass reads every routed expert once more
+    surveys = opts.prune_experts is not None and opts.expert_scores is None and opts.expert_criterion != "random"
+    if opts.prune_experts is not None:  # the removed experts are not written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
-        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of)
+        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of) if surveys else 0
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
     if result.placement == "disk":
         buffer = -(-opts.nsamples // opts.nproc) * seqlen * ckpt.config.hidden_size * 4
         result.disk_read_per_block, result.disk_written_per_block = disk_io_per_block(
-            ckpt, opts.sequential, buffer, opts.prune_experts is not None)
+            ckpt, opts.sequential, buffer, surveys)
     return result
 
 

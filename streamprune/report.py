@@ -86,6 +86,7 @@ class Report:
     # --prune-experts: per MoE block, the criterion, the experts kept and removed, and each expert's score, routed
     # calibration tokens, whether it is kept and its index in the output (see `experts.decision`)
     experts: list[dict[str, Any]] | None = None
+    expert_scores: dict[str, Any] | None = None  # --expert-scores: the report they came from (file, sha256, criterion)
     # --offload-activations disk: the bytes the calibration activations moved through their files, in all
     # (read_bytes, written_bytes) and per block ("blocks": block index -> read_bytes, written_bytes)
     activation_io: dict[str, Any] | None = None

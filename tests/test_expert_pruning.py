@@ -3,8 +3,10 @@ modules, the output as transformers loads it, bit-for-bit copies, resume, and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,7 +272,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
      "routed to (num_experts_per_tok)"),
     (["--prune-experts", "0.5", "--sparsity", "0"],
      "--expert-criterion 'reap' needs calibration data: pass --calib FILE"),
-    (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in (0, 1)"),
+    (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in [0, 1)"),
     (["--prune-experts", "0.75", "--sparsity", "0", "--calib", "CALIB"],
      "--prune-experts 0.75 leaves 1 of 4 experts in each of the 4 groups of the router (n_group), which scores a group "
      "by its two best experts: keep at least 2 per group"),
@@ -298,3 +300,67 @@ def test_plan_counts_the_survey_and_the_output(models):
     assert expert_bytes > 0
     assert removing.output_bytes < plain.output_bytes
     assert plain.output_bytes - removing.output_bytes >= expert_bytes // 2  # half the experts and router rows
+
+
+def test_scores_reused_from_a_report(tmp_path, models, calib, monkeypatch):
+    """--prune-experts 0 scores every expert and removes none (its output is the input); --expert-scores REPORT then
+    removes each block's lowest-scoring experts of that report, drawing no calibration window, and says so."""
+    src = models["qwen2-moe"]
+    scored = streamprune.prune(src, tmp_path / "scored", calib=calib, sparsity=0.0, prune_experts=0.0, **ARGS)
+    assert all(b["kept"] == 6 and b["removed"] == [] for b in scored.experts)
+    assert tensors(tmp_path / "scored").keys() == tensors(src).keys()
+    assert all(torch.equal(t, tensors(src)[k]) for k, t in tensors(tmp_path / "scored").items())
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration data read")
+
+    monkeypatch.setattr("streamprune.calib.calib_windows", no_calibration)
+    path = tmp_path / "scored" / "streamprune_report.json"
+    report = streamprune.prune(src, tmp_path / "out", sparsity=0.0, prune_experts=0.5, expert_scores=path,
+                               calib=calib, **ARGS)  # the calibration file is not used: nothing needs it
+    for block, given in zip(report.experts, scored.experts):
+        scores = [e["score"] for e in given["experts"]]
+        assert block["removed"] == lowest(scores, 3) and [e["score"] for e in block["experts"]] == scores
+        assert block["criterion"] == "reap" and block["scores_from"] == str(path)
+    assert report.expert_scores == {"file": str(path), "criterion": "reap",
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 3
+
+
+def test_plan_reads_the_experts_once_with_known_scores(models, tmp_path, calib):
+    surveyed = plan(models["mixtral"], nsamples=8, seqlen=32, prune_experts=0.5)
+    known = plan(models["mixtral"], nsamples=8, seqlen=32, prune_experts=0.5, expert_criterion="random")
+    plain = plan(models["mixtral"], nsamples=8, seqlen=32)
+    assert known.read_bytes == plain.read_bytes < surveyed.read_bytes
+
+
+@pytest.mark.parametrize("case", ["other-count", "other-model", "no-fraction", "no-scores"])
+def test_bad_expert_scores_are_one_line_and_write_nothing(tmp_path, models, calib, case):
+    mixtral = models["mixtral"]
+    other = tmp_path / "other"
+    if case == "other-model":  # the same expert count, another config
+        shutil.copytree(mixtral, other)
+        cfg = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+        scorer = other
+    else:
+        scorer = models["qwen3-moe"]  # 5 experts per block, the mixtral 4
+    scores = tmp_path / "scores"
+    streamprune.prune(scorer, scores, calib=calib, sparsity=0.0, prune_experts=0.0, **ARGS)
+    path = scores / "streamprune_report.json"
+    if case == "no-scores":
+        streamprune.prune(mixtral, tmp_path / "plain", calib=calib, **ARGS)
+        path = tmp_path / "plain" / "streamprune_report.json"
+    args = ["--expert-scores", str(path), "--sparsity", "0"] + ([] if case == "no-fraction" else
+                                                              ["--prune-experts", "0.5"])
+    message = {"other-count": f"--expert-scores {str(path)!r}: block 0 has 5 experts' scores; the model has 4 routed "
+                              "experts there",
+               "other-model": f"--expert-scores {str(path)!r}: the scores of another model (its fingerprint's model "
+                              f"differs from {str(mixtral)!r})",
+               "no-fraction": f"--expert-scores {str(path)!r} needs --prune-experts F",
+               "no-scores": f"--expert-scores {str(path)!r}: holds no expert scores"}[case]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(mixtral), str(out), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
