@@ -19,11 +19,13 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import ModelConfig, Role
@@ -36,6 +38,7 @@ from streamprune.journal import model_digest
 logger = logging.getLogger(__name__)
 
 EXPERT_CRITERIA = ("reap", "ean", "frequency", "random")
+COMPENSATION_DAMP = 0.01  # --compensate-experts: the least squares' ridge, relative to its mean diagonal
 
 
 def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
@@ -80,6 +83,13 @@ class Removal:
     criterion: str
     scores: dict[int, list[float]] | None = None  # per MoE block, from the report named in `source`
     source: dict[str, Any] | None = None  # where `scores` came from: the report's file, sha256 and criterion
+    compensate: bool = False  # --compensate-experts: the kept experts' down projections fitted to the dense block
+
+    @property
+    def surveys(self) -> bool:
+        """The block's experts are read twice: a survey (scores from the calibration data, or the dense block's
+        output that compensation fits) before the pass that writes them."""
+        return not self.known or self.compensate
 
     @property
     def known(self) -> bool:
@@ -137,12 +147,16 @@ class Tally:
 
 
 @torch.no_grad()
-def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: torch.device) -> Tally:
-    """Expert `we`'s sums over its token rows (`forward.routed_rows`) of the MoE input `m`; norms in float64."""
+def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: torch.device,
+          dense: Activations | None = None) -> Tally:
+    """Expert `we`'s sums over its token rows (`forward.routed_rows`) of the MoE input `m`; norms in float64. With
+    `dense`, its weighted output is added to those rows there (the dense block's output, which compensation fits)."""
     t = Tally()
     for i, j, token, weight in rows:
         if token.numel():
             f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, m.rows(i, j, token, device)))  # (n, D)
+            if dense is not None:
+                dense.add_rows(i, j, token, f * weight[:, None])
             norms = torch.linalg.vector_norm(f.double(), dim=-1)  # (n,)
             t.tokens += int(token.numel())
             t.norm += float(norms.sum())
@@ -175,3 +189,35 @@ def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally]
             "removed": [x for x in range(len(scores)) if x not in new],
             "experts": [{"expert": x, "score": s, "routed_tokens": None if tallies is None else tallies[x].tokens,
                          "kept": x in new, "index": new.get(x)} for x, s in enumerate(scores)]}
+
+
+@torch.no_grad()
+def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m: Activations, dense: Activations,
+                     out: Activations, device: torch.device, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """Kept expert `xid`'s down projection fitted, by weighted least squares, to what the block's output needs from
+    it on its calibration tokens (the reduced router's `routes`; MoE input `m`). The experts go in order: a token's
+    last expert (the highest index among those it is routed to) is fitted to the rest of its dense output `dense`
+    less `out` (the block's output so far, the experts before it added), so that the block's output on that token
+    equals the dense block's as nearly as its hidden activations allow; on its other tokens it keeps its own output
+    (the last one fits the rest). Each row weighs g^2, g the token's routing weight of the expert. `reduce` sums the
+    statistics over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
+    down = we[(Role.FFN_DOWN_EXP, "weight")]
+    bias = we.get((Role.FFN_DOWN_EXP, "bias"))
+    H = torch.zeros(down.shape[1], down.shape[1], dtype=torch.float64, device=device)
+    C = torch.zeros(down.shape[0], down.shape[1], dtype=torch.float64, device=device)
+    for i, j, chosen, weights in routes:
+        token, slot = torch.where(chosen == xid)
+        if not token.numel():
+            continue
+        g = weights[token, slot].double()[:, None]  # (n, 1)
+        h = expert_hidden(cfg, we, m.rows(i, j, token, device))  # (n, ffn)
+        own = linear(we, Role.FFN_DOWN_EXP, h).double()
+        rest = (dense.rows(i, j, token, device) - out.rows(i, j, token, device)).double() / g
+        last = (chosen[token].max(dim=-1).values == xid)[:, None]
+        target = torch.where(last, rest, own) - (0 if bias is None else bias.double())  # what W h should give
+        h = h.double()
+        H += (h * g**2).T @ h
+        C += (target * g**2).T @ h
+    H, C = reduce(H), reduce(C)
+    H.diagonal().add_(COMPENSATION_DAMP * float(H.diagonal().mean()) + 1e-12)
+    return torch.linalg.solve(H, C.T).T.float()  # C H^-1

@@ -131,7 +131,10 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     kept = None if removal is None else removal.kept
     solves = kept is None or sparsity > 0 or pattern.structured or opts.wbits is not None
     errors = errors and solves
-    surveys = removal is not None and not removal.known  # the experts' scores read the calibration data
+    surveys = removal is not None and removal.surveys  # the experts' scores (or the dense block) read the calibration
+    if removal is not None and removal.compensate and solves and not opts.sequential:
+        raise ArgumentError("--compensate-experts fits the kept experts to the block as pruned so far: it needs "
+                            "--sequential")
     grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
@@ -148,7 +151,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
         calib = None
     if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
         what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
-                else "--allocation owl" if owl else f"--expert-criterion {opts.expert_criterion!r}")
+                else "--allocation owl" if owl else "--compensate-experts" if opts.compensate_experts
+                else f"--expert-criterion {opts.expert_criterion!r}")
         raise DataError(f"{what} needs calibration data: pass --calib FILE")
     if owl and ckpt.config.n_experts:
         raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
@@ -164,7 +168,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     shares = ranks.shares(opts.nsamples, windows, ewindows,
                           bool(ckpt.config.n_experts) and not (opts.sequential or not solves))
     fp = footprint(ckpt, shares.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
-                   *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl)
+                   *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl,
+                   compensate=removal is not None and removal.compensate)
     decision = decide(fp, ranks.device(device), opts.offload_activations, opts.max_gpu_memory, opts.batch,
                       opts.nsamples, ranks.local_world)
     if decision.batch != min(opts.batch, opts.nsamples):
@@ -275,12 +280,14 @@ def expert_removal(ckpt: Checkpoint, opts: PruneOptions) -> Removal | None:
         if opts.expert_scores is not None:
             raise ArgumentError(f"--expert-scores {str(opts.expert_scores)!r} needs --prune-experts F (the fraction of "
                                 "each block's experts to remove)")
+        if opts.compensate_experts:
+            raise ArgumentError("--compensate-experts needs --prune-experts F (it fits the experts a removal keeps)")
         return None
     kept = kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
     if opts.expert_scores is None:
-        return Removal(kept, opts.expert_criterion)
+        return Removal(kept, opts.expert_criterion, compensate=opts.compensate_experts)
     scores, source = load_scores(Path(opts.expert_scores), ckpt)
-    return Removal(kept, source["criterion"], scores, source)
+    return Removal(kept, source["criterion"], scores, source, opts.compensate_experts)
 
 
 def with_sources(opts: PruneOptions) -> PruneOptions:

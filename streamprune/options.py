@@ -223,6 +223,12 @@ class PruneOptions:
               "of a run of the same model, e.g. with --prune-experts 0, which scores every expert and removes none) "
               "instead of scoring them: no calibration data is read unless something else needs it.", RUN_PLAN,
         fingerprint=when_given)
+    compensate_experts: bool = option(
+        False, "--prune-experts: after a block's experts are chosen, fit each kept expert's down projection by least "
+               "squares so that the block's output on the calibration tokens stays as near the dense block's as it "
+               "can (needs --calib and --sequential); the output keeps plain removal's names and shapes. A sweep "
+               "sweeps each removal point with and without it.", ALL, flag="--compensate-experts",
+        fingerprint=when_experts_removed)
     experts_multiple: int = option(1, "--prune-experts: round the kept count down to a multiple of this (as "
                                       "expert-parallel serving needs).", RUN_PLAN, minimum=1,
                                    fingerprint=when_experts_removed)

@@ -227,14 +227,16 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
               errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None,
-              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False) -> Footprint:
+              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False,
+              compensate: bool = False) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
     the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any;
     `eval_windows` windows of `eval_seqlen` tokens pushed through the blocks in `eval_streams` streams (--eval: the
     pruned model's; --eval-dense: the dense one's too), each one buffer (two for an MoE model), placed like the
     calibration activations. `owl` (--allocation owl): a forward of the dense model over the calibration windows
     before block 0, in the calibration activations (its column norms are vectors, its scores one linear's at a time:
-    within the solve's terms); for magnitude, which otherwise has none, one buffer of them."""
+    within the solve's terms); for magnitude, which otherwise has none, one buffer of them. `compensate`
+    (--compensate-experts): a third calibration buffer, the dense block's output."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -276,7 +278,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+        activations=(3 if compensate else 2) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
         eval_activations=evals["eval_activations"], positions=positions_bytes(cfg, seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
@@ -431,13 +433,14 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     _, sequences = eval_tasks(ckpt, opts, opts.nproc)
     fp = footprint(ckpt, -(-opts.nsamples // opts.nproc), seqlen, opts.method, opts.sequential, opts.layer_errors,
                    {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense, sequences),
-                   owl=opts.allocation == "owl")
+                   owl=opts.allocation == "owl", compensate=opts.compensate_experts)
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
     result = memory_plan(fp, dev, decision, nproc=opts.nproc, tasks=bool(opts.eval_tasks))
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     result.read_bytes = result.output_bytes = stored
     # scores read from the calibration data: a survey pass reads every routed expert once more
-    surveys = opts.prune_experts is not None and opts.expert_scores is None and opts.expert_criterion != "random"
+    surveys = opts.prune_experts is not None and (opts.expert_scores is None and opts.expert_criterion != "random"
+                                                  or opts.compensate_experts)
     if opts.prune_experts is not None:  # the removed experts are not written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
         result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of) if surveys else 0

@@ -23,7 +23,7 @@ REPORT_NAME = "streamprune_report.json"
 # statistics and receiving the linears other ranks solved (waiting for them included).
 # owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
 PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write",
-          "survey")
+          "survey", "compensate")
 
 
 @dataclass
