@@ -364,3 +364,85 @@ def test_bad_expert_scores_are_one_line_and_write_nothing(tmp_path, models, cali
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not out.exists()
+
+
+def reference_fit(moe, m: torch.Tensor, keep: list[int], damp: float = 0.01) -> list[torch.Tensor]:
+    """The kept experts' down projections fitted as --compensate-experts defines it, in float64 from transformers'
+    router and experts on the block's MoE input `m`: the reduced router's routes; in order, each expert's rows
+    weighted by g^2, the target of a token whose last expert it is the dense routed output less the experts before
+    it (fitted) over g, else its own output; ridge `damp` x the mean diagonal."""
+    _, weights, chosen = router(moe, m)
+    dense = torch.zeros_like(m)
+    for j in range(moe.experts.num_experts):
+        token, slot = torch.where(chosen == j)
+        dense.index_add_(0, token, expert_output(moe.experts, j, m[token]) * weights[token, slot, None])
+    logits = torch.nn.functional.linear(m, moe.gate.weight[keep])
+    probs = torch.softmax(logits, dim=-1)
+    w, new = torch.topk(probs, moe.gate.top_k, dim=-1)
+    if getattr(moe.gate, "norm_topk_prob", True):
+        w = w / w.sum(dim=-1, keepdim=True)
+    acc, fitted = torch.zeros_like(m), []
+    F = torch.nn.functional
+    for k, x in enumerate(keep):
+        token, slot = torch.where(new == k)
+        g = w[token, slot, None]
+        gate, up = F.linear(m[token], moe.experts.gate_up_proj[x]).chunk(2, dim=-1)
+        h = moe.experts.act_fn(gate) * up
+        own = F.linear(h, moe.experts.down_proj[x])
+        last = (new[token].max(dim=-1).values == k)[:, None]
+        target = torch.where(last, (dense[token] - acc[token]) / g, own)
+        H, C = (h * g**2).T @ h, (target * g**2).T @ h
+        H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+        fitted.append(torch.linalg.solve(H, C.T).T)
+        acc.index_add_(0, token, F.linear(h, fitted[-1]) * g)
+    return fitted
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_compensation_fits_the_dense_block(tmp_path, models, calib, variant):
+    """--compensate-experts: plain removal's names, shapes and config, every tensor but the kept experts' down
+    projections as plain removal writes it; block 0's fitted down projections equal the float64 reference fit from
+    transformers' modules; transformers' logits of the output equal streamprune's."""
+    src = models[variant]
+    plain = streamprune.prune(src, tmp_path / "plain", calib=calib, sparsity=0.0, prune_experts=0.5, **ARGS)
+    fitted = streamprune.prune(src, tmp_path / "fitted", calib=calib, sparsity=0.0, prune_experts=0.5,
+                               compensate_experts=True, **ARGS)
+    assert fitted.experts[0] == plain.experts[0]  # the same first choice (later blocks see compensated ones)
+    a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "fitted")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    same = {p["block"] for p, f in zip(plain.experts, fitted.experts) if p == f}  # blocks that chose alike
+    down = ("down_proj.weight", "w2.weight")
+    assert any(f"layers.{plain.experts[0]['block']}." in k for k in changed)
+    assert all(".experts." in k and k.endswith(down) for k in changed if int(k.split(".")[2]) in same), changed
+    assert (json.loads((tmp_path / "plain" / "config.json").read_text())
+            == json.loads((tmp_path / "fitted" / "config.json").read_text()))
+    windows = calib_windows(calib, src, tiny.VOCAB, ARGS["seqlen"], ARGS["nsamples"], ARGS["seed"])
+    dense, written = hf64(src), hf64(tmp_path / "fitted")
+    bid = plain.experts[0]["block"]
+    keep = [e["expert"] for e in plain.experts[0]["experts"] if e["kept"]]
+    reference = reference_fit(dense.model.layers[bid].mlp, moe_inputs(dense, windows, bid), keep)
+    got = written.model.layers[bid].mlp.experts.down_proj
+    for k, ref in enumerate(reference):
+        torch.testing.assert_close(got[k], ref.float().double(), rtol=1e-4, atol=1e-5)
+    ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = tiny.hf_model(tmp_path / "fitted")(ids).logits
+    torch.testing.assert_close(logits(tmp_path / "fitted", ids), theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compensate-experts", "--sparsity", "0", "--calib", "CALIB"],
+     "--compensate-experts needs --prune-experts F"),
+    (["--compensate-experts", "--prune-experts", "0.5", "--no-sequential", "--calib", "CALIB"],
+     "--compensate-experts fits the kept experts to the block as pruned so far: it needs --sequential"),
+    (["--compensate-experts", "--prune-experts", "0.5", "--sparsity", "0", "--expert-criterion", "random"],
+     "--compensate-experts needs calibration data: pass --calib FILE"),
+], ids=["no-removal", "not-sequential", "no-calib"])
+def test_bad_compensation_is_one_line_and_writes_nothing(tmp_path, models, calib, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(models["mixtral"]), str(out),
+                                      *[str(calib) if a == "CALIB" else a for a in args]])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
