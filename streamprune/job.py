@@ -39,7 +39,7 @@ from streamprune.pruners import Pattern, default_errors, method, resolve_sparsit
 from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
 from streamprune.report import REPORT_NAME, Report, load_report
-from streamprune.sweep import SWEEP_FILES, SWEEP_JOURNAL, SWEEP_NAME, Point, SweepResult, sweep_points
+from streamprune.sweep import SWEEP_FILES, SWEEP_JOURNAL, SWEEP_NAME, Point, SweepResult, as_fractions, sweep_points
 from streamprune.writer import output_linears
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,9 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
         raise ArgumentError("sweep runs in one process: launch it without torchrun")
     check(opts, SWEEP)
     opts = with_sources(opts)
-    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    points = sweep_points(list(opts.methods), None if opts.sparsities is None else list(opts.sparsities),
+                          list(opts.patterns), as_fractions(opts.prune_experts), list(opts.expert_criteria),
+                          opts.compensate_experts)
     if opts.calib is None:
         raise DataError("sweep needs calibration data: pass --calib FILE")
     if opts.eval is None:
@@ -222,6 +224,11 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     for p in points:
         cls, pattern = method(p.method), Pattern.parse(p.pattern)
         cls.check({k: getattr(opts, k) for k in cls.knobs}, pattern)
+        if p.experts is not None:
+            kept_experts(ckpt.config, p.experts, opts.experts_multiple)  # refused as run refuses it
+            if p.compensate and p.solves and not opts.sequential:
+                raise ArgumentError("--compensate-experts fits the kept experts to the block as pruned so far: it "
+                                    "needs --sequential")
     device = resolve_device(opts.device)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     calib: tuple[CalibSource, ...] = opts.calib  # type: ignore[assignment]
@@ -231,7 +238,7 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     save_dir = None if opts.save_dir is None else Path(opts.save_dir)
     for folder in [out_dir] + ([save_dir] if save_dir is not None else []):
         check_out_dir(model_dir, folder)
-    plan = plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows, device)
+    plan = plan_sweep(ckpt, [(p.method, p.compensate) for p in points], opts, seqlen, ewindows, device)
     check_sweep_memory(plan, opts, device)
     acts = sum(b for what, b, _ in plan.consumers if "activations" in what or "hidden states" in what)
     check_disk(out_dir, "the sweep", {"two saved states of the points' streams": 2 * acts,
@@ -256,13 +263,19 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
               windows: Tensor, ewindows: Tensor, plan: MemoryPlan) -> Job:
     """One point of a sweep, as `prepare` would give it for `run` with the point's method, pattern and sparsity."""
     cls = method(p.method)
-    errors = default_errors(cls, opts.layer_errors)
-    popts = dataclasses.replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity)
-    return Job(ckpt=ckpt, out=ckpt, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
+    removal = None if p.experts is None else Removal(kept_experts(ckpt.config, p.experts, opts.experts_multiple),
+                                                     p.criterion or "reap", compensate=p.compensate)
+    solves = removal is None or p.solves
+    errors = default_errors(cls, opts.layer_errors) and solves
+    popts = dataclasses.replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity, prune_experts=p.experts,
+                                expert_criterion=p.criterion or opts.expert_criterion, compensate_experts=p.compensate)
+    out = ckpt if removal is None else ckpt.keeping_experts(removal.kept)
+    reads = (solves and cls.accumulates(errors)) or (removal is not None and removal.surveys)
+    return Job(ckpt=ckpt, out=out, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
                errors=errors, knobs={k: getattr(opts, k) for k in cls.knobs}, seqlen=seqlen, device=device,
-               windows=windows if cls.accumulates(errors) else None, placement=plan.placement, batch=plan.batch,
-               offload_hessian=plan.offload_hessian, grid=None,
-               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt)), ckpt.layout.fused),
+               windows=windows if reads else None, placement=plan.placement, batch=plan.batch,
+               offload_hessian=plan.offload_hessian, grid=None, solves=solves, removal=removal,
+               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt)), out.layout.fused),
                args={**popts.args(RUN), "calib": [s.to_dict() for s in opts.calib], "eval": str(opts.eval), "seqlen": seqlen,
                      "device": str(device)}, eval_windows=ewindows)
 
@@ -283,6 +296,9 @@ def expert_removal(ckpt: Checkpoint, opts: PruneOptions) -> Removal | None:
         if opts.compensate_experts:
             raise ArgumentError("--compensate-experts needs --prune-experts F (it fits the experts a removal keeps)")
         return None
+    if isinstance(opts.prune_experts, (tuple, list)):
+        raise ArgumentError(f"--prune-experts {','.join(map(str, opts.prune_experts))!r}: run removes one fraction "
+                            "(sweep takes several)")
     kept = kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
     if opts.expert_scores is None:
         return Removal(kept, opts.expert_criterion, compensate=opts.compensate_experts)

@@ -284,14 +284,14 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
 
-def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any]]], nsamples: int, seqlen: int,
+def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any], bool]], nsamples: int, seqlen: int,
                     sequential: bool, eval_windows: int, eval_seqlen: int) -> Footprint:
     """The sizes a sweep is made of: the block's weights once (each point prunes its own copy, one point at a time,
     so the workspaces are the largest point's), and every point's activations: its calibration buffers (none for
     magnitude without statistics) and its evaluation stream, plus the dense model's evaluation stream. `points`:
-    (method, knobs) of each point."""
-    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1)
-           for method, knobs in points]
+    (method, knobs, whether it compensates removed experts) of each point."""
+    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1,
+                     compensate=compensate) for method, knobs, compensate in points]
     dense_eval = fps[0].eval_activations  # one stream's buffers, the dense model's
     largest = {f.name: max(getattr(fp, f.name) for fp in fps) for f in dataclasses.fields(Footprint)}
     summed = {"activations": sum(fp.activations for fp in fps) + dense_eval,
@@ -441,6 +441,8 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     # scores read from the calibration data: a survey pass reads every routed expert once more
     surveys = opts.prune_experts is not None and (opts.expert_scores is None and opts.expert_criterion != "random"
                                                   or opts.compensate_experts)
+    if isinstance(opts.prune_experts, (tuple, list)):
+        raise ArgumentError("--prune-experts: a run removes one fraction (plan --sweep takes several)")
     if opts.prune_experts is not None:  # the removed experts are not written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
         result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of) if surveys else 0
@@ -483,27 +485,29 @@ def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """Predicted peak memory of `streamprune sweep` with these options (`eval` is required: it is tokenized to
     count its windows; the points from `methods`, `sparsities` and `patterns`); nothing is run or allocated."""
     from streamprune.options import PLAN, PruneOptions
-    from streamprune.sweep import sweep_points
+    from streamprune.sweep import as_fractions, sweep_points
 
     opts = counted(PruneOptions.of(PLAN, options))
     if opts.nproc != 1:
         raise ArgumentError("--sweep plans one process; drop --nproc")
     if opts.eval is None:
         raise DataError("a sweep's plan needs its evaluation data: pass --eval FILE")
-    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    points = sweep_points(list(opts.methods), None if opts.sparsities is None else list(opts.sparsities),
+                          list(opts.patterns), as_fractions(opts.prune_experts), list(opts.expert_criteria),
+                          opts.compensate_experts)
     ckpt = Checkpoint(model_dir)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
     assert ewindows is not None
-    return plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows,
+    return plan_sweep(ckpt, [(p.method, p.compensate) for p in points], opts, seqlen, ewindows,
                       planned_device(opts.device, opts.max_gpu_memory))
 
 
-def plan_sweep(ckpt: Checkpoint, methods: list[str], opts: Any, seqlen: int, eval_windows: Tensor,
+def plan_sweep(ckpt: Checkpoint, methods: list[tuple[str, bool]], opts: Any, seqlen: int, eval_windows: Tensor,
                device: torch.device) -> MemoryPlan:
-    """The memory plan of a sweep whose points use `methods` (see `sweep_footprint`), its placement and batch
-    decided as a run's are."""
-    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}) for name in methods]
+    """The memory plan of a sweep whose points use `methods` (each point's method, and whether it compensates
+    removed experts; see `sweep_footprint`), its placement and batch decided as a run's are."""
+    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}, comp) for name, comp in methods]
     fp = sweep_footprint(ckpt, knobs, opts.nsamples, seqlen, opts.sequential, *eval_windows.shape)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     return memory_plan(fp, device, decision, points=len(methods))
