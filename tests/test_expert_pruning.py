@@ -446,3 +446,76 @@ def test_bad_compensation_is_one_line_and_writes_nothing(tmp_path, models, calib
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not out.exists()
+
+
+def calibration_record(src: Path, calib: Path, windows: torch.Tensor, monkeypatch) -> dict:
+    """Per MoE block, what scoring every expert (--prune-experts 0) computed from `windows` (N, T), by position:
+    the MoE input (what the experts' statistics are made of), each token's routes and weights, and each expert's
+    per-token share of its score (g x ||f||)."""
+    from streamprune import job
+    from streamprune.arch import Role
+    from streamprune.arch.block import expert_hidden, linear
+    from streamprune.forward import routed_rows
+    from streamprune.lane import PruneLane
+
+    record, survey = {}, PruneLane.survey
+    N, T = windows.shape
+
+    def recording(self, part):
+        survey(self, part)
+        bid, stats = part.bid, self.stats
+        if part.xid == 0:
+            record[bid, "input"] = stats.read(0, N, self.device)
+            record[bid, "chosen"] = torch.cat([c for _, _, c, _ in self.routes]).view(N, T, -1)
+            record[bid, "weights"] = torch.cat([w for _, _, _, w in self.routes]).view(N, T, -1)
+        share = torch.zeros(N * T, dtype=torch.float64)
+        for i, j, token, g in routed_rows(self.routes, part.xid):
+            f = linear(part.w, Role.FFN_DOWN_EXP, expert_hidden(self.ckpt.config, part.w, stats.rows(i, j, token,
+                                                                                                      self.device)))
+            share[i * T + token] = g.double() * torch.linalg.vector_norm(f.double(), dim=-1)
+        record[bid, "score", part.xid] = share.view(N, T)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PruneLane, "survey", recording)
+        patch.setattr(job, "draw_windows", lambda ckpt, sources, seed, seqlen: windows)
+        out = Path(str(src) + "-scored")
+        streamprune.prune(src, out, calib=calib, sparsity=0.0, prune_experts=0.0, nsamples=N, seqlen=T, overwrite=True)
+        shutil.rmtree(out)
+    return record
+
+
+def earlier_positions_differ(src: Path, calib: Path, monkeypatch, cut: int = 10) -> list:
+    """The records whose positions before `cut` change when every token from `cut` on is changed: routes at all,
+    the rest by more than float32 rounding (kernels whose sums are split by the length of what they see round the
+    earlier positions' values differently in the last bits, 1e-7 relative here; a future token seen moves them by
+    far more)."""
+    windows = torch.randint(0, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    later = windows.clone()
+    later[:, cut:] = (later[:, cut:] + 1 + torch.arange(16 - cut)) % tiny.VOCAB
+    a, b = (calibration_record(src, calib, w, monkeypatch) for w in (windows, later))
+    assert a.keys() == b.keys() and any(key[1] == "score" for key in a)
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        if not x.is_floating_point():
+            return torch.equal(x, y)
+        return torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+    return [key for key in a if not same(a[key][:, :cut], b[key][:, :cut])]
+
+
+def no_attention_mask(q, k, v, *args, **kwargs):
+    """Attention over every position of the window, the future included (the mask dropped on purpose)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_calibration_is_causal(tmp_path, models, calib, monkeypatch, variant):
+    """Changing later tokens of a calibration window changes no earlier position's MoE input, routes, routing
+    weights or share of any expert's score, in any MoE block; with the attention mask dropped on purpose, the same
+    check finds earlier positions that change."""
+    from streamprune.arch import block
+
+    src = Path(shutil.copytree(models[variant], tmp_path / "model"))
+    assert earlier_positions_differ(src, calib, monkeypatch) == []
+    monkeypatch.setattr(block, "fused_attention", no_attention_mask)
+    monkeypatch.setattr(block, "explicit_attention", no_attention_mask)
+    assert earlier_positions_differ(src, calib, monkeypatch) != []
