@@ -45,11 +45,13 @@ OUTPUTS = {
 VLLM = """
 import json, sys
 from vllm import LLM, SamplingParams
-model, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
-outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=n,
-                                                                               ignore_eos=True))
-print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+
+if __name__ == "__main__":  # vLLM starts processes that import this file again
+    model, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 """
 
 
@@ -78,7 +80,9 @@ def transformers_tokens(model: Path, ids: list[list[int]]) -> list[list[int]]:
 def vllm_tokens(python: Path, model: Path, ids: list[list[int]]) -> tuple[list[list[int]] | None, str, float]:
     """vLLM's greedy tokens (None when it failed), its last line of output and its seconds."""
     start = time.perf_counter()
-    run = subprocess.run([str(python), "-c", VLLM, str(model), json.dumps(ids), str(NEW_TOKENS)],
+    script = model.parent / "serve_vllm.py"
+    script.write_text(VLLM)
+    run = subprocess.run([str(python), str(script), str(model), json.dumps(ids), str(NEW_TOKENS)],
                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     found = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
