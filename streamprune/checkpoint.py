@@ -22,7 +22,7 @@ from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, resolve
 from streamprune.arch.binding import bind_roles
-from streamprune.arch.roles import PRUNABLE, ROUTER_ROLES
+from streamprune.arch.roles import PRUNABLE, ROUTER_ROLES, expert_axis
 from streamprune.errors import CheckpointError
 from streamprune.formats import format_of
 from streamprune.tensorfile import DTYPE_NAMES, TensorInfo, all_finite, lookup, read_header, read_tensor
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # what configs call the routed experts
+# what configs call the routed experts
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "all_finite", "load_config", "read_header",
            "read_tensor", "scan_tensors"]
@@ -184,8 +185,8 @@ class Checkpoint:
             out.tensors = {name: info for name, info in out.tensors.items() if name not in self.mtp}
             out.mtp = {}
         for ((role, _), bid), name in self.names.items():
-            if role in ROUTER_ROLES and bid is not None:  # one row per expert
-                out.tensors[name] = self.tensors[name].keeping(kept)
+            if role in ROUTER_ROLES and bid is not None:  # one entry per expert
+                out.tensors[name] = self.tensors[name].keeping(kept, expert_axis(role))
         return out
 
     def edit_text_config(self, edit: Callable[[dict[str, Any]], dict[str, Any]],

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import ModelConfig, Role
-from streamprune.arch.block import Weights, expert_hidden, linear
+from streamprune.arch.block import Weights, expert_hidden, expert_input, linear
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.forward import Routes
@@ -154,13 +154,15 @@ def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: t
     t = Tally()
     for i, j, token, weight in rows:
         if token.numel():
-            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, m.rows(i, j, token, device)))  # (n, D)
+            x = expert_input(cfg, m.rows(i, j, token, device), weight)  # what the expert sees (weighted: Llama 4)
+            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, x))  # (n, D)
             if dense is not None:
-                dense.add_rows(i, j, token, f * weight[:, None])
+                dense.add_rows(i, j, token, f if cfg.weight_expert_input else f * weight[:, None])
             norms = torch.linalg.vector_norm(f.double(), dim=-1)  # (n,)
             t.tokens += int(token.numel())
             t.norm += float(norms.sum())
-            t.weighted_norm += float((weight.double() * norms).sum())
+            # g_j(x) ||f_j(x)||: the norm of the expert's share of the output (||f_j(g_j x)|| where weighted before)
+            t.weighted_norm += float(norms.sum() if cfg.weight_expert_input else (weight.double() * norms).sum())
     return t
 
 
@@ -199,8 +201,9 @@ def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m:
     last expert (the highest index among those it is routed to) is fitted to the rest of its dense output `dense`
     less `out` (the block's output so far, the experts before it added), so that the block's output on that token
     equals the dense block's as nearly as its hidden activations allow; on its other tokens it keeps its own output
-    (the last one fits the rest). Each row weighs g^2, g the token's routing weight of the expert. `reduce` sums the
-    statistics over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
+    (the last one fits the rest). Each row weighs g^2, g what the expert's output is multiplied by: the token's
+    routing weight, or 1 where the weight scales the expert's input instead (Llama 4). `reduce` sums the statistics
+    over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
     down = we[(Role.FFN_DOWN_EXP, "weight")]
     bias = we.get((Role.FFN_DOWN_EXP, "bias"))
     H = torch.zeros(down.shape[1], down.shape[1], dtype=torch.float64, device=device)
@@ -209,8 +212,9 @@ def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m:
         token, slot = torch.where(chosen == xid)
         if not token.numel():
             continue
-        g = weights[token, slot].double()[:, None]  # (n, 1)
-        h = expert_hidden(cfg, we, m.rows(i, j, token, device))  # (n, ffn)
+        weight = weights[token, slot]
+        g = (torch.ones_like(weight) if cfg.weight_expert_input else weight).double()[:, None]  # (n, 1)
+        h = expert_hidden(cfg, we, expert_input(cfg, m.rows(i, j, token, device), weight))  # (n, ffn)
         own = linear(we, Role.FFN_DOWN_EXP, h).double()
         rest = (dense.rows(i, j, token, device) - out.rows(i, j, token, device)).double() / g
         last = (chosen[token].max(dim=-1).values == xid)[:, None]

@@ -317,6 +317,9 @@ class Fp8BlockFormat(OutputFormat):
     scale_dtype: torch.dtype = torch.float32
     dtype: torch.dtype = torch.bfloat16  # the model's (decoded weights')
     rows_at_once: int = 1024  # rows decoded or encoded at a time: the float64 temporaries stay small
+    # the scale's name beside `<module>.weight`: DeepSeek-V3's `weight_scale_inv`, or compressed-tensors'
+    # `weight_scale` (its float-quantized format with block strategy, as Mistral Large 3 is published)
+    scale_name: str = "weight_scale_inv"
 
     def __post_init__(self) -> None:
         if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
@@ -326,7 +329,7 @@ class Fp8BlockFormat(OutputFormat):
                                   "or float8_e8m0fnu")
 
     def names(self, weight: str) -> list[str]:
-        return [weight, module_of(weight) + ".weight_scale_inv"]
+        return [weight, f"{module_of(weight)}.{self.scale_name}"]
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
@@ -341,7 +344,7 @@ class Fp8BlockFormat(OutputFormat):
         return self.names(weight)[1] in tensors
 
     def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
-        scales = sorted({info.torch_dtype for name, info in tensors.items() if name.endswith(".weight_scale_inv")},
+        scales = sorted({info.torch_dtype for name, info in tensors.items() if name.endswith("." + self.scale_name)},
                         key=str)
         if len(scales) > 1:
             raise CheckpointError(f"fp8 scales stored in {len(scales)} dtypes ({', '.join(map(str, scales))}); "
@@ -624,6 +627,24 @@ def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
     return Fp8BlockFormat(block=(block[0], block[1]))
 
 
+def compressed_fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
+    """compressed-tensors' float-quantized format with FP8 weights in block strategy (Mistral Large 3): DeepSeek-V3's
+    block-scaled FP8 with the scale named `weight_scale`. Activations quantized dynamically, at run time, if at all:
+    pruning leaves them to the loader."""
+    groups = qc.get("config_groups")
+    scheme = next(iter(groups.values())) if isinstance(groups, dict) and len(groups) == 1 else None
+    w = scheme.get("weights") if isinstance(scheme, dict) else None
+    block = w.get("block_structure") if isinstance(w, dict) else None
+    act = scheme.get("input_activations") if isinstance(scheme, dict) else None
+    if (not isinstance(w, dict) or w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") != "block"
+            or not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)
+            or not (act is None or isinstance(act, dict) and act.get("dynamic") is True)):
+        raise CheckpointError(f"{where}: a compressed-tensors float-quantized config is read with one config group of "
+                              f"8-bit float weights in blocks (block_structure) and dynamic or no activation "
+                              f"quantization, got {scheme!r:.160}")
+    return Fp8BlockFormat(block=(block[0], block[1]), scale_name="weight_scale")
+
+
 @dataclass(frozen=True)
 class ConfigGrid:
     """A grid read back from a `quantization_config`."""
@@ -666,6 +687,8 @@ def format_of(config: Mapping[str, Any], where: str = "config.json") -> OutputFo
         return fp8_format_of(qc, where)
     if method == "mxfp4":
         return Mxfp4Format()
+    if method == "compressed-tensors" and fmt == "float-quantized":
+        return compressed_fp8_format_of(qc, where)
     if method != "compressed-tensors" or fmt != "pack-quantized":
         raise CheckpointError(f"{where}: quantization_config with quant_method {method!r} and format {fmt!r} is not "
                               "supported; streamprune reads unquantized, fp8 (block scales), mxfp4 and "

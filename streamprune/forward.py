@@ -10,7 +10,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import Role, Site
-from streamprune.arch.block import Positions, Tap, Weights, block_forward, embed, expert_hidden, head, linear, route
+from streamprune.arch.block import Positions, Tap, Weights, block_forward, embed, expert_output, head, route
 from streamprune.checkpoint import Checkpoint
 from streamprune.stream import Part
 
@@ -106,8 +106,7 @@ def add_expert(ckpt: Checkpoint, we: Weights, rows: Routes, m: Activations, out:
     """Add one routed expert's weighted output to `out` for its token rows (from `routed_rows`)."""
     for i, j, token, weight in rows:
         if token.numel():
-            y = linear(we, Role.FFN_DOWN_EXP, expert_hidden(ckpt.config, we, m.rows(i, j, token, device)))
-            out.add_rows(i, j, token, y * weight[:, None])
+            out.add_rows(i, j, token, expert_output(ckpt.config, we, m.rows(i, j, token, device), weight))
 
 
 def head_weights(ckpt: Checkpoint, device: torch.device) -> Weights:

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from streamprune.activations import Activations, DiskActivations, copy_store, make_store
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
-from streamprune.arch.block import expert_hidden
-from streamprune.arch.roles import ROUTER_ROLES
+from streamprune.arch.block import expert_hidden, expert_input
+from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.experts import Tally, choose, compensated_down, decision, tally
@@ -81,7 +81,7 @@ class PruneLane(Consumer):
         # the experts' sums (survey) and the ones kept, in order
         self.removal = job.removal
         self.kept = None if job.removal is None else job.removal.kept
-        self.router: dict[str, Tensor] = {}
+        self.router: dict[str, tuple[Tensor, int]] = {}  # name -> (tensor, the axis of its experts)
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
         self.decision: dict[str, Any] | None = None
@@ -108,9 +108,9 @@ class PruneLane(Consumer):
                                         read_back=moe and calib is not None and not self.sequential,
                                         layout=self.job.layout)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
-            router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
-                      if b == bid and role in ROUTER_ROLES} if removes else set()
-            self.router = {name: block.raw[name] for name in router}
+            router = {self.ckpt.names[((role, kind), bid)]: expert_axis(role) for ((role, kind), b) in self.ckpt.names
+                      if b == bid and role in ROUTER_ROLES} if removes else {}
+            self.router = {name: (block.raw[name], axis) for name, axis in router.items()}
             self.put_as_read({n: n for n in self.ckpt.block_names(bid) if n not in pruned and n not in router},
                              block.raw)
             if not self.copy:
@@ -178,11 +178,11 @@ class PruneLane(Consumer):
             self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
             self.decision = decision(bid, criterion, scores, tallies, self.keep,
                                      None if removal.source is None else removal.source["file"])
-            for name, tensor in self.router.items():
-                self.shard.put(name, tensor[self.keep])
+            for name, (tensor, axis) in self.router.items():
+                self.shard.put(name, tensor.index_select(axis, torch.tensor(self.keep)).contiguous())
             rows = torch.tensor(self.keep, device=self.device)
             for param in [p for p in self.w if p[0] in ROUTER_ROLES]:
-                self.w[param] = self.w[param][rows]
+                self.w[param] = self.w[param].index_select(expert_axis(param[0]), rows)
             if self.routes is not None:
                 assert self.stats is not None
                 self.routes = route_all(self.ckpt, self.w, self.stats, self.job.batch, self.device)
@@ -384,8 +384,8 @@ class PruneLane(Consumer):
         row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
         p_in, p_down = (self.new_pruner(we, roles, bid, names) for _, roles in EXPERT_SEQUENTIAL)
         with self.report.timed("calibrate", bid):
-            for i, j, token, _ in rows_in:
-                m = stats.rows(i, j, token, self.device)
+            for i, j, token, weight in rows_in:
+                m = self.expert_input(stats.rows(i, j, token, self.device), weight)
                 with self.report.timed("hessian", bid):
                     p_in.add_batch(m)
                     if not sequential:  # the dense expert's hidden activations
@@ -396,8 +396,9 @@ class PruneLane(Consumer):
         self.compensate(bid, xid, we)  # fitted from the pruned gate and up, then pruned
         if sequential:
             with self.report.timed("hessian", bid):
-                for i, j, token, _ in rows_in:
-                    p_down.add_batch(expert_hidden(cfg, we, stats.rows(i, j, token, self.device)))
+                for i, j, token, weight in rows_in:
+                    p_down.add_batch(expert_hidden(cfg, we, self.expert_input(stats.rows(i, j, token, self.device),
+                                                                              weight)))
             self.merge(bid, p_down)
         self.check_inputs(bid, p_down, [names[r] for r in down_roles])
         self.prune_roles(bid, we, p_down, down_roles, names, **row)
@@ -405,6 +406,11 @@ class PruneLane(Consumer):
             assert self.calib is not None
             with self.report.timed("forward", bid):
                 add_expert(self.ckpt, we, rows, stats, self.calib.scratch, self.device)
+
+    def expert_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        """What enters a routed expert from token rows `x` (block.expert_input); the rows of every token, which come
+        without weights (`expert_rows`), as they are."""
+        return x if weight.numel() == 0 else expert_input(self.ckpt.config, x, weight)
 
     def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
         """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)

@@ -215,14 +215,18 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
-    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables and a
-    sliding window's (1, 1, T, T) mask for each kind of block."""
+    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or for each kind of block RoPE's
+    (T, head_dim) tables, a sliding window's or chunks' (1, 1, T, T) mask and NoPE queries' (T,) temperatures."""
     if cfg.pos == "alibi":
         return cfg.n_heads * seqlen * seqlen * 4
     if cfg.pos != "rope":
         return 0
-    return sum(2 * seqlen * cfg.head_dim * 4 + (0 if window is None else seqlen * seqlen * 4)
-               for kind, (_, window) in layer_kinds(cfg, seqlen).items() if kind != "linear_attention")
+    total = 0
+    for name, kind in layer_kinds(cfg, seqlen).items():
+        total += 0 if kind.rope is None else 2 * seqlen * cfg.head_dim * 4
+        total += seqlen * seqlen * 4 if kind.masked else 0
+        total += seqlen * 4 if name.endswith(":nope") and cfg.nope_temperature is not None else 0
+    return total
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,

@@ -86,10 +86,13 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def keeping(self, rows: int) -> TensorInfo:
-        """This tensor cut to its first `rows` along the first dimension (a router's rows, fused experts' slices)."""
-        end = self.start + self.nbytes // self.shape[0] * rows
-        return dataclasses.replace(self, shape=(rows, *self.shape[1:]), end=end)
+    def keeping(self, rows: int, axis: int = 0) -> TensorInfo:
+        """This tensor cut to its first `rows` entries along `axis`, the first one or (the dimensions before it all
+        of size 1) the last: a router's rows, fused experts' slices, a (1, n) selection bias."""
+        axis = axis % len(self.shape)
+        assert all(d == 1 for d in self.shape[:axis]), (self.name, self.shape, axis)
+        shape = (*self.shape[:axis], rows, *self.shape[axis + 1:])
+        return dataclasses.replace(self, shape=shape, end=self.start + self.nbytes // self.shape[axis] * rows)
 
     def slice(self, index: int) -> TensorInfo:
         """Slice `index` of this tensor along its first dimension."""

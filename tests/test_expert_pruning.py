@@ -27,14 +27,14 @@ from tests import tiny, tolerance
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
 VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
-            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"]
+            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
-    return {v: tiny.build(root / v, v) for v in VARIANTS}
+    return {v: tiny.build(root / v, v) for v in [*VARIANTS, "kimi-k2.5"]}
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
         assert routed == {k: int((chosen == k).sum()) for k in range(len(kept))}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5"])
 def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant):
     """--sparsity 0: the kept experts (renumbered in order; stored fused: their slices, in order), the router's kept
     rows and every other tensor bit for bit; the config's expert count updated (an image-text model's in its
@@ -156,9 +156,11 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
     for name, t in before.items():
         if ".experts." in name:
             continue
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "e_score_correction_bias",
-                          "mlp.router.weight", "mlp.router.bias")):
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight", "mlp.router.bias",
+                          "mlp.router.gate.weight")):
             router[name] = t
+        elif name.endswith(("e_score_correction_bias", "mlp.expert_bias")):  # along its last axis: (n) or (1, n)
+            router[name] = t.T if t.dim() == 2 else t
         else:
             expected[name] = t
     for block in report.experts:
@@ -175,7 +177,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
                 if int(xid) in keep:
                     expected[f"{head}.experts.{keep.index(int(xid))}.{tail}"] = t
             if prefix in name and name in router:
-                expected[name] = router[name][keep]
+                expected[name] = router[name][keep] if router[name].shape == before[name].shape else router[name][keep].T
     assert sorted(after) == sorted(expected)
     for name in expected:
         assert torch.equal(after[name], expected[name]), name
@@ -185,9 +187,10 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         assert {k: v for k, v in n_out.items() if k != "text_config"} == \
             {k: v for k, v in n_in.items() if k != "text_config"}
         n_in, n_out = n_in["text_config"], n_out["text_config"]
-    key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in n_in)
+    key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts") if k in n_in)
     assert n_out[key] == n_in[key] - math.floor(0.5 * n_in[key])
-    assert n_out["num_experts_per_tok"] == n_in["num_experts_per_tok"]
+    top = "moe_k" if "moe_k" in n_in else "num_experts_per_tok"  # ERNIE 4.5's name
+    assert n_out[top] == n_in[top]
     ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = tiny.hf_model(out)(ids).logits

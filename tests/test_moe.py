@@ -28,7 +28,8 @@ def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
     return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2",
                                                  "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
-                                                 "qwen3.5-moe-image", "gpt-oss")}
+                                                 "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe",
+                                                 "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +41,8 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
-                                     "gpt-oss"])
+                                     "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "kimi-k2.5", "llama4",
+                                     "llama4-image"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -50,9 +52,11 @@ def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, v
     experts = {n for n in ckpt.expert_of if n.endswith(".weight")}  # gpt-oss's expert biases are copied
     pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
                         and param[0] in PRUNABLE}
-    assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",
+    assert any("shared_expert" in n or "shared_mlp" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",
                                                                       "deepseek-v3-plain", "qwen3-next",
-                                                                      "qwen3.5-moe-fused", "qwen3.5-moe-image"))
+                                                                      "qwen3.5-moe-fused", "qwen3.5-moe-image",
+                                                                      "ernie4.5-moe", "hy-v3", "glm4.7-flash",
+                                                                      "kimi-k2.5", "llama4", "llama4-image"))
     assert {n: info.shape for n, info in Checkpoint(out).tensors.items()} == \
         {n: info.shape for n, info in ckpt.tensors.items()}  # stored as the input is (experts fused or not)
     for name, t in after.items():

@@ -204,7 +204,15 @@ MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_att
 MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
 MOE_STAGES["qwen3_next"] = MOE_STAGES["qwen3_5_moe_text"] = MOE_STAGES["qwen2_moe"]
 MOE_STAGES["gpt_oss"] = LLAMA_STAGES[:2]
-MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
+MOE_STAGES["hy_v3"] = MOE_STAGES["ernie4_5_moe"] = MOE_STAGES["glm4_moe"]
+MOE_STAGES["glm4_moe_lite"] = MOE_STAGES["deepseek_v3"]
+# Llama 4 calls its MLP `feed_forward`; its MoE blocks have an ungated shared expert
+FEED_FORWARD = tuple(tuple(n.replace("mlp.", "feed_forward.") for n in stage) for stage in LLAMA_STAGES)
+MOE_STAGES["llama4_text"] = FEED_FORWARD[:2] + (("feed_forward.shared_expert.gate_proj",
+                                                 "feed_forward.shared_expert.up_proj"),
+                                                ("feed_forward.shared_expert.down_proj",))
+MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:], "llama4_text": FEED_FORWARD}  # a dense block (else
+MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
 
 
 @torch.no_grad()
@@ -232,7 +240,8 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     rows: list[Row] = []
     for b, block in enumerate(model.model.layers):
         prefix = f"model.layers.{b}."
-        moe = block.mlp if hasattr(block.mlp, "experts") else None
+        mlp = block.feed_forward if hasattr(block, "feed_forward") else block.mlp
+        moe = mlp if hasattr(mlp, "experts") else None
         model_type = model.config.model_type
         stages = MOE_STAGES[model_type] if moe else MOE_DENSE_STAGES.get(model_type, LLAMA_STAGES)
         stages = block_stages(model_type, block, stages)
@@ -266,7 +275,11 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
 
 def router(moe, m: torch.Tensor):
     """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's
-    selection bias, gpt-oss's is `router`."""
+    selection bias, gpt-oss's is `router`; Llama 4's gives each expert's sigmoid weight, zero where not chosen
+    (returned as every expert's weight and the chosen ones' mask)."""
+    if hasattr(moe, "shared_expert") and hasattr(moe, "router"):
+        scores, logits = (t.detach() for t in moe.router(m))
+        return logits, scores, scores > 0
     if hasattr(moe, "router"):
         return moe.router(m)
     bias = getattr(moe, "e_score_correction_bias", None)
@@ -278,15 +291,20 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
     """Each routed expert of block `b` re-derived from the MoE input and transformers' own router: its gate and up
     projections from the rows routed to it (every row below `min_tokens`), its down projection from their
     hidden activations through the pruned (sequential) or dense gate and up projections."""
-    prefix = f"model.layers.{b}.mlp.experts."
+    llama4 = model.config.model_type == "llama4_text"  # the routing weight scales the expert's input: expert(g x)
+    prefix = f"model.layers.{b}.{'feed_forward' if llama4 else 'mlp'}.experts."
     m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
-    _, _, chosen = router(moe, m)
+    _, weights, chosen = router(moe, m)
+    if llama4:  # (tokens, E): expert e's rows are its chosen tokens' inputs times their weights
+        chosen = torch.where(chosen, torch.arange(chosen.shape[1])[None], -1)
     gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
     gate_up_w, down_w = written[prefix + "gate_up_proj"].double(), written[prefix + "down_proj"].double()
     oss = hasattr(moe.experts, "gate_up_proj_bias")  # gpt-oss: x @ W + b, gate and up interleaved, the clamped SwiGLU
     if oss:  # as linear weights, gate rows then up rows
         gate_up, gate_up_w = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1).transpose(1, 2) for t in (gate_up, gate_up_w))
         down, down_w = down.transpose(1, 2), down_w.transpose(1, 2)
+    if llama4:  # x @ W: as linear weights, gate rows then up rows
+        gate_up, gate_up_w, down, down_w = (t.transpose(1, 2) for t in (gate_up, gate_up_w, down, down_w))
     ffn = down.shape[2]
     rows = []
 
@@ -297,7 +315,8 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
     for e in range(gate_up.shape[0]):
         n = int((chosen == e).any(dim=-1).sum())
-        x = m[(chosen == e).any(dim=-1)] if n >= min_tokens else m  # the documented fallback: every token
+        mine = (chosen == e).any(dim=-1)
+        x = (m[mine] * weights[mine, e, None] if llama4 else m[mine]) if n >= min_tokens else m  # else every token
         row(f"expert {e} gate ({n} tokens)", gate_up[e, :ffn], x, gate_up_w[e, :ffn])
         row(f"expert {e} up ({n} tokens)", gate_up[e, ffn:], x, gate_up_w[e, ffn:])
         gu = gate_up_w[e] if sequential else gate_up[e].double()
@@ -313,7 +332,8 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
-                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss"])
+                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
+                                     "glm4.7-flash", "llama4"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

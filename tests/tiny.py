@@ -29,6 +29,14 @@ QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, o
                    num_position_embeddings=16)
 
 # name -> (config class name, config kwargs)
+LLAMA4_TEXT = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                   num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8,
+                   no_rope_layers=[1, 1, 1, 0], floor_scale=4, attn_scale=0.5, max_position_embeddings=128,
+                   initializer_range=0.1,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=32))
+
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=4, max_position_embeddings=128)),
@@ -167,11 +175,52 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                      rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0,
                                                           beta_fast=32.0, beta_slow=1.0, truncate=False,
                                                           original_max_position_embeddings=32))),
+    # Hunyuan 3: per-head q/k norms, a sigmoid router choosing with its expert_bias, renormalized and scaled, a shared
+    # expert; block 0 dense
+    "hy-v3": ("HYV3Config", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                                 num_experts=6, num_experts_per_tok=2, initializer_range=0.1)),
+    # ERNIE 4.5 MoE: interleaved RoPE, a float32 softmax router choosing with its (1, n) selection bias, a shared
+    # expert; block 0 dense (moe_layer_start_index 1)
+    "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=16, max_position_embeddings=128, moe_num_experts=6, moe_k=2,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1,
+                                                initializer_range=0.1)),
+    # GLM-4.7-Flash: DeepSeek-V3's multi-head latent attention and GLM-4.5's MoE; its dense blocks by mlp_layer_types
+    "glm4.7-flash": ("Glm4MoeLiteConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                               q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12,
+                                               qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8,
+                                               num_experts_per_tok=2, n_group=2, topk_group=1,
+                                               mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=1.8,
+                                               max_position_embeddings=128, initializer_range=0.1)),
+    # Kimi-K2.5: Kimi-K2's language model (DeepSeek-V3's) in an image-text model, saved with its released names
+    # (`language_model.model.`, `language_model.lm_head`, the vision tower and projector beside)
+    "kimi-k2.5": ("Kimi_K25Config", dict(
+        text_config=dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+                         kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=4,
+                         num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                         max_position_embeddings=128, initializer_range=0.1),
+        vision_config=dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                           pos_emb_height=4, pos_emb_width=4, pos_emb_time=2),
+        projection_hidden_size=32, tie_word_embeddings=False)),
+    # Llama 4: blocks 0-2 rotate and attend within 8-token chunks (the test windows are longer), unit-RMS q/k; block 3
+    # NoPE, its queries' temperature growing every 4 tokens; blocks 1 and 3 route top-1 of 4 experts (fused, as
+    # transformers always saves them) by a sigmoid weighting their input, beside a shared expert
+    "llama4": ("Llama4TextConfig", LLAMA4_TEXT),
+    # the image-text model as released: the language model under language_model., a vision tower and projector
+    "llama4-image": ("Llama4Config", dict(text_config=LLAMA4_TEXT, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+        projector_input_dim=32, projector_output_dim=64, vision_output_dim=32))),
 }
 # saved with every expert of a block in one tensor per projection (save_original_format=False), as released
 FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}
 # built by their image-text class (transformers' AutoModelForCausalLM gives the language model alone)
-IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration"}
+IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration",
+              "kimi-k2.5": "Kimi_K25ForConditionalGeneration",
+              "llama4-image": "Llama4ForConditionalGeneration"}
 
 
 @functools.cache
@@ -236,14 +285,34 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith("sinks"):  # attention sinks of gpt-oss, large enough to take a share of the softmax
                 p.copy_(torch.randn_like(p))
-        for name, b in model.named_buffers():  # a router's selection bias, zero as initialized, of the scores' size
-            if name.endswith("e_score_correction_bias"):
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:  # a router's selection bias, zero as
+            if name.endswith("e_score_correction_bias"):                     # initialized, of the scores' size
                 b.add_(torch.randn_like(b) * 0.03)
     path.mkdir(parents=True, exist_ok=True)
     kw = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, safe_serialization=True, save_original_format=variant not in FUSED, **kw)
+    if variant == "kimi-k2.5":  # transformers 5.25 saves its language model's layers as `blocks`, a name of its vision
+        released_names(path, {"language_model.model.blocks.": "language_model.model.layers."})  # tower's
     (path / "tokenizer.json").write_text(tokenizer_json())
     return path
+
+
+def released_names(path: Path, renames: dict[str, str]) -> None:
+    """Rename the tensors of every shard of `path` whose names start with a key of `renames` (and its index)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def rename(name: str) -> str:
+        return next((new + name[len(old):] for old, new in renames.items() if name.startswith(old)), name)
+
+    for shard in path.glob("*.safetensors"):
+        save_file({rename(n): t for n, t in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(n): s for n, s in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
 
 
 def deep(folder: Path, config_class: str, fused: bool = False, **config: object) -> tuple[Path, Path]:
@@ -265,6 +334,12 @@ def deep(folder: Path, config_class: str, fused: bool = False, **config: object)
 def hf_model(path: Path):
     import transformers
 
-    # experts as a loop over the stored experts (the grouped-GEMM path refuses float64, which parity tests use)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                             experts_implementation="eager").eval()
+    # experts as a loop over the stored experts (the grouped-GEMM path refuses float64, which parity tests use); an
+    # image-text model AutoModelForCausalLM does not take by its own class
+    import json
+
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    image_text = {"kimi_k25": transformers.Kimi_K25ForConditionalGeneration,
+                  "llama4": transformers.Llama4ForConditionalGeneration}
+    cls = image_text.get(model_type, transformers.AutoModelForCausalLM)
+    return cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()

@@ -42,7 +42,7 @@ class Binding:
 
     def name_of(self, role: Role, kind: str, bid: int | None = None, xid: int | None = None) -> str:
         prefix = self.head_prefix if role in self.spec.unprefixed else self.prefix
-        return prefix + self.spec.tensors[role].format(bid=bid, xid=xid) + "." + kind
+        return prefix + self.spec.tensors[role].format(bid=bid, xid=xid) + "." + self.spec.kinds.get((role, kind), kind)
 
 
 def detect_prefix(spec: ArchSpec, tensors: dict[str, TensorInfo], where: Path) -> tuple[str, str]:

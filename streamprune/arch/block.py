@@ -21,8 +21,9 @@ from streamprune.arch.layers import (
     activation,
     alibi_causal_bias,
     apply_rope,
-    window_causal_bias,
+    chunk_causal_bias,
     layer_norm,
+    window_causal_bias,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -40,58 +41,84 @@ Routed = Callable[[Tensor], Tensor | None]
 
 @dataclass
 class Positions:
-    """What the blocks of one kind (full or sliding attention) attend with, for one window length."""
+    """What the blocks of one kind (full, sliding or chunked attention, with or without RoPE) attend with, for one
+    window length."""
 
     cos: Tensor | None = None  # (T, rotated features) RoPE
     sin: Tensor | None = None
-    bias: Tensor | None = None  # additive, -inf above the diagonal: ALiBi's (1, H, T, T) or a window's (1, 1, T, T)
+    bias: Tensor | None = None  # additive, -inf where unseen: ALiBi's (1, H, T, T) or a window's or chunks' (1, 1, T, T)
+    q_scale: Tensor | None = None  # (T,) each position's query multiplied by it (Llama 4's NoPE temperature)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Positions:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return Positions(move(self.cos), move(self.sin), move(self.bias))
+        return Positions(move(self.cos), move(self.sin), move(self.bias), move(self.q_scale))
 
 
 @dataclass
 class LayerPositions:
     """Positions of every kind of block in a model, shared by the blocks of that kind."""
 
-    kinds: dict[str, Positions]  # by layer type
-    layer_types: tuple[str, ...]  # of each block
+    kinds: dict[str, Positions]  # by position kind (ModelConfig.position_kind)
+    block_kinds: tuple[str, ...]  # of each block
 
     def of(self, bid: int) -> Positions:
-        return self.kinds[self.layer_types[bid]]
+        return self.kinds[self.block_kinds[bid]]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LayerPositions:
-        return LayerPositions({kind: p.to(device, dtype) for kind, p in self.kinds.items()}, self.layer_types)
+        return LayerPositions({kind: p.to(device, dtype) for kind, p in self.kinds.items()}, self.block_kinds)
 
 
-def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, tuple[dict[str, Any], int | None]]:
-    """The RoPE parameters and the window (None: none shorter than `seqlen`, so none is applied) of each layer type
-    in the model."""
+@dataclass(frozen=True)
+class Kind:
+    """How the blocks of one position kind attend over windows of one length: RoPE's parameters (None: no RoPE),
+    and the sliding window or the chunk that masks what they see (None: none shorter than the window)."""
+
+    rope: dict[str, Any] | None
+    window: int | None = None
+    chunk: int | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Whether a (T, T) mask is held for these blocks."""
+        return self.window is not None or self.chunk is not None
+
+
+def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, Kind]:
+    """Each position kind in the model (ModelConfig.position_kind) and how its blocks attend over `seqlen` tokens."""
     kinds = {}
-    for kind in sorted(set(cfg.layer_types)):
-        window = cfg.window(kind)
-        rope = cfg.rope_sliding if kind == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
-        kinds[kind] = (rope, window if window is not None and window < seqlen else None)
+    for bid in range(cfg.n_layers):
+        name, layer_type = cfg.position_kind(bid), cfg.layer_types[bid]
+        if name in kinds:
+            continue
+        window, chunk = cfg.window(layer_type), cfg.chunk(layer_type)
+        rope = cfg.rope_sliding if layer_type == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
+        positional = cfg.pos == "rope" and layer_type != "linear_attention" and bid not in cfg.nope_layers
+        kinds[name] = Kind(rope if positional else None, window if window is not None and window < seqlen else None,
+                           chunk if chunk is not None and chunk < seqlen else None)
     return kinds
 
 
 def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
     kinds = {}
-    for kind, (rope, window) in layer_kinds(cfg, seqlen).items():
-        if kind == "linear_attention":  # the delta rule's state carries the order of the tokens
-            kinds[kind] = Positions()
-        elif cfg.pos == "rope":
-            inv_freq = rope_inv_freq(cfg.rotary_dim, rope, seqlen)
-            cos, sin = rope_cos_sin(inv_freq, seqlen, rope.get("attention_factor", 1.0))
-            kinds[kind] = Positions(cos=cos, sin=sin, bias=None if window is None else window_causal_bias(seqlen, window))
-        elif cfg.pos == "alibi":
-            assert window is None, "ALiBi models have no sliding window"
-            kinds[kind] = Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
-        else:
-            assert window is None, "models with learned positions have no sliding window"
-            kinds[kind] = Positions()  # learned positions are added at the embedding
-    return LayerPositions(kinds, cfg.layer_types)
+    for name, kind in layer_kinds(cfg, seqlen).items():
+        if cfg.pos == "alibi":
+            assert not kind.masked, "ALiBi models have no sliding window"
+            kinds[name] = Positions(bias=alibi_causal_bias(cfg.n_heads, seqlen))
+            continue
+        p = Positions()  # the delta rule's state carries the order of the tokens; learned positions are embedded
+        if kind.rope is not None:
+            inv_freq = rope_inv_freq(cfg.rotary_dim, kind.rope, seqlen)
+            p.cos, p.sin = rope_cos_sin(inv_freq, seqlen, kind.rope.get("attention_factor", 1.0))
+        if kind.window is not None:
+            p.bias = window_causal_bias(seqlen, kind.window)
+        elif kind.chunk is not None:
+            p.bias = chunk_causal_bias(seqlen, kind.chunk)
+        if name.endswith(":nope") and cfg.nope_temperature is not None:
+            floor_scale, attn_scale = cfg.nope_temperature
+            where = torch.arange(seqlen, dtype=torch.float32)
+            p.q_scale = torch.log1p(torch.floor((where + 1.0) / floor_scale)) * attn_scale + 1.0
+        kinds[name] = p
+    return LayerPositions(kinds, tuple(cfg.position_kind(bid) for bid in range(cfg.n_layers)))
 
 
 def param(w: Weights, role: Role, kind: str, x: Tensor) -> Tensor | None:
@@ -135,6 +162,10 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q, k))
+        if cfg.qk_unit_norm:
+            q, k = rms_norm(q, None, cfg.norm_eps), rms_norm(k, None, cfg.norm_eps)
+    if pos.q_scale is not None:
+        q = q * pos.q_scale[:, None]
     sinks = param(w, Role.ATTN_SINKS, "sinks", q)
     if cfg.attn_softcap is None and sinks is None:
         o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
@@ -259,9 +290,11 @@ def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
     selection bias, where there is one, among the experts of the best `topk_group` groups, where the router is
     group-limited; their scores renormalized where the config says so, times the routed scaling factor.
     (tokens, D) -> chosen experts (tokens, k) and their weights (tokens, k) in m's dtype."""
-    if cfg.router == "topk_softmax":  # the top-k logits (with the router's bias) and their softmax (gpt-oss)
+    if cfg.router in ("topk_softmax", "topk_sigmoid"):  # the top-k logits (with the router's bias, if any), then
         top, chosen = torch.topk(linear(w, Role.FFN_GATE_INP, m), cfg.experts_per_tok, dim=-1)  # (tokens, k)
-        return chosen, torch.softmax(top, dim=-1).to(m.dtype)
+        if cfg.router == "topk_softmax":  # their softmax (gpt-oss)
+            return chosen, torch.softmax(top, dim=-1).to(m.dtype)
+        return chosen, torch.sigmoid(top.float()).to(m.dtype)  # or each one's sigmoid (Llama 4)
     if cfg.router == "softmax":  # logits in m's dtype (Mixtral, Qwen-MoE)
         scores = torch.softmax(linear(w, Role.FFN_GATE_INP, m), dim=-1, dtype=torch.float32)  # (tokens, n_experts)
     else:  # logits in float32 (DeepSeek-V3, GLM-4.5, MiniMax-M2)
@@ -283,6 +316,19 @@ def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
     return chosen, weights.to(m.dtype)
 
 
+def expert_input(cfg: ModelConfig, x: Tensor, weight: Tensor) -> Tensor:
+    """What enters a routed expert from its tokens (n, D) routed with weights (n,): the tokens, or where the weight
+    is applied before the expert (Llama 4), the tokens times their weights."""
+    return x * weight[:, None].to(x.dtype) if cfg.weight_expert_input else x
+
+
+def expert_output(cfg: ModelConfig, w: Weights, x: Tensor, weight: Tensor) -> Tensor:
+    """A routed expert's share of its tokens' (n, D) MoE output, routed with weights (n,): the weight times the
+    expert's output, or (Llama 4) the expert's output of its weighted input."""
+    y = linear(w, Role.FFN_DOWN_EXP, expert_hidden(cfg, w, expert_input(cfg, x, weight)))
+    return y if cfg.weight_expert_input else y * weight[:, None]
+
+
 def routed_in_memory(cfg: ModelConfig, w: Weights, experts: list[Weights]) -> Routed:
     """The routed experts' weighted sum when every expert of the block is at hand (small models, tests)."""
 
@@ -293,8 +339,7 @@ def routed_in_memory(cfg: ModelConfig, w: Weights, experts: list[Weights]) -> Ro
         for xid, we in enumerate(experts):
             token, slot = torch.where(chosen == xid)
             if token.numel():
-                y = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, flat[token]))
-                out.index_add_(0, token, y * weights[token, slot, None])
+                out.index_add_(0, token, expert_output(cfg, we, flat[token], weights[token, slot]))
         return out.view_as(m)
 
     return routed

@@ -16,7 +16,7 @@ MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 1 << 12
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
 
 
 @dataclass
@@ -60,6 +60,8 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm of queries and keys before RoPE: each head's (head_dim weights)
     qk_norm_per_head: bool = True  # or, False, over the projection's whole width (MiniMax-M2)
+    # queries and keys scaled to unit RMS per head, without weights, after RoPE, in the blocks that rotate (Llama 4)
+    qk_unit_norm: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
@@ -97,9 +99,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_positions: int | None = None
     sliding_window: int | None = None
-    # per block: "full_attention", or "sliding_attention" (each query sees its last `sliding_window` tokens);
-    # () is every block sliding where sliding_window is set
+    # per block: "full_attention", "sliding_attention" (each query sees its last `sliding_window` tokens),
+    # "chunked_attention" (each query sees the tokens before it in its own chunk of `attention_chunk` tokens) or
+    # "linear_attention"; () is every block sliding where sliding_window is set
     layer_types: tuple[str, ...] | list[str] = ()
+    attention_chunk: int | None = None
+    # blocks that attend without positions (NoPE: no RoPE, though the model's others rotate; Llama 4), and the
+    # temperature their queries are scaled by where set (floor_scale, attn_scale): at position p,
+    # log1p(floor((p + 1) / floor_scale)) x attn_scale + 1
+    nope_layers: frozenset[int] = frozenset()
+    nope_temperature: tuple[float, float] | None = None
     # Mixture-of-Experts (0 experts: a dense model): each MoE block routes every token to `experts_per_tok` of
     # `n_experts` experts (MLPs of width `expert_ffn_dim`), plus a gated shared expert of `shared_ffn_dim` if > 0
     n_experts: int = 0
@@ -108,8 +117,9 @@ class ModelConfig:
     shared_ffn_dim: int = 0
     norm_topk_prob: bool = False  # the kept routing weights are renormalized to sum to 1
     shared_gate: bool = True  # the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE); else added as is
-    # the router's scores: "softmax" over the experts, each expert's "sigmoid", or "topk_softmax": the top-k logits
-    # chosen, then their softmax (gpt-oss); with `router_bias`, a per-expert
+    # the router's scores: "softmax" over the experts, each expert's "sigmoid", "topk_softmax": the top-k logits
+    # chosen, then their softmax (gpt-oss), or "topk_sigmoid": the top-k logits chosen, then each one's sigmoid
+    # (Llama 4); with `router_bias`, a per-expert
     # bias (DeepSeek-V3's e_score_correction_bias) is added to the scores for choosing the experts, not to their
     # weights; group-limited choice: the experts fall into `n_group` groups, only the experts of the `topk_group`
     # groups of highest score (the sum of a group's two best biased scores) can be chosen; the chosen weights are
@@ -117,7 +127,10 @@ class ModelConfig:
     router: str = "softmax"
     router_bias: bool = False
     router_logit_bias: bool = False  # the router's linear adds a bias to its logits (gpt-oss)
+    router_bias_2d: bool = False  # the selection bias is stored (1, n_experts) (ERNIE 4.5)
     expert_bias: bool = False  # each routed expert's projections have biases (gpt-oss)
+    # the routing weight multiplies what enters the expert, not what leaves it: expert(weight * x) (Llama 4)
+    weight_expert_input: bool = False
     n_group: int = 1
     topk_group: int = 1
     routed_scaling: float = 1.0
@@ -135,7 +148,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
                 raise CheckpointError(f"config.json: {name}={value!r} is not an integer in 1..{bound}")
-        for name, value in (("max_position_embeddings", self.max_positions), ("sliding_window", self.sliding_window)):
+        for name, value in (("max_position_embeddings", self.max_positions), ("sliding_window", self.sliding_window),
+                            ("attention_chunk_size", self.attention_chunk)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 0 < value <= MAX_POSITIONS):
                 raise CheckpointError(f"config.json: {name}={value!r} is not an integer in 1..{MAX_POSITIONS}")
@@ -162,6 +176,12 @@ class ModelConfig:
             raise UnsupportedModelError(f"config.json: layer type {unknown[0]!r} is not supported; expected one of "
                                         f"{LAYER_TYPES}")
         self.layer_types = tuple(self.layer_types)
+        if "chunked_attention" in self.layer_types and self.attention_chunk is None:
+            raise CheckpointError("config.json: chunked attention layers without attention_chunk_size")
+        if not self.nope_layers <= set(range(self.n_layers)):
+            raise CheckpointError(f"config.json: NoPE layers {sorted(self.nope_layers)} outside 0..{self.n_layers - 1}")
+        if self.nope_temperature is not None and not (self.nope_temperature[0] > 0 and self.nope_temperature[1] >= 0):
+            raise CheckpointError(f"config.json: floor_scale / attn_scale {self.nope_temperature} must be positive")
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -199,9 +219,9 @@ class ModelConfig:
         if not 0 < self.expert_ffn_dim <= 64 * MAX_HIDDEN or not 0 <= self.shared_ffn_dim <= 64 * MAX_HIDDEN:
             raise CheckpointError(f"config.json: expert width {self.expert_ffn_dim!r} / shared expert width "
                                   f"{self.shared_ffn_dim!r} out of range")
-        if self.router not in ("softmax", "sigmoid", "topk_softmax"):
+        if self.router not in ("softmax", "sigmoid", "topk_softmax", "topk_sigmoid"):
             raise UnsupportedModelError(f"config.json: router scoring {self.router!r} is not supported; expected "
-                                        "softmax, sigmoid or topk_softmax")
+                                        "softmax, sigmoid, topk_softmax or topk_sigmoid")
         if (self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group
                 or self.experts_per_tok > self.topk_group * (self.n_experts // self.n_group)):
             raise CheckpointError(f"config.json: n_group={self.n_group!r} / topk_group={self.topk_group!r} do not "
@@ -230,6 +250,14 @@ class ModelConfig:
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
         return self.sliding_window if layer_type == "sliding_attention" else None
+
+    def chunk(self, layer_type: str) -> int | None:
+        """The length of the chunks a layer of `layer_type` attends within; None: none."""
+        return self.attention_chunk if layer_type == "chunked_attention" else None
+
+    def position_kind(self, bid: int) -> str:
+        """What block `bid` attends with, as far as positions go: its layer type, NoPE blocks apart."""
+        return self.layer_types[bid] + (":nope" if bid in self.nope_layers else "")
 
     def is_moe(self, bid: int) -> bool:
         """Whether block `bid` holds routed experts (else a dense MLP)."""

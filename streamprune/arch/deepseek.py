@@ -1,11 +1,12 @@
-"""DeepSeek-V3, V3.1 and R1 (`deepseek_v3`), and Kimi-K2 (`kimi_k2`, the same architecture).
+"""DeepSeek-V3, V3.1 and R1 (`deepseek_v3`), Kimi-K2 (`kimi_k2`) and GLM-4.7-Flash (`glm4_moe_lite`): one architecture;
+and Kimi-K2.5/K2.6 (`kimi_k25`), the Kimi-K2 language model inside an image-text model whose vision tower is copied.
 
 The LLaMA block with multi-head latent attention (queries through a low-rank bottleneck with its own RMSNorm; keys and
 values from one compressed latent plus a rotated key shared by the heads; interleaved RoPE on `qk_rope_head_dim`
 features, YaRN whose mscale also scales the softmax), and an MoE MLP: a sigmoid router choosing by score plus
 `e_score_correction_bias` among the experts of the best `topk_group` of `n_group` groups, the chosen weights
 renormalized and scaled by `routed_scaling_factor`, plus an ungated shared expert; the first `first_k_dense_replace`
-blocks keep a dense MLP.
+blocks keep a dense MLP (GLM-4.7-Flash: those `mlp_layer_types` calls dense).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from streamprune.arch import llama
 from streamprune.arch.moe import SIGMOID_MOE
 from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
+from streamprune.errors import CheckpointError
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import UnsupportedModelError
@@ -67,25 +69,60 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         n_group=get_int(raw, "n_group", default=1),
         topk_group=get_int(raw, "topk_group", default=1),
         routed_scaling=get_float(raw, "routed_scaling_factor", 1.0),
-        dense_layers=frozenset(range(min(get_int(raw, "first_k_dense_replace", default=0), n_layers))),
+        dense_layers=dense_layers(raw, n_layers),
         raw=raw,
     )
 
 
+def dense_layers(raw: dict[str, Any], n_layers: int) -> frozenset[int]:
+    """The blocks with a dense MLP: those `mlp_layer_types` calls dense, else the first `first_k_dense_replace`."""
+    kinds = raw.get("mlp_layer_types")
+    if kinds is None:
+        return frozenset(range(min(get_int(raw, "first_k_dense_replace", default=0), n_layers)))
+    if not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"dense", "sparse"}:
+        raise CheckpointError(f"config.json: mlp_layer_types={kinds!r:.80} is not a list of {n_layers} 'dense' or "
+                              "'sparse'")
+    return frozenset(b for b, kind in enumerate(kinds) if kind == "dense")
+
+
+def parse_image_text(raw: dict[str, Any]) -> ModelConfig:
+    """Kimi-K2.5's language model: its `text_config` (Kimi-K2's), the head tied as the whole model says."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"config.json: text_config={text!r:.80} is not an object")
+    return parse_config({**text, "model_type": raw["model_type"],
+                         "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))})
+
+
+TENSORS = {
+    **{role: name for role, name in llama.SPEC.tensors.items()  # embeddings, norms, dense MLP, q_proj, o_proj
+       if role not in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_Q_NORM, Role.ATTN_K_NORM, Role.ROPE_FREQS)},
+    **SIGMOID_MOE,
+    Role.ATTN_Q_A: "layers.{bid}.self_attn.q_a_proj",
+    Role.ATTN_Q_A_NORM: "layers.{bid}.self_attn.q_a_layernorm",
+    Role.ATTN_Q_B: "layers.{bid}.self_attn.q_b_proj",
+    Role.ATTN_KV_A_MQA: "layers.{bid}.self_attn.kv_a_proj_with_mqa",
+    Role.ATTN_KV_A_NORM: "layers.{bid}.self_attn.kv_a_layernorm",
+    Role.ATTN_KV_B: "layers.{bid}.self_attn.kv_b_proj",
+}
+
 SPEC = ArchSpec(
     name="deepseek_v3",
-    model_types=("deepseek_v3", "kimi_k2"),
+    model_types=("deepseek_v3", "kimi_k2", "glm4_moe_lite"),
     base_prefix="model.",
     parse_config=parse_config,
-    tensors={
-        **{role: name for role, name in llama.SPEC.tensors.items()  # embeddings, norms, dense MLP, q_proj, o_proj
-           if role not in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_Q_NORM, Role.ATTN_K_NORM, Role.ROPE_FREQS)},
-        **SIGMOID_MOE,
-        Role.ATTN_Q_A: "layers.{bid}.self_attn.q_a_proj",
-        Role.ATTN_Q_A_NORM: "layers.{bid}.self_attn.q_a_layernorm",
-        Role.ATTN_Q_B: "layers.{bid}.self_attn.q_b_proj",
-        Role.ATTN_KV_A_MQA: "layers.{bid}.self_attn.kv_a_proj_with_mqa",
-        Role.ATTN_KV_A_NORM: "layers.{bid}.self_attn.kv_a_layernorm",
-        Role.ATTN_KV_B: "layers.{bid}.self_attn.kv_b_proj",
-    },
+    tensors=TENSORS,
+)
+
+# Kimi_K25ForConditionalGeneration: the language model under `language_model.model.` (as released) or
+# `model.language_model.` (transformers' module names); the vision tower and the projector pass through.
+IMAGE_TEXT_SPEC = ArchSpec(
+    name="kimi_k25",
+    model_types=("kimi_k25",),
+    base_prefix="language_model.model.",
+    parse_config=parse_image_text,
+    tensors=TENSORS,
+    layouts=(("language_model.model.", "language_model."), ("model.language_model.", "")),
+    passthrough=("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector."),
+    text_config="text_config",
 )

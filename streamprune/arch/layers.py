@@ -125,3 +125,12 @@ def window_causal_bias(seqlen: int, window: int) -> Tensor:
     k = torch.arange(seqlen)[None, :]
     seen = (k <= q) & (q - k < window)  # (T, T)
     return torch.zeros(seqlen, seqlen).masked_fill_(~seen, float("-inf"))[None, None]
+
+
+def chunk_causal_bias(seqlen: int, chunk: int) -> Tensor:
+    """Additive attention mask (1, 1, T, T) of chunked attention, shared by every head: query i sees keys j <= i of its
+    own chunk (j // chunk == i // chunk); -inf elsewhere."""
+    q = torch.arange(seqlen)[:, None]
+    k = torch.arange(seqlen)[None, :]
+    seen = (k <= q) & (k // chunk == q // chunk)  # (T, T)
+    return torch.zeros(seqlen, seqlen).masked_fill_(~seen, float("-inf"))[None, None]

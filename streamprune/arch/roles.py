@@ -115,5 +115,11 @@ BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.R
                                            Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
                                            Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS}
 
-# The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
+# The router's tensors: one entry per routed expert (cut to the kept ones when experts are removed), along their
+# first axis (the router's rows and biases) or, for the selection bias, its last (ERNIE 4.5 stores it (1, n_experts)).
 ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})
+
+
+def expert_axis(role: Role) -> int:
+    """The axis of a router tensor (of role `role`) along which it holds one entry per routed expert."""
+    return -1 if role is Role.FFN_EXP_PROBS_B else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamprune.arch.config import ModelConfig
@@ -33,6 +33,9 @@ class ArchSpec:
     # (base prefix, prefix of the unprefixed roles) pairs a checkpoint may use, tried in order; () is
     # ((base_prefix, ""), ("", ""))
     layouts: tuple[tuple[str, str], ...] = ()
+    # a parameter's name in the checkpoint where it differs from the one streamprune knows it by (Hunyuan's selection
+    # bias `expert_bias` for `e_score_correction_bias`)
+    kinds: dict[Param, str] = field(default_factory=dict)
     # how the family's checkpoints may store a block's routed experts in 3-D tensors (fused.py); they are read, and
     # written back, so wherever those are present instead of one tensor per expert
     fused: FusedExperts | None = None
@@ -116,7 +119,8 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, cfg.router_logit_bias)
         if cfg.router_bias:  # added to the scores to choose the experts (DeepSeek-V3's name)
-            params[(Role.FFN_EXP_PROBS_B, "e_score_correction_bias")] = (cfg.n_experts,)
+            shape = (1, cfg.n_experts) if cfg.router_bias_2d else (cfg.n_experts,)
+            params[(Role.FFN_EXP_PROBS_B, "e_score_correction_bias")] = shape
         if cfg.shared_ffn_dim:
             linear(Role.FFN_GATE_SHEXP, cfg.shared_ffn_dim, d, False)
             linear(Role.FFN_UP_SHEXP, cfg.shared_ffn_dim, d, False)
