@@ -26,11 +26,13 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,144 +46,170 @@ CANDIDATES = ("plain", "merge", "ls-greedy", "ls-jacobi", "ls-joint")
 
 
 class Moe(nn.Module):
-    def __init__(self, router, gu, down, k):
+    """A Mixtral MoE layer with its experts as plain tensors, which the candidates edit: router (E, D), gate and up
+    (E, 2I, D), down (E, D, I); softmax over the logits, top k, renormalized, as transformers' Mixtral routes."""
+
+    def __init__(self, router: Tensor, gate_up: Tensor, down: Tensor, k: int) -> None:
         super().__init__()
-        self.router, self.gu, self.down, self.k = router, gu, down, k  # (E,D) (E,2I,D) (E,D,I)
-    def route(self, m):
+        self.router, self.gate_up, self.down, self.k = router, gate_up, down, k
+
+    def route(self, m: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's chosen experts and weights, (tokens, k) each."""
         p = torch.softmax(F.linear(m, self.router).float(), -1)
-        w, idx = torch.topk(p, self.k, -1)
-        return idx, (w / w.sum(-1, keepdim=True)).to(m.dtype)
-    def hidden(self, j, x):
-        g, u = F.linear(x, self.gu[j]).chunk(2, -1)
+        w, chosen = torch.topk(p, self.k, -1)
+        return chosen, (w / w.sum(-1, keepdim=True)).to(m.dtype)
+
+    def hidden(self, j: int, x: Tensor) -> Tensor:
+        g, u = F.linear(x, self.gate_up[j]).chunk(2, -1)  # (n, I) each
         return F.silu(g) * u
-    def forward(self, hs):
-        B, T, D = hs.shape
-        m = hs.reshape(-1, D)
-        idx, w = self.route(m)
+
+    def routed(self, m: Tensor) -> Tensor:
+        """The routed experts' weighted sum, (tokens, D) -> (tokens, D)."""
+        chosen, w = self.route(m)
         out = torch.zeros_like(m)
         for j in range(self.router.shape[0]):
-            tok, slot = torch.where(idx == j)
-            if tok.numel():
-                out.index_add_(0, tok, F.linear(self.hidden(j, m[tok]), self.down[j]) * w[tok, slot, None])
-        return out.view(B, T, D)
+            token, slot = torch.where(chosen == j)
+            out.index_add_(0, token, F.linear(self.hidden(j, m[token]), self.down[j]) * w[token, slot, None])
+        return out
 
-def load(model_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    def forward(self, hs: Tensor) -> Tensor:
+        return self.routed(hs.reshape(-1, hs.shape[-1])).view_as(hs)
+
+
+def load(model_dir: Path) -> Any:
+    """The model in float32, each MoE layer a `Moe`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for layer in model.model.layers:
-        e = layer.mlp.experts
-        layer.mlp = Moe(layer.mlp.gate.weight.data.clone(), e.gate_up_proj.data.clone(), e.down_proj.data.clone(), model.config.num_experts_per_tok)
+        experts = layer.mlp.experts
+        layer.mlp = Moe(layer.mlp.gate.weight.data.clone(), experts.gate_up_proj.data.clone(),
+                        experts.down_proj.data.clone(), model.config.num_experts_per_tok)
     return model
 
+
 @torch.no_grad()
-def moe_input(model, windows, b):
+def moe_input(model: Any, windows: Tensor, bid: int) -> Tensor:
+    """Block `bid`'s MoE input over every window, (tokens, D), through the blocks as changed so far."""
     seen = []
-    h = model.model.layers[b].mlp.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    hook = model.model.layers[bid].mlp.register_forward_pre_hook(
+        lambda mod, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     for i in range(0, len(windows), 16):
-        model(windows[i:i+16])
-    h.remove()
+        model(windows[i:i + 16])
+    hook.remove()
     return torch.cat(seen)
 
+
 @torch.no_grad()
-def ppl(model, ev):
-    tot, n = 0.0, 0
-    for i in range(0, len(ev), 16):
-        lo = model(ev[i:i+16]).logits
-        tot += F.cross_entropy(lo[:, :-1].reshape(-1, lo.shape[-1]), ev[i:i+16, 1:].reshape(-1), reduction="sum").item()
-        n += ev[i:i+16, 1:].numel()
-    return math.exp(tot / n)
+def perplexity(model: Any, windows: Tensor) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(windows), 16):
+        ids = windows[i:i + 16]
+        logits = model(ids).logits
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
 
-def reap(moe, m):
-    idx, w = moe.route(m)
-    s = []
+
+def reap(moe: Moe, m: Tensor) -> list[float]:
+    """Each expert's REAP score: the mean over its tokens of g x ||f||."""
+    chosen, w = moe.route(m)
+    scores = []
     for j in range(moe.router.shape[0]):
-        tok, slot = torch.where(idx == j)
-        f = F.linear(moe.hidden(j, m[tok]), moe.down[j])
-        s.append(float((w[tok, slot] * f.norm(dim=-1)).sum() / max(1, tok.numel())))
-    return s
+        token, slot = torch.where(chosen == j)
+        f = F.linear(moe.hidden(j, m[token]), moe.down[j])
+        scores.append(float((w[token, slot] * f.norm(dim=-1)).sum() / max(1, token.numel())))
+    return scores
 
-def solve(H, C, damp=0.01):
-    d = damp * H.diagonal().mean()
-    return torch.linalg.solve(H + d * torch.eye(H.shape[0], dtype=H.dtype), C.T).T  # C H^-1
 
-def compensate(moe, keep, m, how, dense_out):
-    """moe already reduced (router rows keep)."""
-    E = len(keep)
-    idx, w = moe.route(m)
-    m64 = m.double()
-    t = dense_out.double()
-    if how == "ls-greedy":
-        acc = torch.zeros_like(t)
-        last = idx.max(-1).values
-        for k in range(E):
-            tok, slot = torch.where(idx == k)
-            g = w[tok, slot].double()
-            h = moe.hidden(k, m[tok]).double()
-            f = h @ moe.down[k].double().T
-            islast = last[tok] == k
-            tgt = torch.where(islast[:, None], (t[tok] - acc[tok]) / g[:, None], f)
-            om = g ** 2
-            H = (h * om[:, None]).T @ h
-            C = (tgt * om[:, None]).T @ h
-            Wn = solve(H, C)
-            moe.down[k] = Wn.float()
-            acc.index_add_(0, tok, (h @ Wn.T) * g[:, None])
-    elif how == "ls-jacobi":  # exact e(x) = t - y'_0 (needs the reduced output first: not streamable in two reads)
-        y0 = moe(m[None])[0].double()
-        e = t - y0
-        for k in range(E):
-            tok, slot = torch.where(idx == k)
-            g = w[tok, slot].double()
-            h = moe.hidden(k, m[tok]).double()
-            f = h @ moe.down[k].double().T
-            tgt = f + e[tok]
-            H = (h * g[:, None]).T @ h
-            C = (tgt * g[:, None]).T @ h
-            moe.down[k] = solve(H, C).float()
-    elif how == "ls-joint":
-        I = moe.down.shape[2]
-        feats = torch.zeros(m.shape[0], E * I, dtype=torch.float64)
-        for k in range(E):
-            tok, slot = torch.where(idx == k)
-            feats[tok, k * I:(k + 1) * I] += moe.hidden(k, m[tok]).double() * w[tok, slot, None].double()
-        H = feats.T @ feats
-        C = t.T @ feats
-        W = solve(H, C, 1e-3)
-        for k in range(E):
-            moe.down[k] = W[:, k * I:(k + 1) * I].float()
+def solve(H: Tensor, C: Tensor, damp: float = 0.01) -> Tensor:
+    """C H^-1, H's diagonal raised by `damp` x its mean."""
+    return torch.linalg.solve(H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype), C.T).T
 
-def run(how, frac, windows, ev, model_dir):
+
+def merge(moe: Moe, m: Tensor, keep: list[int]) -> None:
+    """Each removed expert's weights averaged into the kept expert most of its tokens now go to, by router mass."""
+    n = moe.router.shape[0]
+    chosen, w = moe.route(m)
+    mass = torch.stack([w[chosen == j].sum() for j in range(n)])
+    now, _ = Moe(moe.router[keep], moe.gate_up, moe.down, moe.k).route(m)  # where the reduced router sends them
+    total = mass[keep].clone()
+    gate_up, down = moe.gate_up[keep] * total[:, None, None], moe.down[keep] * total[:, None, None]
+    for r in (x for x in range(n) if x not in keep):
+        token, _ = torch.where(chosen == r)
+        target = torch.bincount(now[token].reshape(-1), minlength=len(keep)).argmax()
+        gate_up[target] += mass[r] * moe.gate_up[r]
+        down[target] += mass[r] * moe.down[r]
+        total[target] += mass[r]
+    moe.router, moe.gate_up, moe.down = moe.router[keep], gate_up / total[:, None, None], down / total[:, None, None]
+
+
+def fit_greedy(moe: Moe, m: Tensor, dense: Tensor) -> None:
+    """--compensate-experts: in order, a token's last expert fitted to what the dense output still lacks, the
+    others to their own output; rows weighted by g^2."""
+    chosen, w = moe.route(m)
+    done = torch.zeros_like(dense)  # the fitted experts' share of each token's output so far
+    for k in range(moe.router.shape[0]):
+        token, slot = torch.where(chosen == k)
+        g = w[token, slot].double()[:, None]
+        h = moe.hidden(k, m[token]).double()
+        own = h @ moe.down[k].double().T
+        last = (chosen[token].max(-1).values == k)[:, None]
+        target = torch.where(last, (dense[token] - done[token]) / g, own)
+        fitted = solve((h * g**2).T @ h, (target * g**2).T @ h)
+        moe.down[k] = fitted.float()
+        done.index_add_(0, token, (h @ fitted.T) * g)
+
+
+def fit_jacobi(moe: Moe, m: Tensor, dense: Tensor) -> None:
+    """Each kept expert fitted to its own output plus the block's whole error, rows weighted by g: the error needs
+    every kept expert's output before any is fitted."""
+    chosen, w = moe.route(m)
+    error = dense - moe.routed(m).double()
+    for k in range(moe.router.shape[0]):
+        token, slot = torch.where(chosen == k)
+        g = w[token, slot].double()[:, None]
+        h = moe.hidden(k, m[token]).double()
+        target = h @ moe.down[k].double().T + error[token]
+        moe.down[k] = solve((h * g).T @ h, (target * g).T @ h).float()
+
+
+def fit_joint(moe: Moe, m: Tensor, dense: Tensor) -> None:
+    """Every kept down projection solved at once against the dense output (all of the block's experts in memory)."""
+    chosen, w = moe.route(m)
+    E, width = moe.router.shape[0], moe.down.shape[2]
+    features = torch.zeros(m.shape[0], E * width, dtype=torch.float64)  # (tokens, E x I): g h_k in expert k's slot
+    for k in range(E):
+        token, slot = torch.where(chosen == k)
+        features[token, k * width:(k + 1) * width] += moe.hidden(k, m[token]).double() * w[token, slot, None].double()
+    fitted = solve(features.T @ features, dense.T @ features, 1e-3)
+    for k in range(E):
+        moe.down[k] = fitted[:, k * width:(k + 1) * width].float()
+
+
+FITS = {"ls-greedy": fit_greedy, "ls-jacobi": fit_jacobi, "ls-joint": fit_joint}
+
+
+@torch.no_grad()
+def run(how: str, fraction: float, windows: Tensor, evaluation: Tensor, model_dir: Path) -> float:
+    """The held-out perplexity of the model with `fraction` of each block's experts removed, block by block, and
+    compensated as `how` says."""
     model = load(model_dir)
-    for b, layer in enumerate(model.model.layers):
+    for bid, layer in enumerate(model.model.layers):
         moe = layer.mlp
-        m = moe_input(model, windows, b)
-        with torch.no_grad():
-            dense = moe(m[None])[0]
-            s = reap(moe, m)
-            n = len(s)
-            removed = sorted(range(n), key=lambda x: (s[x], -x))[:math.floor(frac * n)]
-            keep = [x for x in range(n) if x not in removed]
-            if how == "merge":
-                idx, w = moe.route(m)
-                mass = torch.zeros(n)
-                for j in range(n):
-                    tok, slot = torch.where(idx == j); mass[j] = w[tok, slot].sum()
-                # each removed expert's tokens: where the reduced router sends them
-                red = Moe(moe.router[keep], None, None, moe.k)
-                ridx, _ = red.route(m)
-                gu = moe.gu[keep].clone(); dn = moe.down[keep].clone(); tot = mass[keep].clone()
-                gu *= tot[:, None, None]; dn *= tot[:, None, None]
-                for r in removed:
-                    tok, slot = torch.where(idx == r)
-                    target = torch.bincount(ridx[tok].reshape(-1), minlength=len(keep)).argmax()
-                    gu[target] += mass[r] * moe.gu[r]; dn[target] += mass[r] * moe.down[r]; tot[target] += mass[r]
-                moe.gu, moe.down = gu / tot[:, None, None], dn / tot[:, None, None]
-                moe.router = moe.router[keep]
-            else:
-                moe.router, moe.gu, moe.down = moe.router[keep], moe.gu[keep], moe.down[keep]
-                if how != "plain":
-                    compensate(moe, keep, m, how, dense)
-    return ppl(model, ev)
+        m = moe_input(model, windows, bid)
+        dense = moe.routed(m).double()
+        scores = reap(moe, m)
+        n = len(scores)
+        removed = sorted(range(n), key=lambda x: (scores[x], -x))[:math.floor(fraction * n)]
+        keep = [x for x in range(n) if x not in removed]
+        if how == "merge":
+            merge(moe, m, keep)
+            continue
+        moe.router, moe.gate_up, moe.down = moe.router[keep], moe.gate_up[keep], moe.down[keep]
+        if how in FITS:
+            FITS[how](moe, m, dense)
+    return perplexity(model, evaluation)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +221,7 @@ def main() -> None:
     windows = calib_windows(model_dir / "train.txt", model_dir, 10**9, SEQ, NSAMPLES, 0)
     ev = eval_windows(load_tokens(model_dir / "test.txt", model_dir, 10**9), SEQ)
     with fixed_threads():
-        dense = ppl(load(model_dir), ev)
+        dense = perplexity(load(model_dir), ev)
         rows = {(frac, how): run(how, frac, windows, ev, model_dir) for frac in (0.25, 0.5) for how in CANDIDATES}
     with recording(ap, args, ignore=("cache_dir",)):
         print(f"{model_dir.name}: perplexity on held-out text ({SEQ}-token windows) after removing the REAP-lowest "

@@ -138,22 +138,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
-    calib: tuple[CalibSource, ...] | None = opts.calib or None  # type: ignore[assignment]
     reads = solves and cls.accumulates(errors)  # the method reads calibration statistics
-    if calib is not None and not reads and not owl and not surveys:
-        files = ", ".join(str(s.path) for s in calib)
-        if solves:
-            logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
-                           opts.method, files)
-        else:
-            logger.warning("expert removal by %s with --sparsity 0 reads no calibration data: %s is not used",
-                           "random scores" if removal and removal.scores is None else "the scores of a report", files)
-        calib = None
-    if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
-        what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
-                else "--allocation owl" if owl else "--compensate-experts" if opts.compensate_experts
-                else f"--expert-criterion {opts.expert_criterion!r}")
-        raise DataError(f"{what} needs calibration data: pass --calib FILE")
+    calib = used_sources(opts, cls, solves, errors, reads or owl or surveys, removal)
     if owl and ckpt.config.n_experts:
         raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
                             f"{ckpt.config.model_type!r}); use --allocation uniform")
@@ -284,6 +270,28 @@ def open_model(model_dir: Path) -> Checkpoint:
     """The checkpoint to prune (dense, fp8, or packed: see `output_layout` for how each is written)."""
     ckpt = Checkpoint(model_dir)
     return ckpt
+
+
+def used_sources(opts: PruneOptions, cls: Any, solves: bool, errors: bool, read: bool,
+                 removal: Removal | None) -> tuple[CalibSource, ...] | None:
+    """The calibration sources the run reads (`read`: something reads them), None when none is; a source given that
+    nothing reads is named in a warning, one that is needed and not given refused."""
+    calib: tuple[CalibSource, ...] | None = opts.calib or None  # type: ignore[assignment]
+    if calib is not None and not read:
+        files = ", ".join(str(s.path) for s in calib)
+        if solves:
+            logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
+                           opts.method, files)
+        else:
+            logger.warning("expert removal by %s with --sparsity 0 reads no calibration data: %s is not used",
+                           "random scores" if removal and removal.scores is None else "the scores of a report", files)
+        return None
+    if calib is None and ((solves and (cls.needs_data or errors)) or read):
+        what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
+                else "--allocation owl" if opts.allocation == "owl" else "--compensate-experts"
+                if opts.compensate_experts else f"--expert-criterion {opts.expert_criterion!r}")
+        raise DataError(f"{what} needs calibration data: pass --calib FILE")
+    return calib
 
 
 def expert_removal(ckpt: Checkpoint, opts: PruneOptions) -> Removal | None:
