@@ -1,9 +1,12 @@
 """Do serving engines load what streamprune writes? vLLM's CPU build against transformers, greedy tokens compared.
 
-Writes three outputs of `tinymoe` (bench/tinylm.py, 4 blocks of 8 Mixtral experts): half the experts removed by REAP
-(`--prune-experts 0.5 --sparsity 0`), the same with `--compensate-experts`, and REAP at 50% with SparseGPT at 50% and
-4 bits, packed (`--wbits 4 --format compressed-tensors`); then generates greedily from PROMPTS prompts (the first
-words of held-out sentences) with transformers (float32, on the CPU) and with vLLM, and compares the token ids.
+Writes three outputs of `tinymoe` (bench/tinylm.py, 4 blocks of 8 Mixtral experts, float32): half the experts removed
+by REAP (`--prune-experts 0.5 --sparsity 0`), the same with `--compensate-experts`, and REAP at 50% with SparseGPT at
+50% and 4 bits, packed (`--wbits 4 --format compressed-tensors`); and, since vLLM's CPU kernels for packed 4-bit
+linears take bfloat16 only, the demo LLaMA (bench/tinylm-v2) as bfloat16 with SparseGPT at 50% and 4 bits, packed.
+Then it generates greedily from PROMPTS prompts (the first tokens of held-out lines) with transformers (on the CPU,
+in the output's dtype) and with vLLM, and compares the token ids; where vLLM cannot load an output, the table gives
+its error.
 
 vLLM is never a dependency of streamprune or of its tests: it runs in its own environment, a virtual environment
 given by --vllm-python (default .vllm-venv/bin/python of the checkout), made with
@@ -31,24 +34,29 @@ sys.path.insert(0, str(ROOT))
 
 import streamprune  # noqa: E402
 from bench.results import add_record_option, recording  # noqa: E402
-from bench.tinylm import TINYMOE, build_tiny_lm, fixed_threads  # noqa: E402
+from bench.tinylm import TINYMOE, build_tiny_lm, demo_model, fixed_threads  # noqa: E402
 
 PROMPTS = 8
 NEW_TOKENS = 24
 SEQLEN, NSAMPLES, GROUP = 128, 64, 48
-OUTPUTS = {
-    "REAP 50%": dict(sparsity=0.0, prune_experts=0.5),
-    "REAP 50%, compensated": dict(sparsity=0.0, prune_experts=0.5, compensate_experts=True),
-    "REAP 50% + SparseGPT 50% + 4-bit, packed": dict(sparsity=0.5, prune_experts=0.5, wbits=4, group_size=GROUP,
-                                                    format="compressed-tensors"),
+PACKED = dict(sparsity=0.5, wbits=4, format="compressed-tensors")
+OUTPUTS = {  # name: (the model pruned, its dtype, the options)
+    "tinymoe, REAP 50%": ("tinymoe", "float32", dict(sparsity=0.0, prune_experts=0.5)),
+    "tinymoe, REAP 50%, compensated": ("tinymoe", "float32", dict(sparsity=0.0, prune_experts=0.5,
+                                                                   compensate_experts=True)),
+    "tinymoe, REAP 50% + SparseGPT 50% + 4-bit, packed": ("tinymoe", "float32", dict(PACKED, prune_experts=0.5,
+                                                                                      group_size=GROUP)),
+    "tinylm (LLaMA) in bfloat16, SparseGPT 50% + 4-bit, packed": ("tinylm", "bfloat16", dict(PACKED, group_size=64)),
 }
 VLLM = """
 import json, sys
 from vllm import LLM, SamplingParams
 
 if __name__ == "__main__":  # vLLM starts processes that import this file again
-    model, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    model, prompts, n, dtype = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    # on the CPU backend gpu_memory_utilization is the share of host memory vLLM reserves (its KV cache): a tiny
+    # model needs little, and the default 0.92 is refused when other processes hold memory
+    llm = LLM(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0, gpu_memory_utilization=0.1)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
@@ -64,11 +72,11 @@ def prompts(model: Path) -> list[list[int]]:
     return [tok.encode(line).ids[:12] for line in lines[:: max(1, len(lines) // PROMPTS)][:PROMPTS]]
 
 
-def transformers_tokens(model: Path, ids: list[list[int]]) -> list[list[int]]:
+def transformers_tokens(model: Path, ids: list[list[int]], dtype: str) -> list[list[int]]:
     import torch
     import transformers
 
-    lm = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     out = []
     with torch.no_grad():
         for p in ids:
@@ -77,19 +85,52 @@ def transformers_tokens(model: Path, ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def vllm_tokens(python: Path, model: Path, ids: list[list[int]]) -> tuple[list[list[int]] | None, str, float]:
+def margins(model: Path, ids: list[list[int]], ours: list[list[int]], theirs: list[list[int]],
+            dtype: str) -> list[float]:
+    """Where vLLM's greedy tokens part from transformers' on a prompt: transformers' logit of its own token there less
+    its logit of vLLM's (a near tie is a small gap, of the order of the dtype's rounding)."""
+    import torch
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    gaps = []
+    for prompt, a, b in zip(ids, ours, theirs):
+        if a != b:
+            k = next(i for i in range(len(a)) if a[i] != b[i])
+            with torch.no_grad():
+                logits = lm(torch.tensor([prompt + a[:k]])).logits[0, -1].float()
+            gaps.append(float(logits[a[k]] - logits[b[k]]))
+    return gaps
+
+
+def vllm_tokens(python: Path, model: Path, ids: list[list[int]], dtype: str) -> tuple[list[list[int]] | None, str,
+                                                                                    float]:
     """vLLM's greedy tokens (None when it failed), its last line of output and its seconds."""
     start = time.perf_counter()
     script = model.parent / "serve_vllm.py"
     script.write_text(VLLM)
-    run = subprocess.run([str(python), str(script), str(model), json.dumps(ids), str(NEW_TOKENS)],
+    run = subprocess.run([str(python), str(script), str(model), json.dumps(ids), str(NEW_TOKENS), dtype],
                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     found = [line for line in run.stdout.splitlines() if line.startswith("TOKENS ")]
-    if run.returncode or not found:
-        last = [line for line in (run.stderr + run.stdout).splitlines() if line.strip()]
-        return None, last[-1] if last else f"exit {run.returncode}", seconds
+    if run.returncode or not found:  # the root cause: the first error a process of vLLM raised
+        errors = [line.split("] ", 1)[-1] for line in (run.stderr + run.stdout).splitlines() if "Error: " in line]
+        causes = [e for e in errors if "root cause" not in e and "stack trace" not in e]  # not the wrappers'
+        return None, (causes or errors or [f"exit {run.returncode}"])[0], seconds
     return json.loads(found[0][len("TOKENS "):]), "", seconds
+
+
+def bfloat16_copy(model: Path, folder: Path) -> Path:
+    """`model` saved as bfloat16 (with its tokenizer and calibration text) in `folder`."""
+    import shutil
+
+    import torch
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "train.txt", "test.txt"):
+        shutil.copyfile(model / name, folder / name)
+    return folder
 
 
 def main() -> None:
@@ -99,25 +140,28 @@ def main() -> None:
     add_record_option(ap)
     args = ap.parse_args()
     model = build_tiny_lm(args.cache_dir, TINYMOE)
-    ids = prompts(model)
+    ids = prompts(model)  # token ids, which both models take (vocabularies of 2048)
     version = subprocess.run([str(args.vllm_python), "-c", "import vllm; print(vllm.__version__)"],
                              capture_output=True, text=True).stdout.strip() or "not importable"
     rows = []
     with tempfile.TemporaryDirectory(prefix="streamprune-serve-") as tmp:
-        for name, options in OUTPUTS.items():
+        sources = {"tinymoe": model, "tinylm": bfloat16_copy(demo_model(), Path(tmp) / "tinylm-bf16")}
+        for name, (source, dtype, options) in OUTPUTS.items():
             out = Path(tmp) / str(len(rows))
             with fixed_threads():
-                streamprune.prune(model, out, calib=model / "train.txt", nsamples=NSAMPLES, seqlen=SEQLEN,
-                                  device="cpu", **options)
-                theirs = transformers_tokens(out, ids)
-            served, error, seconds = vllm_tokens(args.vllm_python, out, ids)
+                streamprune.prune(sources[source], out, calib=sources[source] / "train.txt", nsamples=NSAMPLES,
+                                  seqlen=SEQLEN, device="cpu", **options)
+                theirs = transformers_tokens(out, ids, dtype)
+            served, error, seconds = vllm_tokens(args.vllm_python, out, ids, dtype)
             same = None if served is None else sum(a == b for a, b in zip(served, theirs))
-            rows.append((name, same, error, seconds))
+            gaps = [] if served is None else margins(out, ids, theirs, served, dtype)
+            rows.append((name, same, error or ", ".join(f"{g:.3f}" for g in gaps), seconds))
     with recording(ap, args, ignore=("cache_dir", "vllm_python")):
-        print(f"{model.name}'s outputs served by vLLM {version} (CPU build, float32) against transformers: "
-              f"{PROMPTS} prompts of 12 held-out tokens, {NEW_TOKENS} tokens generated greedily")
+        print(f"outputs served by vLLM {version} (CPU build, in the output's dtype) against transformers: {PROMPTS} "
+              f"prompts of 12 held-out tokens, {NEW_TOKENS} tokens generated greedily")
         print()
-        print("| output | prompts whose greedy tokens are equal | vLLM seconds (start and generate) | vLLM's error |")
+        print("| output | prompts whose greedy tokens are equal | vLLM seconds (start and generate) | vLLM's error, or "
+              "where tokens part: transformers' logit of its token less that of vLLM's |")
         print("| --- | ---: | ---: | --- |")
         for name, same, error, seconds in rows:
             print(f"| {name} | {'-' if same is None else f'{same} of {PROMPTS}'} | {seconds:.0f} | {error} |")
