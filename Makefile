@@ -48,7 +48,7 @@ test-fast: install
 
 # The comparison-heavy tests with torch's CPU kernels forced to each vector width this machine runs (default, avx2 below
 # avx512, its own), on 1 and 2 threads: a tolerance that holds only where both sides round alike shows here.
-KERNEL_TESTS := tests/test_tasks.py tests/test_parity.py tests/test_pipeline_parity.py tests/test_fp8.py
+KERNEL_TESTS := tests/test_tasks.py tests/test_parity.py tests/test_pipeline_parity.py tests/test_fp8.py tests/test_mxfp4.py
 test-kernels: install
 	@caps="default $$($(BIN)/python -c 'import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print("avx2 " + c if c == "avx512" else c)')"; \
 	for cap in $$caps; do for threads in 1 2; do \

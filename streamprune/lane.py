@@ -126,7 +126,8 @@ class PruneLane(Consumer):
         elif calib is not None:
             self.status.phase(f"block {bid}: forward")
             with self.report.timed("forward", bid):
-                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
+                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device,
+                              carry=calib.carry(bid))
         if removes and not self.surveys(block):  # the scores are known: the experts are read once
             self.reduce(block)
         elif not removes:
@@ -274,7 +275,7 @@ class PruneLane(Consumer):
                 written = BlockStream(self.job.out, self.device, range(bid, bid + 1),
                                       shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
-                              self.device, experts=lambda: written.experts(bid))
+                              self.device, experts=lambda: written.experts(bid), carry=calib.carry(bid))
         if calib is not None:
             self.count_disk_io(bid)
             calib.swap()  # this block's outputs are the next block's inputs
@@ -345,7 +346,8 @@ class PruneLane(Consumer):
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
         with self.report.timed("calibrate", bid):
             routes = forward_block(self.ckpt, self.w, self.calib.x, self.calib.pos.of(bid), None, self.job.batch,
-                                   self.device, tap=tap, until=None if m_store else last, m_store=m_store)
+                                   self.device, tap=tap, until=None if m_store else last, m_store=m_store,
+                                   carry=self.calib.carry(bid))
         self.merge(bid, *pruners.values())
         for site, pruner in pruners.items():
             self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
@@ -362,7 +364,7 @@ class PruneLane(Consumer):
         if self.sequential:
             with self.report.timed("forward", bid):
                 self.routes = forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch,
-                                            self.job.batch, self.device)
+                                            self.job.batch, self.device, carry=calib.carry(bid))
             self.stats = calib.x
         else:
             self.stats = calib.scratch

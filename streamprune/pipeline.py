@@ -200,6 +200,9 @@ class Run:
             return None
         if self.journal.allocation is not None:
             allocation = Allocation(**self.journal.allocation)
+        elif cfg.per_layer_dim:
+            raise ArgumentError("--allocation owl is not supported for a model with per-layer inputs (Gemma 4's edge "
+                                "models); use --allocation uniform")
         else:
             with report.timed("owl"):
                 stream = calib or HiddenStream(

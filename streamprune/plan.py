@@ -25,7 +25,7 @@ from torch import Tensor
 
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
-from streamprune.arch.block import layer_kinds, score_rows
+from streamprune.arch.block import index_rows, layer_kinds, score_rows
 from streamprune.arch.delta import CHUNK
 from streamprune.calib import calib_sources, eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
@@ -47,6 +47,10 @@ FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
 # Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
 SOFTCAP_SCORE_COPIES = 2
+# DeepSeek sparse attention's indexer: float32 copies of its queries (projected, rotated, upcast) and of one chunk of
+# its scores (the products, their relu, the heads' weighted sum)
+INDEX_QUERY_COPIES = 3
+INDEX_SCORE_COPIES = 3
 # Linear attention (Gated DeltaNet), per token of a window: float32 copies of every value head's queries and keys, of
 # its values and outputs, of its chunks' (C x C) decays, triangular systems and scores, and the convolution's input
 # (fitted to VmHWM at 2048 tokens on six head layouts, which it exceeds by 1-16%)
@@ -147,11 +151,14 @@ def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], lis
     kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
     raw_block = max(ckpt.stored_bytes(*ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
-    for b in kinds.values():
-        linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
-                        if ((role, "weight"), b) in ckpt.names})
+    for b in kinds.values():  # each role's largest (Gemma 4's global blocks have wider heads)
+        for role in PRUNABLE:
+            if ((role, "weight"), b) in ckpt.names:
+                info = ckpt.info(ckpt.names[((role, "weight"), b)])
+                if role not in linears or info.nbytes > linears[role].nbytes:
+                    linears[role] = info
     expert = 0
-    moe = [b for (routed, _), b in kinds.items() if routed]
+    moe = [b for kind, b in kinds.items() if kind[0]]
     if moe:
         names = ckpt.experts[(moe[0], 0)]
         linears.update({param[0]: ckpt.info(name) for param, name in names.items() if param[1] == "weight"})
@@ -175,7 +182,7 @@ def encoded_sizes(ckpt: Checkpoint) -> dict[str, int]:
 
     kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}
     block = max((sizes(ckpt.block_names(b)) for b in kinds.values()), key=lambda s: s[1])
-    moe = [b for (routed, _), b in kinds.items() if routed]
+    moe = [b for kind, b in kinds.items() if kind[0]]
     expert = sizes(list(ckpt.experts[(moe[0], 0)].values())) if moe else (0, 0)
     rows = getattr(ckpt.layout.format, "rows_at_once", 0)
     widest = max(ckpt.info(n).shape[1] for n in encoded)
@@ -194,7 +201,7 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
     soft-capped attention and attention with sinks, which no fused kernel computes, hold them for `score_rows`
     queries at a time."""
-    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+    width = max(cfg.hidden_size, *(cfg.n_heads * cfg.block(b).head_dim for b in range(cfg.n_layers)))
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
     explicit = cfg.attn_softcap is not None or cfg.attn_sinks
@@ -206,12 +213,36 @@ def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
         linear = (LINEAR_KEY_COPIES * nv * cfg.linear_k_dim + LINEAR_VALUE_COPIES * nv * cfg.linear_v_dim
                   + LINEAR_CHUNK_COPIES * nv * CHUNK + conv + FORWARD_HIDDEN_COPIES * cfg.hidden_size)
         per_token = max(per_token, linear)
+    per_token += 3 * cfg.per_layer_dim  # per-layer inputs: the block's own, its projection and its gated copy
+    if cfg.index_topk and cfg.index_topk < seqlen:  # sparse attention: its (T, T) mask, the indexer's queries, and
+        per_token += seqlen + INDEX_QUERY_COPIES * cfg.index_heads * cfg.index_head_dim  # the (rows, heads, T) scores
+        per_token += INDEX_SCORE_COPIES * cfg.index_heads * index_rows(cfg, seqlen)  # of a chunk (T per token's worth)
     return per_token * seqlen * 4
 
 
 def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     """Each token's chosen experts (int64) and weights (float32), and the selection of one expert's rows."""
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
+
+
+def carried_width(cfg: ModelConfig) -> int:
+    """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
+    per-layer inputs; the keys and values of each block that later blocks reuse."""
+    width = cfg.hidden_size if cfg.per_layer_dim else 0
+    for bid in range(cfg.n_layers):
+        if cfg.kv_mode(bid) == "store":
+            b = cfg.block(bid)
+            width += 2 * b.n_kv_heads * b.head_dim
+    return width
+
+
+def per_layer_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """A block's slices of the per-layer inputs' projection and table (perlayer.py), in float32, for windows of
+    `tokens` tokens (at most that many distinct ids), and its inputs of one window's worth of rows, as stored."""
+    if not cfg.per_layer_dim:
+        return 0
+    ids = min(tokens, cfg.vocab_size, cfg.per_layer_vocab)
+    return (cfg.per_layer_dim * cfg.hidden_size + 2 * ids * cfg.per_layer_dim) * 4
 
 
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
@@ -223,7 +254,7 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
         return 0
     total = 0
     for name, kind in layer_kinds(cfg, seqlen).items():
-        total += 0 if kind.rope is None else 2 * seqlen * cfg.head_dim * 4
+        total += 0 if kind.rope is None else 2 * seqlen * kind.rotary_dim * 4
         total += seqlen * seqlen * 4 if kind.masked else 0
         total += seqlen * 4 if name.endswith(":nope") and cfg.nope_temperature is not None else 0
     return total
@@ -255,9 +286,11 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
-    evals = dict(eval_activations=eval_streams * (2 if cfg.n_experts else 1) * eval_windows * eval_seqlen
-                 * cfg.hidden_size * 4,
-                 positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
+    kept = carried_width(cfg)  # each stream's embeddings and shared keys and values, kept beside its buffers
+    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) * cfg.hidden_size + kept) * eval_windows
+                 * eval_seqlen * 4,
+                 positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
+                 if eval_streams else 0,
                  per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
                  routes=routes_bytes(cfg, eval_windows * eval_seqlen) if eval_streams else 0)
     if not keep and not owl:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
@@ -266,9 +299,10 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     if not keep:  # magnitude with --allocation owl: the dense pass's one buffer (updated in place) and its forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0,
                          per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-                         activations=nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+                         activations=(cfg.hidden_size + kept) * nsamples * seqlen * 4 + evals["eval_activations"],
                          eval_activations=evals["eval_activations"],
-                         positions=positions_bytes(cfg, seqlen) + evals["positions"], calib_ids=nsamples * seqlen * 8,
+                         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen)
+                         + evals["positions"], calib_ids=nsamples * seqlen * 8,
                          calib_read=read_workspace(seqlen), routes=evals["routes"], **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
     # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
@@ -282,8 +316,10 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=(3 if compensate else 2) * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
-        eval_activations=evals["eval_activations"], positions=positions_bytes(cfg, seqlen) + evals["positions"],
+        activations=((3 if compensate else 2) * cfg.hidden_size + kept) * nsamples * seqlen * 4
+        + evals["eval_activations"],
+        eval_activations=evals["eval_activations"],
+        positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
@@ -317,13 +353,15 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    buffers = 2 if cfg.n_experts else 1  # an MoE block writes its output into a second buffer
+    # an MoE block writes its output into a second buffer; per-layer inputs and shared keys and values keep theirs
+    width = (2 if cfg.n_experts else 1) * cfg.hidden_size + carried_width(cfg)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
-                     activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
+                     activations=width * nsamples * seqlen * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                     positions=positions_bytes(cfg, seqlen), expert_stored=expert,
+                     positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen),
+                     expert_stored=expert,
                      routes=routes_bytes(cfg, nsamples * seqlen), **encoded_sizes(ckpt))
 
 

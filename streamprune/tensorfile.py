@@ -184,6 +184,32 @@ def read_tensor(info: TensorInfo) -> Tensor:
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
+def read_rows(info: TensorInfo, start: int, stop: int) -> Tensor:
+    """Rows start..stop-1 of a stored tensor (one contiguous byte range), alone."""
+    size = info.nbytes // info.shape[0]
+    return read_tensor(dataclasses.replace(info, shape=(stop - start, *info.shape[1:]), start=info.start + start * size,
+                                           end=info.start + stop * size))
+
+
+def read_cells(info: TensorInfo, rows: Tensor, column: int, width: int) -> Tensor:
+    """Columns column..column+width-1 of rows `rows` of a stored 2-D tensor, (len(rows), width): each row's cells read
+    alone, so a column slice of a large table costs its own bytes, never the table's."""
+    item = info.torch_dtype.itemsize
+    buf = torch.empty((len(rows), width * item), dtype=torch.uint8)
+    view = buf.numpy()
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        for k, row in enumerate(rows.tolist()):
+            offset = info.start + (row * info.shape[1] + column) * item
+            if read_fully(fd, memoryview(view[k]), offset) != width * item:
+                raise CheckpointError(f"{info.path}: truncated while reading {info.name!r} row {row}")
+    except OSError as e:
+        raise CheckpointError(f"{info.path}: cannot read {info.name!r}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    return buf.view(info.torch_dtype)
+
+
 def all_finite(t: Tensor, chunk_bytes: int = 16 * 2**20) -> bool:
     """No NaN or Inf in `t`, checked in slices so the temporaries stay small beside a large tensor."""
     flat = t.reshape(-1)
@@ -223,6 +249,7 @@ class ShardFile:
             offset += math.prod(shape) * dtype.itemsize
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
+        self.rows_written: dict[str, int] = {}  # rows of a tensor written a slice at a time (put_rows)
         try:
             os.ftruncate(self.fd, len(header) + size)
             write_fully(self.fd, memoryview(header), 0)
@@ -247,10 +274,21 @@ class ShardFile:
         write_fully(self.fd, memoryview(data), offset)
         self.written.add(name)
 
+    def put_rows(self, name: str, start: int, t: Tensor) -> None:
+        """Rows start..start+len(t)-1 of tensor `name`, written at their place (a large tensor a slice at a time);
+        it is complete once every row was."""
+        dtype, shape = self.meta[name]
+        if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]) or not 0 <= start <= start + len(t) <= shape[0]:
+            raise CheckpointError(f"{self.path}: rows {start}.. of {name} are {t.dtype} {list(t.shape)}, expected "
+                                  f"{dtype} rows of {list(shape)}")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        write_fully(self.fd, memoryview(data), self.offsets[name] + start * math.prod(shape[1:]) * dtype.itemsize)
+        self.rows_written[name] = self.rows_written.get(name, 0) + len(t)
+
     def complete(self, name: str) -> bool:
         dtype, shape = self.meta[name]
-        return name in self.written or (len(shape) > 0 and all(slice_name(name, i) in self.written
-                                                              for i in range(shape[0])))
+        return (name in self.written or (len(shape) > 0 and self.rows_written.get(name) == shape[0])
+                or (len(shape) > 0 and all(slice_name(name, i) in self.written for i in range(shape[0]))))
 
     def close(self) -> None:
         missing = sorted(n for n in self.meta if not self.complete(n))

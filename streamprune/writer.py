@@ -22,7 +22,7 @@ from streamprune.fileio import atomic_write
 from streamprune.formats import Layout, update_config, write_quantization_config
 from streamprune.journal import Journal
 from streamprune.report import LayerReport
-from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
+from streamprune.tensorfile import Meta, ShardFile, read_header, read_rows, read_tensor
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files unchanged; return their names."""
@@ -123,6 +123,11 @@ class BlockShard:
         if self.file is not None:
             self.file.put(name, tensor)
 
+    def put_rows(self, name: str, start: int, rows: Tensor) -> None:
+        """Rows of a tensor written a slice at a time (ShardFile.put_rows)."""
+        if self.file is not None:
+            self.file.put_rows(name, start, rows)
+
     def close(self, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Put the shard in place; `layers` and `experts` (the block's choice of routed experts, if any) are its
         report's."""
@@ -213,17 +218,28 @@ def temporary_shard(path: Path, meta: dict[str, Meta]) -> Iterator[ShardFile]:
         path.unlink(missing_ok=True)
 
 
+GLOBAL_CHUNK_BYTES = 16 * 2**20  # a larger tensor outside the blocks is copied this much at a time
+
+
 def write_globals(ckpt: Checkpoint, sinks: list[Sink]) -> None:
     """Shard 0 of each sink's output: the tensors outside the blocks, copied bit for bit, each read once and one at
-    a time."""
+    a time; one larger than GLOBAL_CHUNK_BYTES (Gemma 4's table of per-layer inputs) a slice of its rows at a time."""
     names = ckpt.stored_names(None)
     meta = {n: (ckpt.tensors[n].torch_dtype, tuple(ckpt.tensors[n].shape)) for n in names}
     shards = [sink.open(0, meta) for sink in sinks]
     try:
         for name in sorted(names):
-            tensor = read_tensor(ckpt.tensors[name])
-            for shard in shards:
-                shard.put(name, tensor)
+            info = ckpt.tensors[name]
+            if not info.shape or info.nbytes <= GLOBAL_CHUNK_BYTES:
+                tensor = read_tensor(info)
+                for shard in shards:
+                    shard.put(name, tensor)
+                continue
+            step = max(1, GLOBAL_CHUNK_BYTES // (info.nbytes // info.shape[0]))  # rows at a time
+            for start in range(0, info.shape[0], step):
+                rows = read_rows(info, start, min(start + step, info.shape[0]))
+                for shard in shards:
+                    shard.put_rows(name, start, rows)
     except BaseException:
         for shard in shards:
             shard.abort()

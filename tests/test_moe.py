@@ -29,7 +29,8 @@ def models(tmp_path_factory):
     return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2",
                                                  "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
                                                  "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe",
-                                                 "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image")}
+                                                 "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image", "glm5",
+                                                 "deepseek-v3.2")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +43,7 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
                                      "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "kimi-k2.5", "llama4",
-                                     "llama4-image"])
+                                     "llama4-image", "glm5", "deepseek-v3.2"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -56,7 +57,8 @@ def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, v
                                                                       "deepseek-v3-plain", "qwen3-next",
                                                                       "qwen3.5-moe-fused", "qwen3.5-moe-image",
                                                                       "ernie4.5-moe", "hy-v3", "glm4.7-flash",
-                                                                      "kimi-k2.5", "llama4", "llama4-image"))
+                                                                      "kimi-k2.5", "llama4", "llama4-image", "glm5",
+                                                                      "deepseek-v3.2"))
     assert {n: info.shape for n, info in Checkpoint(out).tensors.items()} == \
         {n: info.shape for n, info in ckpt.tensors.items()}  # stored as the input is (experts fused or not)
     for name, t in after.items():

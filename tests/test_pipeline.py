@@ -154,7 +154,8 @@ def test_cli_run_prints_summary(tmp_path, calib):
     assert "total sparsity" in result.output and "streamprune_report.json" in result.output
 
 
-FAMILIES = ["qwen3", "phi3-longrope", "gemma2", "gemma3", "gemma3-image", "qwen3.5"]
+FAMILIES = ["qwen3", "phi3-longrope", "gemma2", "gemma3", "gemma3-image", "qwen3.5", "gemma4", "gemma4-image",
+            "gemma4-e2b"]
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

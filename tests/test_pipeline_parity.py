@@ -31,7 +31,8 @@ NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
 # transformers' decoder blocks of each family, and their linears by the input they read, in pruning order
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "phi3": "model.layers",
           "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers",
-          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers"}
+          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers",
+          "gemma4_text": "model.layers", "gemma4": "model.language_model.layers"}
 LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 STAGES = {
@@ -46,6 +47,10 @@ STAGES = {
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
     "qwen3_5_text": LLAMA_STAGES,  # its attention blocks (the q projection with the output gate's rows)
+    # Gemma 4: its global blocks without v_proj where their values are the keys' projection; the per-layer inputs'
+    # gate and projection where the model has them
+    "gemma4_text": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
+    "gemma4": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
 }
 # the linear-attention blocks' mixer (Gated DeltaNet): the input projections, then the output projection; the decay
 # and rate projections (b, a) are copied as read (COPIED)
@@ -54,14 +59,18 @@ LINEAR_STAGES = {
     "qwen3_5_text": (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)),
 }
 LINEAR_STAGES["qwen3_5_moe_text"] = LINEAR_STAGES["qwen3_5_text"]
-COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a"}
+COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+          # DeepSeek sparse attention's indexer: it picks the keys, copied as routers are
+          "self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj"}
 
 
 def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
     """`stages` (attention's, then the MLP's) as block `block` has them: a linear-attention block's mixer instead."""
     if getattr(block, "block_type", None) == "linear_attention":
         return LINEAR_STAGES[kind] + stages[2:]
-    return stages
+    present = {name for name, _ in block.named_modules()}  # Gemma 4's global blocks may have no v_proj
+    stages = tuple(tuple(name for name in stage if name in present) for stage in stages)
+    return tuple(stage for stage in stages if stage)
 
 # Bounds measured for SparseGPT over model and window seeds 0-5 and 1 or 2 threads (the tests use seed 0):
 # float32 noise, amplified by the OBS sweep, reaches 2.1e-5 on later blocks; on block 0 with --no-sequential
@@ -168,7 +177,7 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
-                                     "gemma3", "qwen3.5"])
+                                     "gemma3", "qwen3.5", "gemma4", "gemma4-image", "gemma4-e2b"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 
@@ -211,8 +220,10 @@ FEED_FORWARD = tuple(tuple(n.replace("mlp.", "feed_forward.") for n in stage) fo
 MOE_STAGES["llama4_text"] = FEED_FORWARD[:2] + (("feed_forward.shared_expert.gate_proj",
                                                  "feed_forward.shared_expert.up_proj"),
                                                 ("feed_forward.shared_expert.down_proj",))
+MOE_STAGES["glm_moe_dsa"] = MOE_STAGES["deepseek_v32"] = MOE_STAGES["deepseek_v3"]  # the indexer: COPIED
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:], "llama4_text": FEED_FORWARD}  # a dense block (else
-MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
+MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["glm_moe_dsa"] = MOE_DENSE_STAGES["deepseek_v32"] = \
+    MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
 
 
 @torch.no_grad()
@@ -333,7 +344,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
-                                     "glm4.7-flash", "llama4"])
+                                     "glm4.7-flash", "llama4", "glm5", "deepseek-v3.2"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

@@ -37,6 +37,19 @@ LLAMA4_TEXT = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=9
                    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_position_embeddings=32))
 
+# Gemma 4 as the 31B is made: sliding blocks of 16-wide heads over 2 key-value heads, global blocks 1 and 3 of 32-wide
+# heads over one, their values the keys' projection, proportional RoPE; an 8-token window (the test windows are longer)
+GEMMA4_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                   attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=8, max_position_embeddings=128,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                   final_logit_softcapping=30.0, initializer_range=0.1)
+SPARSE_ATTENTION = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.8, index_topk=8,
+                        index_n_heads=2, index_head_dim=16, max_position_embeddings=128, initializer_range=0.1)
+
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=4, max_position_embeddings=128)),
@@ -214,13 +227,29 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama4-image": ("Llama4Config", dict(text_config=LLAMA4_TEXT, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
         projector_input_dim=32, projector_output_dim=64, vision_output_dim=32))),
+    "gemma4": ("Gemma4TextConfig", GEMMA4_TEXT),
+    # Gemma 4 as the edge models (E2B, E4B) are made: per-layer inputs, 8 per block, from a table of 300 rows (more
+    # than the vocabulary) and the embedding; the global blocks' values their own; blocks 2 and 3 reuse the keys and
+    # values of blocks 0 and 1 (their layer types'), their MLPs twice as wide
+    "gemma4-e2b": ("Gemma4TextConfig", dict(GEMMA4_TEXT, attention_k_eq_v=False, num_global_key_value_heads=None,
+                                            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300,
+                                            num_kv_shared_layers=2, use_double_wide_mlp=True)),
+    # the image-text model as released: the language model under model.language_model., a vision tower
+    "gemma4-image": ("Gemma4Config", dict(text_config=GEMMA4_TEXT, audio_config=None, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16))),
+    # GLM-5 and DeepSeek-V3.2: GLM-4.7-Flash's blocks with DeepSeek sparse attention, each query attending to the 8
+    # earlier keys its indexer scores highest (the test windows are longer; GLM-5's indexer rotates interleaved pairs)
+    "glm5": ("GlmMoeDsaConfig", dict(SPARSE_ATTENTION, mlp_layer_types=["dense", "sparse", "sparse"])),
+    "deepseek-v3.2": ("DeepseekV32Config", dict(SPARSE_ATTENTION, first_k_dense_replace=1)),
 }
 # saved with every expert of a block in one tensor per projection (save_original_format=False), as released
 FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}
 # built by their image-text class (transformers' AutoModelForCausalLM gives the language model alone)
 IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration",
               "kimi-k2.5": "Kimi_K25ForConditionalGeneration",
-              "llama4-image": "Llama4ForConditionalGeneration"}
+              "llama4-image": "Llama4ForConditionalGeneration",
+              "gemma4-image": "Gemma4ForConditionalGeneration"}
 
 
 @functools.cache
@@ -288,6 +317,8 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
         for name, b in [*model.named_buffers(), *model.named_parameters()]:  # a router's selection bias, zero as
             if name.endswith("e_score_correction_bias"):                     # initialized, of the scores' size
                 b.add_(torch.randn_like(b) * 0.03)
+            elif name.endswith("layer_scalar"):  # Gemma 4's scale of each block's output, one as initialized
+                b.uniform_(0.5, 1.5)
     path.mkdir(parents=True, exist_ok=True)
     kw = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, safe_serialization=True, save_original_format=variant not in FUSED, **kw)
@@ -340,6 +371,7 @@ def hf_model(path: Path):
 
     model_type = json.loads((path / "config.json").read_text())["model_type"]
     image_text = {"kimi_k25": transformers.Kimi_K25ForConditionalGeneration,
-                  "llama4": transformers.Llama4ForConditionalGeneration}
+                  "llama4": transformers.Llama4ForConditionalGeneration,
+                  "gemma4": transformers.Gemma4ForConditionalGeneration}
     cls = image_text.get(model_type, transformers.AutoModelForCausalLM)
     return cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, deepseek, gemma, gpt_oss, llama, llama4, moe, opt, phi3, qwen3_next
+from streamprune.arch import bloom, deepseek, gemma, gemma4, gpt_oss, llama, llama4, moe, opt, phi3, qwen3_next
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import EXPERT_ROLES, EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
@@ -14,7 +14,8 @@ REGISTRY: dict[str, ArchSpec] = {
     model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC, gemma.SPEC, gemma.IMAGE_TEXT_SPEC,
                                   moe.MIXTRAL, moe.QWEN_MOE, moe.GLM4_MOE, moe.MINIMAX_M2, deepseek.SPEC,
                                   qwen3_next.SPEC, qwen3_next.IMAGE_TEXT_SPEC, gpt_oss.SPEC, moe.HY_V3,
-                                  moe.ERNIE4_5_MOE, deepseek.IMAGE_TEXT_SPEC, llama4.SPEC, llama4.IMAGE_TEXT_SPEC)
+                                  moe.ERNIE4_5_MOE, deepseek.IMAGE_TEXT_SPEC, llama4.SPEC, llama4.IMAGE_TEXT_SPEC,
+                                  gemma4.SPEC, gemma4.IMAGE_TEXT_SPEC, deepseek.SPARSE_ATTENTION)
     for model_type in spec.model_types
 }
 
@@ -47,6 +48,10 @@ ARCHITECTURES: dict[str, str] = {
     "Kimi_K25ForConditionalGeneration": "kimi_k25",
     "Llama4ForCausalLM": "llama4_text",
     "Llama4ForConditionalGeneration": "llama4",
+    "Gemma4ForCausalLM": "gemma4_text",
+    "Gemma4ForConditionalGeneration": "gemma4",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
 }
 
 

@@ -109,7 +109,7 @@ def bind_roles(spec: ArchSpec, cfg: ModelConfig, tensors: dict[str, TensorInfo],
         if param[0] not in BLOCK_ROLES and (name := bind(param, shape, None)):
             binding.names[(param, None)] = name
     for bid in range(cfg.n_layers):
-        for param, shape in expected_params(cfg, *cfg.kind(bid)).items():
+        for param, shape in expected_params(cfg.block(bid), cfg.is_moe(bid), cfg.is_linear(bid)).items():
             if param[0] in BLOCK_ROLES and (name := bind(param, shape, bid)):
                 binding.names[(param, bid)] = name
         if cfg.is_moe(bid) and stored_fused(binding, bid, tensors):

@@ -55,6 +55,17 @@ class Positions:
 
 
 @dataclass
+class Carried:
+    """What one batch of windows brings a block beside its hidden states: its per-layer inputs ((B, T, per_layer_dim):
+    Gemma 4's edge models); the keys and values of the earlier block it reuses ((B, kv heads, T, head dim) each,
+    normalized and rotated: Gemma 4's shared key-values); and, where later blocks reuse this one's, what takes them."""
+
+    per_layer: Tensor | None = None
+    kv: tuple[Tensor, Tensor] | None = None
+    keep_kv: Callable[[Tensor, Tensor], None] | None = None
+
+
+@dataclass
 class LayerPositions:
     """Positions of every kind of block in a model, shared by the blocks of that kind."""
 
@@ -76,6 +87,7 @@ class Kind:
     rope: dict[str, Any] | None
     window: int | None = None
     chunk: int | None = None
+    rotary_dim: int = 0  # the features of each head RoPE rotates (the blocks' own heads': Gemma 4's global ones wider)
 
     @property
     def masked(self) -> bool:
@@ -94,7 +106,8 @@ def layer_kinds(cfg: ModelConfig, seqlen: int) -> dict[str, Kind]:
         rope = cfg.rope_sliding if layer_type == "sliding_attention" and cfg.rope_sliding is not None else cfg.rope
         positional = cfg.pos == "rope" and layer_type != "linear_attention" and bid not in cfg.nope_layers
         kinds[name] = Kind(rope if positional else None, window if window is not None and window < seqlen else None,
-                           chunk if chunk is not None and chunk < seqlen else None)
+                           chunk if chunk is not None and chunk < seqlen else None,
+                           cfg.block(bid).rotary_dim if positional else 0)
     return kinds
 
 
@@ -107,7 +120,7 @@ def positions(cfg: ModelConfig, seqlen: int) -> LayerPositions:
             continue
         p = Positions()  # the delta rule's state carries the order of the tokens; learned positions are embedded
         if kind.rope is not None:
-            inv_freq = rope_inv_freq(cfg.rotary_dim, kind.rope, seqlen)
+            inv_freq = rope_inv_freq(kind.rotary_dim, kind.rope, seqlen)
             p.cos, p.sin = rope_cos_sin(inv_freq, seqlen, kind.rope.get("attention_factor", 1.0))
         if kind.window is not None:
             p.bias = window_causal_bias(seqlen, kind.window)
@@ -141,8 +154,10 @@ def norm(cfg: ModelConfig, w: Weights, role: Role, x: Tensor) -> Tensor:
     return layer_norm(x, weight, param(w, role, "bias", x), cfg.norm_eps)
 
 
-def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
-    """Multi-head attention up to (not including) the output projection."""
+def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
+           keep_kv: Callable[[Tensor, Tensor], None] | None = None) -> Tensor:
+    """Multi-head attention up to (not including) the output projection; `keep_kv` takes the keys and values, as
+    attended, where later blocks reuse them."""
     B, T, _ = x.shape
     nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if cfg.qkv_layout == "per_head":  # BLOOM interleaves q, k, v per head
@@ -151,7 +166,11 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = linear(w, Role.ATTN_QKV, x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     else:
-        q, k, v = (linear(w, role, x) for role in (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V))
+        q, k = linear(w, Role.ATTN_Q, x), linear(w, Role.ATTN_K, x)
+        v = linear(w, Role.ATTN_V, x) if (Role.ATTN_V, "weight") in w else k  # Gemma 4's global blocks: the keys'
+        # the heads' width and key-value heads as this block's weights have them (Gemma 4's global blocks: their own)
+        hd = q.shape[-1] // (nh * (2 if cfg.attn_output_gate else 1))
+        nkv = k.shape[-1] // hd
         if cfg.attn_output_gate:  # each head's query features, then its output gate's (Qwen3-Next)
             q, gate = q.view(B, T, nh, 2 * hd).chunk(2, dim=-1)  # (B, T, nh, hd) each
         if cfg.qk_norm and not cfg.qk_norm_per_head:  # over all heads' features at once (MiniMax-M2)
@@ -159,6 +178,8 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     if cfg.qk_norm and cfg.qk_norm_per_head:  # over each head's hd features
         q, k = norm(cfg, w, Role.ATTN_Q_NORM, q), norm(cfg, w, Role.ATTN_K_NORM, k)
+    if cfg.v_norm:
+        v = rms_norm(v, None, cfg.norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
     if pos.cos is not None:
         q, k = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q, k))
@@ -166,13 +187,28 @@ def attend(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions) -> Tensor:
             q, k = rms_norm(q, None, cfg.norm_eps), rms_norm(k, None, cfg.norm_eps)
     if pos.q_scale is not None:
         q = q * pos.q_scale[:, None]
-    sinks = param(w, Role.ATTN_SINKS, "sinks", q)
+    if keep_kv is not None:
+        keep_kv(k, v)
+    sinks, scale = param(w, Role.ATTN_SINKS, "sinks", q), cfg.scale_for(hd)
     if cfg.attn_softcap is None and sinks is None:
-        o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)
+        o = fused_attention(q, k, v, pos.bias, scale)
     else:
-        o = explicit_attention(q, k, v, pos.bias, cfg.attn_scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
+        o = explicit_attention(q, k, v, pos.bias, scale, cfg.attn_softcap, sinks, score_rows(cfg, T))
     o = o.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return o * torch.sigmoid(gate.reshape(B, T, nh * hd)) if cfg.attn_output_gate else o
+
+
+def attend_shared(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, kv: tuple[Tensor, Tensor]) -> Tensor:
+    """Attention of a block that reuses an earlier block's keys and values (Gemma 4's shared key-values): its own
+    queries (normalized per head, rotated) over `kv`, up to the output projection."""
+    B, T, _ = x.shape
+    k, v = kv
+    q = linear(w, Role.ATTN_Q, x).view(B, T, cfg.n_heads, k.shape[-1])
+    q = norm(cfg, w, Role.ATTN_Q_NORM, q).transpose(1, 2)  # (B, nh, T, hd)
+    if pos.cos is not None:
+        q = apply_rope(q, pos.cos, pos.sin, cfg.rope_interleave)
+    o = fused_attention(q, k, v, pos.bias, cfg.scale_for(k.shape[-1]))
+    return o.transpose(1, 2).reshape(B, T, -1)
 
 
 def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
@@ -198,8 +234,45 @@ def attend_latent(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions,
     q_rot, k_rot = (apply_rope(t, pos.cos, pos.sin, cfg.rope_interleave) for t in (q_rot, k_rot.view(B, 1, T, rope)))
     q = torch.cat((q_nope, q_rot), dim=-1)
     k = torch.cat((k_nope, k_rot.expand(B, nh, T, rope)), dim=-1)
-    o = fused_attention(q, k, v, pos.bias, cfg.attn_scale)  # (B, nh, T, dv)
+    bias = pos.bias
+    if cfg.index_topk and cfg.index_topk < T:  # DeepSeek sparse attention: only the keys the indexer picks
+        bias = indexed_bias(cfg, w, x, latent, pos)
+    o = fused_attention(q, k, v, bias, cfg.attn_scale)  # (B, nh, T, dv)
     return o.transpose(1, 2).reshape(B, T, nh * dv)
+
+
+def indexed_bias(cfg: ModelConfig, w: Weights, x: Tensor, latent: Tensor, pos: Positions) -> Tensor:
+    """The additive mask (B, 1, T, T) of DeepSeek sparse attention: each query sees the `index_topk` earlier keys its
+    lightning indexer scores highest, -inf elsewhere. A key's score for a query is the sum over the indexer's heads of
+    the head's weight (from the block's input) times relu(q . k / sqrt(index_head_dim)), in float32: per-head queries
+    from the query latent, one key from the block's input through its LayerNorm, their first qk_rope_dim features
+    rotated. Scored `index_rows` queries at a time: (B, rows, heads, T), never (B, T, heads, T)."""
+    B, T, _ = x.shape
+    nh, hd, rope = cfg.index_heads, cfg.index_head_dim, cfg.qk_rope_dim
+    q = linear(w, Role.ATTN_IDX_Q_B, latent).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+    k = layer_norm(linear(w, Role.ATTN_IDX_K, x), param(w, Role.ATTN_IDX_K_NORM, "weight", x),
+                   param(w, Role.ATTN_IDX_K_NORM, "bias", x), 1e-6)[:, None]  # (B, 1, T, hd)
+    q, k = (torch.cat((apply_rope(t[..., :rope], pos.cos, pos.sin, cfg.index_rope_interleave), t[..., rope:]), dim=-1)
+            for t in (q, k))
+    q, k = q.transpose(1, 2).float(), k.transpose(-1, -2).float()  # (B, T, nh, hd), (B, 1, hd, T)
+    weights = linear(w, Role.ATTN_IDX_WEIGHTS, x).float() * nh ** -0.5  # (B, T, nh)
+    bias = torch.full((B, 1, T, T), float("-inf"), device=x.device, dtype=x.dtype)
+    keys, rows = torch.arange(T, device=x.device), index_rows(cfg, T)
+    for i in range(0, T, rows):
+        j = min(i + rows, T)
+        scores = torch.relu(torch.matmul(q[:, i:j], k) * hd ** -0.5)  # (B, rows, nh, T)
+        index = torch.matmul(weights[:, i:j, None], scores)[:, :, 0]  # (B, rows, T)
+        future = keys[None, :] > keys[i:j, None]  # (rows, T)
+        index.masked_fill_(future, float("-inf"))
+        chosen = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, index.topk(cfg.index_topk, dim=-1).indices, True)
+        bias[:, 0, i:j].masked_fill_(chosen & ~future, 0.0)
+    return bias
+
+
+def index_rows(cfg: ModelConfig, seqlen: int) -> int:
+    """Queries per chunk of the sparse attention's indexer: the (rows, index heads, T) scores of a window take about as
+    much as one (T, hidden) hidden state."""
+    return max(1, min(seqlen, cfg.hidden_size // max(cfg.index_heads, 1)))
 
 
 def score_rows(cfg: ModelConfig, seqlen: int) -> int:
@@ -351,12 +424,14 @@ def post_norm(cfg: ModelConfig, w: Weights, role: Role, y: Tensor) -> Tensor:
 
 
 def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: Tap | None = None,
-                  until: Site | None = None, routed: Routed | None = None) -> Tensor | None:
+                  until: Site | None = None, routed: Routed | None = None, carried: Carried | None = None
+                  ) -> Tensor | None:
     """One decoder block on (B, T, D) hidden states.
 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
-    An MoE block (its router in `w`) takes its routed experts as `routed`.
+    An MoE block (its router in `w`) takes its routed experts as `routed`; what it takes from elsewhere (per-layer
+    inputs, shared keys and values) comes as `carried`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -368,7 +443,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     a = norm(cfg, w, Role.ATTN_NORM, x) if pre else x
     if stop_at(Site.ATTN_IN, a):
         return None
-    o = mix(cfg, w, a, pos, stop_at)
+    o = mix(cfg, w, a, pos, stop_at, carried)
     if o is None:
         return None
     if stop_at(Site.ATTN_OUT_IN, o):
@@ -389,16 +464,30 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
             return None
         y = linear(w, Role.FFN_DOWN, g)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
+    if cfg.per_layer_dim:  # its per-layer input, gated by the block's output, projected back onto the residual stream
+        assert carried is not None and carried.per_layer is not None, "a block with per-layer inputs needs its own"
+        if stop_at(Site.PLE_IN, out):
+            return None
+        g = activation(cfg.act, linear(w, Role.PLE_GATE, out)) * carried.per_layer
+        if stop_at(Site.PLE_PROJ_IN, g):
+            return None
+        out = out + norm(cfg, w, Role.PLE_POST_NORM, linear(w, Role.PLE_PROJ, g))
+    if cfg.layer_scalar:
+        out = out * param(w, Role.LAYER_SCALAR, "layer_scalar", out)
     return out if pre else norm(cfg, w, Role.FFN_NORM, out)
 
 
-def mix(cfg: ModelConfig, w: Weights, a: Tensor, pos: Positions, stop_at: Callable[[Site, Tensor], bool]
-        ) -> Tensor | None:
+def mix(cfg: ModelConfig, w: Weights, a: Tensor, pos: Positions, stop_at: Callable[[Site, Tensor], bool],
+        carried: Carried | None = None) -> Tensor | None:
     """The block's token mixer up to its output projection, of the kind its weights are: linear attention (Gated
-    DeltaNet), multi-head latent attention or attention."""
+    DeltaNet), multi-head latent attention, attention over an earlier block's keys and values, or attention."""
     if (Role.SSM_OUT, "weight") in w:
         return gated_delta_net(cfg, w, a)
-    return attend_latent(cfg, w, a, pos, stop_at) if cfg.kv_lora_rank else attend(cfg, w, a, pos)
+    if cfg.kv_lora_rank:
+        return attend_latent(cfg, w, a, pos, stop_at)
+    if carried is not None and carried.kv is not None:
+        return attend_shared(cfg, w, a, pos, carried.kv)
+    return attend(cfg, w, a, pos, None if carried is None else carried.keep_kv)
 
 
 def moe_mlp(cfg: ModelConfig, w: Weights, m: Tensor, stop_at: Callable[[Site, Tensor], bool],

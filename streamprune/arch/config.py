@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ class ModelConfig:
     qk_norm_per_head: bool = True  # or, False, over the projection's whole width (MiniMax-M2)
     # queries and keys scaled to unit RMS per head, without weights, after RoPE, in the blocks that rotate (Llama 4)
     qk_unit_norm: bool = False
+    v_norm: bool = False  # values scaled to unit RMS per head, without weights (Gemma 4)
+    # the full-attention blocks' own head width and key-value heads where > 0 (Gemma 4: wider heads, fewer of them),
+    # and whether their values are their keys' projection (no v projection: Gemma 4's attention_k_eq_v)
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_values_from_keys: bool = False
+    values_from_keys: bool = False  # this block's (ModelConfig.block)
     out_bias: bool = False
     mlp_bias: bool = False
     norm_before: bool = True  # pre-norm; False is OPT-350m's post-norm block
@@ -78,6 +86,13 @@ class ModelConfig:
     qk_nope_dim: int = 0
     qk_rope_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek sparse attention where index_topk > 0 (DeepSeek-V3.2, GLM-5): each query attends to the `index_topk`
+    # earlier keys its lightning indexer scores highest (`index_heads` heads `index_head_dim` wide, their first
+    # qk_rope_dim features rotated, in interleaved pairs where `index_rope_interleave`)
+    index_topk: int = 0
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_rope_interleave: bool = False
     latent_norm_eps: float = 1e-6  # of the latents' RMSNorms (transformers builds them with its default, not the config's)
     # each head's query comes with as many features of an output gate (the q projection twice as wide: per head, the
     # query then the gate); the attention's output is multiplied by their sigmoid before the output projection
@@ -135,6 +150,16 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling: float = 1.0
     dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
+    layer_scalar: bool = False  # the block's output multiplied by a stored scalar (Gemma 4)
+    # per-layer inputs where per_layer_dim > 0 (Gemma 4's E2B/E4B): each block adds a projection of its own
+    # `per_layer_dim` inputs, from a table of `per_layer_vocab` rows and from the embedding (see perlayer.py)
+    per_layer_dim: int = 0
+    per_layer_vocab: int = 0
+    # the last `kv_shared_layers` blocks reuse the keys and values of the last earlier block of their layer type (no
+    # k/v projections of their own; Gemma 4's edge models), their MLP twice as wide where `double_wide_mlp`
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    kv_reused: bool = False  # this block's (ModelConfig.block)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +205,11 @@ class ModelConfig:
             raise CheckpointError("config.json: chunked attention layers without attention_chunk_size")
         if not self.nope_layers <= set(range(self.n_layers)):
             raise CheckpointError(f"config.json: NoPE layers {sorted(self.nope_layers)} outside 0..{self.n_layers - 1}")
+        if self.kv_shared_layers and (not 0 < self.kv_shared_layers < self.n_layers or any(
+                kind not in self.layer_types[:self.n_layers - self.kv_shared_layers]
+                for kind in self.layer_types[self.n_layers - self.kv_shared_layers:])):
+            raise CheckpointError(f"config.json: num_kv_shared_layers={self.kv_shared_layers}: the last blocks reuse "
+                                  "the keys and values of an earlier block of their layer type, which must exist")
         if self.nope_temperature is not None and not (self.nope_temperature[0] > 0 and self.nope_temperature[1] >= 0):
             raise CheckpointError(f"config.json: floor_scale / attn_scale {self.nope_temperature} must be positive")
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
@@ -189,7 +219,7 @@ class ModelConfig:
         if self.embed_dim == 0:
             self.embed_dim = self.hidden_size
         if self.pos == "rope" and self.rotary_dim == 0:
-            self.rotary_dim = int(self.head_dim * self.rope.get("partial_rotary_factor", 1.0))
+            self.rotary_dim = rotary_dim(self.rope, self.head_dim)
         if self.pos == "rope" and (not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
             raise CheckpointError(f"config.json: {self.rotary_dim} rotated features per head (partial_rotary_factor "
                                   f"x head_dim {self.head_dim}) is not an even number in 2..head_dim")
@@ -239,13 +269,50 @@ class ModelConfig:
                 f"{self.linear_v_heads!r} value heads of {self.linear_v_dim!r} and {self.linear_conv!r} convolution "
                 "taps: expected positive sizes, the value heads a multiple of the key heads")
 
+    def block(self, bid: int) -> ModelConfig:
+        """The config as block `bid` sees it: a full-attention block's own head width and key-value heads (Gemma 4's
+        global blocks), a block reusing another's keys and values without k/v projections and with its MLP's width;
+        else this one."""
+        changes: dict[str, Any] = {}
+        if self.layer_types[bid] == "full_attention" and (self.global_head_dim or self.global_kv_heads
+                                                          or self.global_values_from_keys):
+            head_dim = self.global_head_dim or self.head_dim
+            changes.update(head_dim=head_dim, n_kv_heads=self.global_kv_heads or self.n_kv_heads,
+                           rotary_dim=rotary_dim(self.rope, head_dim), values_from_keys=self.global_values_from_keys)
+        if self.kv_mode(bid) == "reuse":
+            changes.update(kv_reused=True, ffn_dim=self.ffn_dim * (2 if self.double_wide_mlp else 1))
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes, global_head_dim=0, global_kv_heads=0, global_values_from_keys=False,
+                                   kv_shared_layers=0)
+
+    def kv_mode(self, bid: int) -> str | None:
+        """Whether block `bid` "reuse"s an earlier block's keys and values, "store"s its own for later blocks (the last
+        block of its layer type before the reusing ones), or neither (None)."""
+        first = self.n_layers - self.kv_shared_layers
+        if not self.kv_shared_layers:
+            return None
+        if bid >= first:
+            return "reuse"
+        reused = self.layer_types[bid] in self.layer_types[first:]
+        return "store" if reused and self.kv_source(bid) == bid else None
+
+    def kv_source(self, bid: int) -> int:
+        """The block whose keys and values block `bid`'s layer type reuses: the last of that type before the reusing
+        blocks."""
+        first = self.n_layers - self.kv_shared_layers
+        kind = self.layer_types[bid]
+        return max(b for b in range(first) if self.layer_types[b] == kind)
+
     def is_linear(self, bid: int) -> bool:
         """Whether block `bid` mixes its tokens by linear attention (Gated DeltaNet) instead of attention."""
         return self.layer_types[bid] == "linear_attention"
 
-    def kind(self, bid: int) -> tuple[bool, bool]:
-        """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention)."""
-        return self.is_moe(bid), self.is_linear(bid)
+    def kind(self, bid: int) -> tuple[bool, bool, tuple[int, int, bool, int]]:
+        """What block `bid` holds, as far as its tensors' shapes go: (routed experts, linear attention, its heads'
+        width and key-value heads, whether it reuses another's keys and values, its MLP's width)."""
+        b = self.block(bid)
+        return self.is_moe(bid), self.is_linear(bid), (b.head_dim, b.n_kv_heads, b.kv_reused, b.ffn_dim)
 
     def window(self, layer_type: str) -> int | None:
         """How many tokens back (the query's own included) a layer of `layer_type` attends to; None: all."""
@@ -265,7 +332,11 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+        return self.scale_for(self.head_dim)
+
+    def scale_for(self, head_dim: int) -> float:
+        """The attention's softmax scale for heads `head_dim` wide."""
+        scalar = head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
         return 1.0 / math.sqrt(scalar) if self.attn_scale_factor == 1.0 else scalar ** -0.5 * self.attn_scale_factor
 
     @property
@@ -284,6 +355,14 @@ class ModelConfig:
             raise ArgumentError(
                 f"seqlen {seqlen} exceeds the model's maximum positions ({self.max_positions})"
             )
+
+
+def rotary_dim(rope: dict[str, Any], head_dim: int) -> int:
+    """How many of a head's features RoPE `rope` rotates: int(head_dim x partial_rotary_factor), or all of them for
+    proportional RoPE (Gemma 4: every feature pair of the head, the unrotated ones at frequency zero)."""
+    if rope.get("rope_type") == "proportional":
+        return head_dim
+    return int(head_dim * rope.get("partial_rotary_factor", 1.0))
 
 
 def get_layer_types(raw: dict[str, Any], n_layers: int, sliding: Callable[[int], bool]) -> list[str]:

@@ -11,6 +11,7 @@ blocks keep a dense MLP (GLM-4.7-Flash: those `mlp_layer_types` calls dense).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from streamprune.arch import llama
@@ -74,6 +75,32 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def parse_sparse_attention(raw: dict[str, Any]) -> ModelConfig:
+    """DeepSeek-V3.2 (`deepseek_v32`) and GLM-5 (`glm_moe_dsa`): DeepSeek-V3's blocks (interleaved RoPE in the
+    attention) with DeepSeek sparse attention: each block's lightning indexer picks the `index_topk` keys each query
+    attends to (its RoPE interleaved in GLM-5's, in halves in V3.2's). Every block runs its own indexer: a config
+    whose `indexer_types` has blocks reuse an earlier block's choice ("shared") is refused."""
+    kinds = raw.get("indexer_types")
+    if kinds is not None and (not isinstance(kinds, list) or set(kinds) - {"full"}):
+        raise UnsupportedModelError(f"config.json: indexer_types={kinds!r:.80}: blocks that reuse another block's "
+                                    "top-k keys (\"shared\") are not supported; every block must run its own indexer")
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or set(layer_types) - {"indexed_attention"}):
+        raise UnsupportedModelError(f"config.json: layer_types={layer_types!r:.80}: only indexed_attention is read")
+    base = parse_config({**raw, "rope_interleave": True, "layer_types": None})
+    glm = raw["model_type"] == "glm_moe_dsa"
+    cfg = dataclasses.replace(
+        base, family="deepseek_v32", index_topk=get_int(raw, "index_topk", default=2048),
+        index_heads=get_int(raw, "index_n_heads", default=64 if not glm else 32),
+        index_head_dim=get_int(raw, "index_head_dim", default=128), index_rope_interleave=glm)
+    if not cfg.q_lora_rank or not cfg.qk_rope_dim <= cfg.index_head_dim or min(cfg.index_topk, cfg.index_heads) < 1:
+        raise CheckpointError(f"config.json: sparse attention with q_lora_rank={cfg.q_lora_rank}, index_topk="
+                              f"{cfg.index_topk}, index_n_heads={cfg.index_heads}, index_head_dim={cfg.index_head_dim}: "
+                              f"expected a query latent, positive counts, and at least qk_rope_head_dim="
+                              f"{cfg.qk_rope_dim} features per indexer head")
+    return cfg
+
+
 def dense_layers(raw: dict[str, Any], n_layers: int) -> frozenset[int]:
     """The blocks with a dense MLP: those `mlp_layer_types` calls dense, else the first `first_k_dense_replace`."""
     kinds = raw.get("mlp_layer_types")
@@ -112,6 +139,18 @@ SPEC = ArchSpec(
     base_prefix="model.",
     parse_config=parse_config,
     tensors=TENSORS,
+)
+
+SPARSE_ATTENTION = ArchSpec(
+    name="deepseek_v32",
+    model_types=("deepseek_v32", "glm_moe_dsa"),
+    base_prefix="model.",
+    parse_config=parse_sparse_attention,
+    tensors={**TENSORS,
+             Role.ATTN_IDX_Q_B: "layers.{bid}.self_attn.indexer.wq_b",
+             Role.ATTN_IDX_K: "layers.{bid}.self_attn.indexer.wk",
+             Role.ATTN_IDX_K_NORM: "layers.{bid}.self_attn.indexer.k_norm",
+             Role.ATTN_IDX_WEIGHTS: "layers.{bid}.self_attn.indexer.weights_proj"},
 )
 
 # Kimi_K25ForConditionalGeneration: the language model under `language_model.model.` (as released) or

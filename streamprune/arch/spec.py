@@ -81,6 +81,14 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
     if cfg.embed_dim != d:
         linear(Role.PROJ_IN, d, cfg.embed_dim, False)
         linear(Role.PROJ_OUT, cfg.embed_dim, d, False)
+    if cfg.per_layer_dim:  # the table of per-layer inputs, the embedding's projection into them and its norm (model-
+        every = cfg.n_layers * cfg.per_layer_dim  # wide, each read one block's slice at a time); each block's gate,
+        params[(Role.PLE_EMBD, "weight")] = (cfg.per_layer_vocab, every)  # projection and norm
+        linear(Role.PLE_MODEL_PROJ, every, d, False)
+        norm(Role.PLE_PROJ_NORM, cfg.per_layer_dim)
+        linear(Role.PLE_GATE, cfg.per_layer_dim, d, False)
+        linear(Role.PLE_PROJ, d, cfg.per_layer_dim, False)
+        norm(Role.PLE_POST_NORM, d)
     if cfg.final_norm:
         norm(Role.OUTPUT_NORM, d)
     if not cfg.tie_word_embeddings:
@@ -99,16 +107,24 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         linear(Role.ATTN_KV_A_MQA, cfg.kv_lora_rank + cfg.qk_rope_dim, d, cfg.qkv_bias)
         norm(Role.ATTN_KV_A_NORM, cfg.kv_lora_rank)
         linear(Role.ATTN_KV_B, cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank, False)
+        if cfg.index_topk:  # the lightning indexer (LayerNorm of its key, with a bias, whatever the model's norms)
+            linear(Role.ATTN_IDX_Q_B, cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank, False)
+            linear(Role.ATTN_IDX_K, cfg.index_head_dim, d, False)
+            params[(Role.ATTN_IDX_K_NORM, "weight")] = params[(Role.ATTN_IDX_K_NORM, "bias")] = (cfg.index_head_dim,)
+            linear(Role.ATTN_IDX_WEIGHTS, cfg.index_heads, d, False)
         q_out = cfg.n_heads * cfg.v_head_dim  # what the output projection reads
     elif cfg.qkv_layout != "separate":
         linear(Role.ATTN_QKV, q_out + 2 * kv_out, d, cfg.qkv_bias)
     else:
         linear(Role.ATTN_Q, q_out * (2 if cfg.attn_output_gate else 1), d, cfg.qkv_bias)
-        linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
-        linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
+        if not cfg.kv_reused:  # a block reusing another's keys and values has no k/v projections (nor a k norm)
+            linear(Role.ATTN_K, kv_out, d, cfg.qkv_bias)
+        if not cfg.values_from_keys and not cfg.kv_reused:
+            linear(Role.ATTN_V, kv_out, d, cfg.qkv_bias)
     if cfg.qk_norm and not linear_attn:
         norm(Role.ATTN_Q_NORM, hd if cfg.qk_norm_per_head else q_out)
-        norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
+        if not cfg.kv_reused:
+            norm(Role.ATTN_K_NORM, hd if cfg.qk_norm_per_head else kv_out)
     if cfg.post_norms:
         norm(Role.ATTN_POST_NORM, d)
         norm(Role.FFN_POST_NORM, d)
@@ -116,6 +132,8 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
         linear(Role.ATTN_OUT, d, q_out, cfg.out_bias)
     if cfg.attn_sinks and not linear_attn:
         params[(Role.ATTN_SINKS, "sinks")] = (cfg.n_heads,)
+    if cfg.layer_scalar:
+        params[(Role.LAYER_SCALAR, "layer_scalar")] = (1,)
     if moe:
         linear(Role.FFN_GATE_INP, cfg.n_experts, d, cfg.router_logit_bias)
         if cfg.router_bias:  # added to the scores to choose the experts (DeepSeek-V3's name)
