@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from streamprune.activations import Activations, DiskActivations
+from streamprune.activations import Activations, DiskActivations, copy_store, make_store
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden, expert_input
 from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
-from streamprune.experts import Tally, choose, decision, random_scores, tally
+from streamprune.experts import Tally, choose, compensated_down, decision, tally
 from streamprune.forward import Routes, add_expert, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
@@ -79,12 +79,17 @@ class PruneLane(Consumer):
         self.stats: Activations | None = None
         # removing routed experts: each MoE block keeps `kept` experts (else None); the block's router tensors as read,
         # the experts' sums (survey) and the ones kept, in order
-        self.kept = job.out.config.n_experts if job.out is not job.ckpt else None
+        self.removal = job.removal
+        self.kept = None if job.removal is None else job.removal.kept
         self.router: dict[str, tuple[Tensor, int]] = {}  # name -> (tensor, the axis of its experts)
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
         self.decision: dict[str, Any] | None = None
         self.disk_seen: tuple[int, int] | None = None  # the activation files' bytes read and written so far
+        # --compensate-experts: the dense block's output over the calibration windows, which the kept experts fit
+        self.dense: Activations | None = None
+        if self.removal is not None and self.removal.compensate and calib is not None:
+            self.dense = make_store(tuple(calib.x.shape), job.placement, job.device, job.work, f"dense{id(self)}")
         # without weight solves the block is exact as read, so the pruned block's own first pass gives its experts'
         # statistics whatever --sequential says
         self.sequential = self.opts.sequential or not job.solves
@@ -123,7 +128,9 @@ class PruneLane(Consumer):
             with self.report.timed("forward", bid):
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device,
                               carry=calib.carry(bid))
-        if not removes:
+        if removes and not self.surveys(block):  # the scores are known: the experts are read once
+            self.reduce(block)
+        elif not removes:
             self.release_block(moe)
 
     def enter_streams(self, block: Part) -> None:
@@ -136,33 +143,42 @@ class PruneLane(Consumer):
             self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
 
     def surveys(self, block: Part) -> bool:
-        return self.kept is not None and self.ckpt.n_experts(block.bid) > 0
+        return self.removal is not None and self.removal.surveys and self.ckpt.n_experts(block.bid) > 0
 
     def survey(self, part: Part) -> None:
-        """Expert `part` as read: its sums over the tokens the full router sends it."""
-        if not self.surveys(part) or self.opts.expert_criterion == "random":
+        """Expert `part` as read: its sums over the tokens the full router sends it (with --compensate-experts, its
+        weighted output added to the dense block's)."""
+        if not self.surveys(part):
             return
         assert self.routes is not None and self.stats is not None and part.xid is not None
         with self.report.timed("survey", part.bid):
+            if part.xid == 0 and self.dense is not None:  # the block's output without its routed experts
+                assert self.calib is not None
+                copy_store(self.calib.scratch, self.dense, self.job.batch)
             self.tallies.append(tally(self.ckpt.config, part.w, routed_rows(self.routes, part.xid), self.stats,
-                                      self.device))
+                                      self.device, self.dense))
 
     def surveyed(self, block: Part) -> None:
-        """Every expert scored: the best `kept` chosen, the router cut to them (written bit for bit, row by row),
-        and the tokens routed again by the reduced router."""
-        bid, criterion, n = block.bid, self.opts.expert_criterion, self.ckpt.n_experts(block.bid)
-        if not self.surveys(block):
-            return
-        assert self.kept is not None and self.shard is not None
+        if self.surveys(block):
+            self.reduce(block)
+
+    def reduce(self, block: Part) -> None:
+        """Every expert scored (surveyed, or known up front): the best `kept` chosen, the router cut to them (written
+        bit for bit, row by row), and the tokens routed again by the reduced router."""
+        bid, n, removal = block.bid, self.ckpt.n_experts(block.bid), self.removal
+        assert removal is not None and self.kept is not None and self.shard is not None
         with self.report.timed("survey", bid):
-            if criterion == "random":
-                scores, tallies = random_scores(n, self.opts.seed, bid), None
+            tallies = None
+            if removal.known:
+                scores = removal.of(bid, n, self.opts.seed)
             else:
                 tallies = [Tally(self.ranks.sum_int(t.tokens), self.ranks.sum_float(t.norm),
                                  self.ranks.sum_float(t.weighted_norm)) for t in self.tallies]  # every rank's share
-                scores = [t.score(criterion) for t in tallies]
+                scores = [t.score(removal.criterion) for t in tallies]
+            criterion = removal.criterion
             self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
-            self.decision = decision(bid, criterion, scores, tallies, self.keep)
+            self.decision = decision(bid, criterion, scores, tallies, self.keep,
+                                     None if removal.source is None else removal.source["file"])
             for name, (tensor, axis) in self.router.items():
                 self.shard.put(name, tensor.index_select(axis, torch.tensor(self.keep)).contiguous())
             rows = torch.tensor(self.keep, device=self.device)
@@ -182,7 +198,7 @@ class PruneLane(Consumer):
             if xid not in self.keep:
                 return
             xid = self.keep.index(xid)
-        we = dict(part.w) if self.copy else part.w
+        we = dict(part.w) if self.copy or self.dense is not None else part.w
         if self.job.solves:
             out = self.job.out.experts[(bid, xid)]
             biases = {name: out[param] for param, name in self.ckpt.experts[(bid, part.xid)].items() if param[1] != "weight"}
@@ -193,25 +209,45 @@ class PruneLane(Consumer):
                 part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
             self.prune_expert(bid, xid, we)
         else:
-            self.copy_expert(part, xid)
+            self.copy_expert(part, xid, we)
         for stream in self.streams:
             with self.report.timed("eval", bid):
                 stream.expert(dataclasses.replace(part, w=we, xid=xid))
 
-    def copy_expert(self, part: Part, xid: int) -> None:
-        """Kept expert `part` written as read under index `xid`; with calibration, its weighted output added to
-        the block's."""
+    def copy_expert(self, part: Part, xid: int, we: dict[Param, Tensor]) -> None:
+        """Kept expert `part` written as read under index `xid` (with --compensate-experts, its down projection
+        fitted first, `we` its weights then); with calibration, its weighted output added to the block's."""
         assert self.shard is not None and part.xid is not None
         bid = part.bid
         names = self.job.out.experts[(bid, xid)]
+        fitted = self.compensate(bid, xid, we)
         with self.report.timed("write", bid):
-            self.put_as_read({name: names[param] for param, name in self.ckpt.experts[(bid, part.xid)].items()},
-                             part.raw)
+            self.put_as_read({name: names[param] for param, name in self.ckpt.experts[(bid, part.xid)].items()
+                              if param != fitted}, part.raw)
+            if fitted is not None:
+                for stored, tensor in self.job.layout.encode(names[fitted], we[fitted]).items():
+                    self.shard.put(stored, tensor.cpu())
         if self.calib is not None:
             assert self.routes is not None and self.stats is not None
             with self.report.timed("forward", bid):
-                add_expert(self.ckpt, part.w, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
+                add_expert(self.ckpt, we, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
                            self.device)
+
+    def compensate(self, bid: int, xid: int, we: dict[Param, Tensor]) -> Param | None:
+        """--compensate-experts: kept expert `xid`'s down projection in `we` replaced by its fit to the dense block
+        (`experts.compensated_down`), in its stored dtype; returns the parameter replaced (None without it)."""
+        if self.dense is None:
+            return None
+        assert self.routes is not None and self.stats is not None and self.calib is not None
+        param = (Role.FFN_DOWN_EXP, "weight")
+        with self.report.timed("compensate", bid):
+            fitted = compensated_down(self.ckpt.config, we, xid, self.routes, self.stats, self.dense,
+                                      self.calib.scratch, self.device, self.ranks.all_reduce_sum)
+            if not all_finite(fitted.to(we[param].dtype)):
+                raise StreamPruneError(f"block {bid}: expert {xid}'s compensated down projection does not fit "
+                                       f"{we[param].dtype}; rerun without --compensate-experts")
+            we[param] = fitted.to(we[param].dtype)
+        return param
 
     def put_as_read(self, names: dict[str, str], raw: dict[str, Tensor]) -> None:
         """Tensors written as read: `names` maps each one's input name to its output name (an expert's index may
@@ -268,7 +304,9 @@ class PruneLane(Consumer):
         self.report.activation_io = {**(self.report.activation_io or {}), "blocks": blocks}
 
     def close(self) -> None:
-        """Remove the shard of a block left unfinished (by an error)."""
+        """Remove the shard of a block left unfinished (by an error), and the dense block's output."""
+        if self.dense is not None:
+            self.dense.close()
         if self.shard is not None:
             shard, self.shard = self.shard, None
             shard.abort()
@@ -357,6 +395,7 @@ class PruneLane(Consumer):
         self.merge(bid, p_in) if sequential else self.merge(bid, p_in, p_down)
         self.check_inputs(bid, p_in, [names[r] for r in in_roles])
         self.prune_roles(bid, we, p_in, in_roles, names, **row)
+        self.compensate(bid, xid, we)  # fitted from the pruned gate and up, then pruned
         if sequential:
             with self.report.timed("hessian", bid):
                 for i, j, token, weight in rows_in:

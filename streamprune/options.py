@@ -90,6 +90,7 @@ class Decl:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None  # the smallest value accepted
     parse: Callable[[str], Any] | None = None  # the command line's text to the value (a size, a list)
+    repeat: bool = False  # the command line takes it several times (its values as a tuple of texts)
     fingerprint: Rule | None = None  # part of the fingerprint under this rule (None: never)
 
     def flags(self, name: str) -> list[str]:
@@ -130,6 +131,15 @@ def parse_levels(text: str) -> tuple[float, ...]:
         raise ArgumentError(f"sparsities {text!r} is not a comma-separated list of numbers") from e
 
 
+def parse_fractions(text: str) -> float | tuple[float, ...]:
+    """One fraction (a run's) or several (a sweep's)."""
+    try:
+        levels = tuple(float(item) for item in split_list(text))
+    except ValueError as e:
+        raise ArgumentError(f"--prune-experts {text!r} is not a fraction or a comma-separated list of them") from e
+    return levels[0] if len(levels) == 1 else levels
+
+
 def parse_size(text: str) -> int:
     from streamprune.memory import parse_size as parse
 
@@ -167,9 +177,11 @@ class PruneOptions:
         None, "Fraction of weights removed per matrix, in [0, 1) (default 0.5; N:M implies it).", (RUN,),
         fingerprint=always)
     pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 or 4:8.", (RUN,), fingerprint=always)
-    calib: Path | None = option(None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.",
-                                RUN_SWEEP)
-    nsamples: int = option(128, "Number of calibration windows.", ALL, fingerprint=always)
+    calib: tuple[str, ...] | Path | None = option(
+        None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids; FILE:N draws N windows from FILE "
+              "(default --nsamples); repeat it to calibrate on several files.", ALL, repeat=True)
+    nsamples: int = option(128, "Number of calibration windows (of each --calib FILE given without a count).", ALL,
+                           fingerprint=always)
     seqlen: int | None = option(None, "Calibration window length (default: the model's maximum, at most 2048).", ALL,
                                 fingerprint=always)
     seed: int = option(0, "Seed for drawing calibration windows.", RUN_SWEEP, fingerprint=always)
@@ -205,18 +217,33 @@ class PruneOptions:
     moe_min_tokens: int = option(
         128, "Mixture-of-Experts: an expert routed fewer calibration tokens takes the statistics of every token "
              "entering its MoE layer.", RUN_SWEEP, minimum=1, fingerprint=when_moe)
-    prune_experts: float | None = option(
+    prune_experts: float | tuple[float, ...] | None = option(
         None, "Mixture-of-Experts: remove this fraction F of the routed experts of every MoE block (floor(F x "
               "experts), the same count in each), those --expert-criterion scores lowest; the output is the same "
               "architecture with fewer experts, renumbered in their order. With --sparsity 0 (and no --wbits) nothing "
-              "else changes: every kept tensor is copied bit for bit.", RUN_PLAN, fingerprint=when_given)
+              "else changes: every kept tensor is copied bit for bit. A sweep takes several, comma-separated.", ALL,
+        parse=parse_fractions, fingerprint=when_given)
     expert_criterion: str = option(
         "reap", "--prune-experts: the score whose lowest experts go: reap (mean over the calibration tokens routed "
                 "to the expert of router weight x output norm), ean (sum of its output norms over them), frequency "
                 "(how many are routed to it) or random (drawn from --seed).", RUN_PLAN, choices=EXPERT_CRITERIA,
         fingerprint=when_experts_removed)
+    expert_criteria: tuple[str, ...] = option(
+        ("reap",), "Sweep: the criteria whose expert removal is swept at each --prune-experts fraction, "
+                   "comma-separated (those of --expert-criterion but random).", (SWEEP,), parse=split_list)
+    expert_scores: Path | None = option(
+        None, "--prune-experts: remove the experts with the lowest scores of this report (streamprune_report.json "
+              "of a run of the same model, e.g. with --prune-experts 0, which scores every expert and removes none) "
+              "instead of scoring them: no calibration data is read unless something else needs it.", RUN_PLAN,
+        fingerprint=when_given)
+    compensate_experts: bool = option(
+        False, "--prune-experts: after a block's experts are chosen, fit each kept expert's down projection by least "
+               "squares so that the block's output on the calibration tokens stays as near the dense block's as it "
+               "can (needs --calib and --sequential); the output keeps plain removal's names and shapes. A sweep "
+               "sweeps each removal point with and without it.", ALL, flag="--compensate-experts",
+        fingerprint=when_experts_removed)
     experts_multiple: int = option(1, "--prune-experts: round the kept count down to a multiple of this (as "
-                                      "expert-parallel serving needs).", RUN_PLAN, minimum=1,
+                                      "expert-parallel serving needs).", ALL, minimum=1,
                                    fingerprint=when_experts_removed)
     wbits: int | None = option(None, "Quantize the kept weights to 2, 3, 4 or 8 bits in the same solve (default: no "
                                      "quantization).", RUN_PLAN, fingerprint=when_quantized)
@@ -258,8 +285,9 @@ class PruneOptions:
                                  "block's mean score.", (RUN,), fingerprint=when_owl)
     methods: tuple[str, ...] = option(("sparsegpt", "wanda", "magnitude"), "Comma-separated methods, each swept over "
                                       "every level and pattern.", SWEEP_PLAN, parse=split_list)
-    sparsities: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), "Comma-separated unstructured "
-                                           "sparsity levels, e.g. 0.1,0.2,0.3.", SWEEP_PLAN, parse=parse_levels)
+    sparsities: tuple[float, ...] | None = option(
+        None, "Comma-separated unstructured sparsity levels, e.g. 0.1,0.2,0.3 (default 0.1 to 0.8; with "
+              "--prune-experts, 0: the experts removed, nothing else).", SWEEP_PLAN, parse=parse_levels)
     patterns: tuple[str, ...] = option((), "Comma-separated N:M patterns swept too, e.g. 2:4,4:8 (default: none).",
                                        SWEEP_PLAN, parse=split_list)
     save_dir: Path | None = option(None, "Also write each point's pruned checkpoint into SAVE_DIR/<method>-<level>.",

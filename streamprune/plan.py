@@ -27,7 +27,7 @@ from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import index_rows, layer_kinds, score_rows
 from streamprune.arch.delta import CHUNK
-from streamprune.calib import eval_windows, load_tokens, read_workspace
+from streamprune.calib import calib_sources, eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
@@ -263,14 +263,16 @@ def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
               errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None,
-              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False) -> Footprint:
+              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False,
+              compensate: bool = False) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
     the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any;
     `eval_windows` windows of `eval_seqlen` tokens pushed through the blocks in `eval_streams` streams (--eval: the
     pruned model's; --eval-dense: the dense one's too), each one buffer (two for an MoE model), placed like the
     calibration activations. `owl` (--allocation owl): a forward of the dense model over the calibration windows
     before block 0, in the calibration activations (its column norms are vectors, its scores one linear's at a time:
-    within the solve's terms); for magnitude, which otherwise has none, one buffer of them."""
+    within the solve's terms); for magnitude, which otherwise has none, one buffer of them. `compensate`
+    (--compensate-experts): a third calibration buffer, the dense block's output."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -315,21 +317,22 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=(2 * cfg.hidden_size + kept) * nsamples * seqlen * 4 + evals["eval_activations"],
+        activations=((3 if compensate else 2) * cfg.hidden_size + kept) * nsamples * seqlen * 4
+        + evals["eval_activations"],
         eval_activations=evals["eval_activations"],
         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
 
-def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any]]], nsamples: int, seqlen: int,
+def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any], bool]], nsamples: int, seqlen: int,
                     sequential: bool, eval_windows: int, eval_seqlen: int) -> Footprint:
     """The sizes a sweep is made of: the block's weights once (each point prunes its own copy, one point at a time,
     so the workspaces are the largest point's), and every point's activations: its calibration buffers (none for
     magnitude without statistics) and its evaluation stream, plus the dense model's evaluation stream. `points`:
-    (method, knobs) of each point."""
-    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1)
-           for method, knobs in points]
+    (method, knobs, whether it compensates removed experts) of each point."""
+    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1,
+                     compensate=compensate) for method, knobs, compensate in points]
     dense_eval = fps[0].eval_activations  # one stream's buffers, the dense model's
     largest = {f.name: max(getattr(fp, f.name) for fp in fps) for f in dataclasses.fields(Footprint)}
     summed = {"activations": sum(fp.activations for fp in fps) + dense_eval,
@@ -461,7 +464,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """
     from streamprune.options import PLAN, PruneOptions
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     ckpt = Checkpoint(model_dir)
     dev = planned_device(opts.device, opts.max_gpu_memory)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
@@ -473,20 +476,32 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     _, sequences = eval_tasks(ckpt, opts, opts.nproc)
     fp = footprint(ckpt, -(-opts.nsamples // opts.nproc), seqlen, opts.method, opts.sequential, opts.layer_errors,
                    {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense, sequences),
-                   owl=opts.allocation == "owl")
+                   owl=opts.allocation == "owl", compensate=opts.compensate_experts)
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
     result = memory_plan(fp, dev, decision, nproc=opts.nproc, tasks=bool(opts.eval_tasks))
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     result.read_bytes = result.output_bytes = stored
-    if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
+    # scores read from the calibration data: a survey pass reads every routed expert once more
+    surveys = opts.prune_experts is not None and (opts.expert_scores is None and opts.expert_criterion != "random"
+                                                  or opts.compensate_experts)
+    if isinstance(opts.prune_experts, (tuple, list)):
+        raise ArgumentError("--prune-experts: a run removes one fraction (plan --sweep takes several)")
+    if opts.prune_experts is not None:  # the removed experts are not written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
-        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of)
+        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of) if surveys else 0
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
     if result.placement == "disk":
         buffer = -(-opts.nsamples // opts.nproc) * seqlen * ckpt.config.hidden_size * 4
         result.disk_read_per_block, result.disk_written_per_block = disk_io_per_block(
-            ckpt, opts.sequential, buffer, opts.prune_experts is not None)
+            ckpt, opts.sequential, buffer, surveys)
     return result
+
+
+def counted(opts: Any) -> Any:
+    """`opts` with --nsamples as the windows of its --calib sources (each FILE:N counts N, a FILE without a count
+    --nsamples), when there are any; the files are not read."""
+    sources = calib_sources(opts.calib, opts.nsamples)
+    return dataclasses.replace(opts, nsamples=sum(s.windows for s in sources)) if sources else opts
 
 
 def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: bool = False) -> tuple[int, int]:
@@ -513,27 +528,29 @@ def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """Predicted peak memory of `streamprune sweep` with these options (`eval` is required: it is tokenized to
     count its windows; the points from `methods`, `sparsities` and `patterns`); nothing is run or allocated."""
     from streamprune.options import PLAN, PruneOptions
-    from streamprune.sweep import sweep_points
+    from streamprune.sweep import as_fractions, sweep_points
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     if opts.nproc != 1:
         raise ArgumentError("--sweep plans one process; drop --nproc")
     if opts.eval is None:
         raise DataError("a sweep's plan needs its evaluation data: pass --eval FILE")
-    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    points = sweep_points(list(opts.methods), None if opts.sparsities is None else list(opts.sparsities),
+                          list(opts.patterns), as_fractions(opts.prune_experts), list(opts.expert_criteria),
+                          opts.compensate_experts)
     ckpt = Checkpoint(model_dir)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
     assert ewindows is not None
-    return plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows,
+    return plan_sweep(ckpt, [(p.method, p.compensate) for p in points], opts, seqlen, ewindows,
                       planned_device(opts.device, opts.max_gpu_memory))
 
 
-def plan_sweep(ckpt: Checkpoint, methods: list[str], opts: Any, seqlen: int, eval_windows: Tensor,
+def plan_sweep(ckpt: Checkpoint, methods: list[tuple[str, bool]], opts: Any, seqlen: int, eval_windows: Tensor,
                device: torch.device) -> MemoryPlan:
-    """The memory plan of a sweep whose points use `methods` (see `sweep_footprint`), its placement and batch
-    decided as a run's are."""
-    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}) for name in methods]
+    """The memory plan of a sweep whose points use `methods` (each point's method, and whether it compensates
+    removed experts; see `sweep_footprint`), its placement and batch decided as a run's are."""
+    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}, comp) for name, comp in methods]
     fp = sweep_footprint(ckpt, knobs, opts.nsamples, seqlen, opts.sequential, *eval_windows.shape)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     return memory_plan(fp, device, decision, points=len(methods))

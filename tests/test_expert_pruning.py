@@ -3,8 +3,10 @@ modules, the output as transformers loads it, bit-for-bit copies, resume, and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,7 +275,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
      "routed to (num_experts_per_tok)"),
     (["--prune-experts", "0.5", "--sparsity", "0"],
      "--expert-criterion 'reap' needs calibration data: pass --calib FILE"),
-    (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in (0, 1)"),
+    (["--prune-experts", "1.5", "--sparsity", "0", "--calib", "CALIB"], "must be a fraction in [0, 1)"),
     (["--prune-experts", "0.75", "--sparsity", "0", "--calib", "CALIB"],
      "--prune-experts 0.75 leaves 1 of 4 experts in each of the 4 groups of the router (n_group), which scores a group "
      "by its two best experts: keep at least 2 per group"),
@@ -301,3 +303,223 @@ def test_plan_counts_the_survey_and_the_output(models):
     assert expert_bytes > 0
     assert removing.output_bytes < plain.output_bytes
     assert plain.output_bytes - removing.output_bytes >= expert_bytes // 2  # half the experts and router rows
+
+
+def test_scores_reused_from_a_report(tmp_path, models, calib, monkeypatch):
+    """--prune-experts 0 scores every expert and removes none (its output is the input); --expert-scores REPORT then
+    removes each block's lowest-scoring experts of that report, drawing no calibration window, and says so."""
+    src = models["qwen2-moe"]
+    scored = streamprune.prune(src, tmp_path / "scored", calib=calib, sparsity=0.0, prune_experts=0.0, **ARGS)
+    assert all(b["kept"] == 6 and b["removed"] == [] for b in scored.experts)
+    assert tensors(tmp_path / "scored").keys() == tensors(src).keys()
+    assert all(torch.equal(t, tensors(src)[k]) for k, t in tensors(tmp_path / "scored").items())
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration data read")
+
+    monkeypatch.setattr("streamprune.calib.calib_windows", no_calibration)
+    path = tmp_path / "scored" / "streamprune_report.json"
+    report = streamprune.prune(src, tmp_path / "out", sparsity=0.0, prune_experts=0.5, expert_scores=path,
+                               calib=calib, **ARGS)  # the calibration file is not used: nothing needs it
+    for block, given in zip(report.experts, scored.experts):
+        scores = [e["score"] for e in given["experts"]]
+        assert block["removed"] == lowest(scores, 3) and [e["score"] for e in block["experts"]] == scores
+        assert block["criterion"] == "reap" and block["scores_from"] == str(path)
+    assert report.expert_scores == {"file": str(path), "criterion": "reap",
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 3
+
+
+def test_plan_reads_the_experts_once_with_known_scores(models, tmp_path, calib):
+    surveyed = plan(models["mixtral"], nsamples=8, seqlen=32, prune_experts=0.5)
+    known = plan(models["mixtral"], nsamples=8, seqlen=32, prune_experts=0.5, expert_criterion="random")
+    plain = plan(models["mixtral"], nsamples=8, seqlen=32)
+    assert known.read_bytes == plain.read_bytes < surveyed.read_bytes
+
+
+@pytest.mark.parametrize("case", ["other-count", "other-model", "no-fraction", "no-scores"])
+def test_bad_expert_scores_are_one_line_and_write_nothing(tmp_path, models, calib, case):
+    mixtral = models["mixtral"]
+    other = tmp_path / "other"
+    if case == "other-model":  # the same expert count, another config
+        shutil.copytree(mixtral, other)
+        cfg = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+        scorer = other
+    else:
+        scorer = models["qwen3-moe"]  # 5 experts per block, the mixtral 4
+    scores = tmp_path / "scores"
+    streamprune.prune(scorer, scores, calib=calib, sparsity=0.0, prune_experts=0.0, **ARGS)
+    path = scores / "streamprune_report.json"
+    if case == "no-scores":
+        streamprune.prune(mixtral, tmp_path / "plain", calib=calib, **ARGS)
+        path = tmp_path / "plain" / "streamprune_report.json"
+    args = ["--expert-scores", str(path), "--sparsity", "0"] + ([] if case == "no-fraction" else
+                                                              ["--prune-experts", "0.5"])
+    message = {"other-count": f"--expert-scores {str(path)!r}: block 0 has 5 experts' scores; the model has 4 routed "
+                              "experts there",
+               "other-model": f"--expert-scores {str(path)!r}: the scores of another model (its fingerprint's model "
+                              f"differs from {str(mixtral)!r})",
+               "no-fraction": f"--expert-scores {str(path)!r} needs --prune-experts F",
+               "no-scores": f"--expert-scores {str(path)!r}: holds no expert scores"}[case]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(mixtral), str(out), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
+
+
+def reference_fit(moe, m: torch.Tensor, keep: list[int], damp: float = 0.01) -> list[torch.Tensor]:
+    """The kept experts' down projections fitted as --compensate-experts defines it, in float64 from transformers'
+    router and experts on the block's MoE input `m`: the reduced router's routes; in order, each expert's rows
+    weighted by g^2, the target of a token whose last expert it is the dense routed output less the experts before
+    it (fitted) over g, else its own output; ridge `damp` x the mean diagonal."""
+    _, weights, chosen = router(moe, m)
+    dense = torch.zeros_like(m)
+    for j in range(moe.experts.num_experts):
+        token, slot = torch.where(chosen == j)
+        dense.index_add_(0, token, expert_output(moe.experts, j, m[token]) * weights[token, slot, None])
+    logits = torch.nn.functional.linear(m, moe.gate.weight[keep])
+    probs = torch.softmax(logits, dim=-1)
+    w, new = torch.topk(probs, moe.gate.top_k, dim=-1)
+    if getattr(moe.gate, "norm_topk_prob", True):
+        w = w / w.sum(dim=-1, keepdim=True)
+    acc, fitted = torch.zeros_like(m), []
+    F = torch.nn.functional
+    for k, x in enumerate(keep):
+        token, slot = torch.where(new == k)
+        g = w[token, slot, None]
+        gate, up = F.linear(m[token], moe.experts.gate_up_proj[x]).chunk(2, dim=-1)
+        h = moe.experts.act_fn(gate) * up
+        own = F.linear(h, moe.experts.down_proj[x])
+        last = (new[token].max(dim=-1).values == k)[:, None]
+        target = torch.where(last, (dense[token] - acc[token]) / g, own)
+        H, C = (h * g**2).T @ h, (target * g**2).T @ h
+        H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+        fitted.append(torch.linalg.solve(H, C.T).T)
+        acc.index_add_(0, token, F.linear(h, fitted[-1]) * g)
+    return fitted
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+def test_compensation_fits_the_dense_block(tmp_path, models, calib, variant):
+    """--compensate-experts: plain removal's names, shapes and config, every tensor but the kept experts' down
+    projections as plain removal writes it; block 0's fitted down projections equal the float64 reference fit from
+    transformers' modules; transformers' logits of the output equal streamprune's."""
+    src = models[variant]
+    plain = streamprune.prune(src, tmp_path / "plain", calib=calib, sparsity=0.0, prune_experts=0.5, **ARGS)
+    fitted = streamprune.prune(src, tmp_path / "fitted", calib=calib, sparsity=0.0, prune_experts=0.5,
+                               compensate_experts=True, **ARGS)
+    assert fitted.experts[0] == plain.experts[0]  # the same first choice (later blocks see compensated ones)
+    a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "fitted")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    same = {p["block"] for p, f in zip(plain.experts, fitted.experts) if p == f}  # blocks that chose alike
+    down = ("down_proj.weight", "w2.weight")
+    assert any(f"layers.{plain.experts[0]['block']}." in k for k in changed)
+    assert all(".experts." in k and k.endswith(down) for k in changed if int(k.split(".")[2]) in same), changed
+    assert (json.loads((tmp_path / "plain" / "config.json").read_text())
+            == json.loads((tmp_path / "fitted" / "config.json").read_text()))
+    windows = calib_windows(calib, src, tiny.VOCAB, ARGS["seqlen"], ARGS["nsamples"], ARGS["seed"])
+    dense, written = hf64(src), hf64(tmp_path / "fitted")
+    bid = plain.experts[0]["block"]
+    keep = [e["expert"] for e in plain.experts[0]["experts"] if e["kept"]]
+    reference = reference_fit(dense.model.layers[bid].mlp, moe_inputs(dense, windows, bid), keep)
+    got = written.model.layers[bid].mlp.experts.down_proj
+    for k, ref in enumerate(reference):
+        torch.testing.assert_close(got[k], ref.float().double(), rtol=1e-4, atol=1e-5)
+    ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = tiny.hf_model(tmp_path / "fitted")(ids).logits
+    torch.testing.assert_close(logits(tmp_path / "fitted", ids), theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--compensate-experts", "--sparsity", "0", "--calib", "CALIB"],
+     "--compensate-experts needs --prune-experts F"),
+    (["--compensate-experts", "--prune-experts", "0.5", "--no-sequential", "--calib", "CALIB"],
+     "--compensate-experts fits the kept experts to the block as pruned so far: it needs --sequential"),
+    (["--compensate-experts", "--prune-experts", "0.5", "--sparsity", "0", "--expert-criterion", "random"],
+     "--compensate-experts needs calibration data: pass --calib FILE"),
+], ids=["no-removal", "not-sequential", "no-calib"])
+def test_bad_compensation_is_one_line_and_writes_nothing(tmp_path, models, calib, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(models["mixtral"]), str(out),
+                                      *[str(calib) if a == "CALIB" else a for a in args]])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
+
+
+def calibration_record(src: Path, calib: Path, windows: torch.Tensor, monkeypatch) -> dict:
+    """Per MoE block, what scoring every expert (--prune-experts 0) computed from `windows` (N, T), by position:
+    the MoE input (what the experts' statistics are made of), each token's routes and weights, and each expert's
+    per-token share of its score (g x ||f||)."""
+    from streamprune import job
+    from streamprune.arch import Role
+    from streamprune.arch.block import expert_hidden, linear
+    from streamprune.forward import routed_rows
+    from streamprune.lane import PruneLane
+
+    record, survey = {}, PruneLane.survey
+    N, T = windows.shape
+
+    def recording(self, part):
+        survey(self, part)
+        bid, stats = part.bid, self.stats
+        if part.xid == 0:
+            record[bid, "input"] = stats.read(0, N, self.device)
+            record[bid, "chosen"] = torch.cat([c for _, _, c, _ in self.routes]).view(N, T, -1)
+            record[bid, "weights"] = torch.cat([w for _, _, _, w in self.routes]).view(N, T, -1)
+        share = torch.zeros(N * T, dtype=torch.float64)
+        for i, j, token, g in routed_rows(self.routes, part.xid):
+            f = linear(part.w, Role.FFN_DOWN_EXP, expert_hidden(self.ckpt.config, part.w, stats.rows(i, j, token,
+                                                                                                      self.device)))
+            share[i * T + token] = g.double() * torch.linalg.vector_norm(f.double(), dim=-1)
+        record[bid, "score", part.xid] = share.view(N, T)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PruneLane, "survey", recording)
+        patch.setattr(job, "draw_windows", lambda ckpt, sources, seed, seqlen: windows)
+        out = Path(str(src) + "-scored")
+        streamprune.prune(src, out, calib=calib, sparsity=0.0, prune_experts=0.0, nsamples=N, seqlen=T, overwrite=True)
+        shutil.rmtree(out)
+    return record
+
+
+def earlier_positions_differ(src: Path, calib: Path, monkeypatch, cut: int = 10) -> list:
+    """The records whose positions before `cut` change when every token from `cut` on is changed: routes at all,
+    the rest by more than float32 rounding (kernels whose sums are split by the length of what they see round the
+    earlier positions' values differently in the last bits, 1e-7 relative here; a future token seen moves them by
+    far more)."""
+    windows = torch.randint(0, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    later = windows.clone()
+    later[:, cut:] = (later[:, cut:] + 1 + torch.arange(16 - cut)) % tiny.VOCAB
+    a, b = (calibration_record(src, calib, w, monkeypatch) for w in (windows, later))
+    assert a.keys() == b.keys() and any(key[1] == "score" for key in a)
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        if not x.is_floating_point():
+            return torch.equal(x, y)
+        return torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+    return [key for key in a if not same(a[key][:, :cut], b[key][:, :cut])]
+
+
+def no_attention_mask(q, k, v, *args, **kwargs):
+    """Attention over every position of the window, the future included (the mask dropped on purpose)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5", "llama4"])  # every MoE family
+def test_calibration_is_causal(tmp_path, models, calib, monkeypatch, variant):
+    """Changing later tokens of a calibration window changes no earlier position's MoE input, routes, routing
+    weights or share of any expert's score, in any MoE block; with the attention mask dropped on purpose, the same
+    check finds earlier positions that change."""
+    from streamprune.arch import block
+
+    src = Path(shutil.copytree(models[variant], tmp_path / "model")) if variant in models else \
+        tiny.build(tmp_path / "model", variant)
+    assert earlier_positions_differ(src, calib, monkeypatch) == []
+    monkeypatch.setattr(block, "fused_attention", no_attention_mask)
+    monkeypatch.setattr(block, "explicit_attention", no_attention_mask)
+    assert earlier_positions_differ(src, calib, monkeypatch) != []
