@@ -27,7 +27,7 @@ from tests import tiny, tolerance
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
 VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
-            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash"]
+            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "llama4"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
@@ -49,10 +49,15 @@ def hf64(path: Path):
     return tiny.hf_model(path).double()
 
 
+def moe(layer):
+    """A decoder layer's MoE module (Llama 4's is `feed_forward`)."""
+    return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp
+
+
 def moe_inputs(model, windows: torch.Tensor, bid: int) -> torch.Tensor:
     """The input of block `bid`'s MoE module, (tokens, D), over every window."""
     seen = []
-    hook = model.model.layers[bid].mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    hook = moe(model.model.layers[bid]).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
         model(windows)
     hook.remove()
@@ -61,15 +66,20 @@ def moe_inputs(model, windows: torch.Tensor, bid: int) -> torch.Tensor:
 
 def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float], list[int]]:
     """Each expert's score and routed tokens from transformers' router (`moe.gate`: its weights after the family's
-    top-k renormalization) and experts (`moe.experts`), in float64."""
+    top-k renormalization) and experts (`moe.experts`), in float64. Llama 4 weights an expert's input, not its
+    output: its score is the norm of the expert's output on the weighted input, as its block adds it."""
     _, weights, chosen = router(moe, m)
     experts = moe.experts
     scores, tokens = [], []
+    weighted_input = hasattr(moe, "shared_expert") and hasattr(moe, "router")  # Llama 4
     with torch.no_grad():
         for j in range(experts.num_experts):
             token, slot = torch.where(chosen == j)
-            norms = torch.linalg.vector_norm(expert_output(experts, j, m[token]), dim=-1)
             g = weights[token, slot].double()
+            x = m[token] * g[:, None] if weighted_input else m[token]
+            norms = torch.linalg.vector_norm(expert_output(experts, j, x), dim=-1)
+            if weighted_input:
+                g = torch.ones_like(g)
             n = int(token.numel())
             tokens.append(n)
             scores.append({"reap": float((g * norms).sum()) / n if n else 0.0, "ean": float(norms.sum()),
@@ -79,7 +89,11 @@ def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float],
 
 def router(moe, m: torch.Tensor):
     """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's bias,
-    gpt-oss's is `router`."""
+    gpt-oss's is `router`, Llama 4's returns every expert's score (0 where not chosen) and the logits."""
+    if hasattr(moe, "router") and hasattr(moe, "shared_expert"):  # Llama 4: sigmoid of the top-k logits
+        _, logits = moe.router(m)
+        top, chosen = torch.topk(logits, moe.router.top_k, dim=-1)
+        return logits, torch.sigmoid(top), chosen
     if hasattr(moe, "router"):
         return moe.router(m)
     bias = getattr(moe, "e_score_correction_bias", None)
@@ -88,8 +102,11 @@ def router(moe, m: torch.Tensor):
 
 def expert_output(experts, j: int, x: torch.Tensor) -> torch.Tensor:
     """Expert `j` of transformers' fused experts module on its tokens `x`: gpt-oss's x @ W + b with gate and up
-    interleaved and its clamped SwiGLU, or the others' gated MLP."""
+    interleaved and its clamped SwiGLU, Llama 4's x @ W with gate then up, or the others' gated MLP."""
     F = torch.nn.functional
+    if type(experts).__name__ == "Llama4TextExperts":
+        gate, up = (x @ experts.gate_up_proj[j]).chunk(2, dim=-1)
+        return (up * experts.act_fn(gate)) @ experts.down_proj[j]
     if hasattr(experts, "gate_up_proj_bias"):
         hidden = experts._apply_gate(x @ experts.gate_up_proj[j] + experts.gate_up_proj_bias[j])
         return hidden @ experts.down_proj[j] + experts.down_proj_bias[j]
@@ -127,7 +144,7 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
             m = moe_inputs(mixed, windows, bid)
         else:
             m = moe_inputs(written, windows, bid)
-        scores, tokens = reference_scores(dense.model.layers[bid].mlp, m, criterion)
+        scores, tokens = reference_scores(moe(dense.model.layers[bid]), m, criterion)
         n = len(scores)
         assert block["criterion"] == criterion and block["kept"] == n - math.floor(0.5 * n)
         assert block["removed"] == lowest(scores, n - block["kept"], getattr(dense.config, "n_group", 1))
@@ -137,7 +154,7 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
         kept = [e["expert"] for e in block["experts"] if e["kept"]]
         assert [e["index"] for e in block["experts"] if e["kept"]] == list(range(len(kept)))
         # the kept experts are calibrated on the tokens the reduced router (the written one) sends them
-        _, _, chosen = router(written.model.layers[bid].mlp, m)
+        _, _, chosen = router(moe(written.model.layers[bid]), m)
         routed = {lr.expert: lr.routed_tokens for lr in report.layers if lr.block == bid and lr.expert is not None}
         assert routed == {k: int((chosen == k).sum()) for k in range(len(kept))}
 
@@ -157,7 +174,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         if ".experts." in name:
             continue
         if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight", "mlp.router.bias",
-                          "mlp.router.gate.weight")):
+                          "mlp.router.gate.weight", "feed_forward.router.weight")):
             router[name] = t
         elif name.endswith(("e_score_correction_bias", "mlp.expert_bias")):  # along its last axis: (n) or (1, n)
             router[name] = t.T if t.dim() == 2 else t
@@ -510,7 +527,7 @@ def no_attention_mask(q, k, v, *args, **kwargs):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5", "llama4"])  # every MoE family
+@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5"])  # every MoE family
 def test_calibration_is_causal(tmp_path, models, calib, monkeypatch, variant):
     """Changing later tokens of a calibration window changes no earlier position's MoE input, routes, routing
     weights or share of any expert's score, in any MoE block; with the attention mask dropped on purpose, the same
