@@ -226,6 +226,13 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
 
 
+def stream_buffers(cfg: ModelConfig) -> int:
+    """The activation buffers of one stream of hidden states (evaluate.HiddenStream): its windows' (a dense block
+    updates them in place), an MoE block's output beside them and, where the block is computed again from its input
+    once its experts are summed (ModelConfig.moe_beside_mlp), its MoE input apart from both."""
+    return 1 + int(cfg.n_experts > 0) + int(cfg.moe_beside_mlp)
+
+
 def carried_width(cfg: ModelConfig) -> int:
     """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
     per-layer inputs; the keys and values of each block that later blocks reuse."""
@@ -288,7 +295,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
     kept = carried_width(cfg)  # each stream's embeddings and shared keys and values, kept beside its buffers
-    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) * cfg.hidden_size + kept) * eval_windows
+    evals = dict(eval_activations=eval_streams * (stream_buffers(cfg) * cfg.hidden_size + kept) * eval_windows
                  * eval_seqlen * 4,
                  positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
                  if eval_streams else 0,
@@ -317,7 +324,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=((3 if compensate else 2) * cfg.hidden_size + kept) * nsamples * seqlen * 4
+        activations=((2 + int(cfg.moe_beside_mlp) + int(compensate)) * cfg.hidden_size + kept) * nsamples * seqlen * 4
         + evals["eval_activations"],
         eval_activations=evals["eval_activations"],
         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
@@ -339,11 +346,12 @@ def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any], bo
               "eval_activations": sum(fp.eval_activations for fp in fps) + dense_eval}
     cfg = ckpt.config
     if cfg.n_experts:  # while a block's experts go round the points, every point holds its routes (calibration and
-        # evaluation tokens', the dense stream's too) and, without --sequential, its pruned block outside the experts
+        # evaluation tokens', the dense stream's too) and, without --sequential or where the block's third pass needs
+        # it (ModelConfig.moe_beside_mlp), its pruned block outside the experts
         eval_routes = routes_bytes(cfg, eval_windows * eval_seqlen)
         summed["routes"] = (sum(routes_bytes(cfg, nsamples * seqlen) for fp in fps if fp.calib_ids)
                             + (len(fps) + 1) * eval_routes)
-        if not sequential:
+        if not sequential or cfg.moe_beside_mlp:
             summed["pruned_stored"] = sum(fp.pruned_stored for fp in fps)
     return Footprint(**(largest | summed))
 
@@ -354,8 +362,9 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    # an MoE block writes its output into a second buffer; per-layer inputs and shared keys and values keep theirs
-    width = (2 if cfg.n_experts else 1) * cfg.hidden_size + carried_width(cfg)
+    # an MoE block writes its output into a second buffer (and may keep its MoE input in a third); per-layer inputs and
+    # shared keys and values keep theirs
+    width = stream_buffers(cfg) * cfg.hidden_size + carried_width(cfg)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
@@ -512,16 +521,20 @@ def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: 
     adds that output to the block's (its rows read and written): 4 x top-k buffers read, top-k written. Without it:
     one forward writing the MoE input, the experts' rows read once, then the pruned block forward again (its
     experts' rows read, their outputs added). Removing experts (`removes`) adds the survey (each expert's rows once)
-    and the tokens routed again (the MoE input read once more)."""
+    and the tokens routed again (the MoE input read once more). Where the block is computed again once its experts are
+    summed (ModelConfig.moe_beside_mlp), the third pass reads the block's input and the sum and writes the output."""
     cfg = ckpt.config
     bid = next((b for b in range(cfg.n_layers) if cfg.is_moe(b)), 0)
     roles = set(ckpt.pruned_linears(bid))
     stages = sum(1 for _, site_roles in SEQUENTIAL if roles & set(site_roles))
     k = cfg.experts_per_tok if cfg.is_moe(bid) else 0
     survey = (k + 1) * buffer if removes and k else 0
+    third = int(cfg.moe_beside_mlp and k > 0)
     if sequential:
-        return ((stages + 1) + 4 * k) * buffer + survey, (2 if k else 1) * buffer + k * buffer
-    return (2 + 3 * k) * buffer + survey, (3 if k else 1) * buffer + k * buffer
+        read, written = (stages + 1) + 4 * k, (2 if k else 1) + k
+    else:
+        read, written = 2 + 3 * k, (3 if k else 1) + k
+    return (read + 2 * third) * buffer + survey, (written + third) * buffer
 
 
 def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
