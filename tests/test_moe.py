@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def models(tmp_path_factory):
                                                  "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
                                                  "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe",
                                                  "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image", "glm5",
-                                                 "deepseek-v3.2")}
+                                                 "deepseek-v3.2", "gemma4-moe", "gemma4-moe-image")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +44,7 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
                                      "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "kimi-k2.5", "llama4",
-                                     "llama4-image", "glm5", "deepseek-v3.2"])
+                                     "llama4-image", "glm5", "deepseek-v3.2", "gemma4-moe", "gemma4-moe-image"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -179,6 +180,32 @@ def test_plan_counts_one_expert_at_a_time(models, variant):
     assert routes == NSAMPLES * SEQLEN * ckpt.config.experts_per_tok * 21
 
 
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+@pytest.mark.parametrize("variant, buffers", [("qwen3-moe", 2), ("gemma4-moe", 3)])
+def test_plan_counts_the_calibration_buffers_a_run_holds(tmp_path, calib, models, monkeypatch, variant, buffers,
+                                                         sequential):
+    """A block computed again from its input once its experts are summed (Gemma 4) keeps its MoE input in a third
+    calibration buffer: the planner counts the buffers the run allocates."""
+    from streamprune.activations import Activations
+    from streamprune.plan import plan
+
+    made, init = [], Activations.__init__
+
+    def counting(self, shape, *args, **kwargs):
+        made.append(shape)
+        init(self, shape, *args, **kwargs)
+
+    monkeypatch.setattr(Activations, "__init__", counting)
+    streamprune.prune(models[variant], tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                      sequential=sequential)
+    buffer = (NSAMPLES, SEQLEN, Checkpoint(models[variant]).config.hidden_size)
+    assert made.count(buffer) == buffers
+    consumers = {what: nbytes for what, nbytes, _ in plan(models[variant], nsamples=NSAMPLES, seqlen=SEQLEN,
+                                                           device="cpu", sequential=sequential).consumers}
+    held = next(v for k, v in consumers.items() if k.startswith("calibration activations"))
+    assert held == buffers * math.prod(buffer) * 4
+
+
 def test_cli_moe_options(tmp_path, calib, models):
     from typer.testing import CliRunner
 
@@ -283,8 +310,9 @@ def test_disk_rows_read_and_add_only_the_rows_asked_for(tmp_path):
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant, removes", [("qwen3-moe", None), ("deepseek-v3", None), ("qwen3-moe", 0.4)],
-                         ids=["qwen3-moe", "deepseek-v3", "removing-experts"])
+@pytest.mark.parametrize("variant, removes", [("qwen3-moe", None), ("deepseek-v3", None), ("qwen3-moe", 0.4),
+                                              ("gemma4-moe", None), ("gemma4-moe", 0.4)],
+                         ids=["qwen3-moe", "deepseek-v3", "removing-experts", "gemma4-moe", "gemma4-moe-removing"])
 def test_plan_gives_the_disk_bytes_a_block_moves(tmp_path, calib, models, variant, removes, sequential):
     """With the activations on disk, the planner's bytes read and written per block are what an MoE block of the run
     moves, exactly, when every expert is routed enough tokens (--moe-min-tokens 1)."""
