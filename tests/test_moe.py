@@ -146,10 +146,11 @@ def test_stacked_expert_tensors_are_refused(tmp_path, models):
         Checkpoint(bad)
 
 
-def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch):
+@pytest.mark.parametrize("variant", ["qwen2-moe", "gemma4-moe"])
+def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch, variant):
     from tests.test_resume import checkpoint_files, fail_writes_after
 
-    src = models["qwen2-moe"]
+    src = models[variant]
     ref = tmp_path / "ref"
     streamprune.prune(src, ref, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
     out = tmp_path / "out"
