@@ -86,7 +86,7 @@ def test_report_contents(tmp_path, calib):
         assert layer["sparsity"] >= 0.5 and 0 < layer["rel_error"] < 1 and layer["seconds"] >= 0
         assert layer["damp"] == 0.01
     assert set(saved["phases"]) == {"read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval",
-                                    "sync", "write", "survey"}
+                                    "sync", "write", "survey", "compensate"}
     assert saved["experts"] is None  # no routed expert removed
     assert saved["phases"]["owl"] == 0 and saved["block_sparsity"] == [0.5] * 3 and saved["allocation"] is None
     assert set(saved["block_phases"]) == {"0", "1", "2"}
