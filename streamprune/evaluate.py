@@ -57,10 +57,9 @@ class HiddenStream(Consumer):
     """Hidden states of token windows (K, T) pushed through the blocks, a consumer of the block loop (`loop.walk`):
     `enter` runs a block's weights outside its routed experts (a dense block entirely, in place), `expert` adds one
     routed expert's weighted output for the tokens routed to it, `leave` ends the block. An MoE block writes into
-    `scratch` (needed for MoE models), and the two buffers swap roles; where the block is computed again from its input
-    once its experts are summed (ModelConfig.moe_beside_mlp), its MoE input is kept in a third buffer. `eval` is one
-    stream over the checkpoint's blocks; a run's lane feeds its streams each block's weights as they become final, one
-    routed expert at a time as it is pruned."""
+    `scratch` (needed for MoE models), and the two buffers swap roles. `eval` is one stream over the checkpoint's
+    blocks; a run's lane feeds its streams each block's weights as they become final, one routed expert at a time
+    as it is pruned."""
 
     def __init__(self, ckpt: Checkpoint, windows: Tensor, device: torch.device, batch: int, store: Activations,
                  scratch: Activations | None = None, embed: bool = True, pos: LayerPositions | None = None) -> None:
@@ -69,8 +68,7 @@ class HiddenStream(Consumer):
         self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
         self.x, self.scratch = store, scratch
         self.routes: Routes | None = None  # of the MoE block entered, else None
-        self.w: Weights = {}  # the MoE block entered, where its third pass needs it (`moe_store`)
-        self.moe_in: Activations | None = None  # see `moe_store`
+        self.w: Weights = {}  # the MoE block entered, where its experts' input and its third pass need it
         # a model with per-layer inputs: the embeddings kept beside, in a buffer placed as `store` is
         self.inputs = PerLayerInputs(ckpt, windows, store.like("_embeds")) if ckpt.config.per_layer_dim else None
         self.kv: dict[str, Activations] = {}  # shared keys and values, by layer type, kept from the block storing them
@@ -113,38 +111,26 @@ class HiddenStream(Consumer):
 
         return carried
 
-    def moe_store(self) -> Activations | None:
-        """Where an MoE block's first pass keeps its MoE input: over its input (None, forward_block's default), or where
-        the block is computed again from its input (ModelConfig.moe_beside_mlp), a third buffer placed as the
-        others."""
-        if not self.ckpt.config.moe_beside_mlp:
-            return None
-        if self.moe_in is None:
-            self.moe_in = self.x.like("_moe")
-        return self.moe_in
-
     @torch.no_grad()
     def enter(self, block: Part) -> None:
         bid = block.bid
         if self.ckpt.n_experts(bid):
             assert self.scratch is not None, "an MoE block needs a second activation buffer"
             self.routes = forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.scratch, self.batch,
-                                        self.device, m_store=self.moe_store(), carry=self.carry(bid))
-            self.w = block.w if self.moe_in is not None else {}
+                                        self.device, carry=self.carry(bid))
+            self.w = block.w if self.ckpt.config.moe_beside_mlp else {}
         else:
             forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.x, self.batch, self.device,
                           carry=self.carry(bid))
 
     def expert(self, part: Part) -> None:
         assert self.routes is not None and self.scratch is not None, "an expert outside an MoE block"
-        add_expert(self.ckpt, self.w, part.w, routed_rows(self.routes, part.xid),
-                   self.x if self.moe_in is None else self.moe_in, self.scratch, self.device)
+        add_expert(self.ckpt, self.w, part.w, routed_rows(self.routes, part.xid), self.x, self.scratch, self.device)
 
     def leave(self, block: Part) -> None:
         if self.routes is not None:
             assert self.scratch is not None
-            finish_block(self.ckpt, self.w, self.x, self.pos.of(block.bid), self.scratch, self.batch, self.device,
-                         self.carry(block.bid))
+            finish_block(self.ckpt, self.w, self.x, self.scratch, self.batch, self.device, self.carry(block.bid))
             self.swap()
             self.routes, self.w = None, {}
 
@@ -158,7 +144,7 @@ class HiddenStream(Consumer):
         return head_nll(self.ckpt, self.x, self.windows, self.device)
 
     def close(self) -> None:
-        for store in (self.x, self.scratch, self.moe_in):
+        for store in (self.x, self.scratch):
             if store is not None:
                 store.close()
         if self.inputs is not None:

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import Role, Site
-from streamprune.arch.block import Carried, Positions, Tap, Weights, block_forward, embed, expert_output, head, route
+from streamprune.arch.block import (Carried, Positions, Tap, Weights, block_forward, block_rest, embed, expert_output,
+                                    head, route)
 from streamprune.checkpoint import Checkpoint
 from streamprune.stream import Part
 
@@ -57,15 +58,15 @@ def forward_block(
     `experts()` (if given) and adds each one's weighted output for the tokens routed to it into `out` (see
     `add_expert`). Where the experts' sum joins the block's output as it is, the first pass writes the output without
     the routed experts into `out` and the second completes it. Where it enters the output through norms
-    (ModelConfig.moe_beside_mlp), `out` starts at zero and receives the experts' sum, and a third pass (`finish_block`)
-    computes the block again from its input `x` (so `m_store` must lie apart from it) and that sum. Returns the routes
+    (ModelConfig.moe_beside_mlp), the MoE input is the residual stream after the token mixer, which is all the rest
+    of the block reads beside the sum: `out` starts at zero and receives the experts' sum, and a third pass
+    (`finish_block`) computes the rest of the block (its MLP again) from `m_store` and that sum. Returns the routes
     of an MoE block's first pass (None for a dense block, or with `until`). `carry(i, j)`: what windows i..j-1 bring
     this block beside their hidden states (per-layer inputs, shared keys and values; see block.Carried), where the
     model has any.
     """
     moe = until is None and (Role.FFN_GATE_INP, "weight") in w
     m_store = x if m_store is None else m_store
-    assert not (moe and ckpt.config.moe_beside_mlp) or m_store is not x, "the third pass reads the block's input"
     routes: Routes = []
     for i, j in batches(x.shape[0], batch):
         y = block_forward(ckpt.config, w, x.read(i, j, device), pos, tap, until,
@@ -80,22 +81,23 @@ def forward_block(
         assert out is not None, "an MoE block's experts add into its output buffer"
         for expert in experts():
             add_expert(ckpt, w, expert.w, routed_rows(routes, expert.xid), m_store, out, device)
-        finish_block(ckpt, w, x, pos, out, batch, device, carry)
+        finish_block(ckpt, w, m_store, out, batch, device, carry)
     return routes
 
 
 @torch.no_grad()
-def finish_block(ckpt: Checkpoint, w: Weights, x: Activations, pos: Positions, out: Activations, batch: int,
-                 device: torch.device, carry: Callable[[int, int], Carried] | None = None) -> None:
+def finish_block(ckpt: Checkpoint, w: Weights, m: Activations, out: Activations, batch: int, device: torch.device,
+                 carry: Callable[[int, int], Carried] | None = None) -> None:
     """The third pass of an MoE block whose experts' sum enters its output through norms (ModelConfig.moe_beside_mlp):
-    the block computed from its input `x` and the experts' weighted sum that `out` holds, its output written over the
-    sum. Nothing to do for another block, which its experts' pass completes."""
+    the rest of the block (block.block_rest) from its MoE input `m`, the residual stream after its token mixer, and the
+    experts' weighted sum that `out` holds, its output written over the sum. Nothing to do for another block, which its
+    experts' pass completes."""
     if not (ckpt.config.moe_beside_mlp and (Role.FFN_GATE_INP, "weight") in w):
         return
-    for i, j in batches(x.shape[0], batch):
+    for i, j in batches(m.shape[0], batch):
         summed = out.read(i, j, device)
-        y = block_forward(ckpt.config, w, x.read(i, j, device), pos, routed=lambda _, s=summed: s,
-                          carried=None if carry is None else carry(i, j))
+        y = block_rest(ckpt.config, w, m.read(i, j, device), lambda *_: False, routed=lambda _, s=summed: s,
+                       carried=None if carry is None else carry(i, j))
         assert y is not None
         out.write(i, j, y)
 

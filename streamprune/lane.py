@@ -277,12 +277,11 @@ class PruneLane(Consumer):
                 written = BlockStream(self.job.out, self.device, range(bid, bid + 1),
                                       shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
-                              self.device, experts=lambda: written.experts(bid), m_store=calib.moe_store(),
-                              carry=calib.carry(bid))
+                              self.device, experts=lambda: written.experts(bid), carry=calib.carry(bid))
         elif calib is not None and self.ckpt.n_experts(bid):
             with self.report.timed("forward", bid):  # where the experts' sum enters the output through norms
-                finish_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
-                             self.device, calib.carry(bid))
+                finish_block(self.ckpt, self.w, calib.x, calib.scratch, self.job.batch, self.device,
+                             calib.carry(bid))
         if calib is not None:
             self.count_disk_io(bid)
             calib.swap()  # this block's outputs are the next block's inputs
@@ -300,7 +299,7 @@ class PruneLane(Consumer):
     def count_disk_io(self, bid: int) -> None:
         """With the calibration activations on disk, the bytes their files moved for block `bid`, in the report."""
         assert self.calib is not None
-        files = [s for s in (self.calib.x, self.calib.scratch, self.calib.moe_in) if isinstance(s, DiskActivations)]
+        files = [s for s in (self.calib.x, self.calib.scratch) if isinstance(s, DiskActivations)]
         if not files:
             return
         now = (sum(f.read_bytes for f in files), sum(f.written_bytes for f in files))
@@ -369,11 +368,10 @@ class PruneLane(Consumer):
         if calib is None:
             return
         if self.sequential:
-            m_store = calib.moe_store()
             with self.report.timed("forward", bid):
                 self.routes = forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch,
-                                            self.job.batch, self.device, m_store=m_store, carry=calib.carry(bid))
-            self.stats = calib.x if m_store is None else m_store
+                                            self.job.batch, self.device, carry=calib.carry(bid))
+            self.stats = calib.x
         else:
             self.stats = calib.scratch
 

@@ -505,7 +505,7 @@ class SavedState(Consumer):
 
 def disk_io(stream: HiddenStream) -> dict[str, int] | None:
     """The bytes read from and written to the calibration activations' files (None: they were in memory)."""
-    files = [s for s in (stream.x, stream.scratch, stream.moe_in) if isinstance(s, DiskActivations)]
+    files = [s for s in (stream.x, stream.scratch) if isinstance(s, DiskActivations)]
     if not files:
         return None
     return {"read_bytes": sum(f.read_bytes for f in files), "written_bytes": sum(f.written_bytes for f in files)}

@@ -226,13 +226,6 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
 
 
-def stream_buffers(cfg: ModelConfig) -> int:
-    """The activation buffers of one stream of hidden states (evaluate.HiddenStream): its windows' (a dense block
-    updates them in place), an MoE block's output beside them and, where the block is computed again from its input
-    once its experts are summed (ModelConfig.moe_beside_mlp), its MoE input apart from both."""
-    return 1 + int(cfg.n_experts > 0) + int(cfg.moe_beside_mlp)
-
-
 def carried_width(cfg: ModelConfig) -> int:
     """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
     per-layer inputs; the keys and values of each block that later blocks reuse."""
@@ -295,7 +288,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
     kept = carried_width(cfg)  # each stream's embeddings and shared keys and values, kept beside its buffers
-    evals = dict(eval_activations=eval_streams * (stream_buffers(cfg) * cfg.hidden_size + kept) * eval_windows
+    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) * cfg.hidden_size + kept) * eval_windows
                  * eval_seqlen * 4,
                  positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
                  if eval_streams else 0,
@@ -324,7 +317,7 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=((2 + int(cfg.moe_beside_mlp) + int(compensate)) * cfg.hidden_size + kept) * nsamples * seqlen * 4
+        activations=((3 if compensate else 2) * cfg.hidden_size + kept) * nsamples * seqlen * 4
         + evals["eval_activations"],
         eval_activations=evals["eval_activations"],
         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
@@ -362,9 +355,8 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    # an MoE block writes its output into a second buffer (and may keep its MoE input in a third); per-layer inputs and
-    # shared keys and values keep theirs
-    width = stream_buffers(cfg) * cfg.hidden_size + carried_width(cfg)
+    # an MoE block writes its output into a second buffer; per-layer inputs and shared keys and values keep theirs
+    width = (2 if cfg.n_experts else 1) * cfg.hidden_size + carried_width(cfg)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
@@ -522,7 +514,8 @@ def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: 
     one forward writing the MoE input, the experts' rows read once, then the pruned block forward again (its
     experts' rows read, their outputs added). Removing experts (`removes`) adds the survey (each expert's rows once)
     and the tokens routed again (the MoE input read once more). Where the block is computed again once its experts are
-    summed (ModelConfig.moe_beside_mlp), the third pass reads the block's input and the sum and writes the output."""
+    summed (ModelConfig.moe_beside_mlp), the third pass reads the residual stream the first kept and the sum and writes
+    the output."""
     cfg = ckpt.config
     bid = next((b for b in range(cfg.n_layers) if cfg.is_moe(b)), 0)
     roles = set(ckpt.pruned_linears(bid))

@@ -439,7 +439,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
     An MoE block (its router in `w`) takes its routed experts as `routed`; what it takes from elsewhere (per-layer
-    inputs, shared keys and values) comes as `carried`.
+    inputs, shared keys and values) comes as `carried`. The block is its token mixer, then `block_rest`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -458,7 +458,15 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         return None
     out_proj = linear(w, Role.SSM_OUT if (Role.SSM_OUT, "weight") in w else Role.ATTN_OUT, o)
     h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, out_proj)
-    h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
+    return block_rest(cfg, w, h if pre else norm(cfg, w, Role.ATTN_NORM, h), stop_at, routed, carried)
+
+
+def block_rest(cfg: ModelConfig, w: Weights, h: Tensor, stop_at: Callable[[Site, Tensor], bool],
+               routed: Routed | None = None, carried: Carried | None = None) -> Tensor | None:
+    """A block after its token mixer, from the residual stream `h` (B, T, D): the MLP (or the MoE layer), the
+    per-layer input, the layer scalar; None when stopped at a site or when the routed experts' sum, which enters the
+    output through norms, is added later (forward.finish_block then computes the rest from `h` and the sum)."""
+    pre = cfg.norm_before
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
         return None
