@@ -355,9 +355,10 @@ def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 
 
-def test_moe_wanda_parity_with_fallback(tmp_path, calib):
-    """Wanda, and experts below --moe-min-tokens fed every token's statistics."""
-    rows = moe_parity_rows(tmp_path, calib, "qwen2-moe", "wanda", True, min_tokens=200)
+@pytest.mark.parametrize("variant", ["qwen2-moe", "gemma4-moe"])
+def test_moe_wanda_parity_with_fallback(tmp_path, calib, variant):
+    """Wanda, and experts below --moe-min-tokens fed every token's statistics (Gemma 4's through its experts' norm)."""
+    rows = moe_parity_rows(tmp_path, calib, variant, "wanda", True, min_tokens=200)
     assert any("tokens)" in r.name and int(r.name.split("(")[1].split()[0]) < 200 for r in rows)
     check(rows, "wanda", True)
 
