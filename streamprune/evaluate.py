@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from streamprune.activations import Activations, copy_store, make_store
-from streamprune.arch.block import Carried, LayerPositions, head, positions
+from streamprune.arch.block import Carried, LayerPositions, Weights, head, positions
 from streamprune.calib import eval_windows, load_tokens
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
-from streamprune.forward import Routes, add_expert, embed_windows, forward_block, head_nll, head_weights, routed_rows
+from streamprune.forward import (Routes, add_expert, embed_windows, finish_block, forward_block, head_nll, head_weights,
+                                 routed_rows)
 from streamprune.loop import Consumer, Status, tracked, walk
 from streamprune.memory import PeakMemory, os_peak_rss, resolve_device
 from streamprune.options import EvalOptions
@@ -67,6 +68,7 @@ class HiddenStream(Consumer):
         self.ckpt, self.windows, self.device, self.batch = ckpt, windows, device, batch
         self.x, self.scratch = store, scratch
         self.routes: Routes | None = None  # of the MoE block entered, else None
+        self.w: Weights = {}  # the MoE block entered, where its experts' input and its third pass need it
         # a model with per-layer inputs: the embeddings kept beside, in a buffer placed as `store` is
         self.inputs = PerLayerInputs(ckpt, windows, store.like("_embeds")) if ckpt.config.per_layer_dim else None
         self.kv: dict[str, Activations] = {}  # shared keys and values, by layer type, kept from the block storing them
@@ -116,18 +118,21 @@ class HiddenStream(Consumer):
             assert self.scratch is not None, "an MoE block needs a second activation buffer"
             self.routes = forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.scratch, self.batch,
                                         self.device, carry=self.carry(bid))
+            self.w = block.w if self.ckpt.config.moe_beside_mlp else {}
         else:
             forward_block(self.ckpt, block.w, self.x, self.pos.of(bid), self.x, self.batch, self.device,
                           carry=self.carry(bid))
 
     def expert(self, part: Part) -> None:
         assert self.routes is not None and self.scratch is not None, "an expert outside an MoE block"
-        add_expert(self.ckpt, part.w, routed_rows(self.routes, part.xid), self.x, self.scratch, self.device)
+        add_expert(self.ckpt, self.w, part.w, routed_rows(self.routes, part.xid), self.x, self.scratch, self.device)
 
     def leave(self, block: Part) -> None:
         if self.routes is not None:
+            assert self.scratch is not None
+            finish_block(self.ckpt, self.w, self.x, self.scratch, self.batch, self.device, self.carry(block.bid))
             self.swap()
-            self.routes = None
+            self.routes, self.w = None, {}
 
     def swap(self) -> None:
         """The output buffer becomes the next block's input."""

@@ -147,14 +147,15 @@ class Tally:
 
 
 @torch.no_grad()
-def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: torch.device,
+def tally(cfg: ModelConfig, w: Weights, we: Weights, rows: Routes, m: Activations, device: torch.device,
           dense: Activations | None = None) -> Tally:
-    """Expert `we`'s sums over its token rows (`forward.routed_rows`) of the MoE input `m`; norms in float64. With
+    """Expert `we`'s (of the block of weights `w`) sums over its token rows (`forward.routed_rows`) of the MoE input
+    `m`; norms in float64. With
     `dense`, its weighted output is added to those rows there (the dense block's output, which compensation fits)."""
     t = Tally()
     for i, j, token, weight in rows:
         if token.numel():
-            x = expert_input(cfg, m.rows(i, j, token, device), weight)  # what the expert sees (weighted: Llama 4)
+            x = expert_input(cfg, w, m.rows(i, j, token, device), weight)  # what the expert sees
             f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, x))  # (n, D)
             if dense is not None:
                 dense.add_rows(i, j, token, f if cfg.weight_expert_input else f * weight[:, None])
@@ -194,16 +195,19 @@ def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally]
 
 
 @torch.no_grad()
-def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m: Activations, dense: Activations,
-                     out: Activations, device: torch.device, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """Kept expert `xid`'s down projection fitted, by weighted least squares, to what the block's output needs from
-    it on its calibration tokens (the reduced router's `routes`; MoE input `m`). The experts go in order: a token's
-    last expert (the highest index among those it is routed to) is fitted to the rest of its dense output `dense`
-    less `out` (the block's output so far, the experts before it added), so that the block's output on that token
-    equals the dense block's as nearly as its hidden activations allow; on its other tokens it keeps its own output
-    (the last one fits the rest). Each row weighs g^2, g what the expert's output is multiplied by: the token's
-    routing weight, or 1 where the weight scales the expert's input instead (Llama 4). `reduce` sums the statistics
-    over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
+def compensated_down(cfg: ModelConfig, w: Weights, we: Weights, xid: int, routes: Routes, m: Activations,
+                     dense: Activations, out: Activations, device: torch.device,
+                     reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """Kept expert `xid`'s (of the block of weights `w`) down projection fitted, by weighted least squares, to what the
+    block's output needs from it on its calibration tokens (the reduced router's `routes`; MoE input `m`). The experts
+    go in order: a token's last expert (the highest index among those it is routed to) is fitted to the rest of its
+    dense output `dense` less `out` (the block's output so far, the experts before it added), so that the block's
+    output on that token equals the dense block's as nearly as its hidden activations allow; on its other tokens it
+    keeps its own output (the last one fits the rest). Where the experts' sum enters the block's output through norms
+    (ModelConfig.moe_beside_mlp), `dense` and `out` hold the experts' sums, which the block's output is a function of:
+    the fit of the sum is the fit of the output. Each row weighs g^2, g what the expert's output is multiplied by: the
+    token's routing weight, or 1 where the weight scales the expert's input instead (Llama 4). `reduce` sums the
+    statistics over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
     down = we[(Role.FFN_DOWN_EXP, "weight")]
     bias = we.get((Role.FFN_DOWN_EXP, "bias"))
     H = torch.zeros(down.shape[1], down.shape[1], dtype=torch.float64, device=device)
@@ -214,7 +218,7 @@ def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m:
             continue
         weight = weights[token, slot]
         g = (torch.ones_like(weight) if cfg.weight_expert_input else weight).double()[:, None]  # (n, 1)
-        h = expert_hidden(cfg, we, expert_input(cfg, m.rows(i, j, token, device), weight))  # (n, ffn)
+        h = expert_hidden(cfg, we, expert_input(cfg, w, m.rows(i, j, token, device), weight))  # (n, ffn)
         own = linear(we, Role.FFN_DOWN_EXP, h).double()
         rest = (dense.rows(i, j, token, device) - out.rows(i, j, token, device)).double() / g
         last = (chosen[token].max(dim=-1).values == xid)[:, None]

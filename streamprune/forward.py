@@ -10,7 +10,8 @@ from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import Role, Site
-from streamprune.arch.block import Carried, Positions, Tap, Weights, block_forward, embed, expert_output, head, route
+from streamprune.arch.block import (Carried, Positions, Tap, Weights, block_forward, block_rest, embed, expert_output,
+                                    head, route)
 from streamprune.checkpoint import Checkpoint
 from streamprune.stream import Part
 
@@ -52,12 +53,17 @@ def forward_block(
     """Run one block over all windows of `x` in batches, writing into `out` (may be `x` itself, except for an
     MoE block). With `until`, each batch stops once that site's input is tapped and nothing is written.
 
-    An MoE block runs in two passes so that its routed experts are read once, one at a time: the first writes
-    every window's output without the routed experts into `out` (if given) and the MoE input into `m_store`
-    (default: over `x`, no longer needed), the second streams `experts()` (if given) and adds each one's weighted
-    output for the tokens routed to it (see `add_expert`). Returns the routes of an MoE block's first pass
-    (None for a dense block, or with `until`). `carry(i, j)`: what windows i..j-1 bring this block beside their hidden
-    states (per-layer inputs, shared keys and values; see block.Carried), where the model has any.
+    An MoE block runs in passes so that its routed experts are read once, one at a time. The first routes every
+    window's MoE input and keeps it in `m_store` (default: over `x`, no longer needed); the second streams
+    `experts()` (if given) and adds each one's weighted output for the tokens routed to it into `out` (see
+    `add_expert`). Where the experts' sum joins the block's output as it is, the first pass writes the output without
+    the routed experts into `out` and the second completes it. Where it enters the output through norms
+    (ModelConfig.moe_beside_mlp), the MoE input is the residual stream after the token mixer, which is all the rest
+    of the block reads beside the sum: `out` starts at zero and receives the experts' sum, and a third pass
+    (`finish_block`) computes the rest of the block (its MLP again) from `m_store` and that sum. Returns the routes
+    of an MoE block's first pass (None for a dense block, or with `until`). `carry(i, j)`: what windows i..j-1 bring
+    this block beside their hidden states (per-layer inputs, shared keys and values; see block.Carried), where the
+    model has any.
     """
     moe = until is None and (Role.FFN_GATE_INP, "weight") in w
     m_store = x if m_store is None else m_store
@@ -66,16 +72,34 @@ def forward_block(
         y = block_forward(ckpt.config, w, x.read(i, j, device), pos, tap, until,
                           routed=(lambda m, i=i, j=j: defer(ckpt, w, m_store, i, j, m, routes)) if moe else None,
                           carried=None if carry is None else carry(i, j))
-        if y is not None and out is not None:
+        if out is not None and (y is not None or moe):
             assert out is not m_store or not moe
-            out.write(i, j, y)
+            out.write(i, j, torch.zeros((j - i, *x.shape[1:]), device=device) if y is None else y)
     if not moe:
         return None
     if experts is not None:
         assert out is not None, "an MoE block's experts add into its output buffer"
         for expert in experts():
-            add_expert(ckpt, expert.w, routed_rows(routes, expert.xid), m_store, out, device)
+            add_expert(ckpt, w, expert.w, routed_rows(routes, expert.xid), m_store, out, device)
+        finish_block(ckpt, w, m_store, out, batch, device, carry)
     return routes
+
+
+@torch.no_grad()
+def finish_block(ckpt: Checkpoint, w: Weights, m: Activations, out: Activations, batch: int, device: torch.device,
+                 carry: Callable[[int, int], Carried] | None = None) -> None:
+    """The third pass of an MoE block whose experts' sum enters its output through norms (ModelConfig.moe_beside_mlp):
+    the rest of the block (block.block_rest) from its MoE input `m`, the residual stream after its token mixer, and the
+    experts' weighted sum that `out` holds, its output written over the sum. Nothing to do for another block, which its
+    experts' pass completes."""
+    if not (ckpt.config.moe_beside_mlp and (Role.FFN_GATE_INP, "weight") in w):
+        return
+    for i, j in batches(m.shape[0], batch):
+        summed = out.read(i, j, device)
+        y = block_rest(ckpt.config, w, m.read(i, j, device), lambda *_: False, routed=lambda _, s=summed: s,
+                       carried=None if carry is None else carry(i, j))
+        assert y is not None
+        out.write(i, j, y)
 
 
 def defer(ckpt: Checkpoint, w: Weights, m_store: Activations, i: int, j: int, m: Tensor, routes: Routes) -> None:
@@ -104,12 +128,13 @@ def routed_rows(routes: Routes, xid: int) -> Routes:
 
 
 @torch.no_grad()
-def add_expert(ckpt: Checkpoint, we: Weights, rows: Routes, m: Activations, out: Activations,
+def add_expert(ckpt: Checkpoint, w: Weights, we: Weights, rows: Routes, m: Activations, out: Activations,
                device: torch.device) -> None:
-    """Add one routed expert's weighted output to `out` for its token rows (from `routed_rows`)."""
+    """Add one routed expert's (weights `we`, of the block of weights `w`) weighted output to `out` for its token rows
+    (from `routed_rows`) of the MoE input `m`."""
     for i, j, token, weight in rows:
         if token.numel():
-            out.add_rows(i, j, token, expert_output(ckpt.config, we, m.rows(i, j, token, device), weight))
+            out.add_rows(i, j, token, expert_output(ckpt.config, w, we, m.rows(i, j, token, device), weight))
 
 
 def head_weights(ckpt: Checkpoint, device: torch.device) -> Weights:

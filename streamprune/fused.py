@@ -45,12 +45,13 @@ class FusedExperts:
 # The families' fused layouts, a row each (names relative to the base model's prefix): Qwen3.5/3.6 and Qwen3-Next as
 # published in BF16, and the other Qwen MoE families as transformers saves them with save_original_format=False;
 # gpt-oss, whose gate and up alternate, stored as x @ W reads them, with biases (and in MXFP4 as published); Llama 4,
-# stored as x @ W reads them, the gate's half first.
+# stored as x @ W reads them, the gate's half first; Gemma 4, as Qwen's, beside the block's dense MLP.
 QWEN = FusedExperts("layers.{bid}.mlp.experts.gate_up_proj", "layers.{bid}.mlp.experts.down_proj")
 GPT_OSS = FusedExperts("layers.{bid}.mlp.experts.gate_up_proj", "layers.{bid}.mlp.experts.down_proj",
                        transposed=True, interleaved=True, bias=True)
 LLAMA4 = FusedExperts("layers.{bid}.feed_forward.experts.gate_up_proj", "layers.{bid}.feed_forward.experts.down_proj",
                       transposed=True)
+GEMMA4 = FusedExperts("layers.{bid}.experts.gate_up_proj", "layers.{bid}.experts.down_proj")
 
 
 @dataclass(frozen=True)

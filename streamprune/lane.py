@@ -13,9 +13,10 @@ Removing routed experts (--prune-experts), an MoE block surveys its experts befo
 router to them and routes the tokens again, so that the kept experts are calibrated on the routing of the reduced
 router and the block's output (and its evaluation streams) is the reduced block's. A removed expert is not written.
 
-An MoE block runs in two passes so that its experts are read once (see `forward.forward_block`). With --sequential,
-the first pass of the pruned block writes its output without the routed experts and keeps its MoE input, from which
-each expert's statistics come. Without it, the statistics come from the dense block (its MoE input kept by the
+An MoE block runs in passes so that its experts are read once (see `forward.forward_block`). With --sequential,
+the first pass of the pruned block writes its output without the routed experts (or, where the experts' sum enters
+the output through norms, zeros for that sum, completed by a third pass at the end) and keeps its MoE input, from
+which each expert's statistics come. Without it, the statistics come from the dense block (its MoE input kept by the
 calibration forward) and the pruned block runs forward at the end, its experts read back from the shard.
 
 With several ranks, each runs the forwards on its share of the windows, the statistics are summed across ranks before
@@ -40,7 +41,7 @@ from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
 from streamprune.experts import Tally, choose, compensated_down, decision, tally
-from streamprune.forward import Routes, add_expert, forward_block, route_all, routed_rows
+from streamprune.forward import Routes, add_expert, finish_block, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
 from streamprune.pruners import Pruner, make_pruner
@@ -139,8 +140,9 @@ class PruneLane(Consumer):
                 stream.enter(dataclasses.replace(block, w=self.w))
 
     def release_block(self, moe: bool) -> None:
-        if not (moe and self.calib is not None and not self.sequential):
-            self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
+        if not (moe and self.calib is not None and (not self.sequential or self.ckpt.config.moe_beside_mlp)):
+            self.w = {}  # only the forward of a block read back, or its third pass, needs them: a sweep's points hold
+            # one at a time
 
     def surveys(self, block: Part) -> bool:
         return self.removal is not None and self.removal.surveys and self.ckpt.n_experts(block.bid) > 0
@@ -155,8 +157,8 @@ class PruneLane(Consumer):
             if part.xid == 0 and self.dense is not None:  # the block's output without its routed experts
                 assert self.calib is not None
                 copy_store(self.calib.scratch, self.dense, self.job.batch)
-            self.tallies.append(tally(self.ckpt.config, part.w, routed_rows(self.routes, part.xid), self.stats,
-                                      self.device, self.dense))
+            self.tallies.append(tally(self.ckpt.config, self.w, part.w, routed_rows(self.routes, part.xid),
+                                      self.stats, self.device, self.dense))
 
     def surveyed(self, block: Part) -> None:
         if self.surveys(block):
@@ -230,7 +232,7 @@ class PruneLane(Consumer):
         if self.calib is not None:
             assert self.routes is not None and self.stats is not None
             with self.report.timed("forward", bid):
-                add_expert(self.ckpt, we, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
+                add_expert(self.ckpt, self.w, we, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
                            self.device)
 
     def compensate(self, bid: int, xid: int, we: dict[Param, Tensor]) -> Param | None:
@@ -241,7 +243,7 @@ class PruneLane(Consumer):
         assert self.routes is not None and self.stats is not None and self.calib is not None
         param = (Role.FFN_DOWN_EXP, "weight")
         with self.report.timed("compensate", bid):
-            fitted = compensated_down(self.ckpt.config, we, xid, self.routes, self.stats, self.dense,
+            fitted = compensated_down(self.ckpt.config, self.w, we, xid, self.routes, self.stats, self.dense,
                                       self.calib.scratch, self.device, self.ranks.all_reduce_sum)
             if not all_finite(fitted.to(we[param].dtype)):
                 raise StreamPruneError(f"block {bid}: expert {xid}'s compensated down projection does not fit "
@@ -276,6 +278,10 @@ class PruneLane(Consumer):
                                       shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
                               self.device, experts=lambda: written.experts(bid), carry=calib.carry(bid))
+        elif calib is not None and self.ckpt.n_experts(bid):
+            with self.report.timed("forward", bid):  # where the experts' sum enters the output through norms
+                finish_block(self.ckpt, self.w, calib.x, calib.scratch, self.job.batch, self.device,
+                             calib.carry(bid))
         if calib is not None:
             self.count_disk_io(bid)
             calib.swap()  # this block's outputs are the next block's inputs
@@ -407,12 +413,12 @@ class PruneLane(Consumer):
         if sequential:
             assert self.calib is not None
             with self.report.timed("forward", bid):
-                add_expert(self.ckpt, we, rows, stats, self.calib.scratch, self.device)
+                add_expert(self.ckpt, self.w, we, rows, stats, self.calib.scratch, self.device)
 
     def expert_input(self, x: Tensor, weight: Tensor) -> Tensor:
-        """What enters a routed expert from token rows `x` (block.expert_input); the rows of every token, which come
-        without weights (`expert_rows`), as they are."""
-        return x if weight.numel() == 0 else expert_input(self.ckpt.config, x, weight)
+        """What enters a routed expert from token rows `x` (block.expert_input); the rows of every token come without
+        weights (`expert_rows`)."""
+        return expert_input(self.ckpt.config, self.w, x, weight if weight.numel() else None)
 
     def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
         """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)

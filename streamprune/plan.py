@@ -339,11 +339,12 @@ def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any], bo
               "eval_activations": sum(fp.eval_activations for fp in fps) + dense_eval}
     cfg = ckpt.config
     if cfg.n_experts:  # while a block's experts go round the points, every point holds its routes (calibration and
-        # evaluation tokens', the dense stream's too) and, without --sequential, its pruned block outside the experts
+        # evaluation tokens', the dense stream's too) and, without --sequential or where the block's third pass needs
+        # it (ModelConfig.moe_beside_mlp), its pruned block outside the experts
         eval_routes = routes_bytes(cfg, eval_windows * eval_seqlen)
         summed["routes"] = (sum(routes_bytes(cfg, nsamples * seqlen) for fp in fps if fp.calib_ids)
                             + (len(fps) + 1) * eval_routes)
-        if not sequential:
+        if not sequential or cfg.moe_beside_mlp:
             summed["pruned_stored"] = sum(fp.pruned_stored for fp in fps)
     return Footprint(**(largest | summed))
 
@@ -512,16 +513,21 @@ def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: 
     adds that output to the block's (its rows read and written): 4 x top-k buffers read, top-k written. Without it:
     one forward writing the MoE input, the experts' rows read once, then the pruned block forward again (its
     experts' rows read, their outputs added). Removing experts (`removes`) adds the survey (each expert's rows once)
-    and the tokens routed again (the MoE input read once more)."""
+    and the tokens routed again (the MoE input read once more). Where the block is computed again once its experts are
+    summed (ModelConfig.moe_beside_mlp), the third pass reads the residual stream the first kept and the sum and writes
+    the output."""
     cfg = ckpt.config
     bid = next((b for b in range(cfg.n_layers) if cfg.is_moe(b)), 0)
     roles = set(ckpt.pruned_linears(bid))
     stages = sum(1 for _, site_roles in SEQUENTIAL if roles & set(site_roles))
     k = cfg.experts_per_tok if cfg.is_moe(bid) else 0
     survey = (k + 1) * buffer if removes and k else 0
+    third = int(cfg.moe_beside_mlp and k > 0)
     if sequential:
-        return ((stages + 1) + 4 * k) * buffer + survey, (2 if k else 1) * buffer + k * buffer
-    return (2 + 3 * k) * buffer + survey, (3 if k else 1) * buffer + k * buffer
+        read, written = (stages + 1) + 4 * k, (2 if k else 1) + k
+    else:
+        read, written = 2 + 3 * k, (3 if k else 1) + k
+    return (read + 2 * third) * buffer + survey, (written + third) * buffer
 
 
 def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:

@@ -179,15 +179,16 @@ def families(tmp_path_factory) -> dict[str, Path]:
     ("gemma3", dict(use_bidirectional_attention=True), ["config.json", "use_bidirectional_attention=True"]),
     ("gemma3", dict(final_logit_softcapping=-1.0), ["config.json", "final_softcap=-1.0", "not positive"]),
     ("gemma3-image", dict(text_config="gemma"), ["config.json", "text_config='gemma'", "not an object"]),
-    ("gemma4", dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
-     ["config.json", "Gemma 4 with routed experts beside the MLP (enable_moe_block)", "not supported"]),
+    ("gemma4", dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                    hidden_size_per_layer_input=8),
+     ["config.json", "routed experts (enable_moe_block) and per-layer inputs", "not supported"]),
     ("gemma4", dict(num_kv_shared_layers=3), ["config.json", "num_kv_shared_layers=3", "earlier block of their layer"]),
     ("glm5", dict(indexer_types=["full", "shared", "full"]),
      ["config.json", "indexer_types=", "another block's top-k keys", "not supported"]),
     ("glm5", dict(q_lora_rank=None), ["config.json", "sparse attention with q_lora_rank=0", "query latent"]),
     ("llama4", dict(no_rope_layers=[1, 1, 0]), ["config.json", "no_rope_layers=[1, 1, 0]", "is not 4 flags"]),
 ], ids=["layer-types-length", "layer-type-unknown", "chunk-size-missing", "longrope-factors", "longrope-original-str",
-        "rope-type", "bidirectional", "softcap-negative", "text-config", "gemma4-moe", "gemma4-kv-shared-all",
+        "rope-type", "bidirectional", "softcap-negative", "text-config", "gemma4-moe-per-layer", "gemma4-kv-shared-all",
         "dsa-shared-indexer", "dsa-no-query-latent", "llama4-nope-flags"])
 def test_bad_family_config(families, tmp_path, text, variant, changes, expected):
     model = Path(shutil.copytree(families[variant], tmp_path / "model"))

@@ -27,14 +27,15 @@ from tests import tiny, tolerance
 from tests.test_resume import ROOT, checkpoint_files, fail_writes_after, kill_and_resume
 
 VARIANTS = ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3", "qwen3-next",
-            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "llama4"]
+            "qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "llama4",
+            "gemma4-moe"]
 ARGS = dict(nsamples=8, seqlen=32, seed=3)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
-    return {v: tiny.build(root / v, v) for v in [*VARIANTS, "kimi-k2.5"]}
+    return {v: tiny.build(root / v, v) for v in [*VARIANTS, "kimi-k2.5", "gemma4-moe-image"]}
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -49,15 +50,26 @@ def hf64(path: Path):
     return tiny.hf_model(path).double()
 
 
-def moe(layer):
-    """A decoder layer's MoE module (Llama 4's is `feed_forward`)."""
+def moe_module(layer):
+    """The module of a transformers decoder layer that holds its router and routed experts: its MLP, Llama 4's
+    `feed_forward`, or (Gemma 4, whose experts run beside the MLP) the layer itself."""
+    if hasattr(layer, "experts"):
+        return layer
     return layer.feed_forward if hasattr(layer, "feed_forward") else layer.mlp
 
 
+def experts_input(moe, m: torch.Tensor) -> torch.Tensor:
+    """What the routed experts of `moe` read from its MoE input `m`: `m`, or Gemma 4's experts' own norm of it."""
+    return moe.pre_feedforward_layernorm_2(m) if hasattr(moe, "pre_feedforward_layernorm_2") else m
+
+
 def moe_inputs(model, windows: torch.Tensor, bid: int) -> torch.Tensor:
-    """The input of block `bid`'s MoE module, (tokens, D), over every window."""
+    """The MoE input of block `bid` as its router reads it, (tokens, D), over every window: the input of its MoE
+    module, or (Gemma 4) of its router."""
     seen = []
-    hook = moe(model.model.layers[bid]).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    layer = model.model.layers[bid]
+    reader = layer.router if hasattr(layer, "experts") else moe_module(layer)
+    hook = reader.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
         model(windows)
     hook.remove()
@@ -69,15 +81,15 @@ def reference_scores(moe, m: torch.Tensor, criterion: str) -> tuple[list[float],
     top-k renormalization) and experts (`moe.experts`), in float64. Llama 4 weights an expert's input, not its
     output: its score is the norm of the expert's output on the weighted input, as its block adds it."""
     _, weights, chosen = router(moe, m)
-    experts = moe.experts
+    experts, x = moe.experts, experts_input(moe, m)
     scores, tokens = [], []
     weighted_input = hasattr(moe, "shared_expert") and hasattr(moe, "router")  # Llama 4
     with torch.no_grad():
         for j in range(experts.num_experts):
             token, slot = torch.where(chosen == j)
             g = weights[token, slot].double()
-            x = m[token] * g[:, None] if weighted_input else m[token]
-            norms = torch.linalg.vector_norm(expert_output(experts, j, x), dim=-1)
+            xj = x[token] * g[:, None] if weighted_input else x[token]
+            norms = torch.linalg.vector_norm(expert_output(experts, j, xj), dim=-1)
             if weighted_input:
                 g = torch.ones_like(g)
             n = int(token.numel())
@@ -144,7 +156,7 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
             m = moe_inputs(mixed, windows, bid)
         else:
             m = moe_inputs(written, windows, bid)
-        scores, tokens = reference_scores(moe(dense.model.layers[bid]), m, criterion)
+        scores, tokens = reference_scores(moe_module(dense.model.layers[bid]), m, criterion)
         n = len(scores)
         assert block["criterion"] == criterion and block["kept"] == n - math.floor(0.5 * n)
         assert block["removed"] == lowest(scores, n - block["kept"], getattr(dense.config, "n_group", 1))
@@ -154,12 +166,12 @@ def test_criteria_match_transformers(tmp_path, models, calib, variant, criterion
         kept = [e["expert"] for e in block["experts"] if e["kept"]]
         assert [e["index"] for e in block["experts"] if e["kept"]] == list(range(len(kept)))
         # the kept experts are calibrated on the tokens the reduced router (the written one) sends them
-        _, _, chosen = router(moe(written.model.layers[bid]), m)
+        _, _, chosen = router(moe_module(written.model.layers[bid]), m)
         routed = {lr.expert: lr.routed_tokens for lr in report.layers if lr.block == bid and lr.expert is not None}
         assert routed == {k: int((chosen == k).sum()) for k in range(len(kept))}
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "kimi-k2.5", "gemma4-moe-image"])
 def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant):
     """--sparsity 0: the kept experts (renumbered in order; stored fused: their slices, in order), the router's kept
     rows and every other tensor bit for bit; the config's expert count updated (an image-text model's in its
@@ -174,7 +186,8 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         if ".experts." in name:
             continue
         if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight", "mlp.router.bias",
-                          "mlp.router.gate.weight", "feed_forward.router.weight")):
+                          "mlp.router.gate.weight", "feed_forward.router.weight", "router.proj.weight",
+                          "router.per_expert_scale")):
             router[name] = t
         elif name.endswith(("e_score_correction_bias", "mlp.expert_bias")):  # along its last axis: (n) or (1, n)
             router[name] = t.T if t.dim() == 2 else t
@@ -206,7 +219,7 @@ def test_removal_alone_copies_every_kept_tensor(tmp_path, models, calib, variant
         n_in, n_out = n_in["text_config"], n_out["text_config"]
     key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts") if k in n_in)
     assert n_out[key] == n_in[key] - math.floor(0.5 * n_in[key])
-    top = "moe_k" if "moe_k" in n_in else "num_experts_per_tok"  # ERNIE 4.5's name
+    top = next(k for k in ("moe_k", "top_k_experts", "num_experts_per_tok") if k in n_in)  # ERNIE 4.5's, Gemma 4's
     assert n_out[top] == n_in[top]
     ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -386,27 +399,43 @@ def test_bad_expert_scores_are_one_line_and_write_nothing(tmp_path, models, cali
     assert not out.exists()
 
 
+def reduced_routes(moe, m: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' router of `moe` cut to the experts `keep`, on its MoE input `m`: each token's weights and chosen
+    experts (their indices among the kept). Gemma 4's: the softmax of its scaled reading of `m`, the top-k
+    renormalized, times each chosen expert's scale."""
+    F = torch.nn.functional
+    if hasattr(moe, "pre_feedforward_layernorm_2"):
+        r = moe.router
+        probs = torch.softmax(F.linear(r.norm(m) * r.scale * r.scalar_root_size, r.proj.weight[keep]), dim=-1)
+        w, new = torch.topk(probs, r.config.top_k_experts, dim=-1)
+        return w / w.sum(dim=-1, keepdim=True) * r.per_expert_scale[keep][new], new
+    probs = torch.softmax(F.linear(m, moe.gate.weight[keep]), dim=-1)
+    w, new = torch.topk(probs, moe.gate.top_k, dim=-1)
+    if getattr(moe.gate, "norm_topk_prob", True):
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, new
+
+
 def reference_fit(moe, m: torch.Tensor, keep: list[int], damp: float = 0.01) -> list[torch.Tensor]:
     """The kept experts' down projections fitted as --compensate-experts defines it, in float64 from transformers'
     router and experts on the block's MoE input `m`: the reduced router's routes; in order, each expert's rows
     weighted by g^2, the target of a token whose last expert it is the dense routed output less the experts before
-    it (fitted) over g, else its own output; ridge `damp` x the mean diagonal."""
+    it (fitted) over g, else its own output; ridge `damp` x the mean diagonal. Where the experts' sum enters the
+    block's output through norms (Gemma 4), the dense routed output is that sum, which the block's output is a
+    function of."""
     _, weights, chosen = router(moe, m)
+    xs = experts_input(moe, m)
     dense = torch.zeros_like(m)
     for j in range(moe.experts.num_experts):
         token, slot = torch.where(chosen == j)
-        dense.index_add_(0, token, expert_output(moe.experts, j, m[token]) * weights[token, slot, None])
-    logits = torch.nn.functional.linear(m, moe.gate.weight[keep])
-    probs = torch.softmax(logits, dim=-1)
-    w, new = torch.topk(probs, moe.gate.top_k, dim=-1)
-    if getattr(moe.gate, "norm_topk_prob", True):
-        w = w / w.sum(dim=-1, keepdim=True)
+        dense.index_add_(0, token, expert_output(moe.experts, j, xs[token]) * weights[token, slot, None])
+    w, new = reduced_routes(moe, m, keep)
     acc, fitted = torch.zeros_like(m), []
     F = torch.nn.functional
     for k, x in enumerate(keep):
         token, slot = torch.where(new == k)
         g = w[token, slot, None]
-        gate, up = F.linear(m[token], moe.experts.gate_up_proj[x]).chunk(2, dim=-1)
+        gate, up = F.linear(xs[token], moe.experts.gate_up_proj[x]).chunk(2, dim=-1)
         h = moe.experts.act_fn(gate) * up
         own = F.linear(h, moe.experts.down_proj[x])
         last = (new[token].max(dim=-1).values == k)[:, None]
@@ -418,7 +447,7 @@ def reference_fit(moe, m: torch.Tensor, keep: list[int], damp: float = 0.01) -> 
     return fitted
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "gemma4-moe"])
 def test_compensation_fits_the_dense_block(tmp_path, models, calib, variant):
     """--compensate-experts: plain removal's names, shapes and config, every tensor but the kept experts' down
     projections as plain removal writes it; block 0's fitted down projections equal the float64 reference fit from
@@ -432,7 +461,7 @@ def test_compensation_fits_the_dense_block(tmp_path, models, calib, variant):
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     same = {p["block"] for p, f in zip(plain.experts, fitted.experts) if p == f}  # blocks that chose alike
-    down = ("down_proj.weight", "w2.weight")
+    down = ("down_proj.weight", "w2.weight", "experts.down_proj")  # (Gemma 4's experts fused)
     assert any(f"layers.{plain.experts[0]['block']}." in k for k in changed)
     assert all(".experts." in k and k.endswith(down) for k in changed if int(k.split(".")[2]) in same), changed
     assert (json.loads((tmp_path / "plain" / "config.json").read_text())
@@ -441,8 +470,8 @@ def test_compensation_fits_the_dense_block(tmp_path, models, calib, variant):
     dense, written = hf64(src), hf64(tmp_path / "fitted")
     bid = plain.experts[0]["block"]
     keep = [e["expert"] for e in plain.experts[0]["experts"] if e["kept"]]
-    reference = reference_fit(dense.model.layers[bid].mlp, moe_inputs(dense, windows, bid), keep)
-    got = written.model.layers[bid].mlp.experts.down_proj
+    reference = reference_fit(moe_module(dense.model.layers[bid]), moe_inputs(dense, windows, bid), keep)
+    got = moe_module(written.model.layers[bid]).experts.down_proj
     for k, ref in enumerate(reference):
         torch.testing.assert_close(got[k], ref.float().double(), rtol=1e-4, atol=1e-5)
     ids = torch.randint(0, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -474,7 +503,7 @@ def calibration_record(src: Path, calib: Path, windows: torch.Tensor, monkeypatc
     per-token share of its score (g x ||f||)."""
     from streamprune import job
     from streamprune.arch import Role
-    from streamprune.arch.block import expert_hidden, linear
+    from streamprune.arch.block import expert_hidden, expert_input, linear
     from streamprune.forward import routed_rows
     from streamprune.lane import PruneLane
 
@@ -490,8 +519,8 @@ def calibration_record(src: Path, calib: Path, windows: torch.Tensor, monkeypatc
             record[bid, "weights"] = torch.cat([w for _, _, _, w in self.routes]).view(N, T, -1)
         share = torch.zeros(N * T, dtype=torch.float64)
         for i, j, token, g in routed_rows(self.routes, part.xid):
-            f = linear(part.w, Role.FFN_DOWN_EXP, expert_hidden(self.ckpt.config, part.w, stats.rows(i, j, token,
-                                                                                                      self.device)))
+            x = expert_input(self.ckpt.config, self.w, stats.rows(i, j, token, self.device), None)
+            f = linear(part.w, Role.FFN_DOWN_EXP, expert_hidden(self.ckpt.config, part.w, x))
             share[i * T + token] = g.double() * torch.linalg.vector_norm(f.double(), dim=-1)
         record[bid, "score", part.xid] = share.view(N, T)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def models(tmp_path_factory):
                                                  "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
                                                  "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe",
                                                  "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image", "glm5",
-                                                 "deepseek-v3.2")}
+                                                 "deepseek-v3.2", "gemma4-moe", "gemma4-moe-image")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +44,7 @@ def stored(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
                                      "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "kimi-k2.5", "llama4",
-                                     "llama4-image", "glm5", "deepseek-v3.2"])
+                                     "llama4-image", "glm5", "deepseek-v3.2", "gemma4-moe", "gemma4-moe-image"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
@@ -145,10 +146,11 @@ def test_stacked_expert_tensors_are_refused(tmp_path, models):
         Checkpoint(bad)
 
 
-def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch):
+@pytest.mark.parametrize("variant", ["qwen2-moe", "gemma4-moe"])
+def test_moe_resume_is_byte_identical(tmp_path, calib, models, monkeypatch, variant):
     from tests.test_resume import checkpoint_files, fail_writes_after
 
-    src = models["qwen2-moe"]
+    src = models[variant]
     ref = tmp_path / "ref"
     streamprune.prune(src, ref, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
     out = tmp_path / "out"
@@ -177,6 +179,32 @@ def test_plan_counts_one_expert_at_a_time(models, variant):
     assert block == 2 * max(sum(ckpt.tensors[n].nbytes for n in ckpt.block_names(b)) for b in range(ckpt.config.n_layers))
     routes = next(v for k, v in consumers.items() if k.startswith("routes"))
     assert routes == NSAMPLES * SEQLEN * ckpt.config.experts_per_tok * 21
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
+@pytest.mark.parametrize("variant, buffers", [("qwen3-moe", 2), ("gemma4-moe", 2)])
+def test_plan_counts_the_calibration_buffers_a_run_holds(tmp_path, calib, models, monkeypatch, variant, buffers,
+                                                         sequential):
+    """The planner counts the calibration buffers the run allocates: two for an MoE model, Gemma 4's included, whose
+    third pass starts from the MoE input (the residual stream after attention) kept over the block's input."""
+    from streamprune.activations import Activations
+    from streamprune.plan import plan
+
+    made, init = [], Activations.__init__
+
+    def counting(self, shape, *args, **kwargs):
+        made.append(shape)
+        init(self, shape, *args, **kwargs)
+
+    monkeypatch.setattr(Activations, "__init__", counting)
+    streamprune.prune(models[variant], tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                      sequential=sequential)
+    buffer = (NSAMPLES, SEQLEN, Checkpoint(models[variant]).config.hidden_size)
+    assert made.count(buffer) == buffers
+    consumers = {what: nbytes for what, nbytes, _ in plan(models[variant], nsamples=NSAMPLES, seqlen=SEQLEN,
+                                                           device="cpu", sequential=sequential).consumers}
+    held = next(v for k, v in consumers.items() if k.startswith("calibration activations"))
+    assert held == buffers * math.prod(buffer) * 4
 
 
 def test_cli_moe_options(tmp_path, calib, models):
@@ -283,8 +311,9 @@ def test_disk_rows_read_and_add_only_the_rows_asked_for(tmp_path):
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant, removes", [("qwen3-moe", None), ("deepseek-v3", None), ("qwen3-moe", 0.4)],
-                         ids=["qwen3-moe", "deepseek-v3", "removing-experts"])
+@pytest.mark.parametrize("variant, removes", [("qwen3-moe", None), ("deepseek-v3", None), ("qwen3-moe", 0.4),
+                                              ("gemma4-moe", None), ("gemma4-moe", 0.4)],
+                         ids=["qwen3-moe", "deepseek-v3", "removing-experts", "gemma4-moe", "gemma4-moe-removing"])
 def test_plan_gives_the_disk_bytes_a_block_moves(tmp_path, calib, models, variant, removes, sequential):
     """With the activations on disk, the planner's bytes read and written per block are what an MoE block of the run
     moves, exactly, when every expert is routed enough tokens (--moe-min-tokens 1)."""

@@ -155,7 +155,7 @@ def test_cli_run_prints_summary(tmp_path, calib):
 
 
 FAMILIES = ["qwen3", "phi3-longrope", "gemma2", "gemma3", "gemma3-image", "qwen3.5", "gemma4", "gemma4-image",
-            "gemma4-e2b"]
+            "gemma4-e2b", "gemma4-moe", "gemma4-moe-image"]
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

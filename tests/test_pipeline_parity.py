@@ -221,6 +221,7 @@ MOE_STAGES["llama4_text"] = FEED_FORWARD[:2] + (("feed_forward.shared_expert.gat
                                                  "feed_forward.shared_expert.up_proj"),
                                                 ("feed_forward.shared_expert.down_proj",))
 MOE_STAGES["glm_moe_dsa"] = MOE_STAGES["deepseek_v32"] = MOE_STAGES["deepseek_v3"]  # the indexer: COPIED
+MOE_STAGES["gemma4_text"] = LLAMA_STAGES  # Gemma 4: the dense MLP beside the routed experts
 MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:], "llama4_text": FEED_FORWARD}  # a dense block (else
 MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["glm_moe_dsa"] = MOE_DENSE_STAGES["deepseek_v32"] = \
     MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
@@ -252,7 +253,7 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     for b, block in enumerate(model.model.layers):
         prefix = f"model.layers.{b}."
         mlp = block.feed_forward if hasattr(block, "feed_forward") else block.mlp
-        moe = mlp if hasattr(mlp, "experts") else None
+        moe = block if hasattr(block, "experts") else mlp if hasattr(mlp, "experts") else None  # (Gemma 4: the block)
         model_type = model.config.model_type
         stages = MOE_STAGES[model_type] if moe else MOE_DENSE_STAGES.get(model_type, LLAMA_STAGES)
         stages = block_stages(model_type, block, stages)
@@ -303,9 +304,14 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
     projections from the rows routed to it (every row below `min_tokens`), its down projection from their
     hidden activations through the pruned (sequential) or dense gate and up projections."""
     llama4 = model.config.model_type == "llama4_text"  # the routing weight scales the expert's input: expert(g x)
-    prefix = f"model.layers.{b}.{'feed_forward' if llama4 else 'mlp'}.experts."
-    m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
-    _, weights, chosen = router(moe, m)
+    gemma4 = moe is model.model.layers[b]  # the router reads the residual stream, the experts their own norm of it
+    prefix = f"model.layers.{b}.{'feed_forward.' if llama4 else '' if gemma4 else 'mlp.'}experts."
+    m = moe_input(model, windows, moe.router if gemma4 else moe)  # sequential: after the pruned attention (and
+    _, weights, chosen = router(moe, m)                             # shared expert)
+    if gemma4:
+        with torch.no_grad():
+            m = moe.pre_feedforward_layernorm_2(m)
+    act = moe.experts.act_fn if gemma4 else torch.nn.functional.silu
     if llama4:  # (tokens, E): expert e's rows are its chosen tokens' inputs times their weights
         chosen = torch.where(chosen, torch.arange(chosen.shape[1])[None], -1)
     gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
@@ -336,7 +342,7 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
             interleaved = torch.stack((x @ gu[:ffn].T + bias[0::2], x @ gu[ffn:].T + bias[1::2]), dim=-1).flatten(-2)
             hidden = moe.experts._apply_gate(interleaved)
         else:
-            hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
+            hidden = act(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
         row(f"expert {e} down", down[e], hidden, down_w[e])
     return rows
 
@@ -344,14 +350,15 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
                                      "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
-                                     "glm4.7-flash", "llama4", "glm5", "deepseek-v3.2"])
+                                     "glm4.7-flash", "llama4", "glm5", "deepseek-v3.2", "gemma4-moe"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 
 
-def test_moe_wanda_parity_with_fallback(tmp_path, calib):
-    """Wanda, and experts below --moe-min-tokens fed every token's statistics."""
-    rows = moe_parity_rows(tmp_path, calib, "qwen2-moe", "wanda", True, min_tokens=200)
+@pytest.mark.parametrize("variant", ["qwen2-moe", "gemma4-moe"])
+def test_moe_wanda_parity_with_fallback(tmp_path, calib, variant):
+    """Wanda, and experts below --moe-min-tokens fed every token's statistics (Gemma 4's through its experts' norm)."""
+    rows = moe_parity_rows(tmp_path, calib, variant, "wanda", True, min_tokens=200)
     assert any("tokens)" in r.name and int(r.name.split("(")[1].split()[0]) < 200 for r in rows)
     check(rows, "wanda", True)
 

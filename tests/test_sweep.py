@@ -45,7 +45,8 @@ def tensors(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("variant,sequential", [("llama-gqa", True), ("opt", False), ("bloom", True),
-                                                ("gemma2", True), ("mixtral", True), ("qwen2-moe", False)])
+                                                ("gemma2", True), ("mixtral", True), ("qwen2-moe", False),
+                                                ("gemma4-moe", True)])
 def test_sweep_equals_separate_runs(tmp_path, data, variant, sequential):
     src = tiny.build(tmp_path / "m", variant)
     result = sweep(src, tmp_path / "sweep", save_dir=tmp_path / "points", calib=data, eval=data, device="cpu",
@@ -239,7 +240,8 @@ def test_points_hold_one_pruned_block_at_a_time(tmp_path, data, monkeypatch):
     assert len(held) == 2 * 3 and set(held) == {0}
 
 
-@pytest.mark.parametrize("variant,sequential,compensate", [("mixtral", True, True), ("qwen2-moe", False, False)])
+@pytest.mark.parametrize("variant,sequential,compensate", [("mixtral", True, True), ("qwen2-moe", False, False),
+                                                           ("gemma4-moe", True, True), ("gemma4-moe", False, False)])
 def test_expert_removal_points_equal_separate_runs(tmp_path, data, variant, sequential, compensate):
     """Every (fraction, criterion, compensation) point, with the weights pruned too or not, from one read of the
     checkpoint (each block's experts read twice: the survey and the expert pass): the same experts removed, the same

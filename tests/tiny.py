@@ -44,6 +44,9 @@ GEMMA4_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, nu
                    attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=8, max_position_embeddings=128,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                    final_logit_softcapping=30.0, initializer_range=0.1)
+# Gemma 4 as the 26B-A4B is made: beside each block's MLP, 6 routed experts of which 2 per token (stored fused, as
+# transformers always saves them)
+GEMMA4_MOE = dict(GEMMA4_TEXT, enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24)
 SPARSE_ATTENTION = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
                         qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=8,
@@ -238,6 +241,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma4-image": ("Gemma4Config", dict(text_config=GEMMA4_TEXT, audio_config=None, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         head_dim=16))),
+    "gemma4-moe": ("Gemma4TextConfig", GEMMA4_MOE),
+    "gemma4-moe-image": ("Gemma4Config", dict(text_config={**GEMMA4_MOE, "num_hidden_layers": 2,
+                                                           "layer_types": ["sliding_attention", "full_attention"]},
+                                              audio_config=None,
+                                              vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                                 num_key_value_heads=2, head_dim=16))),
     # GLM-5 and DeepSeek-V3.2: GLM-4.7-Flash's blocks with DeepSeek sparse attention, each query attending to the 8
     # earlier keys its indexer scores highest (the test windows are longer; GLM-5's indexer rotates interleaved pairs)
     "glm5": ("GlmMoeDsaConfig", dict(SPARSE_ATTENTION, mlp_layer_types=["dense", "sparse", "sparse"])),
@@ -249,7 +259,8 @@ FUSED = {"qwen3.5-moe-fused", "qwen3.5-moe-image", "gpt-oss"}
 IMAGE_TEXT = {"qwen3.5-moe-image": "Qwen3_5MoeForConditionalGeneration",
               "kimi-k2.5": "Kimi_K25ForConditionalGeneration",
               "llama4-image": "Llama4ForConditionalGeneration",
-              "gemma4-image": "Gemma4ForConditionalGeneration"}
+              "gemma4-image": "Gemma4ForConditionalGeneration",
+              "gemma4-moe-image": "Gemma4ForConditionalGeneration"}
 
 
 @functools.cache
@@ -314,6 +325,8 @@ def build(path: Path, variant: str, dtype: torch.dtype = torch.float32, shard: s
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith("sinks"):  # attention sinks of gpt-oss, large enough to take a share of the softmax
                 p.copy_(torch.randn_like(p))
+            elif name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4's router scales, ones as initialized
+                p.uniform_(0.2, 2.0)
         for name, b in [*model.named_buffers(), *model.named_parameters()]:  # a router's selection bias, zero as
             if name.endswith("e_score_correction_bias"):                     # initialized, of the scores' size
                 b.add_(torch.randn_like(b) * 0.03)

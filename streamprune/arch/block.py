@@ -34,8 +34,8 @@ from streamprune.errors import UnsupportedModelError
 
 Weights = dict[Param, Tensor]
 Tap = Callable[[Site, Tensor], None]
-# An MoE block's routed experts: called with the MoE input (B, T, D), returns their weighted sum, or None when the
-# caller adds it later (experts streamed one at a time over every window; see forward.py).
+# An MoE block's routed experts: called with the MoE input (B, T, D) as the router reads it, returns their weighted
+# sum, or None when the caller adds it later (experts streamed one at a time over every window; see forward.py).
 Routed = Callable[[Tensor], Tensor | None]
 
 
@@ -363,6 +363,8 @@ def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
     selection bias, where there is one, among the experts of the best `topk_group` groups, where the router is
     group-limited; their scores renormalized where the config says so, times the routed scaling factor.
     (tokens, D) -> chosen experts (tokens, k) and their weights (tokens, k) in m's dtype."""
+    if (Role.FFN_GATE_INP_SCALE, "scale") in w:  # the router's own reading of the residual stream (Gemma 4)
+        m = rms_norm(m, None, cfg.norm_eps) * param(w, Role.FFN_GATE_INP_SCALE, "scale", m) * cfg.hidden_size ** -0.5
     if cfg.router in ("topk_softmax", "topk_sigmoid"):  # the top-k logits (with the router's bias, if any), then
         top, chosen = torch.topk(linear(w, Role.FFN_GATE_INP, m), cfg.experts_per_tok, dim=-1)  # (tokens, k)
         if cfg.router == "topk_softmax":  # their softmax (gpt-oss)
@@ -386,19 +388,25 @@ def route(cfg: ModelConfig, w: Weights, m: Tensor) -> tuple[Tensor, Tensor]:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router == "sigmoid" else 0.0))
     if cfg.routed_scaling != 1.0:
         weights = weights * cfg.routed_scaling
+    scale = w.get((Role.FFN_EXP_SCALE, "per_expert_scale"))
+    if scale is not None:  # each expert's own scale of its weights (Gemma 4)
+        weights = weights * scale.float()[chosen]
     return chosen, weights.to(m.dtype)
 
 
-def expert_input(cfg: ModelConfig, x: Tensor, weight: Tensor) -> Tensor:
-    """What enters a routed expert from its tokens (n, D) routed with weights (n,): the tokens, or where the weight
-    is applied before the expert (Llama 4), the tokens times their weights."""
-    return x * weight[:, None].to(x.dtype) if cfg.weight_expert_input else x
+def expert_input(cfg: ModelConfig, w: Weights, x: Tensor, weight: Tensor | None) -> Tensor:
+    """What enters a routed expert from its tokens' MoE input (n, D), routed with weights (n,), in a block of weights
+    `w`: the tokens; their norm where the experts have their own (Gemma 4); where the weight is applied before the
+    expert (Llama 4), the tokens times their weights (None: tokens taken without their weights)."""
+    if (Role.FFN_NORM_EXP, "weight") in w:
+        x = norm(cfg, w, Role.FFN_NORM_EXP, x)
+    return x * weight[:, None].to(x.dtype) if cfg.weight_expert_input and weight is not None else x
 
 
-def expert_output(cfg: ModelConfig, w: Weights, x: Tensor, weight: Tensor) -> Tensor:
-    """A routed expert's share of its tokens' (n, D) MoE output, routed with weights (n,): the weight times the
-    expert's output, or (Llama 4) the expert's output of its weighted input."""
-    y = linear(w, Role.FFN_DOWN_EXP, expert_hidden(cfg, w, expert_input(cfg, x, weight)))
+def expert_output(cfg: ModelConfig, w: Weights, we: Weights, x: Tensor, weight: Tensor) -> Tensor:
+    """A routed expert's (weights `we`) share of its tokens' (n, D) MoE output in a block of weights `w`, routed with
+    weights (n,): the weight times the expert's output, or (Llama 4) the expert's output of its weighted input."""
+    y = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, expert_input(cfg, w, x, weight)))
     return y if cfg.weight_expert_input else y * weight[:, None]
 
 
@@ -412,7 +420,7 @@ def routed_in_memory(cfg: ModelConfig, w: Weights, experts: list[Weights]) -> Ro
         for xid, we in enumerate(experts):
             token, slot = torch.where(chosen == xid)
             if token.numel():
-                out.index_add_(0, token, expert_output(cfg, we, flat[token], weights[token, slot]))
+                out.index_add_(0, token, expert_output(cfg, w, we, flat[token], weights[token, slot]))
         return out.view_as(m)
 
     return routed
@@ -431,7 +439,7 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
     `tap(site, a)` sees the input of each linear site; with `until`, the pass stops right after
     that site's input is tapped and returns None (what calibration of that site needs, no more).
     An MoE block (its router in `w`) takes its routed experts as `routed`; what it takes from elsewhere (per-layer
-    inputs, shared keys and values) comes as `carried`.
+    inputs, shared keys and values) comes as `carried`. The block is its token mixer, then `block_rest`.
     """
 
     def stop_at(site: Site, a: Tensor) -> bool:
@@ -450,11 +458,20 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         return None
     out_proj = linear(w, Role.SSM_OUT if (Role.SSM_OUT, "weight") in w else Role.ATTN_OUT, o)
     h = (a if cfg.residual_from_norm else x) + post_norm(cfg, w, Role.ATTN_POST_NORM, out_proj)
-    h = h if pre else norm(cfg, w, Role.ATTN_NORM, h)
+    return block_rest(cfg, w, h if pre else norm(cfg, w, Role.ATTN_NORM, h), stop_at, routed, carried)
+
+
+def block_rest(cfg: ModelConfig, w: Weights, h: Tensor, stop_at: Callable[[Site, Tensor], bool],
+               routed: Routed | None = None, carried: Carried | None = None) -> Tensor | None:
+    """A block after its token mixer, from the residual stream `h` (B, T, D): the MLP (or the MoE layer), the
+    per-layer input, the layer scalar; None when stopped at a site or when the routed experts' sum, which enters the
+    output through norms, is added later (forward.finish_block then computes the rest from `h` and the sum)."""
+    pre = cfg.norm_before
     m = norm(cfg, w, Role.FFN_NORM, h) if pre else h
     if stop_at(Site.FFN_IN, m):
         return None
-    if (Role.FFN_GATE_INP, "weight") in w:
+    moe = (Role.FFN_GATE_INP, "weight") in w
+    if moe and not cfg.moe_beside_mlp:
         y = moe_mlp(cfg, w, m, stop_at, routed)
         if y is None:
             return None
@@ -463,6 +480,12 @@ def block_forward(cfg: ModelConfig, w: Weights, x: Tensor, pos: Positions, tap: 
         if stop_at(Site.FFN_DOWN_IN, g):
             return None
         y = linear(w, Role.FFN_DOWN, g)
+        if moe:  # routed experts beside the MLP, reading the residual stream (Gemma 4): each branch normalized
+            assert routed is not None, "an MoE block's forward needs its routed experts"
+            r = routed(h)
+            if r is None:  # their sum enters the output through norms: the block ends once the sum is known
+                return None
+            y = norm(cfg, w, Role.FFN_POST_NORM_MLP, y) + norm(cfg, w, Role.FFN_POST_NORM_EXP, r)
     out = (m if cfg.residual_from_norm else h) + post_norm(cfg, w, Role.FFN_POST_NORM, y)
     if cfg.per_layer_dim:  # its per-layer input, gated by the block's output, projected back onto the residual stream
         assert carried is not None and carried.per_layer is not None, "a block with per-layer inputs needs its own"

@@ -150,6 +150,10 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling: float = 1.0
     dense_layers: frozenset[int] = frozenset()  # blocks of an MoE model that have a dense MLP instead
+    # the routed experts run beside the dense MLP, each branch's output normalized before their sum is (Gemma 4): the
+    # block's output is a nonlinear function of the experts' sum, which forward.forward_block computes in a pass of
+    # its own, between one up to the MoE input and one that completes the block
+    moe_beside_mlp: bool = False
     layer_scalar: bool = False  # the block's output multiplied by a stored scalar (Gemma 4)
     # per-layer inputs where per_layer_dim > 0 (Gemma 4's E2B/E4B): each block adds a projection of its own
     # `per_layer_dim` inputs, from a table of `per_layer_vocab` rows and from the embedding (see perlayer.py)

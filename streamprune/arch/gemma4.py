@@ -10,7 +10,14 @@ stored `layer_scalar`. The edge models (E2B, E4B) add per-layer inputs (`hidden_
 after its MLP, each block gates its own inputs by its output (GELU of `per_layer_input_gate`), projects them back
 (`per_layer_projection`, normalized) and adds them to the residual stream; and their last `num_kv_shared_layers`
 blocks reuse the keys and values of the last earlier block of their layer type (no k/v projections of their own; their
-MLP twice as wide where `use_double_wide_mlp`). The MoE block (`enable_moe_block`, 26B-A4B) is refused.
+MLP twice as wide where `use_double_wide_mlp`). The MoE model (`enable_moe_block`, 26B-A4B) runs routed experts
+beside each block's MLP (`moe_beside_mlp`): the router reads the residual stream after attention through a norm
+without weights, times its `scale` and 1/sqrt(hidden_size); the top `top_k_experts` of its softmax, renormalized,
+times each chosen expert's `per_expert_scale`, weight the experts, which read their own norm of the residual stream
+(`pre_feedforward_layernorm_2`) and are stored fused ([E, 2I, H] and [E, H, I], as Qwen's); the MLP's output and the
+experts' weighted sum, each normalized (`post_feedforward_layernorm_1`, `_2`), are added and normalized again
+(`post_feedforward_layernorm`) before the residual add. The experts' sum thus enters the block's output through norms:
+forward.forward_block computes such a block in three passes. Per-layer inputs beside routed experts are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from streamprune import fused
 from streamprune.arch import gemma
 from streamprune.arch.config import ModelConfig, get_bool, get_int
 from streamprune.arch.roles import Role
@@ -68,9 +76,11 @@ def global_geometry(text: dict[str, Any], layer_types: list[str]) -> tuple[int, 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
     text = text_config(raw)
     n_layers = get_int(text, "num_hidden_layers")
-    if get_bool(text, "enable_moe_block", False):
-        raise UnsupportedModelError("config.json: Gemma 4 with routed experts beside the MLP (enable_moe_block) is not "
-                                    "supported yet")
+    moe = get_bool(text, "enable_moe_block", False)
+    if moe and get_int(text, "hidden_size_per_layer_input", default=256):
+        raise UnsupportedModelError("config.json: Gemma 4 with routed experts (enable_moe_block) and per-layer inputs "
+                                    "(hidden_size_per_layer_input > 0) is not supported: the per-layer input's "
+                                    "linears would read the block's output after its experts")
     layer_types = text.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention"
                                               for i in range(n_layers)]
     if isinstance(layer_types, list) and layer_types:  # transformers makes the last block global, whatever it says
@@ -83,6 +93,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
               "sliding_window": text.get("sliding_window", 512)}
     base = gemma.parse_config({**fields, "model_type": "gemma3_text"})
     head_dim, kv_heads = global_geometry(text, base.layer_types)
+    experts = dict(n_experts=get_int(text, "num_experts"), experts_per_tok=get_int(text, "top_k_experts"),
+                   expert_ffn_dim=get_int(text, "moe_intermediate_size"), norm_topk_prob=True,
+                   moe_beside_mlp=True) if moe else {}
     return dataclasses.replace(
         base, family="gemma4", model_type=raw["model_type"], norm_offset=0.0, v_norm=True, layer_scalar=True,
         global_head_dim=head_dim if head_dim != base.head_dim else 0, global_kv_heads=kv_heads,
@@ -91,7 +104,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         per_layer_vocab=get_int(text, "vocab_size_per_layer_input", default=262144),
         kv_shared_layers=get_int(text, "num_kv_shared_layers", default=0),
         double_wide_mlp=get_bool(text, "use_double_wide_mlp", False),
-        head_dim=get_int(text, "head_dim", default=256), raw=raw)
+        head_dim=get_int(text, "head_dim", default=256), raw=raw, **experts)
 
 
 TENSORS = {
@@ -103,6 +116,16 @@ TENSORS = {
     Role.PLE_GATE: "layers.{bid}.per_layer_input_gate",
     Role.PLE_PROJ: "layers.{bid}.per_layer_projection",
     Role.PLE_POST_NORM: "layers.{bid}.post_per_layer_input_norm",
+    # the MoE model's router, its experts (as the model sees them; stored fused) and the norms of each branch
+    Role.FFN_GATE_INP: "layers.{bid}.router.proj",
+    Role.FFN_GATE_INP_SCALE: "layers.{bid}.router",  # its parameter `scale`
+    Role.FFN_EXP_SCALE: "layers.{bid}.router",  # its parameter `per_expert_scale`
+    Role.FFN_GATE_EXP: "layers.{bid}.experts.{xid}.gate_proj",
+    Role.FFN_UP_EXP: "layers.{bid}.experts.{xid}.up_proj",
+    Role.FFN_DOWN_EXP: "layers.{bid}.experts.{xid}.down_proj",
+    Role.FFN_NORM_EXP: "layers.{bid}.pre_feedforward_layernorm_2",
+    Role.FFN_POST_NORM_MLP: "layers.{bid}.post_feedforward_layernorm_1",
+    Role.FFN_POST_NORM_EXP: "layers.{bid}.post_feedforward_layernorm_2",
 }
 # a checkpoint of the language model alone may keep the image-text model's names
 TEXT_LAYOUTS = (("model.", ""), ("model.language_model.", ""), ("", ""))
@@ -114,6 +137,7 @@ SPEC = ArchSpec(
     parse_config=parse_config,
     tensors=TENSORS,
     layouts=TEXT_LAYOUTS,
+    fused=fused.GEMMA4,
 )
 
 # Gemma4ForConditionalGeneration: the language model under `model.language_model.` (the head tied to its embedding);
@@ -126,5 +150,6 @@ IMAGE_TEXT_SPEC = ArchSpec(
     tensors=TENSORS,
     layouts=(("model.language_model.", ""),),
     passthrough=("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio."),
+    fused=fused.GEMMA4,
     text_config="text_config",
 )

@@ -56,6 +56,15 @@ class Role(Enum):
     FFN_UP_SHEXP = "ffn_up_shexp"
     FFN_DOWN_SHEXP = "ffn_down_shexp"
     FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's scalar gate (1, hidden); never pruned
+    # Routed experts beside the dense MLP (Gemma 4): the router reads the residual stream through a norm without
+    # weights, scaled by its own vector (hidden,); each expert's routing weights are scaled by its own number
+    # (n_experts,); the experts read their own norm of the residual stream; the MLP's output and the experts' weighted
+    # sum are each normalized before their sum is (by FFN_POST_NORM)
+    FFN_GATE_INP_SCALE = "ffn_gate_inp_scale"
+    FFN_EXP_SCALE = "ffn_exp_scale"
+    FFN_NORM_EXP = "ffn_norm_exp"
+    FFN_POST_NORM_MLP = "ffn_post_norm_mlp"
+    FFN_POST_NORM_EXP = "ffn_post_norm_exp"
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
     # Gemma 4's per-layer inputs: a table of every token's inputs to every block and a projection of the embedding
     # into them (its norm), model-wide; in each block, a gate from the block's output multiplied by the block's input,
@@ -135,11 +144,14 @@ BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.R
                                            Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
                                            Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS,
                                            Role.LAYER_SCALAR, Role.PLE_POST_NORM, Role.ATTN_IDX_Q_B, Role.ATTN_IDX_K,
-                                           Role.ATTN_IDX_K_NORM, Role.ATTN_IDX_WEIGHTS}
+                                           Role.ATTN_IDX_K_NORM, Role.ATTN_IDX_WEIGHTS, Role.FFN_GATE_INP_SCALE,
+                                           Role.FFN_EXP_SCALE, Role.FFN_NORM_EXP, Role.FFN_POST_NORM_MLP,
+                                           Role.FFN_POST_NORM_EXP}
 
 # The router's tensors: one entry per routed expert (cut to the kept ones when experts are removed), along their
-# first axis (the router's rows and biases) or, for the selection bias, its last (ERNIE 4.5 stores it (1, n_experts)).
-ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})
+# first axis (the router's rows and biases, the experts' scales of their weights) or, for the selection bias, its last
+# (ERNIE 4.5 stores it (1, n_experts)).
+ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B, Role.FFN_EXP_SCALE})
 
 
 def expert_axis(role: Role) -> int:

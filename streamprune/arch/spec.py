@@ -145,7 +145,12 @@ def expected_params(cfg: ModelConfig, moe: bool = False, linear_attn: bool = Fal
             linear(Role.FFN_DOWN_SHEXP, d, cfg.shared_ffn_dim, False)
             if cfg.shared_gate:
                 linear(Role.FFN_GATE_INP_SHEXP, 1, d, False)
-        return params
+        if not cfg.moe_beside_mlp:
+            return params
+        params[(Role.FFN_GATE_INP_SCALE, "scale")] = (d,)  # beside the dense MLP (below): the router's scales and
+        params[(Role.FFN_EXP_SCALE, "per_expert_scale")] = (cfg.n_experts,)  # the norms of each branch
+        for role in (Role.FFN_NORM_EXP, Role.FFN_POST_NORM_MLP, Role.FFN_POST_NORM_EXP):
+            norm(role, d)
     if cfg.gate_up_fused:
         linear(Role.FFN_GATE_UP, 2 * cfg.ffn_dim, d, cfg.mlp_bias)
     else:
