@@ -282,7 +282,8 @@ def test_cli_runs_admm_with_its_knobs(tmp_path, calib):
 
     src = tiny.build(tmp_path / "in", "llama-gqa")
     result = CliRunner().invoke(app, ["run", str(src), str(tmp_path / "out"), "--method", "admm", "--pattern", "2:4",
-                                      "--admm-iterations", "4", "--admm-rho", "0.5", "--admm-solve", "exact", "--calib", str(calib),
+                                      "--admm-iterations", "4", "--admm-rho", "0.5", "--admm-solve", "exact",
+                                      "--calib", str(calib),
                                       "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "streamprune_report.json").read_text())
