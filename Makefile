@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # another process keeping one core busy as without, where one thread per core slows down by ~40%.
 TEST_THREADS ?= 1
 
-.PHONY: install fixture-train fixture-moe test test-fast demo bench bench-moe bench-experts bench-sweep bench-high-sparsity clean
+.PHONY: install fixture-train fixture-moe test test-fast test-kernels demo bench bench-moe bench-experts bench-sweep bench-high-sparsity clean
 
 install: $(STAMP)
 
@@ -45,6 +45,16 @@ test: install
 # Everything but the tests marked slow (those that prune the demo model).
 test-fast: install
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -m "not slow"
+
+# The comparison-heavy tests with torch's CPU kernels forced to each vector width this machine runs (default, avx2 below
+# avx512, its own), on 1 and 2 threads: a tolerance that holds only where both sides round alike shows here.
+KERNEL_TESTS := tests/test_tasks.py tests/test_parity.py tests/test_pipeline_parity.py tests/test_fp8.py tests/test_mxfp4.py
+test-kernels: install
+	@caps="default $$($(BIN)/python -c 'import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print("avx2 " + c if c == "avx512" else c)')"; \
+	for cap in $$caps; do for threads in 1 2; do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap, $$threads thread(s)"; \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads $(BIN)/python -m pytest -q $(KERNEL_TESTS) || exit 1; \
+	done; done
 
 demo: install
 	$(BIN)/python bench/demo.py

@@ -1,4 +1,4 @@
-"""Small language models trained offline on English text shipped with Python: a LLaMA and a Mixtral.
+"""Small language models trained offline on English text shipped with Python: a LLaMA, a Mixtral and a Qwen3.5.
 
 Corpus: docstrings of a fixed list of pure-Python stdlib modules (parsed with ``ast``, never
 imported), then the ``pydoc_data.topics`` help texts in sorted key order, joined by blank lines and
@@ -7,11 +7,13 @@ model are trained on the train text only; the float32 checkpoint (with ``tokeniz
 ``train.txt``, ``test.txt``, ``build_info.json``) is cached as ``<name>-<version>`` in
 ``$STREAMPRUNE_CACHE`` (default ``~/.cache/streamprune``); bump a recipe's version when it changes.
 
-Two recipes share the corpus, tokenizer, schedule and seed: ``TINYLM`` (``tinylm-v2``, the demo's
-LLaMA) and ``TINYMOE`` (``tinymoe-v2``), the same hidden size and depth with each MLP replaced by 8
+Three recipes share the corpus, tokenizer, schedule and seed: ``TINYLM`` (``tinylm-v2``, the demo's
+LLaMA); ``TINYMOE`` (``tinymoe-v2``), the same hidden size and depth with each MLP replaced by 8
 Mixtral experts of width 144 under top-2 routing (softmax, top 2, renormalized), trained with
 a load-balancing loss per block so that every expert receives tokens; it is a bench fixture for
-``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``.
+``bench/moe_calibration.py``, built on demand (``--moe``, ``make fixture-moe``), never by ``make test``; and
+``TINYHYBRID`` (``tinyhybrid-v1``), the LLaMA's sizes as a Qwen3.5 (three Gated DeltaNet blocks, then one of gated
+attention), the fixture of ``bench/hybrid_sites.py`` (``--hybrid``), also built on demand only.
 
 The demo model is not trained where it is used: ``bench/tinylm-v2/`` holds the one this recipe trained (see its
 NOTICE.md), so that the demo, the tests and the benchmarks see the same model on every machine. The corpus is what
@@ -29,6 +31,7 @@ a live bar on a terminal, a line every 30 seconds elsewhere.
     python bench/tinylm.py                        # the shipped demo model's figures
     python bench/tinylm.py --train [--cache-dir DIR]   # what `make fixture-train` runs
     python bench/tinylm.py --moe                  # what `make fixture-moe` runs
+    python bench/tinylm.py --hybrid               # the Qwen3.5-shaped hybrid of bench/hybrid_sites.py
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ TINYLM = Recipe("tinylm", "v2", "LlamaConfig", "LlamaForCausalLM", MODEL_CONFIG)
 # computes it; v1's pooled loss ended at its ideal value (2.004) while single blocks starved experts (0.0%-0.2% of
 # the routed test tokens for 4 experts of 32).
 TINYMOE = Recipe("tinymoe", "v2", "MixtralConfig", "MixtralForCausalLM", MOE_CONFIG, moe=True)
+# Qwen3.5-shaped (dense): the LLaMA's sizes with blocks 0-2 Gated DeltaNet linear attention (2 key heads shared by 4
+# value heads of 48) and block 3 gated attention, as Qwen3.5 alternates them; for bench/hybrid_sites.py
+HYBRID_CONFIG: dict[str, Any] = dict(
+    MODEL_CONFIG, head_dim=48, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=48,
+    linear_value_head_dim=48, linear_conv_kernel_dim=4,
+)
+TINYHYBRID = Recipe("tinyhybrid", "v1", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", HYBRID_CONFIG)
 
 # Pure-Python stdlib modules whose docstrings precede the help topics (missing files are skipped).
 DOC_MODULES: tuple[str, ...] = tuple("""
@@ -467,9 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache root (default: $STREAMPRUNE_CACHE or ~/.cache/streamprune)")
     parser.add_argument("--moe", action="store_true",
                         help=f"the Mixtral-shaped model ({TINYMOE.folder}) instead of the LLaMA ({TINYLM.folder})")
+    parser.add_argument("--hybrid", action="store_true",
+                        help=f"the Qwen3.5-shaped hybrid model ({TINYHYBRID.folder}) instead of the LLaMA")
     args = parser.parse_args(argv)
-    if args.moe:
-        model_dir = build_tiny_lm(args.cache_dir, TINYMOE)
+    if args.moe or args.hybrid:
+        model_dir = build_tiny_lm(args.cache_dir, TINYMOE if args.moe else TINYHYBRID)
     elif args.train:
         model_dir = build_tiny_lm(args.cache_dir, TINYLM)
     else:
@@ -484,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['seq_len']} tokens (unigram {info['unigram_ppl']:.1f}, uniform {info['uniform_ppl']})")
     for layer, shares in enumerate(info.get("test_expert_shares", [])):
         print(f"block {layer} experts: " + " ".join(f"{s:.1%}" for s in shares) + " of the routed test tokens")
-    if args.train and not args.moe:
+    if args.train and not (args.moe or args.hybrid):
         differ = compare_with_shipped(model_dir)
         print(f"against {SHIPPED}: " + ("the same model, byte for byte (" + ", ".join(SHIPPED_FILES) + ")"
                                         if not differ else "another model: " + ", ".join(differ) + " differ"))

@@ -46,6 +46,12 @@ class Activations:
         """Add `values` (len(index), D) to token rows `index` of windows i..j-1."""
         self.data[i:j].view(-1, self.shape[2]).index_add_(0, index.to(self.data.device), values.to(self.data.device))
 
+    def like(self, suffix: str, width: int | None = None) -> Activations:
+        """An empty buffer of this one's shape (or `width` features per token) and placement (`suffix` names its file,
+        on disk)."""
+        shape = self.shape if width is None else (*self.shape[:2], width)
+        return Activations(shape, self.data.device, pin=self.data.is_pinned())
+
     def close(self) -> None:
         self.data = torch.empty(0)
 
@@ -109,6 +115,10 @@ class DiskActivations(Activations):
         arr = value.detach().to("cpu", torch.float32).contiguous().numpy()
         write_fully(self.fd, memoryview(arr).cast("B"), i * self.row_bytes)
         self.written_bytes += arr.nbytes
+
+    def like(self, suffix: str, width: int | None = None) -> Activations:
+        shape = self.shape if width is None else (*self.shape[:2], width)
+        return DiskActivations(shape, self.path.with_name(self.path.stem + suffix + self.path.suffix))
 
     def close(self) -> None:
         os.close(self.fd)

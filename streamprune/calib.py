@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from streamprune.errors import DataError
+from streamprune.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,53 @@ def eval_windows(tokens: Tensor, seqlen: int, nsamples: int | None = None, sourc
             raise DataError(f"nsamples {nsamples!r} must be at least 1")
         count = min(count, nsamples)
     return tokens[: count * seqlen].view(count, seqlen)
+
+
+@dataclass(frozen=True)
+class CalibSource:
+    """One calibration file and the number of windows drawn from it."""
+
+    path: Path
+    windows: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"file": str(self.path), "windows": self.windows}
+
+
+COUNT = re.compile(r"(.+):(-?\d+)")  # FILE:N, N a whole number (a negative one is refused, not read as a path)
+
+
+def calib_sources(given: str | Path | CalibSource | Iterable[str | Path | CalibSource] | None,
+                  nsamples: int) -> tuple[CalibSource, ...]:
+    """The calibration sources of --calib as given (once or repeated, FILE or FILE:N): N windows from each FILE:N,
+    `nsamples` from a FILE without a count. None: no calibration data."""
+    if given is None:
+        return ()
+    items = [given] if isinstance(given, (str, Path, CalibSource)) else list(given)
+    sources = []
+    for item in items:
+        if isinstance(item, CalibSource):
+            sources.append(item)
+            continue
+        match = COUNT.fullmatch(str(item)) if isinstance(item, str) else None
+        path, count = (Path(match.group(1)), int(match.group(2))) if match else (Path(item), nsamples)
+        if count < 1:
+            raise ArgumentError(f"--calib {str(item)!r}: the count of windows must be at least 1")
+        sources.append(CalibSource(path, count))
+    names = [s.path.resolve() for s in sources]
+    twice = next((s for s, name in zip(sources, names) if names.count(name) > 1), None)
+    if twice is not None:
+        raise ArgumentError(f"--calib {str(twice.path)!r} is given twice; give it once, with the count of windows "
+                            "wanted (FILE:N)")
+    return tuple(sources)
+
+
+def source_windows(sources: tuple[CalibSource, ...], model_dir: str | Path, vocab_size: int, seqlen: int,
+                   seed: int) -> Tensor:
+    """The windows of every source, in the order given: source k's drawn with seed `seed + k` (so one source is
+    drawn as `calib_windows` draws it), joined into (sum of the counts, seqlen)."""
+    return torch.cat([calib_windows(s.path, model_dir, vocab_size, seqlen, s.windows, seed + k)
+                      for k, s in enumerate(sources)])
 
 
 def calib_windows(path: str | Path, model_dir: str | Path, vocab_size: int, seqlen: int, nsamples: int,

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,17 @@ from torch import Tensor
 
 from streamprune.arch import ArchSpec, ModelConfig, Param, Role, resolve
 from streamprune.arch.binding import bind_roles
-from streamprune.arch.roles import PRUNABLE, ROUTER_ROLES
+from streamprune.arch.roles import PRUNABLE, ROUTER_ROLES, expert_axis
 from streamprune.errors import CheckpointError
 from streamprune.formats import format_of
-from streamprune.tensorfile import DTYPE_NAMES, TensorInfo, all_finite, read_header, read_tensor
+from streamprune.tensorfile import DTYPE_NAMES, TensorInfo, all_finite, lookup, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # what configs call the routed experts
+# what configs call the routed experts
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "all_finite", "load_config", "read_header",
            "read_tensor", "scan_tensors"]
@@ -124,7 +126,7 @@ class Checkpoint:
         self.expert_of = binding.expert_of  # a routed expert's tensor -> (block, expert)
         self.mtp = binding.mtp  # a multi-token-prediction layer's tensor -> its layer (copied as it is)
         # a packed linear as the model uses it (no byte range in a file)
-        self.decoded = {name: TensorInfo(name, self.tensors[self.layout.stored(name)[0]].path, DTYPE_NAMES[dtype],
+        self.decoded = {name: TensorInfo(name, self.part(self.layout.stored(name)[0]).path, DTYPE_NAMES[dtype],
                                          shape, 0, math.prod(shape) * dtype.itemsize)
                         for name, (dtype, shape) in binding.decoded.items()}
 
@@ -150,6 +152,10 @@ class Checkpoint:
     def n_experts(self, bid: int) -> int:
         return self.config.n_experts if self.config.is_moe(bid) else 0
 
+    def part(self, name: str) -> TensorInfo:
+        """Where stored tensor `name` lies, or a slice `NAME[i]` of one (a fused expert's)."""
+        return lookup(self.tensors, name)
+
     def keeping_experts(self, kept: int) -> Checkpoint:
         """The structure of this model with `kept` routed experts in each MoE block, numbered 0..kept-1 (what a run
         that removes experts writes): its config (the expert count under every key the config has for it), names,
@@ -158,7 +164,8 @@ class Checkpoint:
         if kept == self.config.n_experts:
             return self
         out = copy.copy(self)
-        out.raw_config = {**self.raw_config, **{key: kept for key in EXPERT_COUNT_KEYS if key in self.raw_config}}
+        out.raw_config = self.edit_text_config(lambda text: {**text, **{key: kept for key in EXPERT_COUNT_KEYS
+                                                                         if key in text}})
         out.config = dataclasses.replace(self.config, n_experts=kept)
         out.experts = {(bid, xid): names for (bid, xid), names in self.experts.items() if xid < kept}
         gone = {name for (_, xid), names in self.experts.items() if xid >= kept for name in names.values()}
@@ -167,31 +174,43 @@ class Checkpoint:
         parts = {part for name in gone for part in self.layout.stored(name)}
         out.tensors = {name: info for name, info in self.tensors.items() if name not in parts}
         out.decoded = {name: info for name, info in self.decoded.items() if name not in gone}
+        fused = self.layout.fused_tensors()  # cut along the experts, as the router is
+        out.tensors.update({name: self.tensors[name].keeping(kept) for name in fused})
+        out.layout = dataclasses.replace(self.layout, fused={
+            name: dataclasses.replace(piece, shape=(kept, *piece.shape[1:]))
+            for name, piece in self.layout.fused.items() if name not in gone})
         if self.mtp:  # a multi-token-prediction layer keeps every expert: it no longer fits the model, so it is left out
-            out.raw_config["num_nextn_predict_layers"] = 0
+            out.raw_config = self.edit_text_config(lambda text: {**text, self.spec.mtp_key: 0}, out.raw_config)
             out.location = {name: bid for name, bid in out.location.items() if name not in self.mtp}
             out.tensors = {name: info for name, info in out.tensors.items() if name not in self.mtp}
             out.mtp = {}
         for ((role, _), bid), name in self.names.items():
-            if role in ROUTER_ROLES and bid is not None:  # one row per expert
-                info = self.tensors[name]
-                out.tensors[name] = dataclasses.replace(info, shape=(kept, *info.shape[1:]),
-                                                        end=info.start + info.nbytes // info.shape[0] * kept)
+            if role in ROUTER_ROLES and bid is not None:  # one entry per expert
+                out.tensors[name] = self.tensors[name].keeping(kept, expert_axis(role))
         return out
+
+    def edit_text_config(self, edit: Callable[[dict[str, Any]], dict[str, Any]],
+                         raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        """config.json (`raw`, default this checkpoint's) with the language model's section replaced by `edit` of it
+        (an image-text model's `text_config`, else the whole)."""
+        raw = self.raw_config if raw is None else raw
+        key = self.spec.text_config
+        return {**raw, key: edit(raw[key])} if key else edit(raw)
 
     def info(self, name: str) -> TensorInfo:
         """Where tensor `name` lies, or for a linear the checkpoint stores encoded (packed, fp8), its shape and dtype
         as decoded."""
         return self.decoded[name] if name in self.decoded else self.tensors[name]
 
-    def stored_bytes(self, name: str) -> int:
-        """The bytes the checkpoint stores tensor `name` in (an encoded linear's parts together)."""
-        return sum(self.tensors[part].nbytes for part in self.layout.stored(name))
+    def stored_bytes(self, *names: str) -> int:
+        """The bytes the checkpoint stores tensors `names` in (an encoded linear's parts together; a fused expert's
+        slice counted once for its linears)."""
+        return sum(self.part(part).nbytes for part in {p for name in names for p in self.layout.stored(name)})
 
     def read(self, name: str) -> Tensor:
         """Tensor `name` as the model uses it (a packed linear decoded by the checkpoint's format)."""
         stored = self.layout.stored(name)
-        return self.layout.weight(name, {s: read_tensor(self.tensors[s]) for s in stored})
+        return self.layout.weight(name, {s: read_tensor(self.part(s)) for s in stored})
 
     def linear_modules(self) -> list[str]:
         """The module names of the model's linear layers outside the routed experts' (those whose 2-D weights are
@@ -202,7 +221,7 @@ class Checkpoint:
         weights += [name for name, bid in self.location.items()  # a vision tower's linears, copied as they are
                     if name.startswith(self.spec.passthrough) and name.endswith(".weight")]
         modules = {name.removesuffix(".weight") for name in weights
-                   if name in self.layout.encoded or len(self.tensors[name].shape) == 2}
+                   if name in self.layout.encoded or len(self.info(name).shape) == 2}
         return sorted(modules | {self.name_of(Role.OUTPUT, "weight").removesuffix(".weight")})
 
     def load_block(self, bid: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[Param, Tensor]:

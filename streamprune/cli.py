@@ -69,7 +69,9 @@ def _option(name: str, decl: Any, typ: Any, default: Any) -> inspect.Parameter:
     args = typing.get_args(typ)
     if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in args:
         typ = next(a for a in args if a is not type(None))
-    if decl.choices is not None:
+    if decl.repeat:  # --calib A --calib B:32
+        typ, default = list[str], None
+    elif decl.choices is not None:
         typ = enum.Enum(name, {c.replace("-", "_"): c for c in decl.choices}, type=str)  # type: ignore[misc]
         default = None if default is None else typ(default)
     elif decl.parse is not None:
@@ -85,6 +87,8 @@ def _value(decl: Any, value: Any) -> Any:
     """An option's value as the library takes it."""
     if isinstance(value, enum.Enum):
         return value.value
+    if decl.repeat:
+        return tuple(value) if value else None
     if decl.parse is not None and isinstance(value, str):
         return decl.parse(value)
     return value

@@ -15,21 +15,30 @@ experts in every group, the lowest-scoring of each, so that its groups stay whol
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import ModelConfig, Role
-from streamprune.arch.block import Weights, expert_hidden, linear
+from streamprune.arch.block import Weights, expert_hidden, expert_input, linear
+from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError
 from streamprune.forward import Routes
+from streamprune.journal import model_digest
 
 logger = logging.getLogger(__name__)
 
 EXPERT_CRITERIA = ("reap", "ean", "frequency", "random")
+COMPENSATION_DAMP = 0.01  # --compensate-experts: the least squares' ridge, relative to its mean diagonal
 
 
 def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
@@ -39,8 +48,9 @@ def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
     n, g = cfg.n_experts, cfg.n_group
     if not n:
         raise ArgumentError(f"--prune-experts {fraction!r}: model_type {cfg.model_type!r} has no routed experts")
-    if not 0 < fraction < 1:
-        raise ArgumentError(f"--prune-experts {fraction!r} must be a fraction in (0, 1)")
+    if not 0 <= fraction < 1:
+        raise ArgumentError(f"--prune-experts {fraction!r} must be a fraction in [0, 1) (0: every expert scored, "
+                            "none removed)")
     per_group = n // g - math.floor(fraction * n / g)
     while per_group > 0 and per_group * g % multiple:
         per_group -= 1
@@ -58,10 +68,65 @@ def kept_experts(cfg: ModelConfig, fraction: float, multiple: int) -> int:
         raise ArgumentError(f"--prune-experts {fraction:g} leaves {per_group} of {n // g} experts in each of the {g} "
                             "groups of the router (n_group), which scores a group by its two best experts: keep at "
                             "least 2 per group")
-    if kept == n:
+    if kept == n and fraction > 0:
         logger.warning("--prune-experts %g removes none of the %d routed experts of a block (floor(%g x %d) = 0)",
                        fraction, n, fraction, n)
     return kept
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a job does to the routed experts of each MoE block (--prune-experts): keeps `kept` of them, those
+    `criterion` scores highest, or with `scores` (--expert-scores) those the scores of a report rank highest."""
+
+    kept: int
+    criterion: str
+    scores: dict[int, list[float]] | None = None  # per MoE block, from the report named in `source`
+    source: dict[str, Any] | None = None  # where `scores` came from: the report's file, sha256 and criterion
+    compensate: bool = False  # --compensate-experts: the kept experts' down projections fitted to the dense block
+
+    @property
+    def surveys(self) -> bool:
+        """The block's experts are read twice: a survey (scores from the calibration data, or the dense block's
+        output that compensation fits) before the pass that writes them."""
+        return not self.known or self.compensate
+
+    @property
+    def known(self) -> bool:
+        """The scores are known before the block's experts are read (a report's, or random ones)."""
+        return self.scores is not None or self.criterion == "random"
+
+    def of(self, bid: int, n: int, seed: int) -> list[float]:
+        """The scores of block `bid`'s `n` experts when they are known up front."""
+        return random_scores(n, seed, bid) if self.scores is None else self.scores[bid]
+
+
+def load_scores(path: Path, ckpt: Checkpoint) -> tuple[dict[int, list[float]], dict[str, Any]]:
+    """Every MoE block's expert scores from the report a run of this model wrote (`--prune-experts`, 0 to only score
+    them), and where they came from; refused when the report holds none, or was made of a model with another expert
+    count, or of another model."""
+    label = f"--expert-scores {str(path)!r}"
+    try:
+        raw = path.read_bytes()
+        report = json.loads(raw)
+        blocks = {int(b["block"]): b for b in report["experts"]}
+        scores = {bid: [float(e["score"]) for e in b["experts"]] for bid, b in blocks.items()}
+        model = report["fingerprint"]["model"]
+    except OSError as e:
+        raise ArgumentError(f"{label}: cannot read: {e.strerror or e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArgumentError(f"{label}: holds no expert scores (a report of `streamprune run --prune-experts`, 0 "
+                            "to score without removing)") from e
+    moe = {b: ckpt.n_experts(b) for b in range(ckpt.config.n_layers) if ckpt.n_experts(b)}
+    for bid, n in moe.items():
+        if len(scores.get(bid, [])) != n:
+            got = f"{len(scores[bid])} experts' scores" if bid in scores else "no scores"
+            raise ArgumentError(f"{label}: block {bid} has {got}; the model has {n} routed experts there")
+    if sorted(scores) != sorted(moe) or model != model_digest(ckpt):
+        raise ArgumentError(f"{label}: the scores of another model (its fingerprint's model differs from "
+                            f"{str(ckpt.dir)!r})")
+    criterion = str(blocks[min(blocks)].get("criterion"))
+    return scores, {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "criterion": criterion}
 
 
 @dataclass
@@ -82,16 +147,22 @@ class Tally:
 
 
 @torch.no_grad()
-def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: torch.device) -> Tally:
-    """Expert `we`'s sums over its token rows (`forward.routed_rows`) of the MoE input `m`; norms in float64."""
+def tally(cfg: ModelConfig, we: Weights, rows: Routes, m: Activations, device: torch.device,
+          dense: Activations | None = None) -> Tally:
+    """Expert `we`'s sums over its token rows (`forward.routed_rows`) of the MoE input `m`; norms in float64. With
+    `dense`, its weighted output is added to those rows there (the dense block's output, which compensation fits)."""
     t = Tally()
     for i, j, token, weight in rows:
         if token.numel():
-            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, m.rows(i, j, token, device)))  # (n, D)
+            x = expert_input(cfg, m.rows(i, j, token, device), weight)  # what the expert sees (weighted: Llama 4)
+            f = linear(we, Role.FFN_DOWN_EXP, expert_hidden(cfg, we, x))  # (n, D)
+            if dense is not None:
+                dense.add_rows(i, j, token, f if cfg.weight_expert_input else f * weight[:, None])
             norms = torch.linalg.vector_norm(f.double(), dim=-1)  # (n,)
             t.tokens += int(token.numel())
             t.norm += float(norms.sum())
-            t.weighted_norm += float((weight.double() * norms).sum())
+            # g_j(x) ||f_j(x)||: the norm of the expert's share of the output (||f_j(g_j x)|| where weighted before)
+            t.weighted_norm += float(norms.sum() if cfg.weight_expert_input else (weight.double() * norms).sum())
     return t
 
 
@@ -111,10 +182,46 @@ def choose(scores: list[float], kept: int, groups: int = 1) -> list[int]:
     return [x for x in range(len(scores)) if x not in removed]
 
 
-def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally] | None, kept: list[int]) -> dict:
-    """The report's and the journal's record of one MoE block's choice."""
+def decision(bid: int, criterion: str, scores: list[float], tallies: list[Tally] | None, kept: list[int],
+             source: str | None = None) -> dict:
+    """The report's and the journal's record of one MoE block's choice (`source`: the report the scores were read
+    from, if any)."""
     new = {x: k for k, x in enumerate(kept)}
-    return {"block": bid, "criterion": criterion, "kept": len(kept), "removed": [x for x in range(len(scores))
-                                                                               if x not in new],
+    return {"block": bid, "criterion": criterion, **({"scores_from": source} if source else {}), "kept": len(kept),
+            "removed": [x for x in range(len(scores)) if x not in new],
             "experts": [{"expert": x, "score": s, "routed_tokens": None if tallies is None else tallies[x].tokens,
                          "kept": x in new, "index": new.get(x)} for x, s in enumerate(scores)]}
+
+
+@torch.no_grad()
+def compensated_down(cfg: ModelConfig, we: Weights, xid: int, routes: Routes, m: Activations, dense: Activations,
+                     out: Activations, device: torch.device, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """Kept expert `xid`'s down projection fitted, by weighted least squares, to what the block's output needs from
+    it on its calibration tokens (the reduced router's `routes`; MoE input `m`). The experts go in order: a token's
+    last expert (the highest index among those it is routed to) is fitted to the rest of its dense output `dense`
+    less `out` (the block's output so far, the experts before it added), so that the block's output on that token
+    equals the dense block's as nearly as its hidden activations allow; on its other tokens it keeps its own output
+    (the last one fits the rest). Each row weighs g^2, g what the expert's output is multiplied by: the token's
+    routing weight, or 1 where the weight scales the expert's input instead (Llama 4). `reduce` sums the statistics
+    over the ranks. Returns the weight in float32, (D, expert_ffn_dim)."""
+    down = we[(Role.FFN_DOWN_EXP, "weight")]
+    bias = we.get((Role.FFN_DOWN_EXP, "bias"))
+    H = torch.zeros(down.shape[1], down.shape[1], dtype=torch.float64, device=device)
+    C = torch.zeros(down.shape[0], down.shape[1], dtype=torch.float64, device=device)
+    for i, j, chosen, weights in routes:
+        token, slot = torch.where(chosen == xid)
+        if not token.numel():
+            continue
+        weight = weights[token, slot]
+        g = (torch.ones_like(weight) if cfg.weight_expert_input else weight).double()[:, None]  # (n, 1)
+        h = expert_hidden(cfg, we, expert_input(cfg, m.rows(i, j, token, device), weight))  # (n, ffn)
+        own = linear(we, Role.FFN_DOWN_EXP, h).double()
+        rest = (dense.rows(i, j, token, device) - out.rows(i, j, token, device)).double() / g
+        last = (chosen[token].max(dim=-1).values == xid)[:, None]
+        target = torch.where(last, rest, own) - (0 if bias is None else bias.double())  # what W h should give
+        h = h.double()
+        H += (h * g**2).T @ h
+        C += (target * g**2).T @ h
+    H, C = reduce(H), reduce(C)
+    H.diagonal().add_(COMPENSATION_DAMP * float(H.diagonal().mean()) + 1e-12)
+    return torch.linalg.solve(H, C.T).T.float()  # C H^-1

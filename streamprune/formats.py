@@ -41,6 +41,8 @@ from torch import Tensor
 
 from streamprune.errors import ArgumentError, CheckpointError
 from streamprune.fileio import atomic_write
+from streamprune.fused import Piece, join
+from streamprune.tensorfile import slice_name
 
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
 
@@ -315,6 +317,9 @@ class Fp8BlockFormat(OutputFormat):
     scale_dtype: torch.dtype = torch.float32
     dtype: torch.dtype = torch.bfloat16  # the model's (decoded weights')
     rows_at_once: int = 1024  # rows decoded or encoded at a time: the float64 temporaries stay small
+    # the scale's name beside `<module>.weight`: DeepSeek-V3's `weight_scale_inv`, or compressed-tensors'
+    # `weight_scale` (its float-quantized format with block strategy, as Mistral Large 3 is published)
+    scale_name: str = "weight_scale_inv"
 
     def __post_init__(self) -> None:
         if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
@@ -324,7 +329,7 @@ class Fp8BlockFormat(OutputFormat):
                                   "or float8_e8m0fnu")
 
     def names(self, weight: str) -> list[str]:
-        return [weight, module_of(weight) + ".weight_scale_inv"]
+        return [weight, f"{module_of(weight)}.{self.scale_name}"]
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
@@ -339,7 +344,7 @@ class Fp8BlockFormat(OutputFormat):
         return self.names(weight)[1] in tensors
 
     def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
-        scales = sorted({info.torch_dtype for name, info in tensors.items() if name.endswith(".weight_scale_inv")},
+        scales = sorted({info.torch_dtype for name, info in tensors.items() if name.endswith("." + self.scale_name)},
                         key=str)
         if len(scales) > 1:
             raise CheckpointError(f"fp8 scales stored in {len(scales)} dtypes ({', '.join(map(str, scales))}); "
@@ -402,30 +407,183 @@ class Fp8BlockFormat(OutputFormat):
         return qc
 
 
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the FP4 (e2m1) magnitudes of codes 0-7; codes 8-15 are their negatives
+MX_BLOCK = 32  # values per MXFP4 scale
+E2M1_EMAX = 2  # the exponent of e2m1's largest value, 1.5 x 2^2
+E8M0_NAN = 255
+
+
+@dataclass(frozen=True)
+class Mxfp4Format(OutputFormat):
+    """OCP Microscaling FP4 (MXFP4), as gpt-oss's and DeepSeek-V4's routed experts are published: each run of 32
+    input features of an output row shares one power-of-two scale. `<w>_blocks` (uint8 [..., out, in / 32, 16]: two
+    e2m1 codes a byte, the lower nibble first) and `<w>_scales` (uint8 [..., out, in / 32], e8m0: 2^(s - 127)); W =
+    code value x scale. Encoding takes each block's shared exponent floor(log2(amax)) - 2 (OCP MX: e2m1's largest
+    exponent off that of the largest magnitude), divides by it, rounds to the nearest e2m1 value (ties to the even
+    code) and saturates at 6; zeros stay exactly 0. Decoding is exact in any float dtype of the model (an e2m1 value
+    times a power of two), as a loader that dequantizes computes it."""
+
+    name: ClassVar[str] = "mxfp4"
+    dtype: torch.dtype = torch.bfloat16  # the model's (decoded weights')
+    rows_at_once: int = 4096  # rows decoded or encoded at a time: the temporaries stay small
+
+    def names(self, weight: str) -> list[str]:
+        return [weight + "_blocks", weight + "_scales"]
+
+    def tensors(self, weight: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        *lead, rows, cols = shape
+        if cols % MX_BLOCK:
+            raise CheckpointError(f"{weight}: {cols} input features are not a multiple of {MX_BLOCK} (MXFP4 blocks)")
+        blocks, scales = self.names(weight)
+        return {blocks: (torch.uint8, (*lead, rows, cols // MX_BLOCK, MX_BLOCK // 2)),
+                scales: (torch.uint8, (*lead, rows, cols // MX_BLOCK))}
+
+    def stores(self, weight: str, tensors: Mapping[str, Any]) -> bool:
+        return weight not in tensors and any(name in tensors for name in self.names(weight))
+
+    def bound(self, dtype: torch.dtype, tensors: Mapping[str, Any]) -> OutputFormat:
+        return dataclasses.replace(self, dtype=dtype)
+
+    def decode(self, weight: str, stored: Mapping[str, Tensor]) -> Tensor:
+        blocks, scales = (stored[n] for n in self.names(weight))
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != MX_BLOCK // 2 \
+                or blocks.shape[:-1] != scales.shape:
+            raise CheckpointError(f"{weight}: MXFP4 blocks {blocks.dtype} {list(blocks.shape)} and scales {scales.dtype} "
+                                  f"{list(scales.shape)} do not fit (uint8 [..., rows, groups, 16] and [..., rows, groups])")
+        if bool((scales == E8M0_NAN).any()):
+            raise CheckpointError(f"{weight}_scales holds the e8m0 code 255 (NaN)")
+        lut = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32, device=blocks.device)
+        *lead, rows, groups, _ = blocks.shape
+        flat_blocks, flat_scales = blocks.reshape(-1, groups, MX_BLOCK // 2), scales.reshape(-1, groups)
+        out = torch.empty(flat_blocks.shape[0], groups * MX_BLOCK, dtype=self.dtype, device=blocks.device)
+        for r in range(0, flat_blocks.shape[0], self.rows_at_once):
+            b = flat_blocks[r : r + self.rows_at_once]
+            values = torch.stack((lut[(b & 0x0F).int()], lut[(b >> 4).int()]), dim=-1)  # (R, groups, 16, 2)
+            scale = torch.exp2(flat_scales[r : r + self.rows_at_once].float() - 127)  # (R, groups)
+            out[r : r + self.rows_at_once] = (values.reshape(b.shape[0], groups, MX_BLOCK) * scale[..., None]).reshape(
+                b.shape[0], -1).to(self.dtype)
+        return out.reshape(*lead, rows, groups * MX_BLOCK)
+
+    def encode(self, weight: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
+        if quant is not None:
+            raise ArgumentError(f"{weight}: --format mxfp4 stores FP4 values of its own scales; --wbits quantizes to "
+                                "integers (use --format compressed-tensors or dense)")
+        *lead, rows, cols = value.shape
+        groups = cols // MX_BLOCK
+        self.tensors(weight, value.dtype, tuple(value.shape))  # refuses a width that is no multiple of 32
+        flat = value.reshape(-1, groups, MX_BLOCK)
+        blocks = torch.empty(flat.shape[0], groups, MX_BLOCK // 2, dtype=torch.uint8, device=value.device)
+        scales = torch.empty(flat.shape[0], groups, dtype=torch.uint8, device=value.device)
+        midpoints = torch.tensor([(a + b) / 2 for a, b in zip(E2M1, E2M1[1:])], dtype=torch.float32, device=value.device)
+        for r in range(0, flat.shape[0], self.rows_at_once):
+            v = flat[r : r + self.rows_at_once].float()  # (R, groups, 32)
+            amax = v.abs().amax(dim=-1)
+            exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - E2M1_EMAX, torch.full_like(amax, -127))
+            code = (exponent + 127).clamp(0, E8M0_NAN - 1)
+            scaled = (v.abs() / torch.exp2(code - 127)[..., None]).clamp(max=E2M1[-1])
+            index = torch.bucketize(scaled, midpoints)  # nearest magnitude, a tie to the lower one...
+            tie = (index < len(midpoints)) & (scaled == midpoints[index.clamp(max=len(midpoints) - 1)]) & (index % 2 == 1)
+            index = index + tie.to(index.dtype)  # ...then to the even code
+            nibble = (index + 8 * ((v < 0) & (index > 0)).to(index.dtype)).to(torch.uint8)  # no -0: a zero is code 0
+            blocks[r : r + self.rows_at_once] = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+            scales[r : r + self.rows_at_once] = code.to(torch.uint8)
+        name_blocks, name_scales = self.names(weight)
+        return {name_blocks: blocks.reshape(*lead, rows, groups, MX_BLOCK // 2),
+                name_scales: scales.reshape(*lead, rows, groups)}
+
+    def quantization_config(self, ignore: Iterable[str]) -> dict[str, Any]:
+        return {"quant_method": "mxfp4", "modules_to_not_convert": sorted(set(ignore))}
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint stores its tensors: the linear weights in `encoded` (by their dense names) as `format`
-    stores them, every other tensor as itself. A checkpoint read has its own layout; a run writes its output
-    in the layout of its format over the linears it prunes, and replays its shards through the same one."""
+    stores them, the routed experts' linears in `fused` as pieces of their expert's slice of a fused tensor (see
+    fused.py), every other tensor as itself. A checkpoint read has its own layout; a run writes its output in the
+    layout of its format over the linears it prunes (the experts arranged as the input's), and replays its shards
+    through the same one."""
 
     format: OutputFormat
     encoded: frozenset[str] = frozenset()
+    fused: Mapping[str, Piece] = dataclasses.field(default_factory=dict)
+
+    def encodes(self, name: str) -> bool:
+        """Whether tensor `name` is stored in this layout's format rather than as itself."""
+        return name in self.encoded and self.format.name != DenseFormat.name
 
     def stored(self, name: str) -> list[str]:
-        """The stored tensors that hold tensor `name`."""
+        """The stored tensors (or slices of them) that hold tensor `name`."""
+        if name in self.fused:
+            piece = self.fused[name]
+            if self.encodes(name):  # the expert's slice of each of the format's parts
+                return [slice_name(part, piece.expert) for part in self.format.names(piece.tensor)]
+            return [piece.slice]
         return self.format.names(name) if name in self.encoded else [name]
 
     def meta(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
-        """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes."""
+        """The stored tensors of tensor `name`, whose dense form is `dtype` `shape`, with their dtypes and shapes (a
+        fused expert's: the whole fused tensor, or its format's parts)."""
+        if name in self.fused:
+            piece = self.fused[name]
+            if self.encodes(name):
+                return self.format.tensors(piece.tensor, dtype, piece.shape)
+            return {piece.tensor: (dtype, piece.stored_shape)}
         return self.format.tensors(name, dtype, shape) if name in self.encoded else {name: (dtype, tuple(shape))}
 
+    def fused_tensors(self) -> set[str]:
+        """The stored tensors that hold routed experts fused (a format's parts where it encodes them)."""
+        return {part for name, piece in self.fused.items()
+                for part in (self.format.names(piece.tensor) if self.encodes(name) else [piece.tensor])}
+
+    def parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Meta]:
+        """What `encode` gives for tensor `name`, with dtypes and shapes (a fused expert's linear: itself, a piece)."""
+        return {name: (dtype, tuple(shape))} if name in self.fused else self.meta(name, dtype, shape)
+
     def encode(self, name: str, value: Tensor, quant: Quantized | None = None) -> dict[str, Tensor]:
-        """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`."""
+        """The stored tensors of tensor `name`, whose value (the weight the run goes on with) is `value`; a fused
+        expert's linear is a piece, put together with its expert's others when written (`assemble`), its value as the
+        format will decode it."""
+        if name in self.fused:
+            if self.encodes(name):  # as it will decode: the formats that store fused experts encode row by row
+                piece = self.fused[name]
+                value = self.format.decode(piece.tensor, self.format.encode(piece.tensor, value, quant))
+            return {name: value}
         return self.format.encode(name, value, quant) if name in self.encoded else {name: value}
 
     def weight(self, name: str, raw: Mapping[str, Tensor]) -> Tensor:
-        """Tensor `name` as the run used it, from the stored tensors in `raw`."""
+        """Tensor `name` as the run used it, from the stored tensors in `raw` (or its piece, as `encode` gave it)."""
+        if name in self.fused:
+            piece = self.fused[name]
+            if name in raw:
+                return raw[name]
+            if self.encodes(name):  # the piece's rows of each part of the expert's slice, decoded
+                return self.format.decode(piece.tensor, {
+                    part: piece.take(raw[slice_name(part, piece.expert)], stored_dense=False)
+                    for part in self.format.names(piece.tensor)})
+            return piece.take(raw[piece.slice])
         return self.format.decode(name, raw) if name in self.encoded else raw[name]
+
+    def assemble(self, pending: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The expert slices whose pieces (fused experts' linears, as `encode` gave them) are all in `pending`, as
+        stored: those pieces are taken out of `pending`; the others wait there for their siblings."""
+        slices: dict[str, list[str]] = {}
+        for name in pending:
+            slices.setdefault(self.fused[name].slice, []).append(name)
+        out = {}
+        for names in slices.values():
+            pieces = [(self.fused[n], pending[n]) for n in names]
+            value = join(pieces)
+            if value is None:
+                continue
+            for n in names:
+                del pending[n]
+            piece = pieces[0][0]
+            if self.encodes(names[0]):
+                for part, t in self.format.encode(piece.tensor, value).items():
+                    out[slice_name(part, piece.expert)] = t
+            else:
+                out[piece.slice] = value.T.contiguous() if piece.transposed else value.contiguous()
+        return out
 
 
 def write_quantization_config(out_dir: Path, fmt: OutputFormat, ignore: Iterable[str]) -> None:
@@ -451,7 +609,7 @@ def update_config(out_dir: Path, changes: dict[str, Any], remove: Iterable[str] 
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-FORMATS = ("dense", "compressed-tensors", "fp8")
+FORMATS = ("dense", "compressed-tensors", "fp8", "mxfp4")
 
 
 def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
@@ -467,6 +625,24 @@ def fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
     if qc.get("scale_fmt") not in (None, "ue8m0"):
         raise CheckpointError(f"{where}: scale_fmt {qc.get('scale_fmt')!r} is not read; expected ue8m0 or none")
     return Fp8BlockFormat(block=(block[0], block[1]))
+
+
+def compressed_fp8_format_of(qc: Mapping[str, Any], where: str) -> Fp8BlockFormat:
+    """compressed-tensors' float-quantized format with FP8 weights in block strategy (Mistral Large 3): DeepSeek-V3's
+    block-scaled FP8 with the scale named `weight_scale`. Activations quantized dynamically, at run time, if at all:
+    pruning leaves them to the loader."""
+    groups = qc.get("config_groups")
+    scheme = next(iter(groups.values())) if isinstance(groups, dict) and len(groups) == 1 else None
+    w = scheme.get("weights") if isinstance(scheme, dict) else None
+    block = w.get("block_structure") if isinstance(w, dict) else None
+    act = scheme.get("input_activations") if isinstance(scheme, dict) else None
+    if (not isinstance(w, dict) or w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") != "block"
+            or not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)
+            or not (act is None or isinstance(act, dict) and act.get("dynamic") is True)):
+        raise CheckpointError(f"{where}: a compressed-tensors float-quantized config is read with one config group of "
+                              f"8-bit float weights in blocks (block_structure) and dynamic or no activation "
+                              f"quantization, got {scheme!r:.160}")
+    return Fp8BlockFormat(block=(block[0], block[1]), scale_name="weight_scale")
 
 
 @dataclass(frozen=True)
@@ -491,6 +667,11 @@ def make_format(name: str, grid: GridArgs | None = None) -> OutputFormat:
             raise ArgumentError("--format fp8 stores float8 weights; --wbits quantizes to integers (use --format "
                                 "compressed-tensors or dense)")
         return Fp8BlockFormat()
+    if name == "mxfp4":
+        if grid is not None:
+            raise ArgumentError("--format mxfp4 stores FP4 values of its own scales; --wbits quantizes to integers (use "
+                                "--format compressed-tensors or dense)")
+        return Mxfp4Format()
     raise ArgumentError(f"format {name!r} is not one of {', '.join(FORMATS)}")
 
 
@@ -504,10 +685,14 @@ def format_of(config: Mapping[str, Any], where: str = "config.json") -> OutputFo
     method, fmt = qc.get("quant_method"), qc.get("format")
     if method == "fp8":
         return fp8_format_of(qc, where)
+    if method == "mxfp4":
+        return Mxfp4Format()
+    if method == "compressed-tensors" and fmt == "float-quantized":
+        return compressed_fp8_format_of(qc, where)
     if method != "compressed-tensors" or fmt != "pack-quantized":
         raise CheckpointError(f"{where}: quantization_config with quant_method {method!r} and format {fmt!r} is not "
-                              "supported; streamprune reads unquantized, fp8 (block scales) and compressed-tensors "
-                              "pack-quantized checkpoints")
+                              "supported; streamprune reads unquantized, fp8 (block scales), mxfp4 and "
+                              "compressed-tensors pack-quantized checkpoints")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise CheckpointError(f"{where}: streamprune reads a compressed-tensors config with one config group, "

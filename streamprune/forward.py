@@ -10,7 +10,7 @@ from torch import Tensor
 
 from streamprune.activations import Activations
 from streamprune.arch import Role, Site
-from streamprune.arch.block import Positions, Tap, Weights, block_forward, embed, expert_hidden, head, linear, route
+from streamprune.arch.block import Carried, Positions, Tap, Weights, block_forward, embed, expert_output, head, route
 from streamprune.checkpoint import Checkpoint
 from streamprune.stream import Part
 
@@ -47,6 +47,7 @@ def forward_block(
     until: Site | None = None,
     experts: Callable[[], Iterable[Part]] | None = None,
     m_store: Activations | None = None,
+    carry: Callable[[int, int], Carried] | None = None,
 ) -> Routes | None:
     """Run one block over all windows of `x` in batches, writing into `out` (may be `x` itself, except for an
     MoE block). With `until`, each batch stops once that site's input is tapped and nothing is written.
@@ -55,14 +56,16 @@ def forward_block(
     every window's output without the routed experts into `out` (if given) and the MoE input into `m_store`
     (default: over `x`, no longer needed), the second streams `experts()` (if given) and adds each one's weighted
     output for the tokens routed to it (see `add_expert`). Returns the routes of an MoE block's first pass
-    (None for a dense block, or with `until`).
+    (None for a dense block, or with `until`). `carry(i, j)`: what windows i..j-1 bring this block beside their hidden
+    states (per-layer inputs, shared keys and values; see block.Carried), where the model has any.
     """
     moe = until is None and (Role.FFN_GATE_INP, "weight") in w
     m_store = x if m_store is None else m_store
     routes: Routes = []
     for i, j in batches(x.shape[0], batch):
         y = block_forward(ckpt.config, w, x.read(i, j, device), pos, tap, until,
-                          routed=(lambda m, i=i, j=j: defer(ckpt, w, m_store, i, j, m, routes)) if moe else None)
+                          routed=(lambda m, i=i, j=j: defer(ckpt, w, m_store, i, j, m, routes)) if moe else None,
+                          carried=None if carry is None else carry(i, j))
         if y is not None and out is not None:
             assert out is not m_store or not moe
             out.write(i, j, y)
@@ -106,8 +109,7 @@ def add_expert(ckpt: Checkpoint, we: Weights, rows: Routes, m: Activations, out:
     """Add one routed expert's weighted output to `out` for its token rows (from `routed_rows`)."""
     for i, j, token, weight in rows:
         if token.numel():
-            y = linear(we, Role.FFN_DOWN_EXP, expert_hidden(ckpt.config, we, m.rows(i, j, token, device)))
-            out.add_rows(i, j, token, y * weight[:, None])
+            out.add_rows(i, j, token, expert_output(ckpt.config, we, m.rows(i, j, token, device), weight))
 
 
 def head_weights(ckpt: Checkpoint, device: torch.device) -> Weights:

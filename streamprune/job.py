@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from streamprune.arch import PRUNABLE
-from streamprune.calib import calib_windows
+from streamprune.calib import CalibSource, calib_sources, source_windows
 from streamprune.checkpoint import INDEX_NAME, Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError, DataError
-from streamprune.experts import kept_experts
+from streamprune.experts import Removal, kept_experts, load_scores
 from streamprune.formats import CompressedTensorsFormat, DenseFormat, Layout, make_format
-from streamprune.journal import JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint
+from streamprune.journal import (JOURNAL_NAME, WORK_DIR, Journal, calib_digest, describe_difference, fingerprint,
+                                 sources_digest)
 from streamprune.memory import MEMORY_CSV, resolve_device
 from streamprune.options import RUN, SWEEP, PruneOptions, Scope, check, fingerprint_args, finite_at_least
 from streamprune.plan import MemoryPlan, decide, eval_sizes, eval_tasks, footprint, plan_sweep, run_eval_windows
@@ -38,7 +39,7 @@ from streamprune.pruners import Pattern, default_errors, method, resolve_sparsit
 from streamprune.pruners.masks import check_columns
 from streamprune.pruners.quant import Grid, check_group_size
 from streamprune.report import REPORT_NAME, Report, load_report
-from streamprune.sweep import SWEEP_FILES, SWEEP_JOURNAL, SWEEP_NAME, Point, SweepResult, sweep_points
+from streamprune.sweep import SWEEP_FILES, SWEEP_JOURNAL, SWEEP_NAME, Point, SweepResult, as_fractions, sweep_points
 from streamprune.writer import output_linears
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Job:
     grid: Grid | None  # the quantization grid of the kept weights, if any
     layout: Layout  # how the output stores the pruned linears (the output format over their names)
     solves: bool = True  # False: routed experts are removed and nothing else changes (every kept tensor copied)
+    removal: Removal | None = None  # --prune-experts: how many experts each MoE block keeps, and by which scores
     # the linears `grid` quantizes (None: every pruned one); a packed input written as stored quantizes only those it
     # stores packed (Kimi-K2-Thinking's routed experts), on its own grid
     quantized: frozenset[str] | None = None
@@ -117,6 +119,7 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     the fingerprint is that of the whole job, the same as with one process."""
     ranks = ranks or Ranks()
     check(opts, RUN)
+    opts = with_sources(opts)
     cls, pattern = method(opts.method), Pattern.parse(opts.pattern)
     sparsity = resolve_sparsity(opts.sparsity, pattern)
     knobs = {k: getattr(opts, k) for k in cls.knobs}
@@ -124,30 +127,23 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     errors = default_errors(cls, opts.layer_errors)
     owl = check_allocation(opts, pattern)
     ckpt = open_model(model_dir)
-    kept = None if opts.prune_experts is None else kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
+    removal = expert_removal(ckpt, opts)
+    kept = None if removal is None else removal.kept
     solves = kept is None or sparsity > 0 or pattern.structured or opts.wbits is not None
     errors = errors and solves
-    surveys = kept is not None and opts.expert_criterion != "random"  # the experts' scores read the calibration data
+    surveys = removal is not None and removal.surveys  # the experts' scores (or the dense block) read the calibration
+    if removal is not None and removal.compensate and solves and not opts.sequential:
+        raise ArgumentError("--compensate-experts fits the kept experts to the block as pruned so far: it needs "
+                            "--sequential")
     grid, layout, quantized = output_layout(ckpt, opts, pattern)
     device = resolve_device(opts.device)  # as recorded; each rank computes on its own (`ranks.device`)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
-    calib = None if opts.calib is None else Path(opts.calib)
     reads = solves and cls.accumulates(errors)  # the method reads calibration statistics
-    if calib is not None and not reads and not owl and not surveys:
-        if solves:
-            logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
-                           opts.method, calib)
-        else:
-            logger.warning("random expert removal with --sparsity 0 reads no calibration data: %s is not used", calib)
-        calib = None
-    if calib is None and ((solves and (cls.needs_data or errors)) or owl or surveys):
-        what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
-                else "--allocation owl" if owl else f"--expert-criterion {opts.expert_criterion!r}")
-        raise DataError(f"{what} needs calibration data: pass --calib FILE")
+    calib = used_sources(opts, cls, solves, errors, reads or owl or surveys, removal)
     if owl and ckpt.config.n_experts:
         raise ArgumentError(f"--allocation owl does not support Mixture-of-Experts models (model_type "
                             f"{ckpt.config.model_type!r}); use --allocation uniform")
-    drawn = None if calib is None else draw_windows(ckpt, calib, opts, seqlen)
+    drawn = None if calib is None else draw_windows(ckpt, calib, opts.seed, seqlen)
     windows = drawn if reads or surveys else None  # magnitude: the windows serve only OWL's dense pass
     check_out_dir(model_dir, out_dir)
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen,
@@ -158,7 +154,8 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     shares = ranks.shares(opts.nsamples, windows, ewindows,
                           bool(ckpt.config.n_experts) and not (opts.sequential or not solves))
     fp = footprint(ckpt, shares.nsamples, seqlen, opts.method, opts.sequential, errors, knobs, grid,
-                   *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl)
+                   *eval_sizes(shares.eval_windows, opts.eval_dense, sequences), owl=owl,
+                   compensate=removal is not None and removal.compensate)
     decision = decide(fp, ranks.device(device), opts.offload_activations, opts.max_gpu_memory, opts.batch,
                       opts.nsamples, ranks.local_world)
     if decision.batch != min(opts.batch, opts.nsamples):
@@ -166,25 +163,30 @@ def prepare(model_dir: Path, out_dir: Path, opts: PruneOptions, ranks: Ranks | N
     if decision.offload_hessian:
         logger.info("X^T X waits in host memory while its solver matrix is on the GPU, to fit the GPU budget")
     args = {**opts.args(RUN), "sparsity": sparsity, "pattern": str(pattern), "seqlen": seqlen,
-            "calib": None if calib is None else str(calib), "device": str(device),
+            "calib": None if calib is None else [s.to_dict() for s in calib], "device": str(device),
             "offload_activations": decision.placement, "batch": decision.batch,
             "offload_hessian": decision.offload_hessian, "layer_errors": errors,
             "eval_seqlen": None if ewindows is None else ewindows.shape[1]}
-    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None,
-                  {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)})  # type: ignore[arg-type]
-    fprint = fingerprint(ckpt, None if drawn is None else calib_digest(calib, drawn), fingerprint_args(args, RUN, scope))
+    digests = {} if ewindows is None else {"eval": calib_digest(Path(opts.eval), ewindows)}  # type: ignore[arg-type]
+    if removal is not None and removal.source is not None:
+        digests["expert_scores"] = removal.source["sha256"]
+    scope = Scope(frozenset(cls.knobs), bool(ckpt.config.n_experts), grid is not None, owl, kept is not None, digests)
+    fprint = fingerprint(ckpt, None if drawn is None else sources_digest(calib, drawn),
+                         fingerprint_args(args, RUN, scope))
     state, finished = previous_job(out_dir, fprint, opts, RUN)
     if finished:
         return load_report(out_dir)
     journal = None if state is None else Journal.from_dict(state).verified(out_dir)
     out = ckpt if kept is None else ckpt.keeping_experts(kept)  # what is written: the kept experts only
+    layout = dataclasses.replace(layout, fused=out.layout.fused)  # experts stored fused stay fused
     output = sum(info.nbytes for info in out.tensors.values()) - sum(e["bytes"] for e in (journal.done if journal else {}).values())
     activations = ranks.local_world * fp.activations if decision.placement == "disk" else 0
     check_disk(out_dir, "the run", {"output": output, "temporary activations": activations})
     return Job(ckpt=ckpt, out=out, opts=opts, out_dir=out_dir,
                pattern=pattern, sparsity=sparsity, errors=errors, knobs=knobs, seqlen=seqlen,
                device=ranks.device(device), windows=shares.windows, placement=decision.placement, batch=decision.batch,
-               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, args=args, quantized=quantized,
+               offload_hessian=decision.offload_hessian, grid=grid, layout=layout, solves=solves, removal=removal,
+               args=args, quantized=quantized,
                fingerprint=fprint, journal=journal, eval_windows=shares.eval_windows,
                owl_windows=None if not owl or drawn is None else drawn[ranks.share(drawn.shape[0])], ranks=ranks,
                tasks=tasks, task_sequences=sequences)
@@ -196,7 +198,10 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ArgumentError("sweep runs in one process: launch it without torchrun")
     check(opts, SWEEP)
-    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    opts = with_sources(opts)
+    points = sweep_points(list(opts.methods), None if opts.sparsities is None else list(opts.sparsities),
+                          list(opts.patterns), as_fractions(opts.prune_experts), list(opts.expert_criteria),
+                          opts.compensate_experts)
     if opts.calib is None:
         raise DataError("sweep needs calibration data: pass --calib FILE")
     if opts.eval is None:
@@ -205,26 +210,31 @@ def prepare_sweep(model_dir: Path, out_dir: Path, opts: PruneOptions) -> SweepJo
     for p in points:
         cls, pattern = method(p.method), Pattern.parse(p.pattern)
         cls.check({k: getattr(opts, k) for k in cls.knobs}, pattern)
+        if p.experts is not None:
+            kept_experts(ckpt.config, p.experts, opts.experts_multiple)  # refused as run refuses it
+            if p.compensate and p.solves and not opts.sequential:
+                raise ArgumentError("--compensate-experts fits the kept experts to the block as pruned so far: it "
+                                    "needs --sequential")
     device = resolve_device(opts.device)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
-    calib = Path(opts.calib)
-    windows = draw_windows(ckpt, calib, opts, seqlen)
+    calib: tuple[CalibSource, ...] = opts.calib  # type: ignore[assignment]
+    windows = draw_windows(ckpt, calib, opts.seed, seqlen)
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
     assert ewindows is not None
     save_dir = None if opts.save_dir is None else Path(opts.save_dir)
     for folder in [out_dir] + ([save_dir] if save_dir is not None else []):
         check_out_dir(model_dir, folder)
-    plan = plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows, device)
+    plan = plan_sweep(ckpt, [(p.method, p.compensate) for p in points], opts, seqlen, ewindows, device)
     check_sweep_memory(plan, opts, device)
     acts = sum(b for what, b, _ in plan.consumers if "activations" in what or "hidden states" in what)
     check_disk(out_dir, "the sweep", {"two saved states of the points' streams": 2 * acts,
                                       "temporary activations": acts if plan.placement == "disk" else 0})
-    args = {**opts.args(SWEEP), "calib": str(calib), "seqlen": seqlen, "device": str(device), "eval": str(opts.eval),
+    args = {**opts.args(SWEEP), "calib": [s.to_dict() for s in calib], "seqlen": seqlen, "device": str(device), "eval": str(opts.eval),
             "eval_seqlen": ewindows.shape[1], "offload_activations": plan.placement, "batch": plan.batch,
             "points": [dataclasses.asdict(p) for p in points]}
     knobs = frozenset(k for p in points for k in method(p.method).knobs)
     scope = Scope(knobs, bool(ckpt.config.n_experts), digests={"eval": calib_digest(Path(opts.eval), ewindows)})
-    fprint = fingerprint(ckpt, calib_digest(calib, windows),
+    fprint = fingerprint(ckpt, sources_digest(calib, windows),
                          fingerprint_args(args, SWEEP, scope) | {"points": args["points"]})
     state, finished = previous_job(out_dir, fprint, opts, SWEEP)
     if finished:
@@ -239,14 +249,20 @@ def point_job(ckpt: Checkpoint, opts: PruneOptions, p: Point, out_dir: Path, seq
               windows: Tensor, ewindows: Tensor, plan: MemoryPlan) -> Job:
     """One point of a sweep, as `prepare` would give it for `run` with the point's method, pattern and sparsity."""
     cls = method(p.method)
-    errors = default_errors(cls, opts.layer_errors)
-    popts = dataclasses.replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity)
-    return Job(ckpt=ckpt, out=ckpt, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
+    removal = None if p.experts is None else Removal(kept_experts(ckpt.config, p.experts, opts.experts_multiple),
+                                                     p.criterion or "reap", compensate=p.compensate)
+    solves = removal is None or p.solves
+    errors = default_errors(cls, opts.layer_errors) and solves
+    popts = dataclasses.replace(opts, method=p.method, pattern=p.pattern, sparsity=p.sparsity, prune_experts=p.experts,
+                                expert_criterion=p.criterion or opts.expert_criterion, compensate_experts=p.compensate)
+    out = ckpt if removal is None else ckpt.keeping_experts(removal.kept)
+    reads = (solves and cls.accumulates(errors)) or (removal is not None and removal.surveys)
+    return Job(ckpt=ckpt, out=out, opts=popts, out_dir=out_dir, pattern=Pattern.parse(p.pattern), sparsity=p.sparsity,
                errors=errors, knobs={k: getattr(opts, k) for k in cls.knobs}, seqlen=seqlen, device=device,
-               windows=windows if cls.accumulates(errors) else None, placement=plan.placement, batch=plan.batch,
-               offload_hessian=plan.offload_hessian, grid=None,
-               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt))),
-               args={**popts.args(RUN), "calib": str(opts.calib), "eval": str(opts.eval), "seqlen": seqlen,
+               windows=windows if reads else None, placement=plan.placement, batch=plan.batch,
+               offload_hessian=plan.offload_hessian, grid=None, solves=solves, removal=removal,
+               layout=Layout(make_format("dense", None), frozenset(output_linears(ckpt)), out.layout.fused),
+               args={**popts.args(RUN), "calib": [s.to_dict() for s in opts.calib], "eval": str(opts.eval), "seqlen": seqlen,
                      "device": str(device)}, eval_windows=ewindows)
 
 
@@ -256,9 +272,59 @@ def open_model(model_dir: Path) -> Checkpoint:
     return ckpt
 
 
-def draw_windows(ckpt: Checkpoint, calib: Path, opts: PruneOptions, seqlen: int) -> Tensor:
+def used_sources(opts: PruneOptions, cls: Any, solves: bool, errors: bool, read: bool,
+                 removal: Removal | None) -> tuple[CalibSource, ...] | None:
+    """The calibration sources the run reads (`read`: something reads them), None when none is; a source given that
+    nothing reads is named in a warning, one that is needed and not given refused."""
+    calib: tuple[CalibSource, ...] | None = opts.calib or None  # type: ignore[assignment]
+    if calib is not None and not read:
+        files = ", ".join(str(s.path) for s in calib)
+        if solves:
+            logger.warning("method %r reads no calibration statistics: %s is not used (it is with --layer-errors)",
+                           opts.method, files)
+        else:
+            logger.warning("expert removal by %s with --sparsity 0 reads no calibration data: %s is not used",
+                           "random scores" if removal and removal.scores is None else "the scores of a report", files)
+        return None
+    if calib is None and ((solves and (cls.needs_data or errors)) or read):
+        what = (f"method {opts.method!r}" if solves and cls.needs_data else "--layer-errors" if solves and errors
+                else "--allocation owl" if opts.allocation == "owl" else "--compensate-experts"
+                if opts.compensate_experts else f"--expert-criterion {opts.expert_criterion!r}")
+        raise DataError(f"{what} needs calibration data: pass --calib FILE")
+    return calib
+
+
+def expert_removal(ckpt: Checkpoint, opts: PruneOptions) -> Removal | None:
+    """--prune-experts: the experts each MoE block keeps, and the scores that choose them (a report's with
+    --expert-scores, else the criterion's); None without it."""
+    if opts.prune_experts is None:
+        if opts.expert_scores is not None:
+            raise ArgumentError(f"--expert-scores {str(opts.expert_scores)!r} needs --prune-experts F (the fraction of "
+                                "each block's experts to remove)")
+        if opts.compensate_experts:
+            raise ArgumentError("--compensate-experts needs --prune-experts F (it fits the experts a removal keeps)")
+        return None
+    if isinstance(opts.prune_experts, (tuple, list)):
+        raise ArgumentError(f"--prune-experts {','.join(map(str, opts.prune_experts))!r}: run removes one fraction "
+                            "(sweep takes several)")
+    kept = kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple)
+    if opts.expert_scores is None:
+        return Removal(kept, opts.expert_criterion, compensate=opts.compensate_experts)
+    scores, source = load_scores(Path(opts.expert_scores), ckpt)
+    return Removal(kept, source["criterion"], scores, source, opts.compensate_experts)
+
+
+def with_sources(opts: PruneOptions) -> PruneOptions:
+    """`opts` with --calib as its sources (each FILE[:N] with its count) and --nsamples as their total count."""
+    sources = calib_sources(opts.calib, opts.nsamples)
+    if not sources:
+        return dataclasses.replace(opts, calib=None)
+    return dataclasses.replace(opts, calib=sources, nsamples=sum(s.windows for s in sources))
+
+
+def draw_windows(ckpt: Checkpoint, sources: tuple[CalibSource, ...], seed: int, seqlen: int) -> Tensor:
     ckpt.config.check_seqlen(seqlen)
-    return calib_windows(calib, ckpt.dir, ckpt.config.vocab_size, seqlen, opts.nsamples, opts.seed)
+    return source_windows(sources, ckpt.dir, ckpt.config.vocab_size, seqlen, seed)
 
 
 def check_allocation(opts: PruneOptions, pattern: Pattern) -> bool:
@@ -295,7 +361,15 @@ def output_layout(ckpt: Checkpoint, opts: PruneOptions,
         grid = dataclasses.replace(grid, scale_dtype=ckpt.dtype)
     # fp8 as read keeps the input's tiles and scales' dtype; packed integers take the run's own grid (--wbits)
     fmt = given if name == given.name == "fp8" else make_format(name, grid).bound(ckpt.dtype, {})
-    layout = Layout(fmt, frozenset(output_linears(ckpt)))
+    if ckpt.layout.fused and fmt.name not in ("dense", "mxfp4"):
+        fused = next(iter(ckpt.layout.fused.values())).tensor
+        raise ArgumentError(f"--format {fmt.name}: the routed experts are stored fused ({fused}, ...), which dense "
+                            "and mxfp4 write back; use --format dense (--wbits rounds their weights to the grid in "
+                            "the model's dtype) or mxfp4")
+    if fmt.name == "mxfp4" and not ckpt.config.n_experts:
+        raise ArgumentError(f"--format mxfp4 stores routed experts; model_type {ckpt.config.model_type!r} has none")
+    # MXFP4 encodes the routed experts only, as gpt-oss is published; the other formats every pruned linear
+    layout = Layout(fmt, frozenset(n for n in output_linears(ckpt) if fmt.name != "mxfp4" or n in ckpt.expert_of))
     unpruned = sorted(ckpt.layout.encoded - layout.encoded)
     if unpruned:
         raise ArgumentError(f"{unpruned[0]} is stored {given.name} but is not a linear streamprune prunes "

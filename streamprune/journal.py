@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from streamprune.calib import CalibSource
 from streamprune.checkpoint import Checkpoint
 from streamprune.fileio import atomic_write
 from streamprune.memory import device_name
@@ -33,6 +35,14 @@ def calib_digest(path: Path, windows: Tensor) -> str:
     return h.hexdigest()
 
 
+def sources_digest(sources: Sequence[CalibSource], windows: Tensor) -> list[dict[str, Any]]:
+    """Each calibration source by its file name, its count of windows and the `calib_digest` of its windows (the
+    rows of `windows` in the order of `sources`)."""
+    parts = windows.split([s.windows for s in sources])
+    return [{"file": s.path.name, "windows": s.windows, "digest": calib_digest(s.path, part)}
+            for s, part in zip(sources, parts)]
+
+
 def model_digest(ckpt: Checkpoint) -> str:
     """Digest of config.json and every shard's name, size and header (not the tensor data)."""
     h = hashlib.sha256((ckpt.dir / "config.json").read_bytes())
@@ -43,8 +53,8 @@ def model_digest(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
-def fingerprint(ckpt: Checkpoint, calib: str | None, args: dict[str, Any]) -> dict[str, Any]:
-    """`calib`: the `calib_digest` of the calibration data, if any."""
+def fingerprint(ckpt: Checkpoint, calib: list[dict[str, Any]] | None, args: dict[str, Any]) -> dict[str, Any]:
+    """`calib`: the `sources_digest` of the calibration data, if any."""
     return {"model": model_digest(ckpt), "calib": calib, "args": args}
 
 

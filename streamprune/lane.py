@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from streamprune.activations import Activations, DiskActivations
+from streamprune.activations import Activations, DiskActivations, copy_store, make_store
 from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
-from streamprune.arch.block import expert_hidden
-from streamprune.arch.roles import ROUTER_ROLES
+from streamprune.arch.block import expert_hidden, expert_input
+from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
 from streamprune.evaluate import HiddenStream
-from streamprune.experts import Tally, choose, decision, random_scores, tally
+from streamprune.experts import Tally, choose, compensated_down, decision, tally
 from streamprune.forward import Routes, add_expert, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status
 from streamprune.owl import Allocation, block_linears, linear_zeros
@@ -79,12 +79,17 @@ class PruneLane(Consumer):
         self.stats: Activations | None = None
         # removing routed experts: each MoE block keeps `kept` experts (else None); the block's router tensors as read,
         # the experts' sums (survey) and the ones kept, in order
-        self.kept = job.out.config.n_experts if job.out is not job.ckpt else None
-        self.router: dict[str, Tensor] = {}
+        self.removal = job.removal
+        self.kept = None if job.removal is None else job.removal.kept
+        self.router: dict[str, tuple[Tensor, int]] = {}  # name -> (tensor, the axis of its experts)
         self.tallies: list[Tally] = []
         self.keep: list[int] = []
         self.decision: dict[str, Any] | None = None
         self.disk_seen: tuple[int, int] | None = None  # the activation files' bytes read and written so far
+        # --compensate-experts: the dense block's output over the calibration windows, which the kept experts fit
+        self.dense: Activations | None = None
+        if self.removal is not None and self.removal.compensate and calib is not None:
+            self.dense = make_store(tuple(calib.x.shape), job.placement, job.device, job.work, f"dense{id(self)}")
         # without weight solves the block is exact as read, so the pruned block's own first pass gives its experts'
         # statistics whatever --sequential says
         self.sequential = self.opts.sequential or not job.solves
@@ -100,11 +105,12 @@ class PruneLane(Consumer):
             # soon as it is final (the pruned ones as they are solved, the router once the kept experts are known,
             # the others now)
             self.shard = self.sink.open(bid + 1, block_meta(self.job.out, bid, self.job.layout),
-                                        read_back=moe and calib is not None and not self.sequential)
+                                        read_back=moe and calib is not None and not self.sequential,
+                                        layout=self.job.layout)
             pruned = set(self.ckpt.pruned_linears(bid).values()) if self.job.solves else set()
-            router = {self.ckpt.names[((role, kind), bid)] for ((role, kind), b) in self.ckpt.names
-                      if b == bid and role in ROUTER_ROLES} if removes else set()
-            self.router = {name: block.raw[name] for name in router}
+            router = {self.ckpt.names[((role, kind), bid)]: expert_axis(role) for ((role, kind), b) in self.ckpt.names
+                      if b == bid and role in ROUTER_ROLES} if removes else {}
+            self.router = {name: (block.raw[name], axis) for name, axis in router.items()}
             self.put_as_read({n: n for n in self.ckpt.block_names(bid) if n not in pruned and n not in router},
                              block.raw)
             if not self.copy:
@@ -120,8 +126,11 @@ class PruneLane(Consumer):
         elif calib is not None:
             self.status.phase(f"block {bid}: forward")
             with self.report.timed("forward", bid):
-                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device)
-        if not removes:
+                forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch, self.device,
+                              carry=calib.carry(bid))
+        if removes and not self.surveys(block):  # the scores are known: the experts are read once
+            self.reduce(block)
+        elif not removes:
             self.release_block(moe)
 
     def enter_streams(self, block: Part) -> None:
@@ -134,38 +143,47 @@ class PruneLane(Consumer):
             self.w = {}  # only the forward of a block read back needs them: a sweep's points hold one at a time
 
     def surveys(self, block: Part) -> bool:
-        return self.kept is not None and self.ckpt.n_experts(block.bid) > 0
+        return self.removal is not None and self.removal.surveys and self.ckpt.n_experts(block.bid) > 0
 
     def survey(self, part: Part) -> None:
-        """Expert `part` as read: its sums over the tokens the full router sends it."""
-        if not self.surveys(part) or self.opts.expert_criterion == "random":
+        """Expert `part` as read: its sums over the tokens the full router sends it (with --compensate-experts, its
+        weighted output added to the dense block's)."""
+        if not self.surveys(part):
             return
         assert self.routes is not None and self.stats is not None and part.xid is not None
         with self.report.timed("survey", part.bid):
+            if part.xid == 0 and self.dense is not None:  # the block's output without its routed experts
+                assert self.calib is not None
+                copy_store(self.calib.scratch, self.dense, self.job.batch)
             self.tallies.append(tally(self.ckpt.config, part.w, routed_rows(self.routes, part.xid), self.stats,
-                                      self.device))
+                                      self.device, self.dense))
 
     def surveyed(self, block: Part) -> None:
-        """Every expert scored: the best `kept` chosen, the router cut to them (written bit for bit, row by row),
-        and the tokens routed again by the reduced router."""
-        bid, criterion, n = block.bid, self.opts.expert_criterion, self.ckpt.n_experts(block.bid)
-        if not self.surveys(block):
-            return
-        assert self.kept is not None and self.shard is not None
+        if self.surveys(block):
+            self.reduce(block)
+
+    def reduce(self, block: Part) -> None:
+        """Every expert scored (surveyed, or known up front): the best `kept` chosen, the router cut to them (written
+        bit for bit, row by row), and the tokens routed again by the reduced router."""
+        bid, n, removal = block.bid, self.ckpt.n_experts(block.bid), self.removal
+        assert removal is not None and self.kept is not None and self.shard is not None
         with self.report.timed("survey", bid):
-            if criterion == "random":
-                scores, tallies = random_scores(n, self.opts.seed, bid), None
+            tallies = None
+            if removal.known:
+                scores = removal.of(bid, n, self.opts.seed)
             else:
                 tallies = [Tally(self.ranks.sum_int(t.tokens), self.ranks.sum_float(t.norm),
                                  self.ranks.sum_float(t.weighted_norm)) for t in self.tallies]  # every rank's share
-                scores = [t.score(criterion) for t in tallies]
+                scores = [t.score(removal.criterion) for t in tallies]
+            criterion = removal.criterion
             self.keep = choose(scores, self.kept, self.ckpt.config.n_group)
-            self.decision = decision(bid, criterion, scores, tallies, self.keep)
-            for name, tensor in self.router.items():
-                self.shard.put(name, tensor[self.keep])
+            self.decision = decision(bid, criterion, scores, tallies, self.keep,
+                                     None if removal.source is None else removal.source["file"])
+            for name, (tensor, axis) in self.router.items():
+                self.shard.put(name, tensor.index_select(axis, torch.tensor(self.keep)).contiguous())
             rows = torch.tensor(self.keep, device=self.device)
             for param in [p for p in self.w if p[0] in ROUTER_ROLES]:
-                self.w[param] = self.w[param][rows]
+                self.w[param] = self.w[param].index_select(expert_axis(param[0]), rows)
             if self.routes is not None:
                 assert self.stats is not None
                 self.routes = route_all(self.ckpt, self.w, self.stats, self.job.batch, self.device)
@@ -180,31 +198,56 @@ class PruneLane(Consumer):
             if xid not in self.keep:
                 return
             xid = self.keep.index(xid)
-        we = dict(part.w) if self.copy else part.w
+        we = dict(part.w) if self.copy or self.dense is not None else part.w
         if self.job.solves:
+            out = self.job.out.experts[(bid, xid)]
+            biases = {name: out[param] for param, name in self.ckpt.experts[(bid, part.xid)].items() if param[1] != "weight"}
+            if biases:  # written as read
+                with self.report.timed("write", bid):
+                    self.put_as_read(biases, part.raw)
             if not self.copy:
                 part.raw.clear()  # held by `we` (on the CPU the same tensors); on a GPU, its host copy goes now
             self.prune_expert(bid, xid, we)
         else:
-            self.copy_expert(part, xid)
+            self.copy_expert(part, xid, we)
         for stream in self.streams:
             with self.report.timed("eval", bid):
                 stream.expert(dataclasses.replace(part, w=we, xid=xid))
 
-    def copy_expert(self, part: Part, xid: int) -> None:
-        """Kept expert `part` written as read under index `xid`; with calibration, its weighted output added to
-        the block's."""
+    def copy_expert(self, part: Part, xid: int, we: dict[Param, Tensor]) -> None:
+        """Kept expert `part` written as read under index `xid` (with --compensate-experts, its down projection
+        fitted first, `we` its weights then); with calibration, its weighted output added to the block's."""
         assert self.shard is not None and part.xid is not None
         bid = part.bid
         names = self.job.out.experts[(bid, xid)]
+        fitted = self.compensate(bid, xid, we)
         with self.report.timed("write", bid):
-            self.put_as_read({name: names[param] for param, name in self.ckpt.experts[(bid, part.xid)].items()},
-                             part.raw)
+            self.put_as_read({name: names[param] for param, name in self.ckpt.experts[(bid, part.xid)].items()
+                              if param != fitted}, part.raw)
+            if fitted is not None:
+                for stored, tensor in self.job.layout.encode(names[fitted], we[fitted]).items():
+                    self.shard.put(stored, tensor.cpu())
         if self.calib is not None:
             assert self.routes is not None and self.stats is not None
             with self.report.timed("forward", bid):
-                add_expert(self.ckpt, part.w, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
+                add_expert(self.ckpt, we, routed_rows(self.routes, xid), self.stats, self.calib.scratch,
                            self.device)
+
+    def compensate(self, bid: int, xid: int, we: dict[Param, Tensor]) -> Param | None:
+        """--compensate-experts: kept expert `xid`'s down projection in `we` replaced by its fit to the dense block
+        (`experts.compensated_down`), in its stored dtype; returns the parameter replaced (None without it)."""
+        if self.dense is None:
+            return None
+        assert self.routes is not None and self.stats is not None and self.calib is not None
+        param = (Role.FFN_DOWN_EXP, "weight")
+        with self.report.timed("compensate", bid):
+            fitted = compensated_down(self.ckpt.config, we, xid, self.routes, self.stats, self.dense,
+                                      self.calib.scratch, self.device, self.ranks.all_reduce_sum)
+            if not all_finite(fitted.to(we[param].dtype)):
+                raise StreamPruneError(f"block {bid}: expert {xid}'s compensated down projection does not fit "
+                                       f"{we[param].dtype}; rerun without --compensate-experts")
+            we[param] = fitted.to(we[param].dtype)
+        return param
 
     def put_as_read(self, names: dict[str, str], raw: dict[str, Tensor]) -> None:
         """Tensors written as read: `names` maps each one's input name to its output name (an expert's index may
@@ -212,10 +255,13 @@ class PruneLane(Consumer):
         dense written, or the reverse) is decoded and encoded again."""
         assert self.shard is not None
         given, out = self.ckpt.layout, self.job.layout
+        done = set()  # a fused expert's slice holds several of its linears: written once
         for src, dst in names.items():
             if (src in given.encoded) == (dst in out.encoded) and (src not in given.encoded or given.format == out.format):
                 for part, stored in zip(given.stored(src), out.stored(dst)):
-                    self.shard.put(stored, raw[part])
+                    if stored not in done:
+                        self.shard.put(stored, raw[part])
+                        done.add(stored)
                 continue
             value = given.weight(src, {part: raw[part] for part in given.stored(src)})
             for stored, tensor in (out.format.encode(dst, value) if dst in out.encoded else {dst: value}).items():
@@ -229,7 +275,7 @@ class PruneLane(Consumer):
                 written = BlockStream(self.job.out, self.device, range(bid, bid + 1),
                                       shard_of=lambda _, path=self.shard.path: path, layout=self.job.layout)
                 forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch, self.job.batch,
-                              self.device, experts=lambda: written.experts(bid))
+                              self.device, experts=lambda: written.experts(bid), carry=calib.carry(bid))
         if calib is not None:
             self.count_disk_io(bid)
             calib.swap()  # this block's outputs are the next block's inputs
@@ -258,7 +304,9 @@ class PruneLane(Consumer):
         self.report.activation_io = {**(self.report.activation_io or {}), "blocks": blocks}
 
     def close(self) -> None:
-        """Remove the shard of a block left unfinished (by an error)."""
+        """Remove the shard of a block left unfinished (by an error), and the dense block's output."""
+        if self.dense is not None:
+            self.dense.close()
         if self.shard is not None:
             shard, self.shard = self.shard, None
             shard.abort()
@@ -298,7 +346,8 @@ class PruneLane(Consumer):
         last = [site for site, _ in SEQUENTIAL if site in pruners][-1]  # nothing past it is needed
         with self.report.timed("calibrate", bid):
             routes = forward_block(self.ckpt, self.w, self.calib.x, self.calib.pos.of(bid), None, self.job.batch,
-                                   self.device, tap=tap, until=None if m_store else last, m_store=m_store)
+                                   self.device, tap=tap, until=None if m_store else last, m_store=m_store,
+                                   carry=self.calib.carry(bid))
         self.merge(bid, *pruners.values())
         for site, pruner in pruners.items():
             self.check_inputs(bid, pruner, [names[r] for r in roles[site]])
@@ -315,7 +364,7 @@ class PruneLane(Consumer):
         if self.sequential:
             with self.report.timed("forward", bid):
                 self.routes = forward_block(self.ckpt, self.w, calib.x, calib.pos.of(bid), calib.scratch,
-                                            self.job.batch, self.device)
+                                            self.job.batch, self.device, carry=calib.carry(bid))
             self.stats = calib.x
         else:
             self.stats = calib.scratch
@@ -324,7 +373,7 @@ class PruneLane(Consumer):
         """Prune routed expert `xid` in place in `we`: its gate and up projections from the rows of the tokens routed
         to it (or of every token, see `expert_rows`), its down projection from their hidden activations through the
         pruned gate and up; with --sequential its weighted output is added to the block's output."""
-        names = {param[0]: name for param, name in self.job.out.experts[(bid, xid)].items()}
+        names = {param[0]: name for param, name in self.job.out.experts[(bid, xid)].items() if param[1] == "weight"}
         (_, in_roles), (_, down_roles) = EXPERT_SEQUENTIAL
         if self.calib is None:  # magnitude without calibration data
             for roles in (in_roles, down_roles):
@@ -337,8 +386,8 @@ class PruneLane(Consumer):
         row = {"expert": xid, "routed_tokens": n_routed, "statistics": how}
         p_in, p_down = (self.new_pruner(we, roles, bid, names) for _, roles in EXPERT_SEQUENTIAL)
         with self.report.timed("calibrate", bid):
-            for i, j, token, _ in rows_in:
-                m = stats.rows(i, j, token, self.device)
+            for i, j, token, weight in rows_in:
+                m = self.expert_input(stats.rows(i, j, token, self.device), weight)
                 with self.report.timed("hessian", bid):
                     p_in.add_batch(m)
                     if not sequential:  # the dense expert's hidden activations
@@ -346,10 +395,12 @@ class PruneLane(Consumer):
         self.merge(bid, p_in) if sequential else self.merge(bid, p_in, p_down)
         self.check_inputs(bid, p_in, [names[r] for r in in_roles])
         self.prune_roles(bid, we, p_in, in_roles, names, **row)
+        self.compensate(bid, xid, we)  # fitted from the pruned gate and up, then pruned
         if sequential:
             with self.report.timed("hessian", bid):
-                for i, j, token, _ in rows_in:
-                    p_down.add_batch(expert_hidden(cfg, we, stats.rows(i, j, token, self.device)))
+                for i, j, token, weight in rows_in:
+                    p_down.add_batch(expert_hidden(cfg, we, self.expert_input(stats.rows(i, j, token, self.device),
+                                                                              weight)))
             self.merge(bid, p_down)
         self.check_inputs(bid, p_down, [names[r] for r in down_roles])
         self.prune_roles(bid, we, p_down, down_roles, names, **row)
@@ -357,6 +408,11 @@ class PruneLane(Consumer):
             assert self.calib is not None
             with self.report.timed("forward", bid):
                 add_expert(self.ckpt, we, rows, stats, self.calib.scratch, self.device)
+
+    def expert_input(self, x: Tensor, weight: Tensor) -> Tensor:
+        """What enters a routed expert from token rows `x` (block.expert_input); the rows of every token, which come
+        without weights (`expert_rows`), as they are."""
+        return x if weight.numel() == 0 else expert_input(self.ckpt.config, x, weight)
 
     def expert_rows(self, rows: Routes, stats: Activations) -> tuple[Routes, str, int]:
         """The token rows whose statistics an expert's solve reads: those routed to it (--moe-calibration routed)
@@ -466,7 +522,7 @@ class PruneLane(Consumer):
                 if stored is None:  # another rank's: received into buffers of the stored dtypes and shapes
                     info = self.ckpt.info(name)
                     stored = {part: torch.empty(shape, dtype=dtype, device=self.device)
-                              for part, (dtype, shape) in self.job.layout.meta(name, info.torch_dtype, info.shape).items()}
+                              for part, (dtype, shape) in self.job.layout.parts(name, info.torch_dtype, info.shape).items()}
                 for part in stored.values():
                     self.ranks.broadcast(part, owner)
                 for part, tensor in stored.items():

@@ -117,11 +117,13 @@ class ReadLog(Consumer):
 
     def enter(self, block: Part) -> None:
         before = self.rows.get(block.bid, {}).get("reads", 0)
-        self.rows[block.bid] = {"block": block.bid, "reads": before + 1, "bytes": 0, "seconds": 0.0, "wait": 0.0}
+        self.rows[block.bid] = {"block": block.bid, "reads": before + 1, "bytes": 0, "seconds": 0.0, "wait": 0.0,
+                                "expert_passes": 0}
         self.expert(block)
 
     def expert(self, part: Part) -> None:
         row = self.rows[part.bid]
+        row["expert_passes"] += part.xid == 0  # each pass over the block's routed experts starts at expert 0
         row["bytes"] += sum(t.nbytes for t in part.raw.values())
         row["seconds"] += part.read_seconds
         row["wait"] += part.wait_seconds

@@ -92,6 +92,7 @@ class Decl:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None  # the smallest value accepted
     parse: Callable[[str], Any] | None = None  # the command line's text to the value (a size, a list)
+    repeat: bool = False  # the command line takes it several times (its values as a tuple of texts)
     fingerprint: Rule | None = None  # part of the fingerprint under this rule (None: never)
 
     def flags(self, name: str) -> list[str]:
@@ -132,6 +133,15 @@ def parse_levels(text: str) -> tuple[float, ...]:
         raise ArgumentError(f"sparsities {text!r} is not a comma-separated list of numbers") from e
 
 
+def parse_fractions(text: str) -> float | tuple[float, ...]:
+    """One fraction (a run's) or several (a sweep's)."""
+    try:
+        levels = tuple(float(item) for item in split_list(text))
+    except ValueError as e:
+        raise ArgumentError(f"--prune-experts {text!r} is not a fraction or a comma-separated list of them") from e
+    return levels[0] if len(levels) == 1 else levels
+
+
 def parse_size(text: str) -> int:
     from streamprune.memory import parse_size as parse
 
@@ -169,9 +179,11 @@ class PruneOptions:
         None, "Fraction of weights removed per matrix, in [0, 1) (default 0.5; N:M implies it).", (RUN,),
         fingerprint=always)
     pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 or 4:8.", (RUN,), fingerprint=always)
-    calib: Path | None = option(None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids.",
-                                RUN_SWEEP)
-    nsamples: int = option(128, "Number of calibration windows.", ALL, fingerprint=always)
+    calib: tuple[str, ...] | Path | None = option(
+        None, "Calibration data: .txt, .jsonl with a 'text' field, or .npy token ids; FILE:N draws N windows from FILE "
+              "(default --nsamples); repeat it to calibrate on several files.", ALL, repeat=True)
+    nsamples: int = option(128, "Number of calibration windows (of each --calib FILE given without a count).", ALL,
+                           fingerprint=always)
     seqlen: int | None = option(None, "Calibration window length (default: the model's maximum, at most 2048).", ALL,
                                 fingerprint=always)
     seed: int = option(0, "Seed for drawing calibration windows.", RUN_SWEEP, fingerprint=always)
@@ -212,18 +224,33 @@ class PruneOptions:
     moe_min_tokens: int = option(
         128, "Mixture-of-Experts: an expert routed fewer calibration tokens takes the statistics of every token "
              "entering its MoE layer.", RUN_SWEEP, minimum=1, fingerprint=when_moe)
-    prune_experts: float | None = option(
+    prune_experts: float | tuple[float, ...] | None = option(
         None, "Mixture-of-Experts: remove this fraction F of the routed experts of every MoE block (floor(F x "
               "experts), the same count in each), those --expert-criterion scores lowest; the output is the same "
               "architecture with fewer experts, renumbered in their order. With --sparsity 0 (and no --wbits) nothing "
-              "else changes: every kept tensor is copied bit for bit.", RUN_PLAN, fingerprint=when_given)
+              "else changes: every kept tensor is copied bit for bit. A sweep takes several, comma-separated.", ALL,
+        parse=parse_fractions, fingerprint=when_given)
     expert_criterion: str = option(
         "reap", "--prune-experts: the score whose lowest experts go: reap (mean over the calibration tokens routed "
                 "to the expert of router weight x output norm), ean (sum of its output norms over them), frequency "
                 "(how many are routed to it) or random (drawn from --seed).", RUN_PLAN, choices=EXPERT_CRITERIA,
         fingerprint=when_experts_removed)
+    expert_criteria: tuple[str, ...] = option(
+        ("reap",), "Sweep: the criteria whose expert removal is swept at each --prune-experts fraction, "
+                   "comma-separated (those of --expert-criterion but random).", (SWEEP,), parse=split_list)
+    expert_scores: Path | None = option(
+        None, "--prune-experts: remove the experts with the lowest scores of this report (streamprune_report.json "
+              "of a run of the same model, e.g. with --prune-experts 0, which scores every expert and removes none) "
+              "instead of scoring them: no calibration data is read unless something else needs it.", RUN_PLAN,
+        fingerprint=when_given)
+    compensate_experts: bool = option(
+        False, "--prune-experts: after a block's experts are chosen, fit each kept expert's down projection by least "
+               "squares so that the block's output on the calibration tokens stays as near the dense block's as it "
+               "can (needs --calib and --sequential); the output keeps plain removal's names and shapes. A sweep "
+               "sweeps each removal point with and without it.", ALL, flag="--compensate-experts",
+        fingerprint=when_experts_removed)
     experts_multiple: int = option(1, "--prune-experts: round the kept count down to a multiple of this (as "
-                                      "expert-parallel serving needs).", RUN_PLAN, minimum=1,
+                                      "expert-parallel serving needs).", ALL, minimum=1,
                                    fingerprint=when_experts_removed)
     wbits: int | None = option(None, "Quantize the kept weights to 2, 3, 4 or 8 bits in the same solve (default: no "
                                      "quantization).", RUN_PLAN, fingerprint=when_quantized)
@@ -234,9 +261,11 @@ class PruneOptions:
     format: str | None = option(
         None, "How the pruned linears are written: 'dense' (weights in the model's dtype; with --wbits, the "
               "dequantized values), 'compressed-tensors' (needs --wbits: int weights packed into int32 with "
-              "per-group scales, the pack-quantized format transformers and vLLM load) or 'fp8' (float8 e4m3 with a "
-              "scale per 128 x 128 tile, as DeepSeek-V3 is published). Default: as the input stores them (fp8 for an "
-              "fp8 checkpoint, else dense).", (RUN,), choices=FORMATS, fingerprint=when_not_dense)
+              "per-group scales, the pack-quantized format transformers and vLLM load), 'fp8' (float8 e4m3 with a "
+              "scale per 128 x 128 tile, as DeepSeek-V3 is published) or 'mxfp4' (the routed experts in FP4 with a "
+              "power-of-two scale per 32 inputs, as gpt-oss is published; the other linears dense). Default: as the "
+              "input stores them (fp8 or mxfp4 for such a checkpoint, else dense).", (RUN,), choices=FORMATS,
+        fingerprint=when_not_dense)
     eval: Path | None = option(
         None, "Also compute the pruned model's perplexity on this file (.txt, .jsonl with 'text', or .npy token ids) "
               "in the same pass, on the windows `streamprune eval` would draw.", ALL, flag="--eval",
@@ -263,8 +292,9 @@ class PruneOptions:
                                  "block's mean score.", (RUN,), fingerprint=when_owl)
     methods: tuple[str, ...] = option(("sparsegpt", "wanda", "magnitude"), "Comma-separated methods, each swept over "
                                       "every level and pattern.", SWEEP_PLAN, parse=split_list)
-    sparsities: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), "Comma-separated unstructured "
-                                           "sparsity levels, e.g. 0.1,0.2,0.3.", SWEEP_PLAN, parse=parse_levels)
+    sparsities: tuple[float, ...] | None = option(
+        None, "Comma-separated unstructured sparsity levels, e.g. 0.1,0.2,0.3 (default 0.1 to 0.8; with "
+              "--prune-experts, 0: the experts removed, nothing else).", SWEEP_PLAN, parse=parse_levels)
     patterns: tuple[str, ...] = option((), "Comma-separated N:M patterns swept too, e.g. 2:4,4:8 (default: none).",
                                        SWEEP_PLAN, parse=split_list)
     save_dir: Path | None = option(None, "Also write each point's pruned checkpoint into SAVE_DIR/<method>-<level>.",

@@ -110,6 +110,7 @@ class Run:
                                                    **mtp_layers(self.ckpt, job.out)},
                              fingerprint=job.fingerprint, environment=env)
         self.report.device = job.device
+        self.report.expert_scores = None if job.removal is None else job.removal.source
         before = self.journal.environment
         self.report.environment_changes = [f"{k}: {before.get(k)!r} before, {v!r} now" for k, v in env.items()
                                            if before.get(k) != v]
@@ -199,6 +200,9 @@ class Run:
             return None
         if self.journal.allocation is not None:
             allocation = Allocation(**self.journal.allocation)
+        elif cfg.per_layer_dim:
+            raise ArgumentError("--allocation owl is not supported for a model with per-layer inputs (Gemma 4's edge "
+                                "models); use --allocation uniform")
         else:
             with report.timed("owl"):
                 stream = calib or HiddenStream(
@@ -421,7 +425,7 @@ class Sweep:
                 stream = eval_stream(f"p{i}-eval")
                 if job.state is None:
                     copy_store(dense.x, stream.x, SAVE_BATCH)
-                sink = CheckpointSink(self.ckpt, pj.out_dir, pj.layout) if job.save_dir else NoSink(self.work, f"p{i}-block")
+                sink = CheckpointSink(pj.out, pj.out_dir, pj.layout) if job.save_dir else NoSink(self.work, f"p{i}-block")
                 report = Report(args=pj.args, model={})
                 report.device = job.device
                 lanes.append(PruneLane(pj, report, sink, calib, [stream], status, copy=True))
@@ -442,7 +446,11 @@ class Sweep:
             lane.job.out_dir.mkdir(parents=True, exist_ok=True)
             for path in lane.job.out_dir.glob("*.safetensors*"):
                 path.unlink()
-        write_globals(self.ckpt, [lane.sink for lane in lanes])
+        structures: dict[tuple[str, ...], list[PruneLane]] = {}  # the same tensors outside the blocks, read once
+        for lane in lanes:
+            structures.setdefault(tuple(lane.job.out.stored_names(None)), []).append(lane)
+        for alike in structures.values():
+            write_globals(alike[0].job.out, [lane.sink for lane in alike])
 
     def save_state(self, done: int, dense: HiddenStream, lanes: list[PruneLane], reads: ReadLog) -> None:
         """Every stream after block `done - 1`, into the folder of this block's parity (the other one holds the
@@ -456,8 +464,9 @@ class Sweep:
                     save_store(lane.calib.x, folder / f"p{i}-calib.f32", SAVE_BATCH)
                 save_store(lane.streams[0].x, folder / f"p{i}-eval.f32", SAVE_BATCH)
             state = {"fingerprint": self.job.fingerprint, "blocks_done": done,
-                     "points": [{"layers": [asdict(lr) for lr in lane.report.layers], "phases": lane.report.phases}
-                                for lane in lanes], "reads": reads.rows, "phases": self.own.phases}
+                     "points": [{"layers": [asdict(lr) for lr in lane.report.layers], "phases": lane.report.phases,
+                                 "experts": lane.report.experts} for lane in lanes],
+                     "reads": reads.rows, "phases": self.own.phases}
             with atomic_write(self.work / SWEEP_JOURNAL) as tmp:
                 tmp.write_text(json.dumps(state))
 
@@ -473,6 +482,7 @@ class Sweep:
             load_store(lane.streams[0].x, folder / f"p{i}-eval.f32", SAVE_BATCH)
             lane.report.layers = [LayerReport(**lr) for lr in saved["layers"]]
             lane.report.phases.update(saved["phases"])
+            lane.report.experts = saved["experts"]
             if isinstance(lane.sink, CheckpointSink):  # --save-dir
                 missing = [lane.sink.writer.shard_name(b) for b in range(done + 1)
                            if not (lane.job.out_dir / lane.sink.writer.shard_name(b)).is_file()]
@@ -509,7 +519,7 @@ def mtp_layers(ckpt: Checkpoint, out: Checkpoint) -> dict[str, Any]:
     if out.mtp:
         return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "copied"}
     logger.warning("the multi-token-prediction layer(s) %s keep every routed expert: left out of the output, whose "
-                   "config sets num_nextn_predict_layers to 0", sorted(set(ckpt.mtp.values())))
+                   "config sets %s to 0", sorted(set(ckpt.mtp.values())), ckpt.spec.mtp_key)
     return {"mtp_layers": sorted(set(ckpt.mtp.values())), "mtp_tensors": len(ckpt.mtp), "mtp_written": "left out"}
 
 
@@ -521,7 +531,9 @@ def perplexity(stream: HiddenStream) -> float:
 def point_row(p: Point, lane: PruneLane, ppl: float, save_dir: Path | None) -> dict[str, Any]:
     """A point's line of sweep.json: its seconds are those of its phases (its own pruning and streams)."""
     report = lane.report
-    return {"method": p.method, "pattern": p.pattern, "sparsity": p.sparsity, "label": p.label, "perplexity": ppl,
+    return {"method": p.method, "pattern": p.pattern, "sparsity": p.sparsity, "prune_experts": p.experts,
+            "expert_criterion": p.criterion, "compensate_experts": p.compensate, "label": p.label, "perplexity": ppl,
             "total_sparsity": total_sparsity(report.layers), "seconds": sum(report.phases.values()),
+            "experts": report.experts,
             "phases": {k: v for k, v in report.phases.items() if v},
             "checkpoint": None if save_dir is None else str(lane.job.out_dir)}

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
-from streamprune.arch.block import layer_kinds, score_rows
-from streamprune.calib import eval_windows, load_tokens, read_workspace
+from streamprune.arch.block import index_rows, layer_kinds, score_rows
+from streamprune.arch.delta import CHUNK
+from streamprune.calib import calib_sources, eval_windows, load_tokens, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
@@ -46,6 +47,17 @@ FORWARD_HIDDEN_COPIES = 8
 FORWARD_FFN_COPIES = 3
 # Soft-capped attention (Gemma 2): the float32 scores of one chunk of queries, and their softmax.
 SOFTCAP_SCORE_COPIES = 2
+# DeepSeek sparse attention's indexer: float32 copies of its queries (projected, rotated, upcast) and of one chunk of
+# its scores (the products, their relu, the heads' weighted sum)
+INDEX_QUERY_COPIES = 3
+INDEX_SCORE_COPIES = 3
+# Linear attention (Gated DeltaNet), per token of a window: float32 copies of every value head's queries and keys, of
+# its values and outputs, of its chunks' (C x C) decays, triangular systems and scores, and the convolution's input
+# (fitted to VmHWM at 2048 tokens on six head layouts; with two chunk copies the plan fell below one of seven
+# measurements of tests/test_memory.py's layout, by 0.6%: three keep it above, by 7-8% there)
+LINEAR_KEY_COPIES = 6  # of (value heads x key dim)
+LINEAR_VALUE_COPIES = 5  # of (value heads x value dim)
+LINEAR_CHUNK_COPIES = 3  # of (value heads x CHUNK)
 GPU_HEADROOM = 0.9  # the share of the GPU budget that is planned for (the rest: CUDA context, fragmentation)
 
 
@@ -135,19 +147,23 @@ class Footprint:
 def block_sizes(ckpt: Checkpoint) -> tuple[int, int, dict[Role, TensorInfo], list[list[TensorInfo]]]:
     """The largest block as stored outside its routed experts, one routed expert as stored, the linears by role and
     the sites' linears (experts' included); the blocks of a model share their shapes, except an MoE model's dense
-    blocks: the first block of each kind stands for the others."""
+    blocks and a hybrid model's blocks of each mixer: the first block of each kind stands for the others."""
     cfg = ckpt.config
-    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
-    raw_block = max(sum(ckpt.stored_bytes(n) for n in ckpt.block_names(b)) for b in kinds.values())
+    kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}  # the first block of each kind
+    raw_block = max(ckpt.stored_bytes(*ckpt.block_names(b)) for b in kinds.values())
     linears: dict[Role, TensorInfo] = {}
-    for b in kinds.values():
-        linears.update({role: ckpt.info(ckpt.names[((role, "weight"), b)]) for role in PRUNABLE
-                        if ((role, "weight"), b) in ckpt.names})
+    for b in kinds.values():  # each role's largest (Gemma 4's global blocks have wider heads)
+        for role in PRUNABLE:
+            if ((role, "weight"), b) in ckpt.names:
+                info = ckpt.info(ckpt.names[((role, "weight"), b)])
+                if role not in linears or info.nbytes > linears[role].nbytes:
+                    linears[role] = info
     expert = 0
-    if True in kinds:
-        names = ckpt.experts[(kinds[True], 0)]
-        linears.update({param[0]: ckpt.info(name) for param, name in names.items()})
-        expert = sum(ckpt.tensors[part].nbytes for name in names.values() for part in ckpt.layout.stored(name))
+    moe = [b for kind, b in kinds.items() if kind[0]]
+    if moe:
+        names = ckpt.experts[(moe[0], 0)]
+        linears.update({param[0]: ckpt.info(name) for param, name in names.items() if param[1] == "weight"})
+        expert = ckpt.stored_bytes(*names.values())
     sites = [[linears[r] for r in roles if r in linears] for _, roles in SEQUENTIAL + EXPERT_SEQUENTIAL]
     return raw_block, expert, linears, [site for site in sites if site]
 
@@ -165,9 +181,10 @@ def encoded_sizes(ckpt: Checkpoint) -> dict[str, int]:
         mine = [n for n in names if n in encoded]
         return sum(ckpt.stored_bytes(n) for n in mine), sum(ckpt.info(n).nbytes for n in mine)
 
-    kinds = {cfg.is_moe(b): b for b in reversed(range(cfg.n_layers))}
+    kinds = {cfg.kind(b): b for b in reversed(range(cfg.n_layers))}
     block = max((sizes(ckpt.block_names(b)) for b in kinds.values()), key=lambda s: s[1])
-    expert = sizes(list(ckpt.experts[(kinds[True], 0)].values())) if True in kinds else (0, 0)
+    moe = [b for kind, b in kinds.items() if kind[0]]
+    expert = sizes(list(ckpt.experts[(moe[0], 0)].values())) if moe else (0, 0)
     rows = getattr(ckpt.layout.format, "rows_at_once", 0)
     widest = max(ckpt.info(n).shape[1] for n in encoded)
     return dict(encoded=block[0], decoded=block[1], expert_encoded=expert[0], expert_decoded=expert[1],
@@ -183,12 +200,25 @@ def site_widths(order: tuple[tuple[Site, tuple[Role, ...]], ...], linears: dict[
 def window_workspace(cfg: ModelConfig, seqlen: int) -> int:
     """Float32 temporaries of the block forward for one window. Attention runs on fused kernels, which never
     hold the (H, T, T) scores (on CUDA the math kernel, which would, is excluded; see `fused_attention`);
-    soft-capped attention, which no fused kernel computes, holds them for `score_rows` queries at a time."""
-    width = max(cfg.hidden_size, cfg.n_heads * cfg.head_dim)
+    soft-capped attention and attention with sinks, which no fused kernel computes, hold them for `score_rows`
+    queries at a time."""
+    width = max(cfg.hidden_size, *(cfg.n_heads * cfg.block(b).head_dim for b in range(cfg.n_layers)))
     ffn = max(cfg.ffn_dim, cfg.expert_ffn_dim, cfg.shared_ffn_dim)
     router = 2 * cfg.n_experts  # the router's logits and probabilities of each token
-    scores = 0 if cfg.attn_softcap is None else SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen)
-    return (FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores) * seqlen * 4
+    explicit = cfg.attn_softcap is not None or cfg.attn_sinks
+    scores = SOFTCAP_SCORE_COPIES * cfg.n_heads * score_rows(cfg, seqlen) if explicit else 0
+    per_token = FORWARD_HIDDEN_COPIES * width + FORWARD_FFN_COPIES * ffn + router + scores
+    if "linear_attention" in cfg.layer_types:  # a Gated DeltaNet block's mixer, beside its input and output
+        nv = cfg.linear_v_heads
+        conv = 2 * cfg.linear_k_heads * cfg.linear_k_dim + nv * cfg.linear_v_dim
+        linear = (LINEAR_KEY_COPIES * nv * cfg.linear_k_dim + LINEAR_VALUE_COPIES * nv * cfg.linear_v_dim
+                  + LINEAR_CHUNK_COPIES * nv * CHUNK + conv + FORWARD_HIDDEN_COPIES * cfg.hidden_size)
+        per_token = max(per_token, linear)
+    per_token += 3 * cfg.per_layer_dim  # per-layer inputs: the block's own, its projection and its gated copy
+    if cfg.index_topk and cfg.index_topk < seqlen:  # sparse attention: its (T, T) mask, the indexer's queries, and
+        per_token += seqlen + INDEX_QUERY_COPIES * cfg.index_heads * cfg.index_head_dim  # the (rows, heads, T) scores
+        per_token += INDEX_SCORE_COPIES * cfg.index_heads * index_rows(cfg, seqlen)  # of a chunk (T per token's worth)
+    return per_token * seqlen * 4
 
 
 def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
@@ -196,27 +226,53 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
     return tokens * cfg.experts_per_tok * (8 + 4 + 1 + 8) if cfg.n_experts else 0
 
 
+def carried_width(cfg: ModelConfig) -> int:
+    """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
+    per-layer inputs; the keys and values of each block that later blocks reuse."""
+    width = cfg.hidden_size if cfg.per_layer_dim else 0
+    for bid in range(cfg.n_layers):
+        if cfg.kv_mode(bid) == "store":
+            b = cfg.block(bid)
+            width += 2 * b.n_kv_heads * b.head_dim
+    return width
+
+
+def per_layer_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """A block's slices of the per-layer inputs' projection and table (perlayer.py), in float32, for windows of
+    `tokens` tokens (at most that many distinct ids), and its inputs of one window's worth of rows, as stored."""
+    if not cfg.per_layer_dim:
+        return 0
+    ids = min(tokens, cfg.vocab_size, cfg.per_layer_vocab)
+    return (cfg.per_layer_dim * cfg.hidden_size + 2 * ids * cfg.per_layer_dim) * 4
+
+
 def positions_bytes(cfg: ModelConfig, seqlen: int) -> int:
-    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or RoPE's (T, head_dim) tables and a
-    sliding window's (1, 1, T, T) mask for each kind of block."""
+    """What `positions` holds for the run: ALiBi's float32 (1, H, T, T) bias, or for each kind of block RoPE's
+    (T, head_dim) tables, a sliding window's or chunks' (1, 1, T, T) mask and NoPE queries' (T,) temperatures."""
     if cfg.pos == "alibi":
         return cfg.n_heads * seqlen * seqlen * 4
     if cfg.pos != "rope":
         return 0
-    return sum(2 * seqlen * cfg.head_dim * 4 + (0 if window is None else seqlen * seqlen * 4)
-               for _, window in layer_kinds(cfg, seqlen).values())
+    total = 0
+    for name, kind in layer_kinds(cfg, seqlen).items():
+        total += 0 if kind.rope is None else 2 * seqlen * kind.rotary_dim * 4
+        total += seqlen * seqlen * 4 if kind.masked else 0
+        total += seqlen * 4 if name.endswith(":nope") and cfg.nope_temperature is not None else 0
+    return total
 
 
 def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "sparsegpt", sequential: bool = True,
               errors: bool | None = None, knobs: dict[str, Any] | None = None, grid: Grid | None = None,
-              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False) -> Footprint:
+              eval_windows: int = 0, eval_seqlen: int = 0, eval_streams: int = 0, owl: bool = False,
+              compensate: bool = False) -> Footprint:
     """The sizes a run of `method` is made of; `errors` as `layer_errors` (None: the method's default); `knobs`
     the method's own options (their defaults where absent); `grid` the quantization grid (--wbits), if any;
     `eval_windows` windows of `eval_seqlen` tokens pushed through the blocks in `eval_streams` streams (--eval: the
     pruned model's; --eval-dense: the dense one's too), each one buffer (two for an MoE model), placed like the
     calibration activations. `owl` (--allocation owl): a forward of the dense model over the calibration windows
     before block 0, in the calibration activations (its column norms are vectors, its scores one linear's at a time:
-    within the solve's terms); for magnitude, which otherwise has none, one buffer of them."""
+    within the solve's terms); for magnitude, which otherwise has none, one buffer of them. `compensate`
+    (--compensate-experts): a third calibration buffer, the dense block's output."""
     cls = pruner_method(method)
     keep = cls.accumulates(default_errors(cls, errors))  # what calibration accumulates: "xtx", "norms" or nothing
     cfg = ckpt.config
@@ -231,9 +287,11 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
                   linear_solve=cls.workspace(*largest.shape, max(widths), knobs or {}, grid), expert_stored=expert,
                   site_unrounded=max(sum(4 * math.prod(i.shape) for i in site) for site in sites)
                   if grid is not None and keep == "xtx" else 0, **encoded_sizes(ckpt))
-    evals = dict(eval_activations=eval_streams * (2 if cfg.n_experts else 1) * eval_windows * eval_seqlen
-                 * cfg.hidden_size * 4,
-                 positions=positions_bytes(cfg, eval_seqlen) if eval_streams else 0,
+    kept = carried_width(cfg)  # each stream's embeddings and shared keys and values, kept beside its buffers
+    evals = dict(eval_activations=eval_streams * ((2 if cfg.n_experts else 1) * cfg.hidden_size + kept) * eval_windows
+                 * eval_seqlen * 4,
+                 positions=positions_bytes(cfg, eval_seqlen) + per_layer_bytes(cfg, eval_windows * eval_seqlen)
+                 if eval_streams else 0,
                  per_window=window_workspace(cfg, eval_seqlen) if eval_streams else 0,
                  routes=routes_bytes(cfg, eval_windows * eval_seqlen) if eval_streams else 0)
     if not keep and not owl:  # magnitude without reconstruction errors: no statistics, no forward (but --eval's)
@@ -242,9 +300,10 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
     if not keep:  # magnitude with --allocation owl: the dense pass's one buffer (updated in place) and its forward
         return Footprint(hessians=0, solver_matrix=0, widest_hessian=0,
                          per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-                         activations=nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
+                         activations=(cfg.hidden_size + kept) * nsamples * seqlen * 4 + evals["eval_activations"],
                          eval_activations=evals["eval_activations"],
-                         positions=positions_bytes(cfg, seqlen) + evals["positions"], calib_ids=nsamples * seqlen * 8,
+                         positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen)
+                         + evals["positions"], calib_ids=nsamples * seqlen * 8,
                          calib_read=read_workspace(seqlen), routes=evals["routes"], **common)
     # the inputs whose statistics are held at once: one site's; without --sequential, every site of the block
     # outside the routed experts, or one expert's two (its gate/up input and its down input), whichever is larger
@@ -258,20 +317,22 @@ def footprint(ckpt: Checkpoint, nsamples: int, seqlen: int, method: str = "spars
         hessians=held, solver_matrix=cls.solver_matrices * widest,
         widest_hessian=widest if keep == "xtx" else 0,
         per_window=max(window_workspace(cfg, seqlen), evals["per_window"]),
-        activations=2 * nsamples * seqlen * cfg.hidden_size * 4 + evals["eval_activations"],
-        eval_activations=evals["eval_activations"], positions=positions_bytes(cfg, seqlen) + evals["positions"],
+        activations=((3 if compensate else 2) * cfg.hidden_size + kept) * nsamples * seqlen * 4
+        + evals["eval_activations"],
+        eval_activations=evals["eval_activations"],
+        positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen) + evals["positions"],
         calib_ids=nsamples * seqlen * 8, calib_read=read_workspace(seqlen),
         routes=max(routes_bytes(cfg, nsamples * seqlen), evals["routes"]), **common)
 
 
-def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any]]], nsamples: int, seqlen: int,
+def sweep_footprint(ckpt: Checkpoint, points: list[tuple[str, dict[str, Any], bool]], nsamples: int, seqlen: int,
                     sequential: bool, eval_windows: int, eval_seqlen: int) -> Footprint:
     """The sizes a sweep is made of: the block's weights once (each point prunes its own copy, one point at a time,
     so the workspaces are the largest point's), and every point's activations: its calibration buffers (none for
     magnitude without statistics) and its evaluation stream, plus the dense model's evaluation stream. `points`:
-    (method, knobs) of each point."""
-    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1)
-           for method, knobs in points]
+    (method, knobs, whether it compensates removed experts) of each point."""
+    fps = [footprint(ckpt, nsamples, seqlen, method, sequential, None, knobs, None, eval_windows, eval_seqlen, 1,
+                     compensate=compensate) for method, knobs, compensate in points]
     dense_eval = fps[0].eval_activations  # one stream's buffers, the dense model's
     largest = {f.name: max(getattr(fp, f.name) for fp in fps) for f in dataclasses.fields(Footprint)}
     summed = {"activations": sum(fp.activations for fp in fps) + dense_eval,
@@ -293,13 +354,15 @@ def eval_footprint(ckpt: Checkpoint, nsamples: int, seqlen: int) -> Footprint:
     largest = max(math.prod(i.shape) for i in linears.values())
     embed = ckpt.tensors[ckpt.names[((Role.TOKEN_EMBD, "weight"), None)]]
     cfg = ckpt.config
-    buffers = 2 if cfg.n_experts else 1  # an MoE block writes its output into a second buffer
+    # an MoE block writes its output into a second buffer; per-layer inputs and shared keys and values keep theirs
+    width = (2 if cfg.n_experts else 1) * cfg.hidden_size + carried_width(cfg)
     return Footprint(raw_block=raw_block, pruned_stored=0, hessians=0, solver_matrix=0, widest_hessian=0,
                      linear_solve=0, site_dense=0, linear_fp32=largest * 4,
                      per_window=window_workspace(cfg, seqlen),
-                     activations=buffers * nsamples * seqlen * cfg.hidden_size * 4,
+                     activations=width * nsamples * seqlen * 4,
                      embed_stored=embed.nbytes, embed_fp32=math.prod(embed.shape) * 4,
-                     positions=positions_bytes(cfg, seqlen), expert_stored=expert,
+                     positions=positions_bytes(cfg, seqlen) + per_layer_bytes(cfg, nsamples * seqlen),
+                     expert_stored=expert,
                      routes=routes_bytes(cfg, nsamples * seqlen), **encoded_sizes(ckpt))
 
 
@@ -401,7 +464,7 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """
     from streamprune.options import PLAN, PruneOptions
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     ckpt = Checkpoint(model_dir)
     dev = planned_device(opts.device, opts.max_gpu_memory)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
@@ -413,20 +476,32 @@ def plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     _, sequences = eval_tasks(ckpt, opts, opts.nproc)
     fp = footprint(ckpt, -(-opts.nsamples // opts.nproc), seqlen, opts.method, opts.sequential, opts.layer_errors,
                    {"blocksize": opts.blocksize}, grid, *eval_sizes(windows, opts.eval_dense, sequences),
-                   owl=opts.allocation == "owl")
+                   owl=opts.allocation == "owl", compensate=opts.compensate_experts)
     decision = decide(fp, dev, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples, opts.nproc)
     result = memory_plan(fp, dev, decision, nproc=opts.nproc, tasks=bool(opts.eval_tasks))
     stored = sum(info.nbytes for info in ckpt.tensors.values())
     result.read_bytes = result.output_bytes = stored
-    if opts.prune_experts is not None:  # a survey pass reads every routed expert once more; the removed aren't written
+    # scores read from the calibration data: a survey pass reads every routed expert once more
+    surveys = opts.prune_experts is not None and (opts.expert_scores is None and opts.expert_criterion != "random"
+                                                  or opts.compensate_experts)
+    if isinstance(opts.prune_experts, (tuple, list)):
+        raise ArgumentError("--prune-experts: a run removes one fraction (plan --sweep takes several)")
+    if opts.prune_experts is not None:  # the removed experts are not written
         out = ckpt.keeping_experts(kept_experts(ckpt.config, opts.prune_experts, opts.experts_multiple))
-        result.read_bytes += sum(ckpt.stored_bytes(name) for name in ckpt.expert_of)
+        result.read_bytes += ckpt.stored_bytes(*ckpt.expert_of) if surveys else 0
         result.output_bytes = sum(info.nbytes for info in out.tensors.values())
     if result.placement == "disk":
         buffer = -(-opts.nsamples // opts.nproc) * seqlen * ckpt.config.hidden_size * 4
         result.disk_read_per_block, result.disk_written_per_block = disk_io_per_block(
-            ckpt, opts.sequential, buffer, opts.prune_experts is not None)
+            ckpt, opts.sequential, buffer, surveys)
     return result
+
+
+def counted(opts: Any) -> Any:
+    """`opts` with --nsamples as the windows of its --calib sources (each FILE:N counts N, a FILE without a count
+    --nsamples), when there are any; the files are not read."""
+    sources = calib_sources(opts.calib, opts.nsamples)
+    return dataclasses.replace(opts, nsamples=sum(s.windows for s in sources)) if sources else opts
 
 
 def disk_io_per_block(ckpt: Checkpoint, sequential: bool, buffer: int, removes: bool = False) -> tuple[int, int]:
@@ -453,27 +528,29 @@ def sweep_plan(model_dir: str | Path, **options: Any) -> MemoryPlan:
     """Predicted peak memory of `streamprune sweep` with these options (`eval` is required: it is tokenized to
     count its windows; the points from `methods`, `sparsities` and `patterns`); nothing is run or allocated."""
     from streamprune.options import PLAN, PruneOptions
-    from streamprune.sweep import sweep_points
+    from streamprune.sweep import as_fractions, sweep_points
 
-    opts = PruneOptions.of(PLAN, options)
+    opts = counted(PruneOptions.of(PLAN, options))
     if opts.nproc != 1:
         raise ArgumentError("--sweep plans one process; drop --nproc")
     if opts.eval is None:
         raise DataError("a sweep's plan needs its evaluation data: pass --eval FILE")
-    points = sweep_points(list(opts.methods), list(opts.sparsities), list(opts.patterns))
+    points = sweep_points(list(opts.methods), None if opts.sparsities is None else list(opts.sparsities),
+                          list(opts.patterns), as_fractions(opts.prune_experts), list(opts.expert_criteria),
+                          opts.compensate_experts)
     ckpt = Checkpoint(model_dir)
     seqlen = ckpt.config.default_seqlen if opts.seqlen is None else opts.seqlen
     ewindows = run_eval_windows(ckpt, opts.eval, opts.eval_nsamples, opts.eval_seqlen, False)
     assert ewindows is not None
-    return plan_sweep(ckpt, [p.method for p in points], opts, seqlen, ewindows,
+    return plan_sweep(ckpt, [(p.method, p.compensate) for p in points], opts, seqlen, ewindows,
                       planned_device(opts.device, opts.max_gpu_memory))
 
 
-def plan_sweep(ckpt: Checkpoint, methods: list[str], opts: Any, seqlen: int, eval_windows: Tensor,
+def plan_sweep(ckpt: Checkpoint, methods: list[tuple[str, bool]], opts: Any, seqlen: int, eval_windows: Tensor,
                device: torch.device) -> MemoryPlan:
-    """The memory plan of a sweep whose points use `methods` (see `sweep_footprint`), its placement and batch
-    decided as a run's are."""
-    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}) for name in methods]
+    """The memory plan of a sweep whose points use `methods` (each point's method, and whether it compensates
+    removed experts; see `sweep_footprint`), its placement and batch decided as a run's are."""
+    knobs = [(name, {k: getattr(opts, k) for k in pruner_method(name).knobs}, comp) for name, comp in methods]
     fp = sweep_footprint(ckpt, knobs, opts.nsamples, seqlen, opts.sequential, *eval_windows.shape)
     decision = decide(fp, device, opts.offload_activations, opts.max_gpu_memory, opts.batch, opts.nsamples)
     return memory_plan(fp, device, decision, points=len(methods))

@@ -23,7 +23,7 @@ REPORT_NAME = "streamprune_report.json"
 # statistics and receiving the linears other ranks solved (waiting for them included).
 # owl: --allocation owl's forward of the dense model over the calibration windows (reads included), before block 0.
 PHASES = ("read", "replay", "owl", "calibrate", "hessian", "solve", "error", "forward", "eval", "sync", "write",
-          "survey")
+          "survey", "compensate")
 
 
 @dataclass
@@ -88,6 +88,7 @@ class Report:
     # --prune-experts: per MoE block, the criterion, the experts kept and removed, and each expert's score, routed
     # calibration tokens, whether it is kept and its index in the output (see `experts.decision`)
     experts: list[dict[str, Any]] | None = None
+    expert_scores: dict[str, Any] | None = None  # --expert-scores: the report they came from (file, sha256, criterion)
     # --offload-activations disk: the bytes the calibration activations moved through their files, in all
     # (read_bytes, written_bytes) and per block ("blocks": block index -> read_bytes, written_bytes)
     activation_io: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ from streamprune.arch import Param
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import CheckpointError
 from streamprune.formats import Layout
-from streamprune.tensorfile import TensorInfo, all_finite, read_header, read_tensor
+from streamprune.tensorfile import TensorInfo, all_finite, lookup, read_header, read_tensor
 
 Raw = dict[str, Tensor]  # stored tensors of one block, by checkpoint name, in their stored dtype
 K = TypeVar("K")
@@ -75,7 +75,7 @@ class BlockStream:
     def stored(self, names: list[str]) -> list[str]:
         """The stored tensors that hold the checkpoint's tensors `names` in this stream's layout (the checkpoint's
         own stored names are their own: a run's output layout encodes the dense names of its input)."""
-        return sorted(s for name in names for s in self.layout.stored(name))
+        return sorted({s for name in names for s in self.layout.stored(name)})
 
     def weight(self, name: str, raw: Raw) -> Tensor:
         if name in self.layout.encoded:  # decoded where it is used (on a GPU, not by the host's cores)
@@ -89,10 +89,10 @@ class BlockStream:
         """Tensors `names` of block `bid` as stored, checked for NaN/Inf, and the seconds the read took."""
         start = time.perf_counter()
         infos = self.infos(bid)
-        raw = {name: read_tensor(infos[name]) for name in names}
+        raw = {name: read_tensor(lookup(infos, name)) for name in names}
         for name, t in raw.items():
             if t.is_floating_point() and not all_finite(t):
-                raise CheckpointError(f"{infos[name].path}: {name} (block {bid}) contains NaN or Inf")
+                raise CheckpointError(f"{lookup(infos, name).path}: {name} (block {bid}) contains NaN or Inf")
         return raw, time.perf_counter() - start
 
     def experts(self, bid: int) -> Iterator[Part]:

@@ -7,11 +7,13 @@ tensor at its own offset as soon as it is ready.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,28 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 Meta = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
+SLICE = re.compile(r"(.+)\[(\d+)\]")  # `NAME[i]`: slice i of tensor NAME along its first dimension
+
+
+def slice_name(tensor: str, index: int) -> str:
+    """The name of slice `index` (along the first dimension) of stored tensor `tensor`."""
+    return f"{tensor}[{index}]"
+
+
+def parse_slice(name: str) -> tuple[str, int] | None:
+    """(tensor, index) of a slice's name; None for a whole tensor's."""
+    m = SLICE.fullmatch(name)
+    return None if m is None else (m.group(1), int(m.group(2)))
+
+
+def lookup(infos: Mapping[str, TensorInfo], name: str) -> TensorInfo:
+    """Where stored tensor `name` lies, or a slice `NAME[i]` of one (its own contiguous byte range)."""
+    if name in infos:
+        return infos[name]
+    parsed = parse_slice(name)
+    if parsed is None or parsed[0] not in infos:
+        raise KeyError(name)
+    return infos[parsed[0]].slice(parsed[1])
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,22 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def keeping(self, rows: int, axis: int = 0) -> TensorInfo:
+        """This tensor cut to its first `rows` entries along `axis`, the first one or (the dimensions before it all
+        of size 1) the last: a router's rows, fused experts' slices, a (1, n) selection bias."""
+        axis = axis % len(self.shape)
+        assert all(d == 1 for d in self.shape[:axis]), (self.name, self.shape, axis)
+        shape = (*self.shape[:axis], rows, *self.shape[axis + 1:])
+        return dataclasses.replace(self, shape=shape, end=self.start + self.nbytes // self.shape[axis] * rows)
+
+    def slice(self, index: int) -> TensorInfo:
+        """Slice `index` of this tensor along its first dimension."""
+        if not 0 <= index < self.shape[0]:
+            raise KeyError(f"{self.name}[{index}]: index out of 0..{self.shape[0] - 1}")
+        size = self.nbytes // self.shape[0]
+        return dataclasses.replace(self, name=slice_name(self.name, index), shape=self.shape[1:],
+                                   start=self.start + index * size, end=self.start + (index + 1) * size)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -144,6 +184,32 @@ def read_tensor(info: TensorInfo) -> Tensor:
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
+def read_rows(info: TensorInfo, start: int, stop: int) -> Tensor:
+    """Rows start..stop-1 of a stored tensor (one contiguous byte range), alone."""
+    size = info.nbytes // info.shape[0]
+    return read_tensor(dataclasses.replace(info, shape=(stop - start, *info.shape[1:]), start=info.start + start * size,
+                                           end=info.start + stop * size))
+
+
+def read_cells(info: TensorInfo, rows: Tensor, column: int, width: int) -> Tensor:
+    """Columns column..column+width-1 of rows `rows` of a stored 2-D tensor, (len(rows), width): each row's cells read
+    alone, so a column slice of a large table costs its own bytes, never the table's."""
+    item = info.torch_dtype.itemsize
+    buf = torch.empty((len(rows), width * item), dtype=torch.uint8)
+    view = buf.numpy()
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        for k, row in enumerate(rows.tolist()):
+            offset = info.start + (row * info.shape[1] + column) * item
+            if read_fully(fd, memoryview(view[k]), offset) != width * item:
+                raise CheckpointError(f"{info.path}: truncated while reading {info.name!r} row {row}")
+    except OSError as e:
+        raise CheckpointError(f"{info.path}: cannot read {info.name!r}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    return buf.view(info.torch_dtype)
+
+
 def all_finite(t: Tensor, chunk_bytes: int = 16 * 2**20) -> bool:
     """No NaN or Inf in `t`, checked in slices so the temporaries stay small beside a large tensor."""
     flat = t.reshape(-1)
@@ -183,6 +249,7 @@ class ShardFile:
             offset += math.prod(shape) * dtype.itemsize
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
+        self.rows_written: dict[str, int] = {}  # rows of a tensor written a slice at a time (put_rows)
         try:
             os.ftruncate(self.fd, len(header) + size)
             write_fully(self.fd, memoryview(header), 0)
@@ -191,16 +258,40 @@ class ShardFile:
             raise
 
     def put(self, name: str, t: Tensor) -> None:
-        dtype, shape = self.meta[name]
+        """Tensor `name`, or a slice of one (`NAME[i]`), written at its place."""
+        tensor, index = parse_slice(name) or (name, None)
+        if tensor not in self.meta:
+            raise CheckpointError(f"{self.path}: {name} is not one of the tensors of this file")
+        dtype, shape = self.meta[tensor]
+        offset = self.offsets[tensor]
+        if index is not None:
+            offset += index * math.prod(shape[1:]) * dtype.itemsize
+            shape = shape[1:] if 0 <= index < shape[0] else ()
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
         # flattened before the byte view: a contiguous tensor with a size-1 dimension may keep an odd stride there
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        write_fully(self.fd, memoryview(data), self.offsets[name])
+        write_fully(self.fd, memoryview(data), offset)
         self.written.add(name)
 
+    def put_rows(self, name: str, start: int, t: Tensor) -> None:
+        """Rows start..start+len(t)-1 of tensor `name`, written at their place (a large tensor a slice at a time);
+        it is complete once every row was."""
+        dtype, shape = self.meta[name]
+        if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]) or not 0 <= start <= start + len(t) <= shape[0]:
+            raise CheckpointError(f"{self.path}: rows {start}.. of {name} are {t.dtype} {list(t.shape)}, expected "
+                                  f"{dtype} rows of {list(shape)}")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        write_fully(self.fd, memoryview(data), self.offsets[name] + start * math.prod(shape[1:]) * dtype.itemsize)
+        self.rows_written[name] = self.rows_written.get(name, 0) + len(t)
+
+    def complete(self, name: str) -> bool:
+        dtype, shape = self.meta[name]
+        return (name in self.written or (len(shape) > 0 and self.rows_written.get(name) == shape[0])
+                or (len(shape) > 0 and all(slice_name(name, i) in self.written for i in range(shape[0]))))
+
     def close(self) -> None:
-        missing = sorted(set(self.meta) - self.written)
+        missing = sorted(n for n in self.meta if not self.complete(n))
         try:
             if missing:
                 raise CheckpointError(f"{self.path}: {len(missing)} tensor(s) were never written, e.g. {missing[0]}")

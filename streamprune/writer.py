@@ -22,7 +22,7 @@ from streamprune.fileio import atomic_write
 from streamprune.formats import Layout, update_config, write_quantization_config
 from streamprune.journal import Journal
 from streamprune.report import LayerReport
-from streamprune.tensorfile import Meta, ShardFile, read_header, read_tensor
+from streamprune.tensorfile import Meta, ShardFile, read_header, read_rows, read_tensor
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files unchanged; return their names."""
@@ -80,7 +80,8 @@ def output_linears(ckpt: Checkpoint) -> list[str]:
     EXPERT_SEQUENTIAL."""
     names = [name for ((role, kind), bid), name in ckpt.names.items()
              if bid is not None and kind == "weight" and role in PRUNABLE]
-    return names + [name for names in ckpt.experts.values() for (role, _), name in names.items() if role in PRUNABLE]
+    return names + [name for names in ckpt.experts.values() for (role, kind), name in names.items()
+                    if role in PRUNABLE and kind == "weight"]
 
 
 def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, Meta]:
@@ -96,12 +97,14 @@ def block_meta(ckpt: Checkpoint, bid: int | None, layout: Layout) -> dict[str, M
 class BlockShard:
     """One shard being written: tensors put as they are final, in any order; `close` puts it in place whole (and
     hands its layers' report rows to `on_close`), `abort` removes it. Over a context that yields no file, it keeps
-    nothing."""
+    nothing. A routed expert's linear stored fused (in `layout.fused`) waits for the others of its expert's slice,
+    which is then written whole (an expert's gate and up are solved together, its down alone)."""
 
     def __init__(self, context: contextlib.AbstractContextManager[ShardFile | None],
-                 on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None
-                 ) -> None:
-        self.context, self.on_close = context, on_close
+                 on_close: Callable[[list[LayerReport], dict[str, Any] | None], None] = lambda layers, experts: None,
+                 layout: Layout | None = None) -> None:
+        self.context, self.on_close, self.layout = context, on_close, layout
+        self.pending: dict[str, Tensor] = {}
         self.file = context.__enter__()
 
     @property
@@ -109,12 +112,27 @@ class BlockShard:
         return None if self.file is None else self.file.path
 
     def put(self, name: str, tensor: Tensor) -> None:
+        if self.layout is None or name not in self.layout.fused:
+            self.write(name, tensor)
+            return
+        self.pending[name] = tensor
+        for part, value in self.layout.assemble(self.pending).items():
+            self.write(part, value)
+
+    def write(self, name: str, tensor: Tensor) -> None:
         if self.file is not None:
             self.file.put(name, tensor)
+
+    def put_rows(self, name: str, start: int, rows: Tensor) -> None:
+        """Rows of a tensor written a slice at a time (ShardFile.put_rows)."""
+        if self.file is not None:
+            self.file.put_rows(name, start, rows)
 
     def close(self, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Put the shard in place; `layers` and `experts` (the block's choice of routed experts, if any) are its
         report's."""
+        if self.pending:
+            raise CheckpointError(f"{sorted(self.pending)[0]}: written without the rest of its expert's slice")
         self.context.__exit__(None, None, None)
         self.on_close(layers, experts)
 
@@ -124,9 +142,11 @@ class BlockShard:
 
 
 class Sink(Protocol):
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             layout: Layout | None = None) -> BlockShard:
         """Shard `idx` of the output (0: the tensors outside the blocks; b + 1: block b), holding `meta`;
-        `read_back`: its file is read back before it is closed (the pruned experts of a block)."""
+        `read_back`: its file is read back before it is closed (the pruned experts of a block); `layout`: the
+        output's, where it stores routed experts fused (see `BlockShard`)."""
 
     def finish(self) -> None:
         """Complete the output once every shard is in place."""
@@ -141,8 +161,10 @@ class CheckpointSink:
         self.ckpt, self.dir, self.layout, self.journal = ckpt, out_dir, layout, journal
         self.writer = ShardWriter(out_dir, ckpt.config.n_layers + 1)
 
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
-        return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts))
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             layout: Layout | None = None) -> BlockShard:
+        return BlockShard(self.writer.open(idx, meta), lambda layers, experts: self.record(idx, layers, experts),
+                          layout)
 
     def record(self, idx: int, layers: list[LayerReport], experts: dict[str, Any] | None = None) -> None:
         """Shard `idx`, written, flushed, renamed into place and checked, in the journal."""
@@ -176,11 +198,12 @@ class NoSink:
     def __init__(self, work: Path | None = None, name: str = "block") -> None:
         self.work, self.name = work, name
 
-    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False) -> BlockShard:
+    def open(self, idx: int, meta: dict[str, Meta], read_back: bool = False,
+             layout: Layout | None = None) -> BlockShard:
         if read_back:
             assert self.work is not None
-            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta))
-        return BlockShard(contextlib.nullcontext(None))
+            return BlockShard(temporary_shard(self.work / f"{self.name}.safetensors", meta), layout=layout)
+        return BlockShard(contextlib.nullcontext(None), layout=layout)
 
     def finish(self) -> None:
         pass
@@ -195,17 +218,28 @@ def temporary_shard(path: Path, meta: dict[str, Meta]) -> Iterator[ShardFile]:
         path.unlink(missing_ok=True)
 
 
+GLOBAL_CHUNK_BYTES = 16 * 2**20  # a larger tensor outside the blocks is copied this much at a time
+
+
 def write_globals(ckpt: Checkpoint, sinks: list[Sink]) -> None:
     """Shard 0 of each sink's output: the tensors outside the blocks, copied bit for bit, each read once and one at
-    a time."""
+    a time; one larger than GLOBAL_CHUNK_BYTES (Gemma 4's table of per-layer inputs) a slice of its rows at a time."""
     names = ckpt.stored_names(None)
     meta = {n: (ckpt.tensors[n].torch_dtype, tuple(ckpt.tensors[n].shape)) for n in names}
     shards = [sink.open(0, meta) for sink in sinks]
     try:
         for name in sorted(names):
-            tensor = read_tensor(ckpt.tensors[name])
-            for shard in shards:
-                shard.put(name, tensor)
+            info = ckpt.tensors[name]
+            if not info.shape or info.nbytes <= GLOBAL_CHUNK_BYTES:
+                tensor = read_tensor(info)
+                for shard in shards:
+                    shard.put(name, tensor)
+                continue
+            step = max(1, GLOBAL_CHUNK_BYTES // (info.nbytes // info.shape[0]))  # rows at a time
+            for start in range(0, info.shape[0], step):
+                rows = read_rows(info, start, min(start + step, info.shape[0]))
+                for shard in shards:
+                    shard.put_rows(name, start, rows)
     except BaseException:
         for shard in shards:
             shard.abort()

@@ -157,14 +157,17 @@ def test_bad_config(model, text, breaker, expected):
 def families(tmp_path_factory) -> dict[str, Path]:
     """Valid tiny models of the families whose config.json has fields the llama has not (never modified)."""
     root = tmp_path_factory.mktemp("families")
-    return {v: tiny.build(root / v, v) for v in ("qwen3-window", "phi3-longrope", "gemma3", "gemma3-image")}
+    return {v: tiny.build(root / v, v) for v in ("qwen3-window", "phi3-longrope", "gemma3", "gemma3-image", "gemma4",
+                                                 "glm5", "llama4")}
 
 
 @pytest.mark.parametrize("variant,changes,expected", [
     ("qwen3-window", dict(layer_types=["full_attention"]),
      ["config.json", "layer_types=['full_attention']", "2 layer types"]),
+    ("qwen3-window", dict(layer_types=["full_attention", "block_sparse_attention"]),
+     ["config.json", "'block_sparse_attention'", "not supported"]),
     ("qwen3-window", dict(layer_types=["full_attention", "chunked_attention"]),
-     ["config.json", "'chunked_attention'", "not supported"]),
+     ["config.json", "chunked attention layers without attention_chunk_size"]),
     ("phi3-longrope", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
                                             "long_factor": [1.0] * 8, "original_max_position_embeddings": 32}),
      ["config.json", "short_factor=[1.0, 1.0, 1.0]", "8 numbers"]),
@@ -176,12 +179,55 @@ def families(tmp_path_factory) -> dict[str, Path]:
     ("gemma3", dict(use_bidirectional_attention=True), ["config.json", "use_bidirectional_attention=True"]),
     ("gemma3", dict(final_logit_softcapping=-1.0), ["config.json", "final_softcap=-1.0", "not positive"]),
     ("gemma3-image", dict(text_config="gemma"), ["config.json", "text_config='gemma'", "not an object"]),
-], ids=["layer-types-length", "layer-type-unknown", "longrope-factors", "longrope-original-str", "rope-type",
-        "bidirectional", "softcap-negative", "text-config"])
+    ("gemma4", dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
+     ["config.json", "Gemma 4 with routed experts beside the MLP (enable_moe_block)", "not supported"]),
+    ("gemma4", dict(num_kv_shared_layers=3), ["config.json", "num_kv_shared_layers=3", "earlier block of their layer"]),
+    ("glm5", dict(indexer_types=["full", "shared", "full"]),
+     ["config.json", "indexer_types=", "another block's top-k keys", "not supported"]),
+    ("glm5", dict(q_lora_rank=None), ["config.json", "sparse attention with q_lora_rank=0", "query latent"]),
+    ("llama4", dict(no_rope_layers=[1, 1, 0]), ["config.json", "no_rope_layers=[1, 1, 0]", "is not 4 flags"]),
+], ids=["layer-types-length", "layer-type-unknown", "chunk-size-missing", "longrope-factors", "longrope-original-str",
+        "rope-type", "bidirectional", "softcap-negative", "text-config", "gemma4-moe", "gemma4-kv-shared-all",
+        "dsa-shared-indexer", "dsa-no-query-latent", "llama4-nope-flags"])
 def test_bad_family_config(families, tmp_path, text, variant, changes, expected):
     model = Path(shutil.copytree(families[variant], tmp_path / "model"))
     edit_config(model, **changes)
     assert_names(fail_eval(model, text), *expected)
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> Path:
+    """A valid Qwen3.5-MoE with its experts stored fused (never modified)."""
+    return tiny.build(tmp_path_factory.mktemp("hybrid") / "qwen3.5", "qwen3.5-moe-fused")
+
+
+def _tensors(d: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(d / SINGLE_NAME)
+    edit(tensors)
+    save_file(tensors, d / SINGLE_NAME, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("breaker,expected", [
+    (lambda d: _tensors(d, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 48, 64)})),
+     ["model.layers.0.mlp.experts.gate_up_proj has shape [4, 48, 64], config.json implies [4, 64, 64]"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.1.mlp.experts.down_proj")),
+     ["missing 1 tensor(s)", "model.layers.1.mlp.experts.down_proj"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.2.linear_attn.A_log")),
+     ["missing 1 tensor(s)", "model.layers.2.linear_attn.A_log"]),
+    (lambda d: _tensors(d, lambda t: t.pop("model.layers.0.linear_attn.conv1d.weight")),
+     ["missing 1 tensor(s)", "model.layers.0.linear_attn.conv1d.weight"]),
+    (lambda d: edit_config(d, layer_types=["linear_attention", "mamba", "linear_attention", "full_attention"]),
+     ["config.json", "'mamba'", "not supported", "linear_attention"]),
+    (lambda d: edit_config(d, linear_num_value_heads=3), ["config.json", "3 value heads", "multiple of the key heads"]),
+], ids=["fused-shape", "fused-down-missing", "linear-attention-tensor-missing", "conv-missing", "layer-type",
+        "value-heads"])
+def test_bad_hybrid_model(hybrid, tmp_path, text, breaker, expected):
+    """Refused in one line before anything is written."""
+    model = Path(shutil.copytree(hybrid, tmp_path / "model"))
+    breaker(model)
+    out = tmp_path / "out"
+    assert_names(fail("run", model, out, "--calib", text, "--nsamples", "2", "--seqlen", "32"), *expected)
+    assert not out.exists()
 
 
 def test_absurd_config_refused_before_reading_weights(model, text, monkeypatch):

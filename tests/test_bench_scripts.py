@@ -56,3 +56,22 @@ def test_quant_size_bench_small():
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["sym"], ["asym"])]
     assert len(rows) == 2 and all(float(r[3]) <= 0.3 for r in rows), result.stdout
+
+
+def test_fused_experts_bench_small():
+    """A per-expert and a fused copy of a small Qwen3.5-MoE prune alike, in separate processes."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fused_experts.py"), "--experts", "8", "--hidden",
+                             "128", "--ffn", "64", "--nsamples", "4", "--seqlen", "64"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"perplexities equal; pruned tensors equal bit for bit: (\d+) of \1$", result.stdout.strip()), \
+        result.stdout
+
+
+def test_giants_plans_qwen_from_headers():
+    """Qwen3.6-35B-A3B's exact layout (experts fused, a vision tower, an MTP layer) is planned from its headers."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "giants.py"), "--models", "Qwen3.6-35B-A3B",
+                             "--nsamples", "8", "--seqlen", "512"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 4 and not any("refused" in r for r in rows), result.stdout

@@ -164,3 +164,66 @@ def test_plan_counts_calibration_data(model):
     assert result.host_peak >= HOST_OVERHEAD + 16 * SEQLEN * 8 + calib.read_workspace(SEQLEN)
     without = plan(model, nsamples=16, seqlen=SEQLEN, device="cpu", method="magnitude")  # no statistics: no calibration
     assert {what: nbytes for what, nbytes, _ in without.consumers}["calibration token ids"] == 0
+
+
+def cli_run(model: Path, out: Path, *args: object) -> None:
+    from typer.testing import CliRunner
+
+    from streamprune.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(model), str(out), "--seqlen", str(SEQLEN), "--device", "cpu",
+                                      *map(str, args)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_count_after_the_file_is_nsamples(model, tmp_path):
+    """--calib A:8 is --calib A --nsamples 8: the same checkpoint and report, byte for byte, but for the timings."""
+    data = tmp_path / "a.txt"
+    data.write_text(tiny.sample_text(20000))
+    cli_run(model, tmp_path / "counted", "--calib", f"{data}:8")
+    cli_run(model, tmp_path / "nsamples", "--calib", data, "--nsamples", 8)
+    files = sorted(p.name for p in (tmp_path / "counted").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "nsamples").iterdir())
+    for name in files:
+        if name.endswith(".safetensors") or name.endswith(".json") and name != "streamprune_report.json":
+            assert (tmp_path / "counted" / name).read_bytes() == (tmp_path / "nsamples" / name).read_bytes(), name
+    reports = [json.loads((tmp_path / d / "streamprune_report.json").read_text()) for d in ("counted", "nsamples")]
+    assert reports[0]["fingerprint"] == reports[1]["fingerprint"] and reports[0]["args"] == reports[1]["args"]
+    assert reports[0]["args"]["calib"] == [{"file": str(data), "windows": 8}] and reports[0]["args"]["nsamples"] == 8
+
+
+def test_two_sources_are_named_with_their_counts(model, tmp_path):
+    """Windows from each file, in the order given (the first as it alone draws them); the report and the
+    fingerprint name both with their counts; plan counts their windows."""
+    from streamprune.plan import plan
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.npy"
+    a.write_text(tiny.sample_text(20000))
+    np.save(b, np.random.default_rng(0).integers(0, tiny.VOCAB, 5000))
+    job = prepare(model, tmp_path / "out", PruneOptions(calib=(f"{a}:6", str(b)), nsamples=4, seqlen=SEQLEN, seed=2))
+    assert job.windows is not None and job.windows.shape == (10, SEQLEN)
+    assert torch.equal(job.windows[:6], calib.calib_windows(a, model, tiny.VOCAB, SEQLEN, 6, 2))
+    assert torch.equal(job.windows[6:], calib.calib_windows(b, model, tiny.VOCAB, SEQLEN, 4, 3))
+    assert job.args["calib"] == [{"file": str(a), "windows": 6}, {"file": str(b), "windows": 4}]
+    assert job.args["nsamples"] == 10
+    assert [(s["file"], s["windows"]) for s in job.fingerprint["calib"]] == [("a.txt", 6), ("b.npy", 4)]
+    cli_run(model, tmp_path / "run", "--calib", f"{a}:6", "--calib", b, "--nsamples", 4, "--seed", 2)
+    report = json.loads((tmp_path / "run" / "streamprune_report.json").read_text())
+    assert report["args"]["calib"] == job.args["calib"] and report["fingerprint"] == job.fingerprint
+    one = {what: n for what, n, _ in plan(model, calib=[f"{a}:6", str(b)], nsamples=4, seqlen=SEQLEN).consumers}
+    assert one["calibration token ids"] == 10 * SEQLEN * 8
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("{a}:0", "--calib '{a}:0': the count of windows must be at least 1"),
+    ("{a}:-3", "--calib '{a}:-3': the count of windows must be at least 1"),
+])
+def test_a_count_below_one_is_refused(model, tmp_path, given, expected):
+    a = tmp_path / "a.txt"
+    a.write_text(tiny.sample_text(20000))
+    msg = fail("run", model, tmp_path / "out", "--calib", given.format(a=a), "--seqlen", SEQLEN)
+    assert expected.format(a=a) in msg
+    assert not (tmp_path / "out").exists()
+    msg = fail("run", model, tmp_path / "out", "--calib", a, "--calib", f"{a}:4", "--seqlen", SEQLEN)
+    assert f"--calib {str(a)!r} is given twice" in msg
+    assert not (tmp_path / "out").exists()

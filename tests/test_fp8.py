@@ -60,21 +60,36 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.double() * spread(scale.double(), q.shape)).to(dtype)
 
 
-def to_fp8(src: Path, dst: Path, scale_dtype: torch.dtype) -> Path:
+# compressed-tensors' float-quantized format with block strategy, as Mistral Large 3 is published
+COMPRESSED_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+                  "config_groups": {"group_0": {
+                      "targets": ["Linear"], "format": "float-quantized",
+                      "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                                  "block_structure": list(BLOCK), "dynamic": False},
+                      "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",
+                                            "group_size": BLOCK[1], "dynamic": True}}},
+                  "ignore": ["lm_head"]}
+
+
+def to_fp8(src: Path, dst: Path, scale_dtype: torch.dtype, compressed: bool = False) -> Path:
     """`src` as DeepSeek-V3 is published: its attention and MLP linears float8 with `weight_scale_inv`, every other
-    tensor as it was, config.json's quantization_config fp8."""
+    tensor as it was, config.json's quantization_config fp8; `compressed`: as Mistral Large 3 is, the scale named
+    `weight_scale` and the config compressed-tensors' float-quantized one."""
     shutil.copytree(src, dst)
     for path in dst.glob("*.safetensors"):
         path.unlink()
     out = {}
+    suffix = "weight_scale" if compressed else "weight_scale_inv"
     for name, t in load(src).items():
         if quantized(name, t):
-            out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = quantize(t, scale_dtype)
+            out[name], out[name.removesuffix("weight") + suffix] = quantize(t, scale_dtype)
         else:
             out[name] = t
     save_file(out, dst / "model.safetensors")
     config = json.loads((dst / "config.json").read_text())
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
+    if compressed:
+        qc = COMPRESSED_FP8
     if scale_dtype == torch.float8_e8m0fnu:
         qc["scale_fmt"] = "ue8m0"
     (dst / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
@@ -276,3 +291,21 @@ def test_rows_are_coded_a_slice_at_a_time_as_all_at_once():
     assert torch.equal(whole.decode("x.weight", a), sliced.decode("x.weight", a))
     assert torch.equal(sliced.decode("x.weight", a), dequantize(q_ref, scale_ref, torch.bfloat16))
     assert torch.equal(sliced.decode("x.weight", a) == 0, w == 0)
+
+
+def test_compressed_tensors_fp8_blocks_read_and_written_as_stored(tmp_path, bf16, fp8, calib):
+    """The same FP8 weights under compressed-tensors' names (`weight_scale`, a float-quantized config with block
+    strategy, as Mistral Large 3 is published): read as the DeepSeek-V3 layout is, bit for bit; pruned, written back
+    with the same names and config, its weights those of the DeepSeek-V3 layout's run."""
+    ct = to_fp8(bf16, tmp_path / "ct", torch.float32, compressed=True)
+    ours, theirs = Checkpoint(ct), Checkpoint(fp8)
+    assert sorted(ours.layout.encoded) == sorted(theirs.layout.encoded)
+    for name in ours.layout.encoded:
+        assert torch.equal(ours.read(name), theirs.read(name)), name
+    streamprune.prune(ct, tmp_path / "out", calib=calib, **ARGS)
+    streamprune.prune(fp8, tmp_path / "ref", calib=calib, **ARGS)
+    out, ref = Checkpoint(tmp_path / "out"), Checkpoint(tmp_path / "ref")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == COMPRESSED_FP8
+    assert any(n.endswith(".weight_scale") for n in out.tensors) and not any(n.endswith("_inv") for n in out.tensors)
+    for name in ref.layout.encoded:
+        assert torch.equal(out.read(name), ref.read(name)), name

@@ -27,28 +27,40 @@ NSAMPLES, SEQLEN = 8, 64
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe")
     return {v: tiny.build(base / v, v) for v in ("mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2",
-                                                 "deepseek-v3", "deepseek-v3-plain")}
+                                                 "deepseek-v3", "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused",
+                                                 "qwen3.5-moe-image", "gpt-oss", "hy-v3", "ernie4.5-moe",
+                                                 "glm4.7-flash", "kimi-k2.5", "llama4", "llama4-image", "glm5",
+                                                 "deepseek-v3.2")}
 
 
 def stored(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor by the name the model uses (an expert stored fused: each of its linears)."""
     ckpt = Checkpoint(model_dir)
-    return {name: ckpt.read(name) for name in ckpt.tensors}
+    return {name: ckpt.read(name) for name in ckpt.location}
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
-                                     "deepseek-v3-plain"])
+                                     "deepseek-v3-plain", "qwen3-next", "qwen3.5-moe-fused", "qwen3.5-moe-image",
+                                     "gpt-oss", "hy-v3", "ernie4.5-moe", "glm4.7-flash", "kimi-k2.5", "llama4",
+                                     "llama4-image", "glm5", "deepseek-v3.2"])
 def test_output_keeps_names_and_loads_in_transformers(tmp_path, calib, models, variant, sequential):
     src, out = models[variant], tmp_path / "out"
     report = streamprune.prune(src, out, calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, sequential=sequential)
     before, after = stored(src), stored(out)
     assert set(before) == set(after)
     ckpt = Checkpoint(src)
-    experts = set(ckpt.expert_of)
+    experts = {n for n in ckpt.expert_of if n.endswith(".weight")}  # gpt-oss's expert biases are copied
     pruned = experts | {n for (param, b), n in ckpt.names.items() if b is not None and param[1] == "weight"
                         and param[0] in PRUNABLE}
-    assert any("shared_expert" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",
-                                                                      "deepseek-v3-plain"))
+    assert any("shared_expert" in n or "shared_mlp" in n for n in pruned) == (variant in ("qwen2-moe", "glm4-moe", "deepseek-v3",
+                                                                      "deepseek-v3-plain", "qwen3-next",
+                                                                      "qwen3.5-moe-fused", "qwen3.5-moe-image",
+                                                                      "ernie4.5-moe", "hy-v3", "glm4.7-flash",
+                                                                      "kimi-k2.5", "llama4", "llama4-image", "glm5",
+                                                                      "deepseek-v3.2"))
+    assert {n: info.shape for n, info in Checkpoint(out).tensors.items()} == \
+        {n: info.shape for n, info in ckpt.tensors.items()}  # stored as the input is (experts fused or not)
     for name, t in after.items():
         assert t.dtype == before[name].dtype and t.shape == before[name].shape, name
         if name in pruned:
@@ -288,3 +300,95 @@ def test_plan_gives_the_disk_bytes_a_block_moves(tmp_path, calib, models, varian
     assert (block["read_bytes"], block["written_bytes"]) == (predicted.disk_read_per_block,
                                                              predicted.disk_written_per_block)
     assert predicted.disk_read_per_block > 0
+
+
+def fused_copy(src: Path, dst: Path) -> Path:
+    """`src` (per-expert tensors) saved by transformers with every expert of a block in 3-D tensors."""
+    model = tiny.hf_model(src)
+    model.save_pretrained(dst, save_original_format=False)
+    (dst / "tokenizer.json").write_text((src / "tokenizer.json").read_text())
+    return dst
+
+
+def test_fused_and_per_expert_prune_alike(tmp_path, calib, models):
+    """The same model stored per expert and fused: the same pruned weights bit for bit (each fused slice is its
+    expert's gate rows, then its up rows), the same perplexity; each output stored as its input is."""
+    per_expert = tiny.build(tmp_path / "per-expert", "qwen3.5-moe")
+    fused = fused_copy(per_expert, tmp_path / "fused")
+    args = dict(calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN, eval=calib, eval_nsamples=4, eval_seqlen=SEQLEN)
+    a = streamprune.prune(per_expert, tmp_path / "a", **args)
+    b = streamprune.prune(fused, tmp_path / "b", **args)
+    assert a.perplexity == b.perplexity and [lr.name for lr in a.layers] == [lr.name for lr in b.layers]
+    ours, theirs = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    assert ours.layout.fused == {} and len(theirs.layout.fused) == 3 * 4 * 4  # (gate, up, down) x experts x blocks
+    assert set(ours.location) == set(theirs.location)
+    for name in ours.location:
+        assert torch.equal(ours.read(name), theirs.read(name)), name
+    stored_b = {n: info.shape for n, info in theirs.tensors.items() if ".experts." in n}
+    assert stored_b["model.layers.0.mlp.experts.gate_up_proj"] == (4, 64, 64) and len(stored_b) == 8
+
+
+def test_fused_experts_stream_one_slice_at_a_time(tmp_path, calib, models, monkeypatch):
+    """A fused tensor is read one expert's slice at a time, never whole: at most two experts' slices are held."""
+    src = models["qwen3.5-moe-fused"]
+    fused = {p.tensor for p in Checkpoint(src).layout.fused.values()}
+    live: dict[int, int] = {}
+    peak = {"experts": 0, "whole": 0}
+    real = stream.read_tensor
+
+    def tracked(info):
+        t = real(info)
+        peak["whole"] += info.name in fused
+        if "[" in info.name:
+            key = int(info.name.split("[")[1].rstrip("]"))
+            live[key] = live.get(key, 0) + 1
+            weakref.finalize(t, lambda: live.__setitem__(key, live[key] - 1))
+            gc.collect()
+            peak["experts"] = max(peak["experts"], sum(1 for v in live.values() if v > 0))
+        return t
+
+    monkeypatch.setattr(stream, "read_tensor", tracked)
+    streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    assert peak["whole"] == 0 and 1 <= peak["experts"] <= 2, peak
+
+
+def with_qwen_mtp(src: Path, dst: Path) -> Path:
+    """`src` (Qwen3.5-MoE) with a multi-token-prediction layer as Qwen3.5 is published: `mtp.fc`, `mtp.norm`, its
+    pre-norms and `mtp.layers.0.*` (a copy of the last block as stored, its experts fused where the block's are) in a
+    shard of their own; mtp_num_hidden_layers 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    prefix = "model.language_model.layers.3." if "qwen3_5_moe\"" in (src / "config.json").read_text() else \
+        "model.layers.3."
+    tensors = {n: t for n, t in load_file(src / "model.safetensors").items() if n.startswith(prefix)}
+    assert any(n.endswith("experts.gate_up_proj") for n in tensors) == (src.name == "qwen3.5-moe-image")
+    mtp = {n.replace(prefix, "mtp.layers.0."): t.clone() for n, t in tensors.items()}
+    d = mtp["mtp.layers.0.input_layernorm.weight"].shape[0]
+    mtp.update({"mtp.fc.weight": torch.randn(d, 2 * d), "mtp.norm.weight": torch.ones(d),
+                "mtp.pre_fc_norm_embedding.weight": torch.ones(d), "mtp.pre_fc_norm_hidden.weight": torch.ones(d)})
+    save_file(mtp, dst / "mtp.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["mtp_num_hidden_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_qwen_mtp_layers_copied_or_left_out(tmp_path, calib, models):
+    """Qwen3.5's `mtp.*` layers are copied bit for bit and named in the report (layer 4, past the model's 4); with
+    experts removed they are left out and text_config's mtp_num_hidden_layers set to 0."""
+    src = with_qwen_mtp(models["qwen3.5-moe-image"], tmp_path / "in")  # the MTP layer's experts fused too
+    mtp = {n: t for n, t in stored(src).items() if n.startswith("mtp.")}
+    report = streamprune.prune(src, tmp_path / "out", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN)
+    after = stored(tmp_path / "out")
+    assert len(mtp) > 10 and all(torch.equal(after[n], t) for n, t in mtp.items())
+    assert report.model["mtp_layers"] == [4] and report.model["mtp_written"] == "copied"
+    report = streamprune.prune(src, tmp_path / "out2", calib=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
+                               prune_experts=0.5)
+    assert not any(n.startswith("mtp.") for n in stored(tmp_path / "out2"))
+    assert report.model["mtp_written"] == "left out"
+    text = json.loads((tmp_path / "out2" / "config.json").read_text())["text_config"]
+    assert text["mtp_num_hidden_layers"] == 0 and text["num_experts"] == 2

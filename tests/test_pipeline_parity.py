@@ -30,7 +30,9 @@ NSAMPLES, SEQLEN, BLOCKSIZE, SEED = 8, 64, 32, 0
 
 # transformers' decoder blocks of each family, and their linears by the input they read, in pruning order
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "phi3": "model.layers",
-          "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers", "opt": "model.decoder.layers", "bloom": "transformer.h"}
+          "gemma2": "model.layers", "gemma3_text": "model.layers", "gemma3": "model.language_model.layers",
+          "opt": "model.decoder.layers", "bloom": "transformer.h", "qwen3_5_text": "model.layers",
+          "gemma4_text": "model.layers", "gemma4": "model.language_model.layers"}
 LLAMA_STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 STAGES = {
@@ -44,7 +46,31 @@ STAGES = {
     "opt": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
     "bloom": (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
               ("mlp.dense_4h_to_h",)),
+    "qwen3_5_text": LLAMA_STAGES,  # its attention blocks (the q projection with the output gate's rows)
+    # Gemma 4: its global blocks without v_proj where their values are the keys' projection; the per-layer inputs'
+    # gate and projection where the model has them
+    "gemma4_text": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
+    "gemma4": LLAMA_STAGES + (("per_layer_input_gate",), ("per_layer_projection",)),
 }
+# the linear-attention blocks' mixer (Gated DeltaNet): the input projections, then the output projection; the decay
+# and rate projections (b, a) are copied as read (COPIED)
+LINEAR_STAGES = {
+    "qwen3_next": (("linear_attn.in_proj_qkvz",), ("linear_attn.out_proj",)),
+    "qwen3_5_text": (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)),
+}
+LINEAR_STAGES["qwen3_5_moe_text"] = LINEAR_STAGES["qwen3_5_text"]
+COPIED = {"linear_attn.in_proj_ba", "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+          # DeepSeek sparse attention's indexer: it picks the keys, copied as routers are
+          "self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj"}
+
+
+def block_stages(kind: str, block: torch.nn.Module, stages: tuple) -> tuple:
+    """`stages` (attention's, then the MLP's) as block `block` has them: a linear-attention block's mixer instead."""
+    if getattr(block, "block_type", None) == "linear_attention":
+        return LINEAR_STAGES[kind] + stages[2:]
+    present = {name for name, _ in block.named_modules()}  # Gemma 4's global blocks may have no v_proj
+    stages = tuple(tuple(name for name in stage if name in present) for stage in stages)
+    return tuple(stage for stage in stages if stage)
 
 # Bounds measured for SparseGPT over model and window seeds 0-5 and 1 or 2 threads (the tests use seed 0):
 # float32 noise, amplified by the OBS sweep, reaches 2.1e-5 on later blocks; on block 0 with --no-sequential
@@ -108,12 +134,14 @@ def parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, pattern:
     written = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.double()
     kind = model.config.model_type
-    stages = STAGES[kind]
     rows = []
     for b, block in enumerate(model.get_submodule(BLOCKS[kind])):
         prefix = f"{BLOCKS[kind]}.{b}."
+        stages = block_stages(kind, block, STAGES[kind])
         linears = {name for name, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)}
-        assert linears == {name for stage in stages for name in stage}, linears  # every linear compared
+        assert linears - COPIED == {name for stage in stages for name in stage}, linears  # every linear compared
+        for name in linears & COPIED:  # copied bit for bit
+            assert torch.equal(written[prefix + name + ".weight"], dense[prefix + name + ".weight"]), name
         with torch.no_grad():
             for stage in stages:
                 for name in stage:
@@ -149,7 +177,7 @@ def check(rows: list[Row], method: str, sequential: bool) -> None:
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "opt", "bloom", "qwen3", "phi3-longrope", "gemma2",
-                                     "gemma3"])
+                                     "gemma3", "qwen3.5", "gemma4", "gemma4-image", "gemma4-e2b"])
 def test_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(parity_rows(tmp_path, calib, variant, "sparsegpt", "unstructured", sequential), "sparsegpt", sequential)
 
@@ -183,7 +211,19 @@ MOE_STAGES = {
 MLA_STAGES = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
               ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
 MOE_STAGES["deepseek_v3"] = MLA_STAGES + MOE_STAGES["glm4_moe"][2:]
-MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:]}  # a dense block (else LLaMA's)
+MOE_STAGES["qwen3_next"] = MOE_STAGES["qwen3_5_moe_text"] = MOE_STAGES["qwen2_moe"]
+MOE_STAGES["gpt_oss"] = LLAMA_STAGES[:2]
+MOE_STAGES["hy_v3"] = MOE_STAGES["ernie4_5_moe"] = MOE_STAGES["glm4_moe"]
+MOE_STAGES["glm4_moe_lite"] = MOE_STAGES["deepseek_v3"]
+# Llama 4 calls its MLP `feed_forward`; its MoE blocks have an ungated shared expert
+FEED_FORWARD = tuple(tuple(n.replace("mlp.", "feed_forward.") for n in stage) for stage in LLAMA_STAGES)
+MOE_STAGES["llama4_text"] = FEED_FORWARD[:2] + (("feed_forward.shared_expert.gate_proj",
+                                                 "feed_forward.shared_expert.up_proj"),
+                                                ("feed_forward.shared_expert.down_proj",))
+MOE_STAGES["glm_moe_dsa"] = MOE_STAGES["deepseek_v32"] = MOE_STAGES["deepseek_v3"]  # the indexer: COPIED
+MOE_DENSE_STAGES = {"deepseek_v3": MLA_STAGES + LLAMA_STAGES[2:], "llama4_text": FEED_FORWARD}  # a dense block (else
+MOE_DENSE_STAGES["glm4_moe_lite"] = MOE_DENSE_STAGES["glm_moe_dsa"] = MOE_DENSE_STAGES["deepseek_v32"] = \
+    MOE_DENSE_STAGES["deepseek_v3"]                            # LLaMA's)
 
 
 @torch.no_grad()
@@ -211,9 +251,14 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     rows: list[Row] = []
     for b, block in enumerate(model.model.layers):
         prefix = f"model.layers.{b}."
-        moe = block.mlp if hasattr(block.mlp, "experts") else None
+        mlp = block.feed_forward if hasattr(block, "feed_forward") else block.mlp
+        moe = mlp if hasattr(mlp, "experts") else None
         model_type = model.config.model_type
         stages = MOE_STAGES[model_type] if moe else MOE_DENSE_STAGES.get(model_type, LLAMA_STAGES)
+        stages = block_stages(model_type, block, stages)
+        for name, mod in block.named_modules():
+            if name in COPIED:
+                assert torch.equal(written[prefix + name + ".weight"], dense[prefix + name + ".weight"]), name
         with torch.no_grad():  # block b dense, experts included
             for name, p in block.named_parameters():
                 p.copy_(dense[prefix + name])
@@ -239,17 +284,38 @@ def moe_parity_rows(tmp_path: Path, calib: Path, variant: str, method: str, sequ
     return rows
 
 
+def router(moe, m: torch.Tensor):
+    """transformers' router of an MoE module on `m`: (logits, weights, chosen); MiniMax-M2's takes its block's
+    selection bias, gpt-oss's is `router`; Llama 4's gives each expert's sigmoid weight, zero where not chosen
+    (returned as every expert's weight and the chosen ones' mask)."""
+    if hasattr(moe, "shared_expert") and hasattr(moe, "router"):
+        scores, logits = (t.detach() for t in moe.router(m))
+        return logits, scores, scores > 0
+    if hasattr(moe, "router"):
+        return moe.router(m)
+    bias = getattr(moe, "e_score_correction_bias", None)
+    return moe.gate(m) if bias is None else moe.gate(m, bias)
+
+
 def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written: dict, method: str,
                 sequential: bool, min_tokens: int) -> list[Row]:
     """Each routed expert of block `b` re-derived from the MoE input and transformers' own router: its gate and up
     projections from the rows routed to it (every row below `min_tokens`), its down projection from their
     hidden activations through the pruned (sequential) or dense gate and up projections."""
-    prefix = f"model.layers.{b}.mlp.experts."
+    llama4 = model.config.model_type == "llama4_text"  # the routing weight scales the expert's input: expert(g x)
+    prefix = f"model.layers.{b}.{'feed_forward' if llama4 else 'mlp'}.experts."
     m = moe_input(model, windows, moe)  # sequential: after the pruned attention (and shared expert)
-    bias = getattr(moe, "e_score_correction_bias", None)  # MiniMax-M2's router takes its block's selection bias
-    _, _, chosen = moe.gate(m) if bias is None else moe.gate(m, bias)
+    _, weights, chosen = router(moe, m)
+    if llama4:  # (tokens, E): expert e's rows are its chosen tokens' inputs times their weights
+        chosen = torch.where(chosen, torch.arange(chosen.shape[1])[None], -1)
     gate_up, down = dense[prefix + "gate_up_proj"], dense[prefix + "down_proj"]
     gate_up_w, down_w = written[prefix + "gate_up_proj"].double(), written[prefix + "down_proj"].double()
+    oss = hasattr(moe.experts, "gate_up_proj_bias")  # gpt-oss: x @ W + b, gate and up interleaved, the clamped SwiGLU
+    if oss:  # as linear weights, gate rows then up rows
+        gate_up, gate_up_w = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1).transpose(1, 2) for t in (gate_up, gate_up_w))
+        down, down_w = down.transpose(1, 2), down_w.transpose(1, 2)
+    if llama4:  # x @ W: as linear weights, gate rows then up rows
+        gate_up, gate_up_w, down, down_w = (t.transpose(1, 2) for t in (gate_up, gate_up_w, down, down_w))
     ffn = down.shape[2]
     rows = []
 
@@ -260,17 +326,25 @@ def expert_rows(model, windows: torch.Tensor, b: int, moe, dense: dict, written:
 
     for e in range(gate_up.shape[0]):
         n = int((chosen == e).any(dim=-1).sum())
-        x = m[(chosen == e).any(dim=-1)] if n >= min_tokens else m  # the documented fallback: every token
+        mine = (chosen == e).any(dim=-1)
+        x = (m[mine] * weights[mine, e, None] if llama4 else m[mine]) if n >= min_tokens else m  # else every token
         row(f"expert {e} gate ({n} tokens)", gate_up[e, :ffn], x, gate_up_w[e, :ffn])
         row(f"expert {e} up ({n} tokens)", gate_up[e, ffn:], x, gate_up_w[e, ffn:])
         gu = gate_up_w[e] if sequential else gate_up[e].double()
-        hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
+        if oss:
+            bias = moe.experts.gate_up_proj_bias[e].double()
+            interleaved = torch.stack((x @ gu[:ffn].T + bias[0::2], x @ gu[ffn:].T + bias[1::2]), dim=-1).flatten(-2)
+            hidden = moe.experts._apply_gate(interleaved)
+        else:
+            hidden = torch.nn.functional.silu(x @ gu[:ffn].T) * (x @ gu[ffn:].T)
         row(f"expert {e} down", down[e], hidden, down_w[e])
     return rows
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "no-sequential"])
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4-moe", "minimax-m2", "deepseek-v3",
+                                     "qwen3-next", "qwen3.5-moe-fused", "gpt-oss", "hy-v3", "ernie4.5-moe",
+                                     "glm4.7-flash", "llama4", "glm5", "deepseek-v3.2"])
 def test_moe_sparsegpt_parity(tmp_path, calib, variant, sequential):
     check(moe_parity_rows(tmp_path, calib, variant, "sparsegpt", sequential), "sparsegpt", sequential)
 

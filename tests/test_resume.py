@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -200,6 +201,20 @@ def test_sigkill_at_random_points_then_resume(tmp_path, extra):
     kill_and_resume([str(out) if c == "OUT" else c for c in cmd], out, ref, wall)
 
 
+def test_sigkill_hybrid_with_fused_experts_then_resume(tmp_path):
+    """The same on a Qwen3.5-MoE (Gated DeltaNet blocks beside attention, experts stored fused): each resumed run
+    replays the written blocks, fused slices included, and writes the same bytes."""
+    model, calib = tiny.deep(tmp_path, "Qwen3_5MoeTextConfig", fused=True, **{**tiny.QWEN_HYBRID, "num_hidden_layers": 8,
+                                                                              "hidden_size": 96, "num_experts": 8})
+    cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(model), "OUT", "--calib", str(calib), "--nsamples", "32",
+           "--seqlen", "128", "--device", "cpu", "--batch", "2", "--blocksize", "32"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run([str(ref) if c == "OUT" else c for c in cmd], check=True, capture_output=True, cwd=ROOT)
+    assert any("gate_up_proj" in name for name in json.loads((ref / "model.safetensors.index.json").read_text())
+               ["weight_map"])
+    kill_and_resume([str(out) if c == "OUT" else c for c in cmd], out, ref, load_report(ref).wall_seconds)
+
+
 def kill_and_resume(run_cmd: list[str], out: Path, ref: Path, wall: float, seed: int = 1234) -> None:
     """Run `run_cmd` (writing `out`), SIGKILL it at random moments three times (or until it finishes), resume it;
     the checkpoint written equals `ref`'s, which an uninterrupted run of `wall` seconds wrote."""
@@ -239,8 +254,6 @@ def test_pruned_weights_reach_later_sites_contiguous(tmp_path, monkeypatch, setu
 
 
 def test_resume_in_another_environment_warns_and_reports_it(tmp_path, monkeypatch, setup, caplog):
-    import json
-
     src, calib, ref = setup
     out = tmp_path / "out"
     fail_writes_after(monkeypatch, 2)

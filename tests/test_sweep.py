@@ -237,3 +237,45 @@ def test_points_hold_one_pruned_block_at_a_time(tmp_path, data, monkeypatch):
     sweep(src, tmp_path / "sweep", calib=data, eval=data, device="cpu", methods=["sparsegpt", "wanda"],
           sparsities=[0.5], **CALIB)
     assert len(held) == 2 * 3 and set(held) == {0}
+
+
+@pytest.mark.parametrize("variant,sequential,compensate", [("mixtral", True, True), ("qwen2-moe", False, False)])
+def test_expert_removal_points_equal_separate_runs(tmp_path, data, variant, sequential, compensate):
+    """Every (fraction, criterion, compensation) point, with the weights pruned too or not, from one read of the
+    checkpoint (each block's experts read twice: the survey and the expert pass): the same experts removed, the same
+    checkpoint and the same perplexity as a separate `run` of it."""
+    src = tiny.build(tmp_path / "m", variant)
+    result = sweep(src, tmp_path / "sweep", save_dir=tmp_path / "points", calib=data, eval=data, device="cpu",
+                   sequential=sequential, methods=["sparsegpt"], sparsities=[0.0, 0.5], prune_experts=[0.25, 0.5],
+                   expert_criteria=["reap", "frequency"], compensate_experts=compensate, **CALIB)
+    assert len(result.points) == 2 * 2 * 2 * (2 if compensate else 1)
+    moe = Checkpoint(src)
+    assert [(r["reads"], r["expert_passes"]) for r in result.reads] == [
+        (1, 2 if moe.n_experts(b) else 0) for b in range(moe.config.n_layers)]
+    for p in result.points:
+        out = tmp_path / "run" / p["label"]
+        report = streamprune.prune(src, out, method="sparsegpt", sparsity=p["sparsity"], calib=data, eval=data,
+                                   device="cpu", sequential=sequential, prune_experts=p["prune_experts"],
+                                   expert_criterion=p["expert_criterion"],
+                                   compensate_experts=p["compensate_experts"], **CALIB)
+        assert [b["removed"] for b in p["experts"]] == [b["removed"] for b in report.experts], p["label"]
+        assert math.isclose(p["perplexity"], report.perplexity, rel_tol=1e-6), p["label"]
+        ran, saved = tensors(out), tensors(Path(p["checkpoint"]))
+        assert ran.keys() == saved.keys() and all(ran[k].equal(saved[k]) for k in ran), p["label"]
+    ppl = {p["label"]: p["perplexity"] for p in result.points}
+    assert len(set(ppl.values())) == len(ppl)  # every point its own model
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [r["expert_criterion"] for r in rows[1:]] == [p["expert_criterion"] for p in result.points]
+
+
+def test_expert_sweep_refusals(tmp_path, data):
+    src = tiny.build(tmp_path / "m", "mixtral")
+    args = dict(calib=data, eval=data, device="cpu", methods=["sparsegpt"], **CALIB)
+    with pytest.raises(ArgumentError, match="--expert-criteria 'random': each must be one of reap, ean, frequency"):
+        sweep(src, tmp_path / "a", prune_experts=[0.5], expert_criteria=["random"], **args)
+    with pytest.raises(ArgumentError, match="keeps 1 of 4 experts per block"):
+        sweep(src, tmp_path / "a", prune_experts=[0.75], **args)
+    with pytest.raises(ArgumentError, match="needs --sequential"):
+        sweep(src, tmp_path / "a", prune_experts=[0.5], sparsities=[0.5], compensate_experts=True, sequential=False,
+              **args)
+    assert not (tmp_path / "a").exists()

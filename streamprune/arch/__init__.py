@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamprune.arch import bloom, deepseek, gemma, llama, moe, opt, phi3
+from streamprune.arch import bloom, deepseek, gemma, gemma4, gpt_oss, llama, llama4, moe, opt, phi3, qwen3_next
 from streamprune.arch.config import ModelConfig
 from streamprune.arch.roles import EXPERT_ROLES, EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, Role, Site
 from streamprune.arch.spec import ArchSpec, Param, expected_params, expert_params
@@ -12,7 +12,10 @@ from streamprune.errors import UnsupportedModelError
 
 REGISTRY: dict[str, ArchSpec] = {
     model_type: spec for spec in (llama.SPEC, opt.SPEC, bloom.SPEC, phi3.SPEC, gemma.SPEC, gemma.IMAGE_TEXT_SPEC,
-                                  moe.MIXTRAL, moe.QWEN_MOE, moe.GLM4_MOE, moe.MINIMAX_M2, deepseek.SPEC)
+                                  moe.MIXTRAL, moe.QWEN_MOE, moe.GLM4_MOE, moe.MINIMAX_M2, deepseek.SPEC,
+                                  qwen3_next.SPEC, qwen3_next.IMAGE_TEXT_SPEC, gpt_oss.SPEC, moe.HY_V3,
+                                  moe.ERNIE4_5_MOE, deepseek.IMAGE_TEXT_SPEC, llama4.SPEC, llama4.IMAGE_TEXT_SPEC,
+                                  gemma4.SPEC, gemma4.IMAGE_TEXT_SPEC, deepseek.SPARSE_ATTENTION)
     for model_type in spec.model_types
 }
 
@@ -33,6 +36,22 @@ ARCHITECTURES: dict[str, str] = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "GptOssForCausalLM": "gpt_oss",
+    "HYV3ForCausalLM": "hy_v3",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    "Kimi_K25ForConditionalGeneration": "kimi_k25",
+    "Llama4ForCausalLM": "llama4_text",
+    "Llama4ForConditionalGeneration": "llama4",
+    "Gemma4ForCausalLM": "gemma4_text",
+    "Gemma4ForConditionalGeneration": "gemma4",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
 }
 
 

@@ -42,6 +42,10 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any], seqlen: int) -> Tensor:
     theta = float(params["rope_theta"])
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     rope_type = params["rope_type"]
+    if rope_type == "proportional":  # Gemma 4: the first partial_rotary_factor of the head's frequencies, the rest 0
+        angles = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+        inv_freq[angles:] = 0.0
+        return inv_freq / float(params.get("factor", 1.0))
     if rope_type == "linear":
         return inv_freq / float(params["factor"])
     if rope_type == "longrope":  # a divisor per frequency: the long set once a window passes the original context
@@ -124,4 +128,13 @@ def window_causal_bias(seqlen: int, window: int) -> Tensor:
     q = torch.arange(seqlen)[:, None]
     k = torch.arange(seqlen)[None, :]
     seen = (k <= q) & (q - k < window)  # (T, T)
+    return torch.zeros(seqlen, seqlen).masked_fill_(~seen, float("-inf"))[None, None]
+
+
+def chunk_causal_bias(seqlen: int, chunk: int) -> Tensor:
+    """Additive attention mask (1, 1, T, T) of chunked attention, shared by every head: query i sees keys j <= i of its
+    own chunk (j // chunk == i // chunk); -inf elsewhere."""
+    q = torch.arange(seqlen)[:, None]
+    k = torch.arange(seqlen)[None, :]
+    seen = (k <= q) & (k // chunk == q // chunk)  # (T, T)
     return torch.zeros(seqlen, seqlen).masked_fill_(~seen, float("-inf"))[None, None]

@@ -10,7 +10,7 @@ from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import CheckpointError, UnsupportedModelError
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope", "yarn", "proportional")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -18,6 +18,7 @@ from streamprune.arch.config import ModelConfig, get_bool, get_float, get_int
 from streamprune.arch.roles import Role
 from streamprune.arch.spec import ArchSpec
 from streamprune.errors import CheckpointError, UnsupportedModelError
+from streamprune import fused
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
@@ -60,6 +61,46 @@ def parse_glm4_moe(raw: dict[str, Any]) -> ModelConfig:
         n_group=get_int(raw, "n_group", default=1), topk_group=get_int(raw, "topk_group", default=1),
         routed_scaling=get_float(raw, "routed_scaling_factor", 1.0),
         dense_layers=frozenset(range(min(get_int(raw, "first_k_dense_replace", default=1), base.n_layers))))
+
+
+def parse_hy_v3(raw: dict[str, Any]) -> ModelConfig:
+    """Hunyuan 3: LLaMA's fields with per-head q/k norms; MiniMax-M2's router (sigmoid scores, chosen with a selection
+    bias, renormalized) times `router_scaling_factor`; an ungated shared expert `num_shared_experts` x
+    `moe_intermediate_size` wide; the blocks `mlp_layer_types` calls dense (else the first) keep a dense MLP."""
+    base = llama.parse_config(raw)
+    width, n = get_int(raw, "moe_intermediate_size"), base.n_layers
+    kinds = raw.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    if not isinstance(kinds, list) or len(kinds) != n or not set(kinds) <= {"dense", "sparse"}:
+        raise CheckpointError(f"config.json: mlp_layer_types={kinds!r:.80} is not a list of {n} 'dense' or 'sparse'")
+    return dataclasses.replace(
+        base, family="hy_v3", qk_norm=True, n_experts=get_int(raw, "num_experts", "num_local_experts"),
+        experts_per_tok=get_int(raw, "num_experts_per_tok"), expert_ffn_dim=width,
+        shared_ffn_dim=width * get_int(raw, "num_shared_experts", default=1), shared_gate=False, norm_topk_prob=True,
+        router="sigmoid", router_bias=True, routed_scaling=get_float(raw, "router_scaling_factor", 1.0),
+        dense_layers=frozenset(b for b, kind in enumerate(kinds) if kind == "dense"))
+
+
+def parse_ernie4_5_moe(raw: dict[str, Any]) -> ModelConfig:
+    """ERNIE 4.5 MoE: LLaMA's fields, RoPE over interleaved pairs; a float32 softmax router choosing with a selection
+    bias stored (1, n_experts) (`moe_statics`), the chosen weights renormalized; ungated shared experts; the MoE blocks
+    every `moe_layer_interval` from `moe_layer_start_index` to `moe_layer_end_index`. `use_bias` (biases on every
+    linear and the head; the released models have none) is refused."""
+    if get_bool(raw, "use_bias", False):
+        raise UnsupportedModelError("config.json: use_bias=True (a bias on every linear and on lm_head) is not "
+                                    "supported for ernie4_5_moe; the released models have none")
+    base = llama.parse_config(raw)
+    n, width = base.n_layers, get_int(raw, "moe_intermediate_size")
+    step, first = get_int(raw, "moe_layer_interval", default=1), get_int(raw, "moe_layer_start_index", default=0)
+    last = get_int(raw, "moe_layer_end_index", default=-1)
+    last = n - 1 if last == -1 else last
+    if step < 1:
+        raise CheckpointError(f"config.json: moe_layer_interval={step!r} is not positive")
+    return dataclasses.replace(
+        base, family="ernie4_5_moe", rope_interleave=True,
+        n_experts=get_int(raw, "moe_num_experts", "num_experts"), experts_per_tok=get_int(raw, "moe_k", "num_experts_per_tok"),
+        expert_ffn_dim=width, shared_ffn_dim=width * get_int(raw, "moe_num_shared_experts", default=0), shared_gate=False,
+        norm_topk_prob=True, router_bias=True, router_bias_2d=True,
+        dense_layers=frozenset(b for b in range(n) if not ((b + 1) % step == 0 and first <= b <= last)))
 
 
 def parse_minimax_m2(raw: dict[str, Any]) -> ModelConfig:
@@ -113,6 +154,7 @@ QWEN_MOE = ArchSpec(
         Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_expert.down_proj",
         Role.FFN_GATE_INP_SHEXP: "layers.{bid}.mlp.shared_expert_gate",
     },
+    fused=fused.QWEN,
 )
 
 # DeepSeek-V3's MoE names, which GLM-4.5 takes too: the router with its selection bias, the routed experts and the
@@ -134,6 +176,37 @@ GLM4_MOE = ArchSpec(
     base_prefix="model.",
     parse_config=parse_glm4_moe,
     tensors={**{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS}, **SIGMOID_MOE},
+)
+
+HY_V3 = ArchSpec(
+    name="hy_v3",
+    model_types=("hy_v3",),
+    base_prefix="model.",
+    parse_config=parse_hy_v3,
+    tensors={
+        **{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS},
+        Role.FFN_GATE_INP: "layers.{bid}.mlp.router.gate",
+        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp",  # its `expert_bias`
+        Role.FFN_GATE_EXP: "layers.{bid}.mlp.experts.{xid}.gate_proj",
+        Role.FFN_UP_EXP: "layers.{bid}.mlp.experts.{xid}.up_proj",
+        Role.FFN_DOWN_EXP: "layers.{bid}.mlp.experts.{xid}.down_proj",
+        Role.FFN_GATE_SHEXP: "layers.{bid}.mlp.shared_mlp.gate_proj",
+        Role.FFN_UP_SHEXP: "layers.{bid}.mlp.shared_mlp.up_proj",
+        Role.FFN_DOWN_SHEXP: "layers.{bid}.mlp.shared_mlp.down_proj",
+    },
+    kinds={(Role.FFN_EXP_PROBS_B, "e_score_correction_bias"): "expert_bias"},
+)
+
+ERNIE4_5_MOE = ArchSpec(
+    name="ernie4_5_moe",
+    model_types=("ernie4_5_moe",),
+    base_prefix="model.",
+    parse_config=parse_ernie4_5_moe,
+    tensors={
+        **{role: name for role, name in llama.SPEC.tensors.items() if role is not Role.ROPE_FREQS},
+        **SIGMOID_MOE,  # the names DeepSeek-V3 gives its router, experts and shared experts
+        Role.FFN_EXP_PROBS_B: "layers.{bid}.mlp.moe_statics",
+    },
 )
 
 MINIMAX_M2 = ArchSpec(

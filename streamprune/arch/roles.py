@@ -31,7 +31,14 @@ class Role(Enum):
     ATTN_KV_A_MQA = "attn_kv_a_mqa"
     ATTN_KV_A_NORM = "attn_kv_a_norm"
     ATTN_KV_B = "attn_kv_b"
+    # DeepSeek sparse attention's lightning indexer (DeepSeek-V3.2, GLM-5): its queries from the query latent, one key
+    # from the block's input (with its LayerNorm), each head's weight from the block's input; copied, never pruned
+    ATTN_IDX_Q_B = "attn_idx_q_b"
+    ATTN_IDX_K = "attn_idx_k"
+    ATTN_IDX_K_NORM = "attn_idx_k_norm"
+    ATTN_IDX_WEIGHTS = "attn_idx_weights"
     ATTN_OUT = "attn_out"
+    ATTN_SINKS = "attn_sinks"  # a learned softmax logit per head, of the attention module (gpt-oss's `sinks`)
     ATTN_POST_NORM = "attn_post_norm"  # norm of the attention's output before the residual add (Gemma)
     FFN_NORM = "ffn_norm"
     FFN_POST_NORM = "ffn_post_norm"  # norm of the MLP's output before the residual add (Gemma)
@@ -50,6 +57,29 @@ class Role(Enum):
     FFN_DOWN_SHEXP = "ffn_down_shexp"
     FFN_GATE_INP_SHEXP = "ffn_gate_inp_shexp"  # the shared expert's scalar gate (1, hidden); never pruned
     ROPE_FREQS = "rope_freqs"  # stored rotary buffer of old checkpoints; copied, never used
+    # Gemma 4's per-layer inputs: a table of every token's inputs to every block and a projection of the embedding
+    # into them (its norm), model-wide; in each block, a gate from the block's output multiplied by the block's input,
+    # projected back (its norm) and added to the residual stream
+    PLE_EMBD = "ple_embd"
+    PLE_MODEL_PROJ = "ple_model_proj"
+    PLE_PROJ_NORM = "ple_proj_norm"
+    PLE_GATE = "ple_gate"
+    PLE_PROJ = "ple_proj"
+    PLE_POST_NORM = "ple_post_norm"
+    LAYER_SCALAR = "layer_scalar"  # the block's output multiplied by it (Gemma 4's `layer_scalar`, (1,))
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5; see delta.py): the input projections, fused (q, k, v, z
+    # grouped by key head; b, a likewise) or split; the causal convolution; the decay's A_log and dt_bias (one
+    # parameter each, of the module); the gated output norm and the output projection
+    SSM_IN_QKVZ = "ssm_in_qkvz"
+    SSM_IN_BA = "ssm_in_ba"
+    SSM_IN_QKV = "ssm_in_qkv"
+    SSM_IN_Z = "ssm_in_z"
+    SSM_IN_B = "ssm_in_b"
+    SSM_IN_A = "ssm_in_a"
+    SSM_CONV1D = "ssm_conv1d"
+    SSM_A = "ssm_a"
+    SSM_NORM = "ssm_norm"
+    SSM_OUT = "ssm_out"
 
 
 class Site(Enum):
@@ -62,21 +92,29 @@ class Site(Enum):
     FFN_IN = "ffn_in"
     FFN_DOWN_IN = "ffn_down_in"
     SHEXP_DOWN_IN = "shexp_down_in"  # the shared expert's hidden activations
+    PLE_IN = "ple_in"  # Gemma 4: the block's output before its per-layer input is added
+    PLE_PROJ_IN = "ple_proj_in"  # the gated per-layer input
     # A routed expert's sites: its input is the tokens routed to it (or, with --moe-calibration all, every token)
     EXP_IN = "exp_in"
     EXP_DOWN_IN = "exp_down_in"
 
 
 # The pruning order, as data: each entry is one input site and the linears that read it.
-# Linears of one site share one Hessian; later sites see the outputs of already pruned ones.
+# Linears of one site share one Hessian; later sites see the outputs of already pruned ones. A block's token mixer is
+# attention or linear attention: the same two sites (its input, the input of its output projection) with the roles
+# of its kind. Linear attention's decay and rate projections (b, a) are copied as read, as routers are: a few rows
+# per block that gate each head's state, whose pruning showed neither cost nor gain (docs/architectures.md).
 SEQUENTIAL: tuple[tuple[Site, tuple[Role, ...]], ...] = (
-    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA)),
+    (Site.ATTN_IN, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_QKV, Role.ATTN_Q_A, Role.ATTN_KV_A_MQA,
+                    Role.SSM_IN_QKVZ, Role.SSM_IN_QKV, Role.SSM_IN_Z)),
     (Site.ATTN_Q_B_IN, (Role.ATTN_Q_B,)),
     (Site.ATTN_KV_B_IN, (Role.ATTN_KV_B,)),
-    (Site.ATTN_OUT_IN, (Role.ATTN_OUT,)),
+    (Site.ATTN_OUT_IN, (Role.ATTN_OUT, Role.SSM_OUT)),
     (Site.FFN_IN, (Role.FFN_GATE, Role.FFN_UP, Role.FFN_GATE_UP, Role.FFN_GATE_SHEXP, Role.FFN_UP_SHEXP)),
     (Site.FFN_DOWN_IN, (Role.FFN_DOWN,)),
     (Site.SHEXP_DOWN_IN, (Role.FFN_DOWN_SHEXP,)),
+    (Site.PLE_IN, (Role.PLE_GATE,)),
+    (Site.PLE_PROJ_IN, (Role.PLE_PROJ,)),
 )
 
 # A routed expert's order, applied to one expert at a time after the block's other sites: its gate and up
@@ -94,7 +132,16 @@ PRUNABLE: frozenset[Role] = frozenset(role for _, roles in SEQUENTIAL + EXPERT_S
 BLOCK_ROLES: frozenset[Role] = PRUNABLE | {Role.ATTN_NORM, Role.FFN_NORM, Role.ROPE_FREQS, Role.ATTN_Q_NORM,
                                            Role.ATTN_K_NORM, Role.ATTN_POST_NORM, Role.FFN_POST_NORM, Role.FFN_GATE_INP,
                                            Role.FFN_GATE_INP_SHEXP, Role.FFN_EXP_PROBS_B, Role.ATTN_Q_A_NORM,
-                                           Role.ATTN_KV_A_NORM}
+                                           Role.ATTN_KV_A_NORM, Role.SSM_IN_BA, Role.SSM_IN_B, Role.SSM_IN_A,
+                                           Role.SSM_CONV1D, Role.SSM_A, Role.SSM_NORM, Role.ATTN_SINKS,
+                                           Role.LAYER_SCALAR, Role.PLE_POST_NORM, Role.ATTN_IDX_Q_B, Role.ATTN_IDX_K,
+                                           Role.ATTN_IDX_K_NORM, Role.ATTN_IDX_WEIGHTS}
 
-# The router's tensors: one row per routed expert (cut to the kept ones when experts are removed).
+# The router's tensors: one entry per routed expert (cut to the kept ones when experts are removed), along their
+# first axis (the router's rows and biases) or, for the selection bias, its last (ERNIE 4.5 stores it (1, n_experts)).
 ROUTER_ROLES: frozenset[Role] = frozenset({Role.FFN_GATE_INP, Role.FFN_EXP_PROBS_B})
+
+
+def expert_axis(role: Role) -> int:
+    """The axis of a router tensor (of role `role`) along which it holds one entry per routed expert."""
+    return -1 if role is Role.FFN_EXP_PROBS_B else 0
