@@ -8,13 +8,16 @@ by this device's measured float32 GEMM rate) and their ratio, then the whole-mod
     python bench/speed.py --device cuda --shape opt-175b  # hidden 12288, ffn 49152, 128 x 2048 tokens
     python bench/speed.py --device cuda --shape llama-70b # hidden 8192, ffn 28672, GQA 64/8
     python bench/speed.py --dry-run                       # a tiny shape, to check the script runs
-    python bench/speed.py --method admm --admm-iterations 1   # ADMM's exact solve alone, on the mask of the scores
+    python bench/speed.py --method admm                   # ADMM (its default final solve: a few PCG steps)
+    python bench/speed.py --method admm --admm-solve exact    # ADMM with the exact solve of the final mask
 
 FLOPs counted per block, with T calibration tokens: Hessians 2*T*d^2 per distinct input width d;
 forward 2*T*params plus attention 2*T*seqlen*hidden (causal half of QK^T and PV), once for the
 calibration passes and once for the outputs; Cholesky and inverse d^3 per distinct input; the OBS
-sweep rows*cols^2 per linear (SparseGPT); the report's reconstruction error 4*rows*cols^2 per
-linear. Read and write are I/O; their rate is shown instead.
+sweep rows*cols^2 per linear (SparseGPT); ADMM: Cholesky d^3/3 per distinct input and its inverse 2d^3/3
+where the input is no wider than its first linear is tall, then per linear 2*rows*cols^2 for each W-update (a
+GEMM with the inverse, or two triangular solves) and each conjugate-gradient step; the report's reconstruction
+error 4*rows*cols^2 per linear. Read and write are I/O; their rate is shown instead.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.results import add_record_option, recording  # noqa: E402
 from bench.synth import Shape, block_tensors, make_checkpoint  # noqa: E402
 import streamprune  # noqa: E402
+from streamprune.pruners.admm import PCG_STEPS, SOLVES as ADMM_SOLVES  # noqa: E402
 
 SHAPES = {  # name -> (shape, nsamples, seqlen, blocks in the full model)
     "mid": (Shape("llama", 2048, 8192, 16, 16), 32, 512, 24),
@@ -60,17 +64,22 @@ def gemm_rate(device: torch.device, n: int) -> float:
     return 2 * n**3 / best
 
 
-def floors(shape: Shape, tokens: int, seqlen: int, method: str, iterations: int = 8) -> dict[str, float]:
-    """FLOPs of each compute phase for one block (ADMM: its `iterations` GEMMs per linear, less the first, and the
-    GEMM that starts the exact solve; the conjugate-gradient steps, as many as the data need, are not counted)."""
+def floors(shape: Shape, tokens: int, seqlen: int, method: str, iterations: int = 8,
+           cg_steps: int = 0) -> dict[str, float]:
+    """FLOPs of each compute phase for one block (ADMM: its `iterations` W-updates per linear, less the first, the
+    GEMM that starts the final solve and its `cg_steps` conjugate-gradient steps: the default solve's fixed budget;
+    the exact solve's steps, as many as the data need, are not counted)."""
     linears = [s for n, s in block_tensors(shape, 0).items() if n.endswith(".weight") and len(s) == 2]
     params = sum(r * c for r, c in linears)
     widths = [shape.hidden, shape.heads * shape.head_dim, shape.hidden, shape.ffn]  # distinct inputs
+    tallest = [shape.heads * shape.head_dim, shape.hidden, shape.ffn, shape.hidden]  # rows of the first linear of each
     forward = 2 * tokens * params + 2 * tokens * seqlen * shape.heads * shape.head_dim
     sweep = sum(r * c * c for r, c in linears) if method == "sparsegpt" else sum(r * c for r, c in linears)
     if method == "admm":
-        sweep = sum(iterations * 2 * r * c * c for r, c in linears)
-    chol = sum(d**3 for d in widths) if method in ("sparsegpt", "admm") else 0
+        sweep = sum((iterations + cg_steps) * 2 * r * c * c for r, c in linears)
+    chol = sum(d**3 for d in widths) if method == "sparsegpt" else 0
+    if method == "admm":
+        chol = sum(d**3 // 3 + (2 * d**3 // 3 if d <= rows else 0) for d, rows in zip(widths, tallest))
     return {"calibrate": forward, "hessian": sum(2 * tokens * d * d for d in widths), "solve": chol + sweep,
             "error": sum(4 * r * c * c for r, c in linears), "forward": forward}
 
@@ -81,7 +90,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--admm-iterations", type=int, default=None,
-                    help="ADMM only; 1 scores the mask once (|W| scaled by the input norms) and leaves only the exact solve")
+                    help="ADMM only; 1 scores the mask once (|W| scaled by the input norms), then the final solve")
+    ap.add_argument("--admm-solve", choices=ADMM_SOLVES, default=None, help="ADMM only: the final solve")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--blocks", type=int, default=2, help="blocks in the generated checkpoint; the last is timed")
@@ -102,14 +112,16 @@ def main() -> None:
         make_checkpoint(model, shape, args.blocks, torch.float16)
         np.save(calib, np.random.default_rng(0).integers(0, shape.vocab, nsamples * seqlen * 2))
         rate = gemm_rate(device, 512 if name == "dry" else (8192 if device.type == "cuda" else 4096))
-        knobs = {} if args.admm_iterations is None else {"admm_iterations": args.admm_iterations}
+        knobs = {k: v for k, v in (("admm_iterations", args.admm_iterations), ("admm_solve", args.admm_solve))
+                 if v is not None}
         report = streamprune.prune(model, out, method=args.method, calib=calib, nsamples=nsamples, seqlen=seqlen,
                                    device=args.device, progress=False, **knobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     last = report.block_phases[str(args.blocks - 1)]
-    flops = floors(shape, nsamples * seqlen, seqlen, args.method, report.args.get("admm_iterations", 8))
+    cg_steps = PCG_STEPS if report.args.get("admm_solve") == "pcg" else 0
+    flops = floors(shape, nsamples * seqlen, seqlen, args.method, report.args.get("admm_iterations", 8), cg_steps)
     block_bytes = sum(np.prod(s) * 2 for s in block_tensors(shape, 0).values())
     rows = []
     for phase in ("read", "calibrate", "hessian", "solve", "error", "forward", "write"):

@@ -22,6 +22,8 @@ from streamprune.experts import EXPERT_CRITERIA
 from streamprune.formats import FORMATS
 from streamprune.owl import ALLOCATIONS, OWL_LAMBDA, OWL_M
 from streamprune.pruners import METHODS
+from streamprune.pruners.admm import DEFAULT_SOLVE as ADMM_DEFAULT_SOLVE
+from streamprune.pruners.admm import SOLVES as ADMM_SOLVES
 
 RUN, SWEEP, PLAN, EVAL = "run", "sweep", "plan", "eval"
 MOE_CALIBRATION = ("routed", "all")
@@ -195,6 +197,11 @@ class PruneOptions:
                                      "the first three quarters).", RUN_SWEEP, fingerprint=when_read)
     admm_rho: float = option(0.3, "ADMM: penalty rho, relative to the Hessian's unit diagonal after scaling.",
                              RUN_SWEEP, fingerprint=when_read)
+    admm_solve: str = option(
+        ADMM_DEFAULT_SOLVE, "ADMM: how the kept weights of the final mask are solved: pcg (a few preconditioned "
+                            "conjugate-gradient steps from the ADMM iterate) or exact (conjugate gradients to the "
+                            "optimum of the mask, several times slower).", RUN_SWEEP, choices=ADMM_SOLVES,
+        fingerprint=when_read)
     batch: int = BATCH.field()
     threads: int | None = option(None, "CPU threads the job computes with (default: torch's, one per core); the "
                                        "pruned weights' last bits depend on it, so the same count gives the same "

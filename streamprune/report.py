@@ -43,8 +43,10 @@ class LayerReport:
     damp: float | None = None  # SparseGPT: damping that made the Cholesky succeed
     damp_retries: int = 0
     iterations: int | None = None  # ADMM: iterations of the mask and weight search
-    cg_iterations: int | None = None  # ADMM: conjugate-gradient iterations of the exact solve of the kept weights
-    cg_residual: float | None = None  # ADMM: its largest relative residual over the rows at the end
+    cg_iterations: int | None = None  # ADMM: conjugate-gradient steps of the final solve of the kept weights
+    # ADMM: the largest decrease of a row's objective in that solve's last step, relative to the objective (about
+    # what one more step would still gain)
+    cg_residual: float | None = None
     expert: int | None = None  # a routed expert's index in its block
     routed_tokens: int | None = None  # calibration tokens the router sent to that expert
     statistics: str | None = None  # whose inputs its solve read: "routed", "all", or "all (fewer than N routed)"
