@@ -359,3 +359,11 @@ class TextDraw:
         self.file.seek(0)
         count = sum(self.file.read(min(2**20, pos - i)).count(b"\n") for i in range(0, pos, 2**20))
         return count + 1
+
+
+BUCKET = 16  # a task's token sequence is right-padded to a multiple of this: buckets of few shapes, little padding
+
+
+def padded(length: int) -> int:
+    """A task sequence's length in its bucket (see `tasks.TaskStreams`)."""
+    return -(-length // BUCKET) * BUCKET

@@ -39,7 +39,7 @@ from streamprune.arch import EXPERT_SEQUENTIAL, SEQUENTIAL, Param, Role, Site
 from streamprune.arch.block import expert_hidden, expert_input
 from streamprune.arch.roles import ROUTER_ROLES, expert_axis
 from streamprune.errors import DataError, StreamPruneError
-from streamprune.evaluate import HiddenStream
+from streamprune.hidden import HiddenStream
 from streamprune.experts import Tally, choose, compensated_down, decision, tally
 from streamprune.forward import Routes, add_expert, finish_block, forward_block, route_all, routed_rows
 from streamprune.loop import Consumer, Status

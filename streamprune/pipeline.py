@@ -28,7 +28,7 @@ from streamprune.arch.block import positions
 from streamprune.checkpoint import Checkpoint
 from streamprune.dist import Ranks
 from streamprune.errors import ArgumentError
-from streamprune.evaluate import HiddenStream
+from streamprune.hidden import HiddenStream
 from streamprune.fileio import atomic_write
 from streamprune.forward import embed_windows
 from streamprune.job import Job, SweepJob, clear_previous_output, prepare, prepare_sweep

@@ -27,7 +27,7 @@ from streamprune.activations import choose_placement
 from streamprune.arch import EXPERT_SEQUENTIAL, PRUNABLE, SEQUENTIAL, ModelConfig, Role, Site
 from streamprune.arch.block import index_rows, layer_kinds, score_rows
 from streamprune.arch.delta import CHUNK
-from streamprune.calib import calib_sources, eval_windows, load_tokens, read_workspace
+from streamprune.calib import calib_sources, eval_windows, load_tokens, padded, read_workspace
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError
 from streamprune.experts import kept_experts
@@ -227,7 +227,7 @@ def routes_bytes(cfg: ModelConfig, tokens: int) -> int:
 
 
 def carried_width(cfg: ModelConfig) -> int:
-    """Floats per token a stream keeps beside its hidden states (evaluate.HiddenStream.carry): the embeddings, for
+    """Floats per token a stream keeps beside its hidden states (hidden.HiddenStream.carry): the embeddings, for
     per-layer inputs; the keys and values of each block that later blocks reuse."""
     width = cfg.hidden_size if cfg.per_layer_dim else 0
     for bid in range(cfg.n_layers):
@@ -400,14 +400,6 @@ def eval_sizes(windows: Tensor | None, dense: bool, sequences: Iterable[Sequence
         return 0, 0, 0
     longest = max(lengths)
     return math.ceil(sum(lengths) / longest), longest, 2 if dense else 1
-
-
-BUCKET = 16  # a task's token sequence is right-padded to a multiple of this: buckets of few shapes, little padding
-
-
-def padded(length: int) -> int:
-    """A task sequence's length in its bucket (see `tasks.TaskStreams`)."""
-    return -(-length // BUCKET) * BUCKET
 
 
 @dataclass(frozen=True)

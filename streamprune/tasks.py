@@ -31,10 +31,10 @@ from tokenizers import Tokenizer
 
 from streamprune.activations import make_store
 from streamprune.arch.block import head
+from streamprune.calib import padded
 from streamprune.checkpoint import Checkpoint
 from streamprune.errors import ArgumentError, DataError, StreamPruneError
-from streamprune.evaluate import HiddenStream
-from streamprune.plan import padded
+from streamprune.hidden import HiddenStream
 from streamprune.forward import head_weights
 
 try:
@@ -160,7 +160,7 @@ class StreamLM(TemplateLM):
 
 class TaskStreams:
     """The recorded sequences as hidden states pushed through the blocks: right-padded into buckets of equal length
-    (`evaluate.padded`), each bucket a `HiddenStream` (`streams`, consumers of the block loop); `scores` reads each
+    (`calib.padded`), each bucket a `HiddenStream` (`streams`, consumers of the block loop); `scores` reads each
     continuation's log-probability and greedy flag off the head once the last block is done."""
 
     def __init__(self, ckpt: Checkpoint, wanted: dict[Sequence, set[Sequence]], device: torch.device, batch: int,
