@@ -100,8 +100,8 @@ def main() -> None:
         rule_s, their_rule_s = min(times["rule"]), min(times["their rule"])
         print(f"{'streamprune delta_rule':<34} {rule_s:>7.3f}")
         print(f"{'transformers torch_chunk_gated_delta_rule':<34} {their_rule_s:>7.3f}")
-        print(f"the delta rule alone, streamprune / transformers: {rule_s / their_rule_s:.2f}; outputs differ by at most "
-              f"{rule_diff:.1e}")
+        print(f"the delta rule alone, streamprune / transformers: {rule_s / their_rule_s:.2f}; outputs differ by at "
+              f"most {rule_diff:.1e}")
 
 
 if __name__ == "__main__":

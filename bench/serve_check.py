@@ -6,7 +6,8 @@ by REAP (`--prune-experts 0.5 --sparsity 0`), the same with `--compensate-expert
 linears take bfloat16 only, the demo LLaMA (bench/tinylm-v2) as bfloat16 with SparseGPT at 50% and 4 bits, packed.
 Then it generates greedily from PROMPTS prompts (the first tokens of held-out lines) with transformers (on the CPU,
 in the output's dtype) and with vLLM, and compares the token ids; where vLLM cannot load an output, the table gives
-its error.
+its error. For an output in bfloat16, a control: transformers' own greedy tokens in float32 against its bfloat16 ones
+(how often two correct computations of the same model part at that precision).
 
 vLLM is never a dependency of streamprune or of its tests: it runs in its own environment, a virtual environment
 given by --vllm-python (default .vllm-venv/bin/python of the checkout), made with
@@ -152,19 +153,23 @@ def main() -> None:
                 streamprune.prune(sources[source], out, calib=sources[source] / "train.txt", nsamples=NSAMPLES,
                                   seqlen=SEQLEN, device="cpu", **options)
                 theirs = transformers_tokens(out, ids, dtype)
+                wide = transformers_tokens(out, ids, "float32") if dtype == "bfloat16" else theirs
             served, error, seconds = vllm_tokens(args.vllm_python, out, ids, dtype)
             same = None if served is None else sum(a == b for a, b in zip(served, theirs))
             gaps = [] if served is None else margins(out, ids, theirs, served, dtype)
-            rows.append((name, same, error or ", ".join(f"{g:.3f}" for g in gaps), seconds))
+            control = "-" if wide is theirs else f"{sum(a == b for a, b in zip(wide, theirs))} of {PROMPTS}"
+            rows.append((name, same, error or ", ".join(f"{g:.3f}" for g in gaps), seconds, control))
     with recording(ap, args, ignore=("cache_dir", "vllm_python")):
         print(f"outputs served by vLLM {version} (CPU build, in the output's dtype) against transformers: {PROMPTS} "
               f"prompts of 12 held-out tokens, {NEW_TOKENS} tokens generated greedily")
         print()
         print("| output | prompts whose greedy tokens are equal | vLLM seconds (start and generate) | vLLM's error, or "
-              "where tokens part: transformers' logit of its token less that of vLLM's |")
-        print("| --- | ---: | ---: | --- |")
-        for name, same, error, seconds in rows:
-            print(f"| {name} | {'-' if same is None else f'{same} of {PROMPTS}'} | {seconds:.0f} | {error} |")
+              "where tokens part: transformers' logit of its token less that of vLLM's | control: transformers in "
+              "float32 against bfloat16, prompts equal |")
+        print("| --- | ---: | ---: | --- | ---: |")
+        for name, same, error, seconds, control in rows:
+            equal = "-" if same is None else f"{same} of {PROMPTS}"
+            print(f"| {name} | {equal} | {seconds:.0f} | {error} | {control} |")
 
 
 if __name__ == "__main__":
